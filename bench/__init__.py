@@ -1,0 +1,1 @@
+"""bench: reproducible benchmarks (corpus, conversion, mount, read throughput)."""

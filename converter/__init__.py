@@ -1,0 +1,1 @@
+"""converter: OCI image -> RAFS image (tar streams, layer merge, chunking, blobs)."""

@@ -1,0 +1,1 @@
+"""fused: the daemon that serves a RAFS image over FUSE with a verified chunk cache."""

@@ -1,0 +1,1 @@
+"""runtime: the `rafs` command line and, later, `rafs run`."""

@@ -1,0 +1,1 @@
+"""snapshotter: containerd proxy snapshotter and mount management (not built yet)."""
