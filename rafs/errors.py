@@ -1,0 +1,64 @@
+"""The rafs exception tree, and the one place that maps it to errno.
+
+    RafsError
+    ├── FormatError        a bootstrap or structure is malformed (names the offset)
+    ├── DigestError        bytes do not match the digest that vouches for them
+    ├── ImageError         an OCI image, layout, manifest or reference is unusable
+    │   └── MediaTypeError an unknown or unexpected media type
+    └── BackendError       fetching bytes failed (I/O, network, registry)
+        └── TransientError worth retrying (connection reset, 5xx, 429, truncation)
+
+Every message is one line meant for a user; the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class RafsError(Exception):
+    """Base of every error rafs raises on purpose."""
+
+    errno: int = errno.EIO
+
+
+class FormatError(RafsError):
+    """A bootstrap or on-disk structure is malformed."""
+
+    def __init__(self, what: str, offset: int | None = None) -> None:
+        self.offset = offset
+        where = f" at offset {offset:#x}" if offset is not None else ""
+        super().__init__(f"bad bootstrap{where}: {what}")
+
+
+class DigestError(RafsError):
+    """Bytes do not match the digest that vouches for them."""
+
+
+class ImageError(RafsError):
+    """An OCI image, layout, manifest or reference is unusable."""
+
+    errno = errno.ENOENT
+
+
+class MediaTypeError(ImageError):
+    """An unknown or unexpected media type."""
+
+    errno = errno.EINVAL
+
+
+class BackendError(RafsError):
+    """Fetching bytes from a backend failed."""
+
+
+class TransientError(BackendError):
+    """A backend failure that is worth retrying."""
+
+
+def to_errno(exc: BaseException) -> int:
+    """The errno a FUSE reply or exit status should carry for ``exc``."""
+    if isinstance(exc, RafsError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
