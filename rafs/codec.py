@@ -8,6 +8,7 @@ for cheap local integrity checks (cache), never for trust.
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import xxhash
 import zstandard
@@ -16,14 +17,15 @@ from .errors import DigestError
 from .model import CHUNK_COMPRESSED, Chunk
 
 DEFAULT_LEVEL = 3
-_tls_cctx: dict[int, zstandard.ZstdCompressor] = {}
+_local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 
 def compress_chunk(data: bytes, level: int = DEFAULT_LEVEL) -> tuple[bytes, int]:
     """Return (payload, flags) for ``data``: zstd when smaller, else raw."""
-    cctx = _tls_cctx.get(level)
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("cctx", {})
+    cctx = cache.get(level)
     if cctx is None:
-        cctx = _tls_cctx[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        cctx = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     packed = cctx.compress(data)
     if len(packed) < len(data):
         return packed, CHUNK_COMPRESSED
@@ -44,7 +46,10 @@ def decode_chunk(chunk: Chunk, payload: bytes) -> bytes:
         )
     if chunk.flags & CHUNK_COMPRESSED:
         try:
-            data = zstandard.ZstdDecompressor().decompress(
+            dctx = _local.__dict__.get("dctx")
+            if dctx is None:
+                dctx = _local.dctx = zstandard.ZstdDecompressor()
+            data = dctx.decompress(
                 payload, max_output_size=chunk.uncompressed_size
             )
         except zstandard.ZstdError as e:
