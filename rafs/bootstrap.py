@@ -54,6 +54,13 @@ class Bootstrap:
     def __init__(self, buf: bytes | bytearray | mmap.mmap, *, _owner: mmap.mmap | None = None):
         self._mmap = _owner
         self.buf = memoryview(buf)
+        try:
+            self._parse()
+        except BaseException:
+            self.buf.release()
+            raise
+
+    def _parse(self) -> None:
         self.header = section.Header.unpack(self.buf)
         self.sb = erofs.SuperBlock.unpack(self.buf)
         sb = self.sb
