@@ -66,3 +66,21 @@ def decode_chunk(chunk: Chunk, payload: bytes) -> bytes:
 def check_xxh3(chunk: Chunk, data: bytes) -> bool:
     """Cheap local check of cached bytes."""
     return len(data) == chunk.uncompressed_size and xxhash.xxh3_64_intdigest(data) == chunk.xxh3
+
+
+MAX_BOOTSTRAP = 1 << 30
+
+
+def decode_bootstrap(payload: bytes, expected_digest: str | None) -> bytes:
+    """Decompress a bootstrap layer (one zstd frame) and check its uncompressed digest."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_BOOTSTRAP)
+    except zstandard.ZstdError as e:
+        raise DigestError(f"bootstrap layer does not decompress: {e}") from None
+    if expected_digest is not None:
+        actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if actual != expected_digest:
+            raise DigestError(
+                f"bootstrap digest mismatch: expected {expected_digest}, got {actual}"
+            )
+    return raw

@@ -1,0 +1,54 @@
+"""`rafs inspect` and `rafs check`: look at and verify a RAFS image."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from . import image as images
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("inspect", help="show layers, file and chunk counts, dedup and sizes")
+    p.add_argument("image", help="oci:DIR[:TAG]")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("check", help="verify the bootstrap structure and every digest")
+    p.add_argument("image", help="oci:DIR[:TAG]")
+    p.set_defaults(func=cmd_check)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    img = images.open_local_image(args.image)
+    s = images.summarize(img)
+    if args.json:
+        out = dataclasses.asdict(s) | {"dedup_ratio": round(s.dedup_ratio, 4),
+                                       "manifest_digest": img.manifest.digest}
+        json.dump(out, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return 0
+    print(f"image      {args.image}  ({img.manifest.digest})")
+    for layer in s.layers:
+        print(f"layer      {layer['digest']}  {_mib(int(layer['size'])):>11}  {layer['media_type']}")
+    print(f"inodes     {s.inodes}  ({s.files} files, {s.directories} directories, "
+          f"{s.other} other)")
+    print(f"chunks     {s.chunks} unique of {s.chunk_refs} referenced, "
+          f"chunk size {s.chunk_size // 1024} KiB")
+    print(f"data       {_mib(s.file_bytes)} in files, {_mib(s.unique_bytes)} unique "
+          f"(dedup ratio {s.dedup_ratio:.2f}), {_mib(s.blob_bytes)} in blobs")
+    print(f"bootstrap  {_mib(s.bootstrap_bytes)} ({_mib(s.bootstrap_layer_bytes)} compressed), "
+          f"{s.prefetch_files} prefetch entries")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    img = images.open_local_image(args.image)
+    count = images.check(img)
+    print(f"ok: bootstrap and {count} chunks in {len(img.manifest.layers) - 1} blobs verified")
+    return 0
