@@ -273,7 +273,8 @@ def build_bootstrap(
     )
     image[erofs.SUPER_OFFSET:erofs.SUPER_OFFSET + 128] = sb.pack()
     for k, b in enumerate(blobs):
-        slot = erofs.pack_device_slot(b.digest.partition(":")[2].encode(), b.uncompressed_size // BS)
+        tag = b.digest.partition(":")[2].encode()
+        slot = erofs.pack_device_slot(tag, b.uncompressed_size // BS)
         start = devt_off + k * erofs.DEVICE_SLOT.size
         image[start:start + len(slot)] = slot
 

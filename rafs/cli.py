@@ -35,7 +35,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"image      {args.image}  ({img.manifest.digest})")
     for layer in s.layers:
-        print(f"layer      {layer['digest']}  {_mib(int(layer['size'])):>11}  {layer['media_type']}")
+        size = _mib(int(layer["size"]))  # type: ignore[call-overload]
+        print(f"layer      {layer['digest']}  {size:>11}  {layer['media_type']}")
     print(f"inodes     {s.inodes}  ({s.files} files, {s.directories} directories, "
           f"{s.other} other)")
     print(f"chunks     {s.chunks} unique of {s.chunk_refs} referenced, "

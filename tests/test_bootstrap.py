@@ -19,6 +19,7 @@ from tests.helpers.images import ImageParts
 from tests.helpers.kernel import erofs_mounted
 
 CS = 64 * 1024
+ACL = b"\x02\x00\x00\x00" + b"\x01\x00\x06\x00\xff\xff\xff\xff"  # v2, USER_OBJ rw-
 
 
 def rich_image() -> ImageParts:
@@ -37,7 +38,7 @@ def rich_image() -> ImageParts:
     root.children[b"xattrs"] = parts.file(
         b"x", xattrs={b"user.a": b"1", b"security.capability": b"\x01\x00\x00\x02" + bytes(16),
                       b"trusted.overlay.opaque": b"y",
-                      b"system.posix_acl_access": b"\x02\x00\x00\x00\x01\x00\x06\x00\xff\xff\xff\xff"},
+                      b"system.posix_acl_access": ACL},
         mtime=1_600_000_000)
     etc = Node.directory(0o2755, uid=5, gid=6, mtime=1_500_000_000)
     root.children[b"etc"] = etc

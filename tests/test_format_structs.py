@@ -118,7 +118,7 @@ def test_rafs_header_round_trip(cs_bits, counts, offs):
                          96 + offs[2], counts[2])
     end = max(o + c * r.size for o, c, r in zip(
         (hdr.blob_off, hdr.chunk_off, hdr.prefetch_off), counts,
-        (section.BLOB_RECORD, section.CHUNK_RECORD, section.PREFETCH_RECORD)))
+        (section.BLOB_RECORD, section.CHUNK_RECORD, section.PREFETCH_RECORD), strict=True))
     buf = hdr.pack() + bytes(max(0, end - section.HEADER.size))
     assert section.Header.unpack(buf) == hdr
 
