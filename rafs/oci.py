@@ -319,6 +319,7 @@ def parse_image_ref(s: str) -> ImageRef:
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; layouts are world-readable like skopeo's
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -369,7 +370,7 @@ class OCILayout:
 
     @classmethod
     def create(cls, path: Path | str) -> OCILayout:
-        """Open the layout at ``path``, initialising ``oci-layout`` and ``index.json`` if missing."""
+        """Open the layout at ``path``; write ``oci-layout`` and ``index.json`` if missing."""
         path = Path(path)
         try:
             (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
