@@ -1,0 +1,70 @@
+# rafs developer entry points. `make setup` is idempotent and quick when done:
+# apt runs only when a package is missing, pip only when pyproject.toml changed.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.rafs-installed
+PYTEST_ARGS ?=
+
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc erofs-utils umoci skopeo debootstrap \
+	runc containerd docker-registry zstd ca-certificates
+# python3-dev only when the interpreter we build the venv from has no headers.
+PY_HAS_HEADERS := $(shell $(PYTHON) -c 'import os, sysconfig; \
+	print(int(os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))))' \
+	2>/dev/null)
+ifneq ($(PY_HAS_HEADERS),1)
+APT_PACKAGES += python3-dev
+endif
+
+.PHONY: setup apt-packages fuse-device test demo bench lint clean
+
+setup: apt-packages fuse-device $(STAMP)
+
+apt-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q '^install ok installed$$' \
+			|| echo "$$p"; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "setup: missing packages ($$missing) and not root: install them as root" >&2; \
+			exit 1; \
+		fi; \
+		echo "setup: installing" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+fuse-device:
+	@if [ ! -e /dev/fuse ]; then \
+		modprobe fuse 2>/dev/null || true; \
+		[ -e /dev/fuse ] || mknod -m 0666 /dev/fuse c 10 229 2>/dev/null || true; \
+	fi; \
+	if [ ! -c /dev/fuse ]; then echo "setup: warning: /dev/fuse is missing" >&2; fi
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: setup
+	$(VPY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: setup
+	$(VPY) -m bench.demo
+
+bench: setup
+	$(VPY) -m bench.run
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
