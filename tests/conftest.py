@@ -1,0 +1,53 @@
+"""Session-wide test setup: environment checks and the shared image fixtures.
+
+Owns: the loud failure when the machine cannot run the suite (no ``/dev/fuse``),
+making ``tests.helpers`` importable however pytest is started, and the
+session-scoped Debian image fixtures from ``bench.corpus``.
+
+Tests run as root (CI does); nothing here skips for lack of privileges.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # so `from tests.helpers import ...` always works
+
+from bench import corpus  # noqa: E402
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    try:
+        st = os.stat("/dev/fuse")
+    except FileNotFoundError:
+        raise pytest.UsageError(
+            "/dev/fuse is missing: run `make setup` as root (or load the fuse module); "
+            "the FUSE tests cannot run without it"
+        ) from None
+    if not stat.S_ISCHR(st.st_mode):
+        raise pytest.UsageError("/dev/fuse is not a character device")
+
+
+@pytest.fixture(scope="session")
+def corpus_cache() -> Path:
+    """Where the reference images live: ``$RAFS_CACHE`` or ``/var/cache/rafs``."""
+    return corpus.default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def debian_image(corpus_cache: Path) -> tuple[Path, str]:
+    """(OCI layout dir, tag) of Debian bookworm minbase + python3: two gzip layers."""
+    return corpus.debian_python_image(corpus_cache)
+
+
+@pytest.fixture(scope="session")
+def debian_numpy_image(corpus_cache: Path) -> tuple[Path, str]:
+    """(OCI layout dir, tag) of the python3 image plus a python3-numpy layer."""
+    return corpus.debian_numpy_image(corpus_cache)
