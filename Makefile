@@ -19,6 +19,11 @@ PY_HAS_HEADERS := $(shell $(PYTHON) -c 'import os, sysconfig; \
 ifneq ($(PY_HAS_HEADERS),1)
 APT_PACKAGES += python3-dev
 endif
+# Debian's own python3 can make a venv only with python3-venv (ensurepip).
+PY_HAS_ENSUREPIP := $(shell $(PYTHON) -c 'import ensurepip; print(1)' 2>/dev/null)
+ifneq ($(PY_HAS_ENSUREPIP),1)
+APT_PACKAGES += python3-venv
+endif
 
 .PHONY: setup apt-packages fuse-device test demo bench lint clean
 
