@@ -273,7 +273,8 @@ def _docker_ref(rest: str, original: str) -> ImageRef:
     name, digest = rest, None
     if "@" in rest:
         name, digest = rest.split("@", 1)
-        check_digest(digest)
+        if not _DIGEST_RE.fullmatch(digest):
+            raise ImageError(f"bad digest in image reference {original!r}")
     tag = None
     slash = name.rfind("/")
     colon = name.rfind(":")
