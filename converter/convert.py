@@ -1,0 +1,249 @@
+"""Orchestration of one conversion: OCI image -> RAFS image in an OCI layout.
+
+This module owns the order of work and the all-or-nothing promise:
+
+1. open the source (``source.py``) and the target layout (created if missing);
+2. for each layer, in order: stream its entries (``tarstream.py``), apply them
+   to the tree (``layers.py``), chunk file data into that layer's blob
+   (``chunker.py``), then check the layer's digests;
+3. build the bootstrap (``rafs.builder.build_bootstrap``) and zstd-compress it;
+4. write the config (``imageconfig.py``) and the manifest: blob layers in
+   device order, then the bootstrap layer; tag it in ``index.json``.
+
+Everything is written to a temp directory inside the target layout and only
+moved into ``blobs/`` at the end, right before ``index.json`` is updated; on
+any failure the temp files, blobs this run added, and (if this run created it)
+the layout itself are removed. Output is reproducible: the same input and
+options give byte-identical blobs, config, bootstrap and manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from rafs import oci
+from rafs.errors import ImageError
+from rafs.model import Node
+from rafs.oci import Descriptor, ImageRef, Manifest, OCILayout, canonical_json
+
+from . import chunker
+from .errors import ConvertError, OptionError
+from .imageconfig import rafs_config
+from .layers import LayerApplier, new_root
+from .progress import Progress
+from .source import ImageSource, LayerSource, open_source
+from .tarstream import LayerStream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TAG = "latest"
+BOOTSTRAP_LEVEL = 19  # bootstraps are metadata: small, compress well, read once
+
+
+@dataclass
+class ConvertOptions:
+    chunk_size: int = chunker.DEFAULT_CHUNK_SIZE
+    compression: str = "zstd"  # "zstd" or "none" (chunks stored raw)
+    level: int = chunker.DEFAULT_LEVEL
+    workers: int | None = None  # hash/compress threads; None: min(4, cpus); 0: inline
+    bootstrap_level: int = BOOTSTRAP_LEVEL
+    prefetch: list[bytes] = field(default_factory=list)  # absolute paths
+    progress: bool | None = None  # None: when stderr is a terminal
+
+    def check(self) -> None:
+        chunker.check_chunk_size(self.chunk_size)
+        if self.compression not in chunker.COMPRESSIONS:
+            raise OptionError(f"unknown compression {self.compression!r} (use zstd or none)")
+        if not 1 <= self.level <= 22 or not 1 <= self.bootstrap_level <= 22:
+            raise OptionError("zstd levels go from 1 to 22")
+
+
+@dataclass
+class ConvertResult:
+    manifest: Manifest
+    target: ImageRef
+    blobs: list[Descriptor]
+    bootstrap: Descriptor
+    chunks: int
+    file_bytes: int  # regular file data read
+    layer_bytes: int  # uncompressed tar bytes read
+    seconds: float
+
+
+class _Target:
+    """The target layout, and everything this run must undo if it fails."""
+
+    def __init__(self, ref: ImageRef) -> None:
+        if ref.transport != "oci":
+            raise ImageError(f"{ref}: only oci:DIR[:TAG] targets are supported")
+        self.path = Path(ref.path)
+        self.created_dir = False
+        self.created_layout = False
+        if not self.path.exists():
+            try:
+                self.path.mkdir()
+            except OSError as e:
+                raise ImageError(f"cannot create {self.path}: {e.strerror}") from None
+            self.created_dir = True
+        if not (self.path / "oci-layout").exists():
+            if not self.path.is_dir() or any(self.path.iterdir()):
+                raise ImageError(f"{self.path} exists and is not an OCI image layout")
+            self.created_layout = True
+        self.layout = OCILayout.create(self.path)
+        self.workdir = Path(tempfile.mkdtemp(prefix=".rafs-convert-", dir=self.path))
+        self.placed: list[Path] = []
+
+    def place(self, tmp: Path, digest: str, size: int, media_type: str,
+              annotations: dict[str, str]) -> Descriptor:
+        if not self.layout.has_blob(digest):
+            self.placed.append(self.layout.blob_path(digest))
+        return self.layout.put_blob_file(tmp, digest, size, media_type, annotations)
+
+    def place_bytes(self, data: bytes, media_type: str) -> Descriptor:
+        digest = oci.sha256_digest(data)
+        if not self.layout.has_blob(digest):
+            self.placed.append(self.layout.blob_path(digest))
+        return self.layout.put_blob_bytes(data, media_type)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def rollback(self) -> None:
+        self.cleanup()
+        for p in self.placed:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        if self.created_dir:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.created_layout:
+            for name in ("oci-layout", "index.json"):
+                with contextlib.suppress(OSError):
+                    (self.path / name).unlink()
+            shutil.rmtree(self.path / "blobs", ignore_errors=True)
+
+
+def _as_ref(ref: ImageRef | str) -> ImageRef:
+    return oci.parse_image_ref(ref) if isinstance(ref, str) else ref
+
+
+def convert(src: ImageRef | str, dst: ImageRef | str,
+            options: ConvertOptions | None = None) -> ConvertResult:
+    """Convert ``src`` into a RAFS image tagged in the OCI layout ``dst``."""
+    options = options or ConvertOptions()
+    options.check()
+    src, dst = _as_ref(src), _as_ref(dst)
+    if dst.transport != "oci":
+        raise ImageError(f"{dst}: only oci:DIR[:TAG] targets are supported")
+    tag = dst.tag or DEFAULT_TAG
+    started = time.monotonic()
+    with open_source(src) as source:
+        target = _Target(dst)
+        try:
+            result = _convert(source, target, tag, options)
+        except BaseException:
+            target.rollback()
+            raise
+        target.cleanup()
+    result.seconds = time.monotonic() - started
+    log.info("converted %s -> %s in %.1fs: %s", src, dst, result.seconds, result.manifest.digest)
+    return result
+
+
+def _convert(source: ImageSource, target: _Target, tag: str,
+             options: ConvertOptions) -> ConvertResult:
+    progress = Progress(source.total_size, enabled=options.progress)
+    root = new_root()
+    layer_has_blob: list[bool] = []
+    layer_bytes = 0
+    try:
+        with chunker.ChunkStore(target.workdir, options.chunk_size, options.compression,
+                                options.level, options.workers) as store:
+            for layer in source.layers:
+                progress.note(f"layer {layer.index + 1}/{len(source.layers)}")
+                layer_bytes += _apply_layer(layer, root, store, progress)
+                layer_has_blob.append(len(store.blobs) > sum(layer_has_blob))
+    finally:
+        progress.close()
+
+    bootstrap = _build_bootstrap(root, store, options)
+    raw_digest = oci.sha256_digest(bootstrap)
+    packed = zstandard.ZstdCompressor(level=options.bootstrap_level,
+                                      write_content_size=True).compress(bootstrap)
+    log.info("bootstrap: %d bytes, %d compressed", len(bootstrap), len(packed))
+
+    # Nothing has touched blobs/ or index.json so far. Now place everything.
+    blob_descs = [
+        target.place(path, blob.digest, blob.compressed_size, oci.MEDIA_TYPE_RAFS_BLOB,
+                     {oci.ANNOTATION_RAFS_BLOB: "true"})
+        for blob, path in zip(store.blobs, store.blob_files, strict=True)
+    ]
+    boot_desc = target.place_bytes(packed, oci.MEDIA_TYPE_RAFS_BOOTSTRAP)
+    boot_desc.annotations = {oci.ANNOTATION_RAFS_BOOTSTRAP: "true",
+                             oci.ANNOTATION_RAFS_BOOTSTRAP_DIGEST: raw_digest}
+    config = rafs_config(source.config, layer_has_blob, [b.digest for b in store.blobs],
+                         raw_digest)
+    config_desc = target.place_bytes(canonical_json(config), oci.MEDIA_TYPE_OCI_CONFIG)
+    annotations = {oci.ANNOTATION_RAFS_VERSION: oci.RAFS_VERSION,
+                   oci.ANNOTATION_RAFS_SOURCE_CONFIG: source.config_digest}
+    if source.manifest_digest is not None:
+        annotations[oci.ANNOTATION_RAFS_SOURCE_DIGEST] = source.manifest_digest
+    manifest: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": oci.MEDIA_TYPE_OCI_MANIFEST,
+        "config": config_desc.to_json(),
+        "layers": [d.to_json() for d in (*blob_descs, boot_desc)],
+        "annotations": annotations,
+    }
+    platform = {k: config[k] for k in ("os", "architecture", "variant")
+                if isinstance(config.get(k), str)}
+    stored = target.layout.put_manifest(manifest, tag, platform or None)
+    return ConvertResult(
+        manifest=stored, target=ImageRef("oci", str(target.path), tag), blobs=blob_descs,
+        bootstrap=boot_desc, chunks=len(store.chunks), file_bytes=store.bytes_in,
+        layer_bytes=layer_bytes, seconds=0.0)
+
+
+def _apply_layer(layer: LayerSource, root: Node, store: chunker.ChunkStore,
+                 progress: Progress) -> int:
+    """Apply one source layer; returns its uncompressed size."""
+    writer = store.begin_layer(layer.label)
+    applier = LayerApplier(root, writer, layer.label)
+    try:
+        with layer.open() as raw:
+            stream = LayerStream(raw, what=layer.label, media_type=layer.media_type,
+                                 digest=layer.digest, size=layer.size, diff_id=layer.diff_id,
+                                 on_read=progress.update)
+            for entry in stream.entries():
+                applier.apply(entry)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    log.info("%s: %d entries, %d bytes uncompressed (%s)", layer.label, applier.entries,
+             stream.uncompressed_size, stream.compression)
+    return stream.uncompressed_size
+
+
+def _build_bootstrap(root: Node, store: chunker.ChunkStore, options: ConvertOptions) -> bytes:
+    from rafs.builder import build_bootstrap
+
+    try:
+        return build_bootstrap(root, store.blobs, store.chunks, store.chunk_size,
+                               _prefetch(options.prefetch))
+    except ValueError as e:
+        raise ConvertError(f"cannot build the bootstrap: {e}") from None
+
+
+def _prefetch(paths: Iterable[bytes]) -> list[bytes]:
+    return [p if p.startswith(b"/") else b"/" + p for p in paths]
+
