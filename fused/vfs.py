@@ -1,0 +1,238 @@
+"""The filesystem model over a bootstrap, with no FUSE in sight.
+
+``Vfs`` answers every question the kernel may ask of a read-only filesystem
+(attributes, lookup, readdir, readlink, xattrs, statfs, read) in terms of
+inode numbers, and raises ``FusedError`` subclasses (which carry their errno).
+It can be driven from tests inside ``trio.run`` without a kernel; the FUSE
+adapter (``fused.fuseops``) only translates types.
+
+Inode numbers are derived from EROFS nids so they are stable across mounts and
+daemons: FUSE requires the root to be inode 1, so
+
+- when the root is nid 0: ``ino = nid + 1``;
+- otherwise (the rafs builder puts the root at nid 1): ``ino = nid``, with the
+  root and nid 1 swapped when the root is elsewhere. This matches ``st_ino`` of
+  a kernel EROFS mount of the same bootstrap. nid 0 is then not addressable
+  (the builder never uses that slot) and is reported as a corrupt bootstrap.
+
+Reads ask the fetcher to make the chunks they cover ready, then pread them from
+the cache's data files; holes read as zeros; reads are clamped to the file size.
+"""
+
+from __future__ import annotations
+
+import functools
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from rafs.bootstrap import Bootstrap, Inode
+from rafs.errors import FormatError
+from rafs.model import BLOCK_SIZE
+
+from .cache import ChunkCache
+from .errors import (
+    NoAttributeError,
+    NoEntryError,
+    NotASymlinkError,
+    NotDirectoryError,
+)
+from .fetcher import Fetcher
+from .stats import Stats
+
+__all__ = ["ROOT_INO", "Attr", "StatFs", "Vfs"]
+
+ROOT_INO = 1
+NAME_MAX = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """What ``stat`` shows for one inode."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int  # 512-byte units
+    blksize: int
+    mtime_ns: int  # also used for atime and ctime
+
+
+@dataclass(frozen=True, slots=True)
+class StatFs:
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    favail: int
+    namemax: int
+
+
+class Vfs:
+    """A read-only filesystem over ``bootstrap`` whose file data comes through ``fetcher``."""
+
+    def __init__(self, bootstrap: Bootstrap, fetcher: Fetcher, stats: Stats | None = None) -> None:
+        self.bootstrap = bootstrap
+        self.fetcher = fetcher
+        self.cache: ChunkCache = fetcher.cache
+        self.stats = stats if stats is not None else fetcher.stats
+        self.chunk_size = bootstrap.chunk_size
+        self.root_nid = bootstrap.root_nid
+        self._inode = functools.lru_cache(maxsize=1 << 16)(bootstrap.inode)
+        self._file_chunks = functools.lru_cache(maxsize=1 << 12)(self._load_chunks)
+        self._xattrs = functools.lru_cache(maxsize=1 << 12)(self._load_xattrs)
+
+    # -- inode numbers ------------------------------------------------------
+
+    def ino(self, nid: int) -> int:
+        root = self.root_nid
+        if root == 0:
+            return nid + 1
+        if nid == root:
+            return ROOT_INO
+        if nid == ROOT_INO:
+            return root
+        if nid == 0:
+            raise FormatError("an entry names nid 0, which is not an inode here")
+        return nid
+
+    def nid(self, ino: int) -> int:
+        root = self.root_nid
+        if root == 0:
+            return ino - 1
+        if ino == ROOT_INO:
+            return root
+        if ino == root:
+            return ROOT_INO
+        return ino
+
+    def inode(self, ino: int) -> Inode:
+        if ino < 1:
+            raise NoEntryError(f"no inode {ino}")
+        return self._inode(self.nid(ino))
+
+    # -- metadata -----------------------------------------------------------
+
+    def attr_of(self, node: Inode) -> Attr:
+        return Attr(
+            ino=self.ino(node.nid),
+            mode=node.mode,
+            nlink=node.nlink,
+            uid=node.uid,
+            gid=node.gid,
+            rdev=node.rdev,
+            size=node.size,
+            blocks=(node.size + 511) >> 9,
+            blksize=BLOCK_SIZE,
+            mtime_ns=node.mtime * 1_000_000_000 + node.mtime_nsec,
+        )
+
+    def getattr(self, ino: int) -> Attr:
+        return self.attr_of(self.inode(ino))
+
+    def opendir(self, ino: int) -> Inode:
+        node = self.inode(ino)
+        if not stat.S_ISDIR(node.mode):
+            raise NotDirectoryError(f"inode {ino} is not a directory")
+        return node
+
+    def lookup(self, parent: int, name: bytes) -> Attr | None:
+        """Attributes of ``name`` in directory ``parent``, or None if absent."""
+        node = self.opendir(parent)
+        if name == b".":
+            return self.attr_of(node)
+        if len(name) > NAME_MAX:
+            return None
+        nid = self.bootstrap.lookup(node, name)
+        if nid is None:
+            if name == b"..":  # a bootstrap without dot entries: the root is its own parent
+                return self.attr_of(self._inode(self.root_nid)) if parent == ROOT_INO else None
+            return None
+        return self.attr_of(self._inode(nid))
+
+    def readdir(self, ino: int, start: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
+        """(name, attributes, next cookie) of the entries after cookie ``start``."""
+        node = self.opendir(ino)
+        for name, nid, cookie in self.bootstrap.readdir(node, start):
+            yield name, self.attr_of(self._inode(nid)), cookie
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.inode(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise NotASymlinkError(f"inode {ino} is not a symlink")
+        return self.bootstrap.readlink(node)
+
+    def _load_xattrs(self, nid: int) -> dict[bytes, bytes]:
+        return self.bootstrap.xattrs(self._inode(nid))
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return list(self._xattrs(self.inode(ino).nid))
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        try:
+            return self._xattrs(self.inode(ino).nid)[name]
+        except KeyError:
+            raise NoAttributeError(f"inode {ino} has no xattr {name!r}") from None
+
+    def statfs(self) -> StatFs:
+        b = self.bootstrap
+        return StatFs(
+            bsize=BLOCK_SIZE, frsize=BLOCK_SIZE, blocks=b.blocks, bfree=0, bavail=0,
+            files=b.inode_count, ffree=0, favail=0, namemax=NAME_MAX,
+        )
+
+    # -- data ---------------------------------------------------------------
+
+    def _load_chunks(self, nid: int) -> list[int | None]:
+        return self.bootstrap.file_chunks(self._inode(nid))
+
+    def open(self, ino: int) -> Inode:
+        """Check that ``ino`` exists; reads need no per-open state."""
+        return self.inode(ino)
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
+        """Up to ``size`` bytes at ``offset``; short only at end of file."""
+        stats = self.stats
+        stats.read_requests += 1
+        node = self.inode(ino)
+        if not stat.S_ISREG(node.mode):
+            raise NoEntryError(f"inode {ino} is not a regular file")
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        table = self._file_chunks(node.nid)
+        if first == last:  # the common case: one chunk, one pread, no copies
+            index = table[first]
+            if index is None:
+                data: bytes | bytearray = bytes(end - offset)
+            else:
+                if not self.cache.is_ready(index):
+                    await self.fetcher.ensure((index,))
+                else:
+                    stats.cache_hits += 1
+                data = self.cache.pread(index, offset - first * cs, end - offset)
+            stats.read_bytes += len(data)
+            return data
+        indices = [i for i in table[first : last + 1] if i is not None]
+        await self.fetcher.ensure(indices)
+        buf = bytearray(end - offset)
+        view = memoryview(buf)
+        pos = offset
+        while pos < end:
+            k = pos // cs
+            stop = min((k + 1) * cs, end)
+            index = table[k]
+            if index is not None:  # holes stay zero
+                self.cache.preadinto(index, pos - k * cs, view[pos - offset : stop - offset])
+            pos = stop
+        stats.read_bytes += len(buf)
+        return buf
