@@ -1,0 +1,339 @@
+"""The daemon: open an image, mount it, serve it until unmounted or told to stop.
+
+One ``trio.run`` owns everything through an ``AsyncExitStack`` and one nursery:
+the backend, the verified bootstrap (fetched through the backend, checked
+against the manifest and the uncompressed-digest annotation, stored in the
+cache directory, then mmapped), the chunk cache and its committer task, the
+fetcher and its fetch tasks, the control socket, the signal watcher and
+pyfuse3's main loop. ``pyfuse3.close(unmount=True)`` runs in ``finally``.
+
+Readiness: ``rafs mount`` passes the write end of a pipe as ``--ready-fd``.
+Once the mount answers a ``stat`` of its root and the control socket listens,
+the daemon writes ``OK <pid>\\n``; if it fails before that, it writes
+``ERR <one-line message>\\n`` and exits non-zero after cleaning up, so the
+CLI never leaves a half mount behind.
+
+Stopping: SIGTERM or SIGINT end the main loop and unmount (lazily, as libfuse
+does). The control command ``shutdown`` first tries a plain unmount and refuses
+while the mount is busy; an external ``fusermount3 -u`` also ends the daemon.
+
+Run as ``python -m fused.daemon IMAGE MOUNTPOINT --cache-dir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from rafs import codec
+from rafs.bootstrap import Bootstrap
+from rafs.errors import DigestError, ImageError, RafsError
+from rafs.oci import (
+    ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
+    OCILayout,
+    bootstrap_descriptor,
+    is_rafs,
+    parse_image_ref,
+    sha256_digest,
+)
+
+from .backend import Backend, open_backend
+from .cache import ChunkCache, cached_bootstrap, store_bootstrap
+from .control import ensure_run_dir, paths_for, serve as serve_control
+from .errors import MountError
+from .fetcher import Fetcher
+from .fuseops import MOUNT_OPTIONS, Operations
+from .mounts import canonical, find_mount, fusermount_unmount
+from .stats import Stats
+from .vfs import ROOT_INO, Vfs
+
+__all__ = ["DaemonConfig", "load_bootstrap", "main", "run", "serve"]
+
+log = logging.getLogger("fused.daemon")  # also when run as __main__
+
+DEFAULT_READAHEAD_KB = 4096
+
+
+@dataclass(slots=True)
+class DaemonConfig:
+    image: str
+    mountpoint: str
+    cache_dir: str
+    readahead_kb: int = DEFAULT_READAHEAD_KB
+    max_requests: int = 8
+
+
+# -- the image ----------------------------------------------------------------
+
+
+async def load_bootstrap(image: str, backend: Backend, cache_dir: str) -> Path:
+    """Path of the verified raw bootstrap of ``image``, fetched into the cache if needed."""
+    ref = parse_image_ref(image)
+    if ref.transport != "oci":
+        raise ImageError(f"{image}: only oci:DIR[:TAG] images can be mounted so far")
+    layout = OCILayout(ref.path)
+    manifest = layout.resolve(ref.tag)
+    if not is_rafs(manifest):
+        raise ImageError(f"{image} is not a RAFS image (convert it with `rafs convert`)")
+    desc = bootstrap_descriptor(manifest)
+    expected = desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST)
+    if expected is not None:
+        path = await trio.to_thread.run_sync(cached_bootstrap, cache_dir, expected)
+        if path is not None:
+            log.info("using cached bootstrap %s", path)
+            return path
+    if desc.size > codec.MAX_BOOTSTRAP:
+        raise ImageError(f"bootstrap layer of {desc.size} bytes is too large")
+    payload = await backend.read(desc.digest, 0, desc.size)
+
+    def verify() -> tuple[str, bytes]:
+        if sha256_digest(payload) != desc.digest:
+            raise DigestError(f"bootstrap layer {desc.digest} does not match its digest")
+        raw = codec.decode_bootstrap(payload, expected)
+        return "sha256:" + hashlib.sha256(raw).hexdigest(), raw
+
+    digest, raw = await trio.to_thread.run_sync(verify)
+    path = await trio.to_thread.run_sync(store_bootstrap, cache_dir, digest, raw)
+    log.info("bootstrap %s stored at %s", digest, path)
+    return path
+
+
+# -- serving ------------------------------------------------------------------
+
+
+def _mount_options() -> set[str]:
+    options = set(MOUNT_OPTIONS)
+    if os.geteuid() != 0:
+        try:
+            conf = Path("/etc/fuse.conf").read_text()
+        except OSError:
+            conf = ""
+        if not any(line.strip() == "user_allow_other" for line in conf.splitlines()):
+            log.warning("not root and /etc/fuse.conf lacks user_allow_other: mounting "
+                        "without allow_other, only you can see the files")
+            options.discard("allow_other")
+    return options
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except OSError as e:
+        raise MountError(f"mount point {mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    entry = find_mount(mountpoint)
+    if entry is not None and entry.is_rafs:
+        raise MountError(f"{mountpoint} is already a rafs mount")
+
+
+def _tune_readahead(mountpoint: str, kb: int) -> None:
+    """Let the kernel read ahead further than its 128 KiB default (best effort)."""
+    if kb <= 0:
+        return
+    dev = os.stat(mountpoint).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        path.write_text(f"{kb}\n")
+    except OSError as e:
+        log.info("cannot set %s: %s", path, e.strerror)
+    else:
+        log.debug("set %s to %d", path, kb)
+
+
+async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
+    """Mount ``cfg.image`` and serve it; call ``ready(None)`` once it answers.
+
+    Raises RafsError for anything a user can fix; ``ready`` is then not called
+    (the caller reports the error).
+    """
+    mountpoint = canonical(cfg.mountpoint)
+    paths = paths_for(mountpoint)
+    stats = Stats()
+    ref = parse_image_ref(cfg.image)
+    _check_mountpoint(mountpoint)
+    ensure_run_dir()
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(open_backend(ref.transport, ref.path))
+        boot_path = await load_bootstrap(cfg.image, backend, cfg.cache_dir)
+        bootstrap = Bootstrap.open(boot_path)
+        stack.callback(bootstrap.close)
+        cache = ChunkCache(cfg.cache_dir, bootstrap.blobs, bootstrap.chunk, stats)
+        stack.callback(cache.close)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await nursery.start(cache.run)
+        fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests)
+        await stack.enter_async_context(fetcher.running())
+        ops = Operations(Vfs(bootstrap, fetcher, stats), stats)
+
+        shutdown_lock = trio.Lock()
+        serving = [False]  # pyfuse3.terminate() is only safe while main() runs
+
+        def terminate() -> None:
+            if serving[0]:
+                pyfuse3.terminate()
+
+        async def on_stats(_: dict[str, Any]) -> dict[str, Any]:
+            return {"ok": True, "pid": os.getpid(), "mountpoint": mountpoint,
+                    "image": cfg.image, "cache_dir": cfg.cache_dir, "stats": stats.snapshot()}
+
+        async def on_metrics(_: dict[str, Any]) -> dict[str, Any]:
+            return {"ok": True, "text": stats.prometheus({"mountpoint": mountpoint})}
+
+        async def on_ping(_: dict[str, Any]) -> dict[str, Any]:
+            return {"ok": True, "pid": os.getpid()}
+
+        async def on_shutdown(message: dict[str, Any]) -> dict[str, Any]:
+            lazy = bool(message.get("lazy"))
+            async with shutdown_lock:
+                log.info("shutdown requested (lazy=%s)", lazy)
+                await trio.to_thread.run_sync(
+                    lambda: fusermount_unmount(mountpoint, lazy=lazy)
+                )
+                terminate()  # the kernel has ended the session already; make sure
+            return {"ok": True, "pid": os.getpid()}
+
+        handlers = {"stats": on_stats, "metrics": on_metrics, "ping": on_ping,
+                    "shutdown": on_shutdown}
+
+        log.info("mounting %s on %s", cfg.image, mountpoint)
+        try:
+            pyfuse3.init(ops, mountpoint, _mount_options())
+        except RuntimeError as e:
+            raise MountError(f"cannot mount on {mountpoint}: {e}") from None
+        try:
+            await nursery.start(serve_control, paths.socket, handlers)
+            nursery.start_soon(_watch_signals, terminate)
+            nursery.start_soon(_announce, cfg, mountpoint, paths.state, ready)
+            serving[0] = True
+            try:
+                await pyfuse3.main()
+            finally:
+                serving[0] = False
+            log.info("main loop ended")
+        finally:
+            nursery.cancel_scope.cancel()
+            pyfuse3.close(unmount=True)
+            paths.state.unlink(missing_ok=True)
+            log.info("unmounted %s", mountpoint)
+
+
+async def _watch_signals(terminate: Callable[[], None]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got %s: unmounting", signal.Signals(signum).name)
+            terminate()
+            return
+
+
+async def _announce(
+    cfg: DaemonConfig, mountpoint: str, state: Path, ready: Callable[[str | None], None]
+) -> None:
+    """Check the mount answers, record the state file, then report readiness."""
+    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    if st.st_ino != ROOT_INO:
+        raise MountError(f"{mountpoint} does not show the rafs root after mounting")
+    _tune_readahead(mountpoint, cfg.readahead_kb)
+    info = {"pid": os.getpid(), "mountpoint": mountpoint, "image": cfg.image,
+            "cache_dir": cfg.cache_dir, "log": str(paths_for(mountpoint).log)}
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info) + "\n")
+    tmp.replace(state)
+    log.info("serving %s on %s", cfg.image, mountpoint)
+    ready(None)
+
+
+def run(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
+    """Serve until unmounted; RafsError escapes after ``ready(message)`` if not yet ready."""
+    announced = False
+
+    def once(error: str | None) -> None:
+        nonlocal announced
+        if not announced:
+            announced = True
+            ready(error)
+
+    try:
+        trio.run(serve, cfg, once)
+    except BaseException as e:
+        cause = _first_rafs_error(e)
+        if cause is not None:
+            once(str(cause))
+            raise cause from None
+        once(f"internal error: {type(e).__name__}: {e}")
+        raise
+
+
+def _first_rafs_error(exc: BaseException) -> RafsError | None:
+    """The RafsError in ``exc``, looking inside nursery exception groups."""
+    if isinstance(exc, RafsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_rafs_error(sub)
+            if found is not None:
+                return found
+    return None
+
+
+# -- python -m fused.daemon -------------------------------------------------------------
+
+
+def _pipe_reporter(fd: int | None) -> Callable[[str | None], None]:
+    def report(error: str | None) -> None:
+        if fd is None:
+            return
+        line = f"OK {os.getpid()}\n" if error is None else "ERR " + " ".join(error.split()) + "\n"
+        try:
+            os.write(fd, line.encode("utf-8", "replace"))
+            os.close(fd)
+        except OSError:
+            pass  # the CLI went away; keep serving
+
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused.daemon")
+    parser.add_argument("image")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--cache-dir", required=True)
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
+    cfg = DaemonConfig(args.image, args.mountpoint, os.path.abspath(args.cache_dir),
+                       readahead_kb=args.readahead_kb)
+    try:
+        run(cfg, _pipe_reporter(args.ready_fd))
+    except RafsError as e:
+        log.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BaseException:
+        log.exception("daemon failed")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
