@@ -1,0 +1,188 @@
+"""The fetcher fetches each missing chunk once, merges neighbours, and never passes wrong bytes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from fused.backend import Backend, LocalBackend
+from fused.errors import ChunkError
+from rafs.errors import BackendError, TransientError
+from rafs.model import Node
+from tests.fused_support import Stack, WrittenImage, open_stack, write_rafs_image
+from tests.helpers.images import ImageParts
+
+CS = 64 * 1024
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[WrittenImage, dict[bytes, bytes]]:
+    parts = ImageParts(Node.directory(0o755, mtime=1_600_000_000), chunk_size=CS)
+    parts.new_blob()
+    assert parts.root.children is not None
+    files = {
+        b"a": os.urandom(6 * CS),
+        b"b": os.urandom(2 * CS + 5),
+        b"c": b"c" * 1000 + os.urandom(CS),  # compressible head: a zstd chunk
+    }
+    for name, content in files.items():
+        parts.root.children[name] = parts.file(content, mtime=1_600_000_000)
+    return write_rafs_image(parts, tmp_path / "img"), files
+
+
+def chunks_of(s: Stack, name: bytes) -> list[int]:
+    attr = s.vfs.lookup(1, name)
+    assert attr is not None
+    table = s.bootstrap.file_chunks(s.bootstrap.inode(s.vfs.nid(attr.ino)))
+    return [i for i in table if i is not None]
+
+
+async def read_file(s: Stack, name: bytes) -> bytes:
+    attr = s.vfs.lookup(1, name)
+    assert attr is not None
+    return bytes(await s.vfs.read(attr.ino, 0, attr.size))
+
+
+def test_concurrent_readers_of_one_chunk_cause_one_backend_read(image, tmp_path):
+    img, files = image
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache") as s:
+            attr = s.vfs.lookup(1, b"a")
+            results: list[bytes] = []
+
+            async def reader(off: int) -> None:
+                results.append(bytes(await s.vfs.read(attr.ino, off, 4096)))
+
+            async with trio.open_nursery() as n:
+                for off in (0, 4096, 8192, 100, 0):
+                    n.start_soon(reader, off)
+            assert len(s.backend.reads) == 1
+            assert s.backend.reads[0][2] == s.cache.chunk(chunks_of(s, b"a")[0]).compressed_size
+            assert sorted(results) == sorted(files[b"a"][o : o + 4096]
+                                             for o in (0, 4096, 8192, 100, 0))
+            assert s.stats.backend_chunks == 1 and s.stats.cache_misses == 5
+
+    trio.run(main)
+
+
+def test_adjacent_missing_chunks_are_fetched_in_one_read(image, tmp_path):
+    img, files = image
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache") as s:
+            idx = chunks_of(s, b"a")
+            c0, c3 = s.cache.chunk(idx[0]), s.cache.chunk(idx[3])
+            await s.fetcher.ensure(idx[0:4])  # four neighbours in the blob: one read
+            assert s.backend.reads == [
+                (img.blob_digests[0], c0.compressed_offset,
+                 c3.compressed_offset + c3.compressed_size - c0.compressed_offset)
+            ]
+            s.backend.reads.clear()
+            await s.fetcher.ensure([idx[5], idx[4], idx[1]])  # one cached, two neighbours
+            c4 = s.cache.chunk(idx[4])
+            assert [r[1] for r in s.backend.reads] == [c4.compressed_offset]
+            assert s.stats.backend_requests == 2 and s.stats.backend_chunks == 6
+            assert await read_file(s, b"a") == files[b"a"]
+
+    trio.run(main)
+
+
+def test_gaps_and_the_merge_limit_split_reads(image, tmp_path):
+    img, _ = image
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache", max_merge=2 * CS) as s:
+            idx = chunks_of(s, b"a")
+            await s.fetcher.ensure([idx[0], idx[2]])  # not back to back: two reads
+            assert len(s.backend.reads) == 2
+            s.backend.reads.clear()
+            await s.fetcher.ensure(idx[3:6])  # 3 neighbours, but at most 2 per read
+            assert sorted(r[2] for r in s.backend.reads) == [CS, 2 * CS]
+
+    trio.run(main)
+
+
+def flip_byte(img: WrittenImage, offset: int) -> None:
+    path = img.layout / "blobs" / "sha256" / img.blob_digests[0].removeprefix("sha256:")
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("victim", [b"b", b"c"])
+def test_a_corrupt_chunk_fails_its_file_with_eio_and_never_reaches_cache_or_reader(
+    image, tmp_path, victim
+):
+    img, files = image
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache") as s:
+            bad = s.cache.chunk(chunks_of(s, victim)[1])
+            flip_byte(img, bad.compressed_offset + bad.compressed_size // 2)
+            with pytest.raises(ChunkError) as e:
+                await read_file(s, victim)
+            assert e.value.errno == 5  # EIO
+            assert s.stats.digest_failures == 2  # the first fetch and the one retry
+            for name, content in files.items():  # the other files read fine
+                if name != victim:
+                    assert await read_file(s, name) == content
+            blob = s.cache.blob_file(bad.blob_index)
+            await s.cache.commit()
+            assert not blob.has(bad.uncompressed_offset, bad.uncompressed_size)
+            assert not s.cache.is_ready(chunks_of(s, victim)[1])
+            with pytest.raises(ChunkError):  # still EIO next time, never bytes
+                await s.vfs.read(s.vfs.lookup(1, victim).ino, CS, 10)
+            assert s.stats.digest_failures == 4
+        cached = (tmp_path / "cache" / "blobs" / "sha256"
+                  / (img.blob_digests[0].removeprefix("sha256:") + ".data")).read_bytes()
+        span = cached[bad.uncompressed_offset : bad.uncompressed_offset + bad.uncompressed_size]
+        assert span == bytes(len(span))  # nothing was written for the bad chunk
+
+    trio.run(main)
+
+
+class FlakyBackend(Backend):
+    """A real backend that fails the first ``failures`` reads with ``error``."""
+
+    def __init__(self, inner: Backend, failures: int, error: Exception) -> None:
+        self.inner, self.failures, self.error = inner, failures, error
+
+    async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
+        if self.failures:
+            self.failures -= 1
+            raise self.error
+        return await self.inner.read(blob_digest, offset, length)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_transient_backend_errors_are_retried(image, tmp_path):
+    img, files = image
+    flaky = FlakyBackend(LocalBackend(img.layout), 2, TransientError("connection reset"))
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache", backend=flaky, backoff=0.01) as s:
+            assert await read_file(s, b"b") == files[b"b"]
+            assert s.stats.backend_errors == 2
+
+    trio.run(main)
+
+
+def test_a_permanent_backend_error_is_eio_and_the_next_read_tries_again(image, tmp_path):
+    img, files = image
+    flaky = FlakyBackend(LocalBackend(img.layout), 1, BackendError("blob is gone"))
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache", backend=flaky) as s:
+            with pytest.raises(ChunkError, match="blob is gone"):
+                await read_file(s, b"b")
+            assert await read_file(s, b"b") == files[b"b"]
+
+    trio.run(main)
