@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("-z", "--lazy", action="store_true",
-                   help="detach even if busy (open files then fail)")
+                   help="detach even if busy; the daemon serves the files still open "
+                   "and exits after the last one is closed")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
     p.set_defaults(func=_cmd_umount)
 
@@ -224,6 +225,9 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> Non
     if not reply.get("ok"):
         raise MountError(f"cannot unmount {mp}: {reply.get('error', 'unknown error')}")
     pid = reply.get("pid")
+    if reply.get("detached"):
+        log.info("%s detached; daemon %s exits once its open files are closed", mp, pid)
+        return
     if isinstance(pid, int):
         _wait_exit(pid, timeout)
     if (entry := find_mount(mp)) is not None and entry.is_rafs:

@@ -14,8 +14,11 @@ the daemon writes ``OK <pid>\\n``; if it fails before that, it writes
 CLI never leaves a half mount behind.
 
 Stopping: SIGTERM or SIGINT end the main loop and unmount (lazily, as libfuse
-does). The control command ``shutdown`` first tries a plain unmount and refuses
-while the mount is busy; an external ``fusermount3 -u`` also ends the daemon.
+does; files still open then fail with ENOTCONN). The control command
+``shutdown`` tries a plain unmount and refuses while the mount is busy; with
+``lazy`` it detaches the mount and keeps serving the files still open, exiting
+when the kernel ends the session after the last one is closed. An external
+``fusermount3 -u`` also ends the daemon.
 
 Run as ``python -m fused.daemon IMAGE MOUNTPOINT --cache-dir DIR``.
 """
@@ -204,8 +207,13 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
                 await trio.to_thread.run_sync(
                     lambda: fusermount_unmount(mountpoint, lazy=lazy)
                 )
-                terminate()  # the kernel has ended the session already; make sure
-            return {"ok": True, "pid": os.getpid()}
+                if lazy:
+                    # Detached, but open files still use the connection: keep serving
+                    # until the kernel drops the last reference and ends the session.
+                    log.info("detached; serving open files until they are closed")
+                else:
+                    terminate()  # the kernel has ended the session already; make sure
+            return {"ok": True, "pid": os.getpid(), "detached": lazy}
 
         handlers = {"stats": on_stats, "metrics": on_metrics, "ping": on_ping,
                     "shutdown": on_shutdown}

@@ -1,0 +1,132 @@
+"""Mount an image with ``rafs mount`` for the length of a ``with`` block, and never leak it.
+
+Owns: ``mounted`` (mount through the real CLI in a subprocess, yield the mount
+point, and in ``finally`` always unmount: ``rafs umount``, then
+``fusermount3 -u -z``, then SIGKILL for a daemon that is still alive),
+``is_mounted`` and ``fuse_mounts`` (read ``/proc/self/mountinfo``, for asserting
+that nothing leaked).
+
+Like the other helpers it does not import rafs, converter or fused: it drives
+the command line exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from tests.helpers.procs import run
+
+__all__ = ["fuse_mounts", "is_mounted", "mounted", "rafs_cmd", "read_stats"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def rafs_cmd(*args: str | os.PathLike[str]) -> list[str]:
+    """argv running the ``rafs`` CLI of this checkout with the current interpreter."""
+    return [sys.executable, "-m", "runtime.cli", *(os.fspath(a) for a in args)]
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": pythonpath, **(extra or {})}
+
+
+def _unescape(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def fuse_mounts() -> dict[str, str]:
+    """{mount point: fs type} of every FUSE mount this process can see."""
+    out = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fstype = right.split()[0] if right else ""
+        if fstype.startswith("fuse"):
+            out[_unescape(left.split()[4])] = fstype
+    return out
+
+
+def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
+    return os.path.realpath(mountpoint) in fuse_mounts()
+
+
+def read_stats(
+    mountpoint: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> dict[str, object]:
+    """The ``rafs stats`` JSON of a mount (the reply: pid, image, ``stats`` counters...)."""
+    res = run(rafs_cmd("stats", mountpoint), env=_env(env), timeout=60, check=True)
+    return json.loads(res.stdout)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@contextlib.contextmanager
+def mounted(
+    image_ref: str,
+    mountpoint: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
+    timeout: float = 180,
+) -> Iterator[Path]:
+    """Mount ``image_ref`` on ``mountpoint`` with ``rafs mount``; unmount whatever happens.
+
+    ``env`` is added to the environment of every ``rafs`` command (for example
+    ``RAFS_RUN_DIR``). Fails the test with the CLI's stderr if the mount fails.
+    """
+    mp = Path(mountpoint)
+    mp.mkdir(parents=True, exist_ok=True)
+    res = run(
+        rafs_cmd("mount", image_ref, mp, "--cache-dir", cache_dir, *extra_args),
+        env=_env(env), timeout=timeout,
+    )
+    if res.returncode != 0:
+        if is_mounted(mp):  # the CLI must never leave one behind; clean up anyway
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+        raise AssertionError(
+            f"rafs mount {image_ref} {mp} exited {res.returncode}\nstderr:\n{res.stderr}"
+        )
+    pid: int | None = None
+    try:
+        with contextlib.suppress(Exception):
+            pid = int(read_stats(mp, env)["pid"])  # type: ignore[call-overload]
+        yield mp
+    finally:
+        with contextlib.suppress(Exception):
+            run(rafs_cmd("umount", mp), env=_env(env), timeout=90)
+        if is_mounted(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+        if pid is not None:
+            deadline = time.monotonic() + 10
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

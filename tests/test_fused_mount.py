@@ -1,0 +1,307 @@
+"""Real FUSE mounts through the `rafs` CLI: what users and other uids see, and clean exits.
+
+Every mount goes through ``tests.helpers.mounts.mounted`` (always unmounted in
+``finally``); the ``no_leaks`` fixture fails any test that leaves a FUSE mount
+or a daemon behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from rafs.model import Node
+from tests.fused_support import WrittenImage, write_rafs_image
+from tests.helpers.images import ImageParts
+from tests.helpers.mounts import fuse_mounts, is_mounted, mounted, rafs_cmd, read_stats
+from tests.helpers.procs import assert_clean_error, run
+
+CS = 64 * 1024
+MTIME = 1_600_000_000
+
+
+def daemon_pids(under: Path) -> list[int]:
+    """Daemons serving a mount point below ``under``."""
+    res = subprocess.run(["pgrep", "-f", f"fused[.]daemon .* {under}/"],
+                         capture_output=True, text=True, check=False)
+    return [int(p) for p in res.stdout.split()]
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(tmp_path: Path):
+    before = fuse_mounts()
+    yield
+    leaked = {mp for mp in fuse_mounts() if mp not in before}
+    for mp in leaked:
+        subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
+    pids = daemon_pids(tmp_path)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert not leaked, f"leaked mounts: {leaked}"
+    assert not pids, f"leaked daemons: {pids}"
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[WrittenImage, dict[str, bytes]]:
+    parts = ImageParts(Node.directory(0o755, mtime=MTIME), chunk_size=CS)
+    parts.new_blob()
+    parts.new_blob()
+    root = parts.root
+    assert root.children is not None
+    files = {
+        "big": os.urandom(40 * CS + 123),
+        "text": b"all work and no play\n" * 9000,
+        "sparse": bytes(3 * CS) + b"end",
+        "small": b"hello\n",
+        "empty": b"",
+        "other": os.urandom(3 * CS),
+    }
+    root.children[b"big"] = parts.file(files["big"], uid=1234, gid=5678, mtime=1_700_000_000,
+                                       mtime_nsec=42)
+    root.children[b"text"] = parts.file(files["text"], mode=0o640, mtime=MTIME)
+    root.children[b"sparse"] = parts.file(files["sparse"], mtime=MTIME)
+    root.children[b"small"] = parts.file(
+        files["small"], mtime=MTIME, xattrs={b"user.colour": b"blue", b"trusted.t": b"x"})
+    root.children[b"empty"] = parts.file(b"", mtime=MTIME)
+    root.children[b"other"] = parts.file(files["other"], blob=1, mtime=MTIME)
+    root.children[b"hard"] = root.children[b"small"]
+    d = Node.directory(0o750, mtime=MTIME, uid=1, gid=2)
+    root.children[b"dir"] = d
+    assert d.children is not None
+    d.children[b"link"] = Node(mode=stat.S_IFLNK | 0o777, target=b"../small", mtime=MTIME)
+    d.children[b"null"] = Node(mode=stat.S_IFCHR | 0o666, rdev=os.makedev(1, 3), mtime=MTIME)
+    d.children[b"fifo"] = Node(mode=stat.S_IFIFO | 0o600, mtime=MTIME)
+    return write_rafs_image(parts, tmp_path / "img"), files
+
+
+def read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_a_mount_shows_the_image(image, tmp_path):
+    img, files = image
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        assert os.stat(mnt).st_ino == 1
+        assert sorted(os.listdir(mnt)) == sorted([*files, "hard", "dir"])
+        assert sorted(os.listdir(mnt / "dir")) == ["fifo", "link", "null"]
+        for name, content in files.items():
+            assert read(mnt / name) == content, name
+        st = os.stat(mnt / "big")
+        assert (st.st_size, st.st_uid, st.st_gid) == (len(files["big"]), 1234, 5678)
+        assert st.st_mtime_ns == 1_700_000_000 * 10**9 + 42 == st.st_atime_ns == st.st_ctime_ns
+        assert st.st_blocks == -(-st.st_size // 512) and st.st_mode == stat.S_IFREG | 0o644
+        assert os.stat(mnt / "text").st_mode == stat.S_IFREG | 0o640
+        small, hard = os.stat(mnt / "small"), os.stat(mnt / "hard")
+        assert small.st_ino == hard.st_ino and small.st_nlink == 2
+        d = os.stat(mnt / "dir")
+        assert (d.st_mode, d.st_uid, d.st_gid, d.st_nlink) == (stat.S_IFDIR | 0o750, 1, 2, 2)
+        assert os.readlink(mnt / "dir/link") == "../small"
+        assert read(mnt / "dir/link") == files["small"]
+        null = os.lstat(mnt / "dir/null")
+        assert stat.S_ISCHR(null.st_mode) and null.st_rdev == os.makedev(1, 3)
+        assert stat.S_ISFIFO(os.lstat(mnt / "dir/fifo").st_mode)
+        assert sorted(os.listxattr(mnt / "small")) == ["trusted.t", "user.colour"]
+        assert os.getxattr(mnt / "small", "user.colour") == b"blue"
+        with pytest.raises(OSError) as e:
+            os.getxattr(mnt / "small", "user.nope")
+        assert e.value.errno == errno.ENODATA
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "nope")
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "nope")  # cached negative entry, same answer
+        with pytest.raises(OSError) as e:
+            os.open(mnt / "new", os.O_WRONLY | os.O_CREAT)
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            os.open(mnt / "small", os.O_RDWR)
+        assert e.value.errno == errno.EROFS
+        vfs = os.statvfs(mnt)
+        assert (vfs.f_bsize, vfs.f_bfree, vfs.f_bavail, vfs.f_ffree) == (4096, 0, 0, 0)
+        assert vfs.f_blocks > 0 and vfs.f_files == 11  # root, 7 files (one linked twice), dir, 3
+        with open(mnt / "big", "rb") as f:  # random access across chunk edges
+            for off, size in [(CS - 1, 2), (5 * CS + 7, 3 * CS), (len(files["big"]) - 3, 100)]:
+                f.seek(off)
+                assert f.read(size) == files["big"][off : off + size]
+
+        reply = read_stats(mnt)
+        assert reply["mountpoint"] == str(mnt) and reply["image"] == img.ref
+        s = reply["stats"]
+        assert isinstance(s, dict)
+        assert s["read_bytes"] >= sum(len(c) for c in files.values())
+        assert s["backend_requests"] >= 1 and s["backend_chunks"] >= 40
+        assert s["digest_failures"] == 0 and s["errors"] == 0
+        prom = run(rafs_cmd("stats", "--prometheus", mnt), check=True).stdout
+        assert "rafs_read_bytes_total{" in prom
+
+
+def test_other_users_can_read_through_allow_other(image, tmp_path):
+    img, files = image
+    public = Path(tempfile.mkdtemp(prefix="rafs-test-"))  # pytest's tmp is 0700
+    public.chmod(0o755)
+    try:
+        check_other_user(img, files, public / "mnt", tmp_path / "cache")
+    finally:
+        shutil.rmtree(public)
+
+
+def check_other_user(img: WrittenImage, files: dict[str, bytes], mp: Path, cache: Path) -> None:
+    with mounted(img.ref, mp, cache) as mnt:
+        as_nobody = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+        res = subprocess.run([*as_nobody, "cat", str(mnt / "big")], capture_output=True,
+                             check=False, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == files["big"]
+        res = subprocess.run([*as_nobody, "ls", str(mnt / "dir")], capture_output=True,
+                             check=False, timeout=60)  # 0750 root-owned: permissions apply
+        assert res.returncode != 0 and b"Permission denied" in res.stderr
+
+
+def test_a_restarted_daemon_serves_read_data_from_the_cache(image, tmp_path):
+    img, files = image
+    cache = tmp_path / "cache"
+    with mounted(img.ref, tmp_path / "mnt", cache) as mnt:
+        for name, content in files.items():
+            assert read(mnt / name) == content
+        first = read_stats(mnt)["stats"]
+    assert first["backend_requests"] > 0  # type: ignore[index]
+    with mounted(img.ref, tmp_path / "mnt", cache) as mnt:
+        for name, content in files.items():
+            assert read(mnt / name) == content
+        again = read_stats(mnt)["stats"]
+    assert again["backend_requests"] == 0 and again["backend_chunks"] == 0  # type: ignore[index]
+    assert again["cache_hits"] > 0 and again["cache_misses"] == 0  # type: ignore[index]
+
+
+def test_a_corrupt_chunk_is_eio_for_its_file_only(image, tmp_path):
+    img, files = image
+    blob = img.layout / "blobs" / "sha256" / img.blob_digests[1].removeprefix("sha256:")
+    raw = bytearray(blob.read_bytes())
+    raw[CS + 100] ^= 0x40  # inside the second chunk of "other", the only file of blob 1
+    blob.write_bytes(raw)
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        with open(mnt / "other", "rb") as f:
+            assert f.read(CS) == files["other"][:CS]  # the good chunk before it
+            with pytest.raises(OSError) as e:
+                f.read(CS)
+            assert e.value.errno == errno.EIO
+        for name in ("big", "text", "small"):
+            assert read(mnt / name) == files[name]
+        s = read_stats(mnt)["stats"]
+        assert s["digest_failures"] >= 2 and s["errors"] >= 1  # type: ignore[index]
+
+
+def test_umount_refuses_a_busy_mount_and_lazy_umount_detaches_it(image, tmp_path):
+    img, files = image
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        with open(mnt / "small", "rb") as f:
+            res = run(rafs_cmd("umount", mnt), timeout=120)
+            message = assert_clean_error(res)
+            assert "busy" in message
+            assert is_mounted(mnt) and f.read() == files["small"]
+        with open(mnt / "big", "rb") as f:
+            run(rafs_cmd("umount", "--lazy", mnt), timeout=120, check=True)
+            assert not is_mounted(mnt)
+            assert f.read() == files["big"]  # still served after the detach
+            assert daemon_pids(tmp_path)
+        deadline = time.monotonic() + 10  # the last close ends the daemon
+        while time.monotonic() < deadline and daemon_pids(tmp_path):
+            time.sleep(0.05)
+        assert not daemon_pids(tmp_path)
+
+
+def test_sigterm_unmounts_cleanly(image, tmp_path):
+    img, _ = image
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        pid = int(read_stats(mnt)["pid"])  # type: ignore[call-overload]
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (is_mounted(mnt) or daemon_pids(tmp_path)):
+            time.sleep(0.05)
+        assert not is_mounted(mnt) and not daemon_pids(tmp_path)
+
+
+def test_umount_after_the_daemon_died_falls_back_to_fusermount(image, tmp_path):
+    img, _ = image
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        pid = int(read_stats(mnt)["pid"])  # type: ignore[call-overload]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and daemon_pids(tmp_path):
+            time.sleep(0.05)
+        assert is_mounted(mnt)  # a dead mount: "transport endpoint is not connected"
+        res = run(rafs_cmd("umount", mnt), timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert not is_mounted(mnt)
+
+
+def test_umount_and_stats_of_a_plain_directory_fail_cleanly(tmp_path):
+    (tmp_path / "plain").mkdir()
+    for cmd in ("umount", "stats"):
+        message = assert_clean_error(run(rafs_cmd(cmd, tmp_path / "plain"), timeout=60))
+        assert "not a rafs mount" in message
+
+
+def test_mounting_twice_on_one_mount_point_fails(image, tmp_path):
+    img, _ = image
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        res = run(rafs_cmd("mount", img.ref, mnt, "--cache-dir", tmp_path / "c2"), timeout=120)
+        assert "already a rafs mount" in assert_clean_error(res)
+        assert read(mnt / "small") == b"hello\n"
+
+
+def garbage_bootstrap(tmp_path: Path, img: WrittenImage) -> str:
+    """The image with its bootstrap replaced by junk that its digests vouch for."""
+    import hashlib
+
+    import zstandard
+
+    from rafs.oci import (
+        ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
+        MEDIA_TYPE_RAFS_BOOTSTRAP,
+        OCILayout,
+    )
+
+    layout = OCILayout(img.layout)
+    manifest = json.loads(layout.resolve("latest").raw)
+    junk = b"\0" * 1024 + os.urandom(8192)
+    desc = layout.put_blob_bytes(zstandard.ZstdCompressor().compress(junk),
+                                 MEDIA_TYPE_RAFS_BOOTSTRAP, {
+                                     ANNOTATION_RAFS_BOOTSTRAP_DIGEST:
+                                     "sha256:" + hashlib.sha256(junk).hexdigest()})
+    manifest["layers"][-1] = desc.to_json()
+    layout.put_manifest(manifest, "junk")
+    return f"oci:{img.layout}:junk"
+
+
+def test_mounting_garbage_fails_with_one_line_and_mounts_nothing(image, tmp_path):
+    img, _ = image
+    (tmp_path / "notalayout").mkdir()
+    (tmp_path / "mnt").mkdir()
+    refs = {
+        "not a layout": f"oci:{tmp_path / 'notalayout'}",
+        "no such tag": f"oci:{img.layout}:nope",
+        "bad bootstrap": garbage_bootstrap(tmp_path, img),
+        "bad reference": "nonsense",
+    }
+    for what, ref in refs.items():
+        res = run(rafs_cmd("mount", ref, tmp_path / "mnt", "--cache-dir", tmp_path / "cache"),
+                  timeout=120)
+        message = assert_clean_error(res)
+        assert not is_mounted(tmp_path / "mnt"), what
+        assert not daemon_pids(tmp_path), what
+        if what == "bad bootstrap":
+            assert "bad bootstrap" in message
+    res = run(rafs_cmd("mount", img.ref, tmp_path / "nodir", "--cache-dir", tmp_path / "cache"),
+              timeout=120)
+    assert "nodir" in assert_clean_error(res)
