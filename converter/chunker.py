@@ -172,6 +172,9 @@ class BlobWriter:
         self.path = store.workdir / f"blob-{self.blob_index}.tmp"
         self._file: BinaryIO | None = None
         self._sha256 = hashlib.sha256()
+        # Blob writes and the blob hash run on one I/O thread, in order (they drop the GIL).
+        self._io: ThreadPoolExecutor | None = None
+        self._writes: deque[Future[None]] = deque()
         self._compressed_size = 0
         self._uncompressed_end = 0  # block-aligned end of the address space
         self._first_chunk = len(store.chunks)
@@ -213,10 +216,7 @@ class BlobWriter:
             node.chunks[i] = known
             return
         assert piece.payload is not None  # the index only grows: a miss now was a miss then
-        if self._file is None:
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/abort()
-        self._file.write(piece.payload)
-        self._sha256.update(piece.payload)
+        self._write(piece.payload)
         chunk = Chunk(
             blob_index=self.blob_index,
             compressed_offset=self._compressed_size,
@@ -233,10 +233,33 @@ class BlobWriter:
         store.chunks.append(chunk)
         node.chunks[i] = len(store.chunks) - 1
 
+    def _append(self, payload: bytes) -> None:
+        assert self._file is not None
+        self._file.write(payload)
+        self._sha256.update(payload)
+
+    def _write(self, payload: bytes) -> None:
+        if self._file is None:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        if self.store.workers == 0:
+            self._append(payload)
+            return
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="rafs-blob")
+        self._writes.append(self._io.submit(self._append, payload))
+        while len(self._writes) > self.store.max_inflight or (
+                self._writes and self._writes[0].done()):
+            self._writes.popleft().result()  # raises the write's OSError, if any
+
     def flush(self) -> None:
-        """Settle every pending chunk."""
+        """Settle every pending chunk and finish every write."""
         while self._pending:
             self._settle_one()
+        while self._writes:
+            self._writes.popleft().result()
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
 
     def finish(self) -> Blob | None:
         """Close the layer: the new Blob (also appended to the store), or None."""
@@ -269,6 +292,10 @@ class BlobWriter:
             if isinstance(fut, Future):
                 fut.cancel()
         self._pending.clear()
+        if self._io is not None:
+            self._io.shutdown(wait=True, cancel_futures=True)
+            self._io = None
+        self._writes.clear()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -47,7 +47,7 @@ from .tarstream import LayerStream
 log = logging.getLogger(__name__)
 
 DEFAULT_TAG = "latest"
-BOOTSTRAP_LEVEL = 19  # bootstraps are metadata: small, compress well, read once
+BOOTSTRAP_LEVEL = 9  # measured on a 1.8 MB bootstrap: 19 is 7% smaller but 8x slower (0.6 s)
 
 
 @dataclass

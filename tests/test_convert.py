@@ -7,6 +7,7 @@ The output is read back with the bootstrap reader and `rafs check` logic
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import stat
@@ -269,3 +270,18 @@ def test_cli_size_parser() -> None:
     assert convert_cli.parse_size("1MiB") == 1 << 20
     with pytest.raises(argparse.ArgumentTypeError):
         convert_cli.parse_size("lots")
+
+
+def test_progress_is_drawn_only_when_enabled() -> None:
+    from converter.progress import Progress
+
+    out = io.StringIO()
+    p = Progress(1000, enabled=True, stream=out)
+    p.update(500)
+    p.close()
+    assert "(50%)" in out.getvalue()
+    quiet = io.StringIO()  # a StringIO is not a terminal: quiet by default
+    q = Progress(1000, stream=quiet)
+    q.update(500)
+    q.close()
+    assert quiet.getvalue() == ""

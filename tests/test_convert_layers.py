@@ -415,6 +415,12 @@ def test_empty_stream_is_an_empty_layer(image: Image) -> None:
     assert image.names() == []
 
 
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_compressed_empty_stream_is_an_empty_layer(image: Image, compression: str) -> None:
+    image.apply(b"", compression=compression)
+    assert image.names() == []
+
+
 def test_garbage_is_rejected(image: Image) -> None:
     garbage = os.urandom(4096)
     with pytest.raises(BadTarError):
@@ -476,3 +482,23 @@ def test_unsupported_entry_type_is_rejected(image: Image) -> None:
         tf.addfile(info)
     with pytest.raises(BadTarError, match="unsupported tar entry type"):
         image.apply(buf.getvalue(), compression="none")
+
+
+def test_truncated_zstd_is_rejected(image: Image) -> None:
+    stored = zstandard.ZstdCompressor().compress(layer_tar([file_entry("b", os.urandom(100_000))]))
+    with pytest.raises(BadTarError):
+        image.apply(stored[: len(stored) // 2], compression="none",
+                    media_type=MEDIA_TYPES["zstd"], diff_id=None)
+
+
+def test_plain_gzip_module_fallback(image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    from converter import tarstream
+
+    monkeypatch.setattr(tarstream, "_fast_gzip", None)  # as without the optional isal
+    data = os.urandom(100_000)
+    image.apply([file_entry("f", data)], compression="gzip")
+    assert image.read("f") == data
+    stored = gzip.compress(layer_tar([file_entry("b", data)]))
+    with pytest.raises(BadTarError):
+        image.apply(stored[:5000], compression="none", media_type=MEDIA_TYPES["gzip"],
+                    diff_id=None)
