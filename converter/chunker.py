@@ -13,6 +13,10 @@ This module owns the chunk table and the data blobs of one conversion:
   new piece is compressed (zstd, or raw when that is not smaller) and appended
   to the blob's temp file. In the blob's uncompressed address space every
   chunk starts on a block boundary. A layer that adds no new chunk has no blob.
+- Access order: chunks of files on the prefetch list (``add_file(rank=...)``)
+  go to the front of the blob, ordered by their rank in the list, so that the
+  startup reads of a container are a few contiguous ranges; the other chunks
+  follow in tar order.
 
 Determinism: results are consumed strictly in submission order, so the blob
 bytes and the chunk table depend only on the input and the options, never on
@@ -26,7 +30,6 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,22 +173,26 @@ class BlobWriter:
         self.name = name
         self.blob_index = len(store.blobs)
         self.path = store.workdir / f"blob-{self.blob_index}.tmp"
-        self._file: BinaryIO | None = None
-        self._sha256 = hashlib.sha256()
+        self._front_path = store.workdir / f"blob-{self.blob_index}.front.tmp"
+        self._files: dict[bool, BinaryIO] = {}  # front? -> temp file
+        self._front_size = 0
+        self._front: list[tuple[int, int, int, int]] = []  # (rank, seq, chunk, offset)
+        self._sha256 = hashlib.sha256()  # of the back file; the blob's when nothing is in front
         # Blob writes and the blob hash run on one I/O thread, in order (they drop the GIL).
         self._io: ThreadPoolExecutor | None = None
         self._writes: deque[Future[None]] = deque()
         self._compressed_size = 0
         self._uncompressed_end = 0  # block-aligned end of the address space
         self._first_chunk = len(store.chunks)
-        self._pending: deque[tuple[Future[_Piece] | _Piece, Node, int]] = deque()
+        self._pending: deque[tuple[Future[_Piece] | _Piece, Node, int, int | None]] = deque()
         self._finished = False
 
-    def add_file(self, node: Node, data: Readable, size: int,
-                 on_chunk: Callable[[int], None] | None = None) -> None:
+    def add_file(self, node: Node, data: Readable, size: int, rank: int | None = None) -> None:
         """Chunk ``size`` bytes of ``data`` into ``node`` (a regular file).
 
-        ``node.chunks`` gets its final values no later than ``finish()``.
+        ``rank``: the file's position in the prefetch list (its new chunks go
+        to the front of the blob), or None. ``node.chunks`` gets its final
+        values no later than ``finish()``.
         """
         cs = self.store.chunk_size
         count = -(-size // cs)
@@ -198,12 +205,12 @@ class BlobWriter:
                 raise BadTarError(f"{self.name}: file data ends after {i * cs + len(piece)} "
                                   f"of {size} bytes")
             self.store.bytes_in += want
-            self._pending.append((self.store._submit(piece), node, i))
+            self._pending.append((self.store._submit(piece), node, i, rank))
             if len(self._pending) > self.store.max_inflight:
                 self._settle_one()
 
     def _settle_one(self) -> None:
-        fut, node, i = self._pending.popleft()
+        fut, node, i, rank = self._pending.popleft()
         piece = fut.result() if isinstance(fut, Future) else fut
         store = self.store
         if piece.sha256 is None:
@@ -216,6 +223,16 @@ class BlobWriter:
             node.chunks[i] = known
             return
         assert piece.payload is not None  # the index only grows: a miss now was a miss then
+        if rank is not None:
+            # Offsets are set when finish() lays out the front.
+            self._write(piece.payload, front=True)
+            self._front.append((rank, len(self._front), len(store.chunks), self._front_size))
+            self._front_size += len(piece.payload)
+            store.index[piece.sha256] = len(store.chunks)
+            store.chunks.append(Chunk(self.blob_index, 0, len(piece.payload), 0, piece.size,
+                                      piece.sha256, piece.xxh3, piece.flags))
+            node.chunks[i] = len(store.chunks) - 1
+            return
         self._write(piece.payload)
         chunk = Chunk(
             blob_index=self.blob_index,
@@ -233,20 +250,22 @@ class BlobWriter:
         store.chunks.append(chunk)
         node.chunks[i] = len(store.chunks) - 1
 
-    def _append(self, payload: bytes) -> None:
-        assert self._file is not None
-        self._file.write(payload)
-        self._sha256.update(payload)
+    def _append(self, f: BinaryIO, payload: bytes, front: bool) -> None:
+        f.write(payload)
+        if not front:
+            self._sha256.update(payload)
 
-    def _write(self, payload: bytes) -> None:
-        if self._file is None:
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+    def _write(self, payload: bytes, front: bool = False) -> None:
+        f = self._files.get(front)
+        if f is None:
+            path = self._front_path if front else self.path
+            f = self._files[front] = open(path, "wb")  # noqa: SIM115 - closed by finish/abort
         if self.store.workers == 0:
-            self._append(payload)
+            self._append(f, payload, front)
             return
         if self._io is None:
             self._io = ThreadPoolExecutor(1, thread_name_prefix="rafs-blob")
-        self._writes.append(self._io.submit(self._append, payload))
+        self._writes.append(self._io.submit(self._append, f, payload, front))
         while len(self._writes) > self.store.max_inflight or (
                 self._writes and self._writes[0].done()):
             self._writes.popleft().result()  # raises the write's OSError, if any
@@ -266,15 +285,17 @@ class BlobWriter:
         assert not self._finished, "finish() twice"
         self.flush()
         self._finished = True
-        if self._file is None:
+        if not self._files:
             log.debug("%s: no new chunks, no blob", self.name)
             return None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        digest = self._lay_out_front() if self._front else "sha256:" + self._sha256.hexdigest()
+        with open(self.path, "rb+") as f:
+            os.fsync(f.fileno())
         blob = Blob(
-            digest="sha256:" + self._sha256.hexdigest(),
+            digest=digest,
             compressed_size=self._compressed_size,
             uncompressed_size=self._uncompressed_end,
             chunk_start=self._first_chunk,
@@ -286,9 +307,43 @@ class BlobWriter:
                  blob.chunk_count, blob.compressed_size, blob.uncompressed_size)
         return blob
 
+    def _lay_out_front(self) -> str:
+        """Rewrite the blob as front chunks by rank, then the rest; returns its digest."""
+        chunks = self.store.chunks
+        front_ids = {c for _r, _s, c, _o in self._front}
+        back_ids = [c for c in range(self._first_chunk, len(chunks)) if c not in front_ids]
+        final = self.path.with_suffix(".final")
+        sha = hashlib.sha256()
+        coff = uoff = 0
+        with open(final, "wb") as out:
+            with open(self._front_path, "rb") as front:
+                for _rank, _seq, c, offset in sorted(self._front):
+                    chunk = chunks[c]
+                    front.seek(offset)
+                    payload = front.read(chunk.compressed_size)
+                    out.write(payload)
+                    sha.update(payload)
+                    chunk.compressed_offset, chunk.uncompressed_offset = coff, uoff
+                    coff += chunk.compressed_size
+                    uoff = align_up(uoff + chunk.uncompressed_size)
+            if back_ids:
+                for c in back_ids:  # back chunks keep their order and relative places
+                    chunks[c].compressed_offset += coff
+                    chunks[c].uncompressed_offset += uoff
+                with open(self.path, "rb") as back:
+                    while block := back.read(1 << 20):
+                        out.write(block)
+                        sha.update(block)
+        self._compressed_size += coff
+        self._uncompressed_end += uoff
+        self._front_path.unlink()
+        os.replace(final, self.path)
+        log.debug("%s: %d prefetch chunks (%d bytes) in front", self.name, len(self._front), coff)
+        return "sha256:" + sha.hexdigest()
+
     def abort(self) -> None:
         """Drop everything of this layer (after an error)."""
-        for fut, _node, _i in self._pending:
+        for fut, _node, _i, _rank in self._pending:
             if isinstance(fut, Future):
                 fut.cancel()
         self._pending.clear()
@@ -296,8 +351,9 @@ class BlobWriter:
             self._io.shutdown(wait=True, cancel_futures=True)
             self._io = None
         self._writes.clear()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
         self.path.unlink(missing_ok=True)
+        self._front_path.unlink(missing_ok=True)
         self._finished = True

@@ -39,7 +39,7 @@ from rafs.oci import Descriptor, ImageRef, Manifest, OCILayout, canonical_json
 from . import chunker
 from .errors import ConvertError, OptionError
 from .imageconfig import rafs_config
-from .layers import LayerApplier, new_root
+from .layers import LayerApplier, PrefetchRanks, new_root
 from .progress import Progress
 from .source import ImageSource, LayerSource, open_source
 from .tarstream import LayerStream
@@ -162,6 +162,7 @@ def convert(src: ImageRef | str, dst: ImageRef | str,
 def _convert(source: ImageSource, target: _Target, tag: str,
              options: ConvertOptions) -> ConvertResult:
     progress = Progress(source.total_size, enabled=options.progress)
+    prefetch = PrefetchRanks(options.prefetch)
     root = new_root()
     layer_has_blob: list[bool] = []
     layer_bytes = 0
@@ -170,7 +171,7 @@ def _convert(source: ImageSource, target: _Target, tag: str,
                                 options.level, options.workers) as store:
             for layer in source.layers:
                 progress.note(f"layer {layer.index + 1}/{len(source.layers)}")
-                layer_bytes += _apply_layer(layer, root, store, progress)
+                layer_bytes += _apply_layer(layer, root, store, progress, prefetch)
                 layer_has_blob.append(len(store.blobs) > sum(layer_has_blob))
     finally:
         progress.close()
@@ -214,10 +215,10 @@ def _convert(source: ImageSource, target: _Target, tag: str,
 
 
 def _apply_layer(layer: LayerSource, root: Node, store: chunker.ChunkStore,
-                 progress: Progress) -> int:
+                 progress: Progress, prefetch: PrefetchRanks) -> int:
     """Apply one source layer; returns its uncompressed size."""
     writer = store.begin_layer(layer.label)
-    applier = LayerApplier(root, writer, layer.label)
+    applier = LayerApplier(root, writer, layer.label, prefetch)
     try:
         with layer.open() as raw:
             stream = LayerStream(raw, what=layer.label, media_type=layer.media_type,

@@ -78,6 +78,26 @@ def normalise(name: bytes, what: str = "") -> list[bytes]:
     return parts
 
 
+class PrefetchRanks:
+    """Where a path stands in the prefetch list: the rank of the path itself or of its
+    nearest listed ancestor directory (a directory prefetches what is below it)."""
+
+    def __init__(self, paths: Iterable[bytes]) -> None:
+        self._ranks: dict[bytes, int] = {}
+        for i, path in enumerate(paths):
+            self._ranks.setdefault(b"/".join(normalise(path, "prefetch list")), i)
+
+    def __bool__(self) -> bool:
+        return bool(self._ranks)
+
+    def rank(self, real: list[bytes]) -> int | None:
+        for i in range(len(real), -1, -1):
+            found = self._ranks.get(b"/".join(real[:i]))
+            if found is not None:
+                return found
+        return None
+
+
 def new_root() -> Node:
     """The root before any layer: an implied directory."""
     return Node.directory(0o755)
@@ -86,10 +106,12 @@ def new_root() -> Node:
 class LayerApplier:
     """Applies the entries of one layer onto ``root``; file data goes to ``writer``."""
 
-    def __init__(self, root: Node, writer: BlobWriter | None, what: str = "layer") -> None:
+    def __init__(self, root: Node, writer: BlobWriter | None, what: str = "layer",
+                 prefetch: PrefetchRanks | None = None) -> None:
         self.root = root
         self.writer = writer
         self.what = what
+        self.prefetch = prefetch or None
         # Real (symlink-resolved) paths this layer created, and their ancestors.
         self._upper: set[bytes] = set()
         self.entries = 0
@@ -176,7 +198,7 @@ class LayerApplier:
             node = self._make(entry)
             parent.children[base] = node
             if entry.kind == FILE:
-                self._read_data(node, entry)
+                self._read_data(node, entry, real)
         self._mark_upper(real)
 
     def _set_root(self, entry: Entry) -> None:
@@ -219,13 +241,14 @@ class LayerApplier:
             node.rdev = entry.rdev
         return node
 
-    def _read_data(self, node: Node, entry: Entry) -> None:
+    def _read_data(self, node: Node, entry: Entry, real: list[bytes]) -> None:
         if entry.size == 0:
             node.size, node.chunks = 0, []
             return
         if self.writer is None or entry.data is None:
             raise AssertionError("a regular file with data needs a BlobWriter")
-        self.writer.add_file(node, entry.data, entry.size)
+        rank = self.prefetch.rank(real) if self.prefetch is not None else None
+        self.writer.add_file(node, entry.data, entry.size, rank)
 
     def _link_target(self, entry: Entry) -> Node:
         parts = normalise(entry.linkname, self.what)

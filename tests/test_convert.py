@@ -285,3 +285,22 @@ def test_progress_is_drawn_only_when_enabled() -> None:
     q.update(500)
     q.close()
     assert quiet.getvalue() == ""
+
+
+def test_prefetch_files_lead_their_blobs(tmp_path: Path) -> None:
+    src = _src(tmp_path)
+    dst = f"oci:{tmp_path / 'dst'}:x"
+    convert(src, dst, ConvertOptions(chunk_size=64 << 10, progress=False,
+                                     prefetch=[b"/etc/text", b"/bin"]))
+    img = rafs_image.open_local_image(dst)
+    rafs_image.check(img)
+    boot = Bootstrap.from_bytes(img.bootstrap)
+    first, ends = {}, {}
+    for path, ino in boot.walk():
+        if stat.S_ISREG(ino.mode) and ino.size:
+            chunks = [boot.chunk(r) for r in boot.file_chunks(ino) if r is not None]
+            first[path] = (chunks[0].blob_index, chunks[0].compressed_offset)
+            ends[path] = max(c.compressed_offset + c.compressed_size for c in chunks)
+    assert first[b"/etc/text"] == (0, 0)  # rank 0 leads blob 0
+    assert first[b"/bin/busybox"] == (0, ends[b"/etc/text"])  # rank 1 right after it
+    assert first[b"/big"][1] > first[b"/bin/busybox"][1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import os
@@ -183,3 +184,43 @@ def test_short_data_is_a_bad_tar(store: ChunkStore) -> None:
     with pytest.raises(BadTarError, match="ends after"):
         w.add_file(Node(mode=0o100644), io.BytesIO(b"abc"), 10)
     w.abort()
+
+
+def test_prefetch_chunks_go_to_the_front_in_rank_order(store: ChunkStore) -> None:
+    w = store.begin_layer()
+    plain1 = _file(store, w, os.urandom(2 * CS))
+    late = Node(mode=0o100644)
+    w.add_file(late, io.BytesIO(late_data := os.urandom(CS + 10)), len(late_data), rank=5)
+    plain2 = _file(store, w, os.urandom(3000))
+    early = Node(mode=0o100644)
+    w.add_file(early, io.BytesIO(early_data := os.urandom(CS)), len(early_data), rank=1)
+    blob = w.finish()
+    assert blob is not None
+
+    def place(node: Node) -> list[int]:
+        return [store.chunks[r].compressed_offset for r in node.chunks]  # type: ignore[index]
+
+    order = sorted([*place(plain1), *place(late), *place(plain2), *place(early)])
+    assert place(early) == order[:1]
+    assert place(late) == order[1:3]
+    assert place(plain1) + place(plain2) == order[3:]
+    for node, data in ((early, early_data), (late, late_data)):
+        assert _read(store, node) == data
+    blob_bytes = store.blob_files[0].read_bytes()
+    assert blob.digest == "sha256:" + hashlib.sha256(blob_bytes).hexdigest()
+    assert blob.compressed_size == len(blob_bytes)
+    spans = sorted((c.uncompressed_offset, c.uncompressed_size) for c in store.chunks)
+    assert all(o % BLOCK_SIZE == 0 for o, _ in spans)
+    assert all(a[0] + a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    assert blob.uncompressed_size >= spans[-1][0] + spans[-1][1]
+    assert not list(store.workdir.glob("*.front.tmp"))
+
+
+def test_prefetch_only_blob(store: ChunkStore) -> None:
+    w = store.begin_layer()
+    node = Node(mode=0o100644)
+    w.add_file(node, io.BytesIO(data := os.urandom(CS * 2)), len(data), rank=0)
+    blob = w.finish()
+    assert blob is not None and _read(store, node) == data
+    assert [store.chunks[r].compressed_offset for r in node.chunks] == [  # type: ignore[index]
+        0, store.chunks[node.chunks[0]].compressed_size]  # type: ignore[index]

@@ -150,8 +150,8 @@ LAYERS: list[list[Entry]] = [
 
 def test_synthetic_image_matches_umoci(tmp_path: Path) -> None:
     build_oci_image(tmp_path / "src", "t", LAYERS, compression=["gzip", "zstd", "none"])
-    assert_same_as_umoci(tmp_path, tmp_path / "src", "t",
-                         ConvertOptions(chunk_size=64 << 10, progress=False))
+    assert_same_as_umoci(tmp_path, tmp_path / "src", "t", ConvertOptions(
+        chunk_size=64 << 10, progress=False, prefetch=[b"/bin/sh", b"/usr", b"/holes"]))
 
 
 def test_debian_image_matches_umoci(tmp_path: Path,
