@@ -305,3 +305,41 @@ def test_mounting_garbage_fails_with_one_line_and_mounts_nothing(image, tmp_path
     res = run(rafs_cmd("mount", img.ref, tmp_path / "nodir", "--cache-dir", tmp_path / "cache"),
               timeout=120)
     assert "nodir" in assert_clean_error(res)
+
+
+def test_a_converted_image_mounts_exactly_as_umoci_unpacks_it(tmp_path):
+    from tests.helpers.ocibuild import (
+        Entry,
+        build_oci_image,
+        dir_entry,
+        file_entry,
+        opaque_whiteout,
+        symlink_entry,
+        whiteout,
+    )
+    from tests.helpers.treecmp import compare_trees
+    from tests.helpers.umoci import umoci_unpack
+
+    blob = os.urandom(700_000)
+    layers = [
+        [dir_entry("etc"), file_entry("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+         dir_entry("bin"), file_entry("bin/tool", b"\x7fELF" + blob, mode=0o4755),
+         Entry("bin/alias", "hardlink", linkname="bin/tool"), symlink_entry("sbin", "bin"),
+         dir_entry("var"), dir_entry("dev"), dir_entry("run"),  # implicit parents differ
+         dir_entry("var/cache", mode=0o700, uid=100, gid=101),
+         file_entry("var/cache/x", b"x" * 5000, xattrs={"user.note": b"hi"}),
+         Entry("dev/null", "chardev", mode=0o666, devmajor=1, devminor=3),
+         Entry("run/fifo", "fifo", mode=0o600), file_entry("empty", b""),
+         file_entry("zeros", bytes(300_000))],
+        [whiteout("etc/passwd"), opaque_whiteout("var/cache"),
+         file_entry("var/cache/y", b"y" * 10, mtime=1_234_567_890),
+         file_entry("bin/tool2", blob[::-1], mode=0o755)],
+    ]
+    build_oci_image(tmp_path / "src", "v1", layers)
+    out = f"oci:{tmp_path / 'rafs'}:v1"
+    res = run(rafs_cmd("convert", f"oci:{tmp_path / 'src'}:v1", out, "--chunk-size", "64K",
+                       "--no-progress"), timeout=300)
+    assert res.returncode == 0, res.stderr
+    reference = umoci_unpack(tmp_path / "src", "v1", tmp_path / "unpacked")
+    with mounted(out, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        assert compare_trees(reference, mnt) == []
