@@ -502,6 +502,7 @@ class OCILayout:
         parsed = parse_manifest(raw)
         desc = self.put_blob_bytes(raw, parsed.media_type, {ANNOTATION_REF_NAME: tag})
         desc.platform = platform
+        _fsync_dir(self.path / "blobs" / "sha256")  # every blob named before the index is
         with _locked(self.path):
             index = self._index()
             kept = [d for d in index.get("manifests", [])
