@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="serve in this process until unmounted")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="how long to wait for the mount to become ready (default %(default)s)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="do not fetch the image's prefetch list in the background")
     p.set_defaults(func=_cmd_mount)
 
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
@@ -98,15 +100,17 @@ def _cmd_mount(args: argparse.Namespace) -> int:
             if error is None:
                 log.info("mounted %s on %s", image, canonical(args.mountpoint))
 
-        run(DaemonConfig(image, args.mountpoint, cache_dir), ready)
+        run(DaemonConfig(image, args.mountpoint, cache_dir, prefetch=not args.no_prefetch), ready)
         return 0
-    pid = mount_background(image, args.mountpoint, cache_dir, timeout=args.timeout)
+    pid = mount_background(image, args.mountpoint, cache_dir, timeout=args.timeout,
+                           prefetch=not args.no_prefetch)
     log.info("mounted %s on %s (daemon pid %d)", image, canonical(args.mountpoint), pid)
     return 0
 
 
 def mount_background(
-    image: str, mountpoint: str, cache_dir: str, *, timeout: float = DEFAULT_TIMEOUT
+    image: str, mountpoint: str, cache_dir: str, *, timeout: float = DEFAULT_TIMEOUT,
+    prefetch: bool = True,
 ) -> int:
     """Start a detached daemon and return its pid once the mount is ready."""
     mp = canonical(mountpoint)
@@ -124,7 +128,8 @@ def mount_background(
         with open(paths.log, "ab") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fused.daemon", image, mp, "--cache-dir", cache_dir,
-                 "--ready-fd", str(write_fd), "--log-level", _log_level()],
+                 "--ready-fd", str(write_fd), "--log-level", _log_level(),
+                 *([] if prefetch else ["--no-prefetch"])],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
                 start_new_session=True, cwd="/", env=env,
             )

@@ -78,6 +78,7 @@ class DaemonConfig:
     cache_dir: str
     readahead_kb: int = DEFAULT_READAHEAD_KB
     max_requests: int = 8
+    prefetch: bool = True
 
 
 # -- the image ----------------------------------------------------------------
@@ -181,7 +182,8 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
         await nursery.start(cache.run)
         fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests)
         await stack.enter_async_context(fetcher.running())
-        ops = Operations(Vfs(bootstrap, fetcher, stats), stats)
+        vfs = Vfs(bootstrap, fetcher, stats)
+        ops = Operations(vfs, stats)
 
         shutdown_lock = trio.Lock()
         serving = [False]  # pyfuse3.terminate() is only safe while main() runs
@@ -227,6 +229,8 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
             await nursery.start(serve_control, paths.socket, handlers)
             nursery.start_soon(_watch_signals, terminate)
             nursery.start_soon(_announce, cfg, mountpoint, paths.state, ready)
+            if cfg.prefetch and bootstrap.prefetch:
+                nursery.start_soon(_prefetch, fetcher, vfs, bootstrap.prefetch)
             serving[0] = True
             try:
                 await pyfuse3.main()
@@ -246,6 +250,16 @@ async def _watch_signals(terminate: Callable[[], None]) -> None:
             log.info("got %s: unmounting", signal.Signals(signum).name)
             terminate()
             return
+
+
+async def _prefetch(fetcher: Fetcher, vfs: Vfs, nids: list[int]) -> None:
+    log.info("prefetching %d entries of the prefetch list", len(nids))
+    try:
+        done = await fetcher.prefetch(vfs.chunks_of_nids(nids))
+    except RafsError as e:  # a corrupt bootstrap entry: reads will report it too
+        log.warning("prefetch stopped: %s", e)
+        return
+    log.info("prefetch done: %d chunks fetched", done)
 
 
 async def _announce(
@@ -322,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="do not fetch the image's prefetch list in the background")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -329,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
     cfg = DaemonConfig(args.image, args.mountpoint, os.path.abspath(args.cache_dir),
-                       readahead_kb=args.readahead_kb)
+                       readahead_kb=args.readahead_kb, prefetch=not args.no_prefetch)
     try:
         run(cfg, _pipe_reporter(args.ready_fd))
     except RafsError as e:

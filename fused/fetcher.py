@@ -10,6 +10,9 @@ indices it covers. For each chunk:
   to back in the compressed blob are merged into one backend read (up to
   ``max_merge`` bytes).
 
+``prefetch(indices)`` fetches chunks ahead of readers (the bootstrap's
+prefetch list), one backend read at a time so readers always come first.
+
 Fetches run in the fetcher's own nursery (``async with fetcher.running()``),
 never in a reader's task, so a reader that goes away does not abort a fetch
 others wait for. Backend reads are bounded by a ``trio.CapacityLimiter``;
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -122,6 +125,57 @@ class Fetcher:
             await pending.done.wait()
             if pending.error is not None:
                 raise ChunkError(pending.error)
+
+    # -- background prefetch -------------------------------------------------
+
+    async def prefetch(self, indices: Iterable[int], batch: int = 64) -> int:
+        """Fetch the missing chunks of ``indices`` in order, at low priority.
+
+        Runs in the caller's task (start it in a nursery) and issues one backend
+        read at a time, so on-demand reads, which may use every slot of the
+        limiter, always overtake it. Chunks it is fetching are in-flight like any
+        other: a reader that needs one waits for it instead of fetching it again.
+        Failures are logged and skipped. Returns the number of chunks fetched.
+        """
+        fetched = 0
+        seen: set[int] = set()
+        todo: list[int] = []
+        for n, index in enumerate(indices):
+            if n % 256 == 255:
+                await trio.lowlevel.checkpoint()  # cached stretches never await otherwise
+            if index in seen:
+                continue
+            seen.add(index)
+            if (self.cache.is_ready(index) or index in self._inflight
+                    or await self.cache.probe(index)):
+                continue
+            todo.append(index)
+            if len(todo) >= batch:
+                fetched += await self._prefetch_batch(todo)
+                todo = []
+        if todo:
+            fetched += await self._prefetch_batch(todo)
+        return fetched
+
+    async def _prefetch_batch(self, indices: list[int]) -> int:
+        ok = 0
+        for planned in self._plan(indices):
+            # Claim a run only when it starts, so readers never queue behind prefetch;
+            # readers may have fetched some of it meanwhile.
+            run = [(i, c) for i, c in planned
+                   if i not in self._inflight and not self.cache.is_ready(i)]
+            if not run:
+                continue
+            pending = {i: self._inflight.setdefault(i, _Pending()) for i, _ in run}
+            for piece in self._plan([i for i, _ in run]):  # re-split where gaps appeared
+                await self._fetch_run(piece)
+            for i, p in pending.items():
+                if p.error is None:
+                    ok += 1
+                else:
+                    log.warning("prefetch of chunk %d failed: %s", i, p.error)
+        self.stats.prefetch_chunks += ok
+        return ok
 
     def _start(self, missing: list[int]) -> None:
         if self._nursery is None:

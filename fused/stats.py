@@ -23,6 +23,7 @@ _HELP = {
     "backend_bytes": "compressed bytes fetched from the backend",
     "backend_chunks": "chunks fetched from the backend",
     "backend_errors": "backend requests that failed (each retry counts)",
+    "prefetch_chunks": "chunks fetched ahead of readers by the prefetch list",
     "digest_failures": "fetched chunks whose sha256 did not match",
     "errors": "read requests answered with an error",
 }
@@ -41,6 +42,7 @@ class Stats:
     backend_bytes: int = 0
     backend_chunks: int = 0
     backend_errors: int = 0
+    prefetch_chunks: int = 0
     digest_failures: int = 0
     errors: int = 0
     started: float = field(default_factory=time.time)

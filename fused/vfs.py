@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from rafs.bootstrap import Bootstrap, Inode
@@ -192,6 +192,21 @@ class Vfs:
 
     def _load_chunks(self, nid: int) -> list[int | None]:
         return self.bootstrap.file_chunks(self._inode(nid))
+
+    def chunks_of_nids(self, nids: Iterable[int]) -> Iterator[int]:
+        """Chunk indices of these files, and of every file below these directories, in order."""
+        seen: set[int] = set()
+        queue = list(nids)
+        while queue:
+            nid = queue.pop(0)
+            if nid in seen:
+                continue
+            seen.add(nid)
+            node = self._inode(nid)
+            if stat.S_ISREG(node.mode):
+                yield from (i for i in self._file_chunks(nid) if i is not None)
+            elif stat.S_ISDIR(node.mode):
+                queue.extend(child for _, child, _ in self.bootstrap.readdir(node))
 
     def open(self, ino: int) -> Inode:
         """Check that ``ino`` exists; reads need no per-open state."""

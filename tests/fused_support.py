@@ -49,8 +49,10 @@ class WrittenImage:
     blob_digests: list[str]
 
 
-def write_rafs_image(parts: ImageParts, layout_dir: Path, tag: str = "latest") -> WrittenImage:
-    boot = parts.finish()
+def write_rafs_image(
+    parts: ImageParts, layout_dir: Path, tag: str = "latest", prefetch: tuple[bytes, ...] = ()
+) -> WrittenImage:
+    boot = parts.finish(prefetch)
     layout = OCILayout.create(layout_dir)
     layers = []
     digests = []

@@ -186,3 +186,51 @@ def test_a_permanent_backend_error_is_eio_and_the_next_read_tries_again(image, t
             assert await read_file(s, b"b") == files[b"b"]
 
     trio.run(main)
+
+
+def test_prefetch_fetches_ahead_in_merged_reads_and_readers_then_hit(image, tmp_path):
+    img, files = image
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache") as s:
+            wanted = chunks_of(s, b"a") + chunks_of(s, b"b")
+            assert await s.fetcher.prefetch(wanted + wanted) == len(wanted)
+            assert len(s.backend.reads) == 1  # a and b are back to back in the blob
+            assert s.stats.prefetch_chunks == len(wanted)
+            assert await s.fetcher.prefetch(wanted) == 0  # nothing left to do
+            assert await read_file(s, b"a") == files[b"a"]
+            assert len(s.backend.reads) == 1 and s.stats.cache_misses == 0
+
+    trio.run(main)
+
+
+def test_readers_are_not_queued_behind_prefetch(image, tmp_path):
+    img, files = image
+
+    class Slow(Backend):
+        """The local backend, slowed down for reads longer than one chunk."""
+
+        def __init__(self, inner: Backend) -> None:
+            self.inner = inner
+
+        async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
+            if length > CS:
+                await trio.sleep(0.5)
+            return await self.inner.read(blob_digest, offset, length)
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache", backend=Slow(LocalBackend(img.layout)),
+                              max_merge=2 * CS) as s:
+            idx = chunks_of(s, b"a")
+            async with trio.open_nursery() as n:
+                n.start_soon(s.fetcher.prefetch, idx)
+                await trio.sleep(0.05)  # prefetch is inside its first (slow) read
+                with trio.fail_after(0.3):  # the last chunk is not claimed yet: fetch it now
+                    attr = s.vfs.lookup(1, b"a")
+                    tail = await s.vfs.read(attr.ino, 5 * CS, CS)
+                assert bytes(tail) == files[b"a"][5 * CS :]
+            assert await read_file(s, b"a") == files[b"a"]
+            reads = sorted(r[1] for r in s.backend.reads)
+            assert len(reads) == len(set(reads))  # no chunk was fetched twice
+
+    trio.run(main)

@@ -343,3 +343,26 @@ def test_a_converted_image_mounts_exactly_as_umoci_unpacks_it(tmp_path):
     reference = umoci_unpack(tmp_path / "src", "v1", tmp_path / "unpacked")
     with mounted(out, tmp_path / "mnt", tmp_path / "cache") as mnt:
         assert compare_trees(reference, mnt) == []
+
+
+def test_the_prefetch_list_is_fetched_in_the_background(tmp_path):
+    parts = ImageParts(Node.directory(0o755, mtime=MTIME), chunk_size=CS)
+    parts.new_blob()
+    assert parts.root.children is not None
+    big, other = os.urandom(20 * CS), os.urandom(4 * CS)
+    parts.root.children[b"other"] = parts.file(other, mtime=MTIME)
+    parts.root.children[b"big"] = parts.file(big, mtime=MTIME)
+    img = write_rafs_image(parts, tmp_path / "img", prefetch=(b"/big",))
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        deadline = time.monotonic() + 30
+        while (s := read_stats(mnt)["stats"])["prefetch_chunks"] < 20:  # type: ignore[index]
+            assert time.monotonic() < deadline, s
+            time.sleep(0.05)
+        requests = s["backend_requests"]  # type: ignore[index]
+        assert read(mnt / "big") == big
+        s = read_stats(mnt)["stats"]
+        assert s["backend_requests"] == requests and s["cache_misses"] == 0  # type: ignore[index]
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache2",
+                 extra_args=["--no-prefetch"]) as mnt:
+        time.sleep(0.5)
+        assert read_stats(mnt)["stats"]["prefetch_chunks"] == 0  # type: ignore[index]
