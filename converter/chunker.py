@@ -20,7 +20,10 @@ This module owns the chunk table and the data blobs of one conversion:
 
 Determinism: results are consumed strictly in submission order, so the blob
 bytes and the chunk table depend only on the input and the options, never on
-thread timing. Memory: at most ``max_inflight`` chunks are buffered.
+thread timing. Chunks go to the pool in batches of about ``BATCH_BYTES`` (most
+files of an OS image are one small chunk; a task per chunk spent more time in
+thread hand-offs than in zstd). Memory: at most ``max_inflight`` batches are
+buffered.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 16 << 20
 COMPRESSIONS = ("zstd", "none")
 DEFAULT_LEVEL = 3
+BATCH_BYTES = 1 << 20
+BATCH_PIECES = 256
 
 
 class Readable(Protocol):
@@ -159,10 +164,33 @@ class ChunkStore:
         payload, flags = self._compress(data)
         return _Piece(sha, xxh, payload, flags, n)
 
-    def _submit(self, data: bytes) -> Future[_Piece] | _Piece:
+    def _examine_all(self, pieces: list[bytes]) -> list[_Piece]:
+        return [self._examine(p) for p in pieces]
+
+    def _submit(self, batch: _Batch) -> None:
         if self._pool is None:
-            return self._examine(data)
-        return self._pool.submit(self._examine, data)
+            batch.results = self._examine_all(batch.pieces)
+        else:
+            batch.future = self._pool.submit(self._examine_all, batch.pieces)
+
+
+class _Batch:
+    """Chunks examined by one pool task, in order."""
+
+    __slots__ = ("future", "pieces", "results", "size")
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.future: Future[list[_Piece]] | None = None
+        self.results: list[_Piece] | None = None
+
+    def result(self, index: int) -> _Piece:
+        if self.results is None:
+            assert self.future is not None
+            self.results = self.future.result()
+            self.pieces = []
+        return self.results[index]
 
 
 class BlobWriter:
@@ -184,7 +212,9 @@ class BlobWriter:
         self._compressed_size = 0
         self._uncompressed_end = 0  # block-aligned end of the address space
         self._first_chunk = len(store.chunks)
-        self._pending: deque[tuple[Future[_Piece] | _Piece, Node, int, int | None]] = deque()
+        self._pending: deque[tuple[_Batch, int, Node, int, int | None]] = deque()
+        self._batch: _Batch | None = None  # being filled
+        self._batches: deque[_Batch] = deque()  # submitted, not yet settled
         self._finished = False
 
     def add_file(self, node: Node, data: Readable, size: int, rank: int | None = None) -> None:
@@ -205,13 +235,36 @@ class BlobWriter:
                 raise BadTarError(f"{self.name}: file data ends after {i * cs + len(piece)} "
                                   f"of {size} bytes")
             self.store.bytes_in += want
-            self._pending.append((self.store._submit(piece), node, i, rank))
-            if len(self._pending) > self.store.max_inflight:
-                self._settle_one()
+            batch = self._batch
+            if batch is None:
+                batch = self._batch = _Batch()
+            batch.pieces.append(piece)
+            batch.size += want
+            self._pending.append((batch, len(batch.pieces) - 1, node, i, rank))
+            if batch.size >= BATCH_BYTES or len(batch.pieces) >= BATCH_PIECES:
+                self._submit_batch()
+
+    def _submit_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        self.store._submit(batch)
+        self._batches.append(batch)
+        while len(self._batches) > self.store.max_inflight:
+            if self._pending and self._pending[0][0] is self._batches[0]:
+                self._settle_one()  # pops the batch once its last chunk is settled
+            else:
+                self._batches.popleft()
 
     def _settle_one(self) -> None:
-        fut, node, i, rank = self._pending.popleft()
-        piece = fut.result() if isinstance(fut, Future) else fut
+        batch, index, node, i, rank = self._pending.popleft()
+        if batch is self._batch:
+            self._submit_batch()
+        piece = batch.result(index)
+        batch.results[index] = None  # type: ignore[index, call-overload]  # free the payload
+        if self._batches and self._batches[0] is batch and (
+                not self._pending or self._pending[0][0] is not batch):
+            self._batches.popleft()
         store = self.store
         if piece.sha256 is None:
             store.hole_chunks += 1
@@ -343,9 +396,11 @@ class BlobWriter:
 
     def abort(self) -> None:
         """Drop everything of this layer (after an error)."""
-        for fut, _node, _i, _rank in self._pending:
-            if isinstance(fut, Future):
-                fut.cancel()
+        for batch in self._batches:
+            if batch.future is not None:
+                batch.future.cancel()
+        self._batches.clear()
+        self._batch = None
         self._pending.clear()
         if self._io is not None:
             self._io.shutdown(wait=True, cancel_futures=True)
