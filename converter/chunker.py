@@ -128,7 +128,7 @@ class ChunkStore:
         self.index: dict[bytes, int] = {}  # sha256 -> chunk table index
         self._zero = bytes(self.chunk_size)
         if workers is None:
-            workers = min(4, os.cpu_count() or 1)
+            workers = min(4, len(os.sched_getaffinity(0)))
         self.workers = max(0, workers)
         self._pool = (ThreadPoolExecutor(self.workers, thread_name_prefix="rafs-chunk")
                       if self.workers else None)

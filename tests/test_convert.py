@@ -304,3 +304,71 @@ def test_prefetch_files_lead_their_blobs(tmp_path: Path) -> None:
     assert first[b"/etc/text"] == (0, 0)  # rank 0 leads blob 0
     assert first[b"/bin/busybox"] == (0, ends[b"/etc/text"])  # rank 1 right after it
     assert first[b"/big"][1] > first[b"/bin/busybox"][1]
+
+
+def _write_archive(path: Path, members: list[tuple[str, bytes | str]]) -> None:
+    """A tar of (name, data) files, or (name, "->target") symlinks."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, str):
+                info.type, info.linkname = tarfile.SYMTYPE, data.removeprefix("->")
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def _config(diff_ids: list[str]) -> bytes:
+    return json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                       "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+
+
+def test_docker_25_archive_with_blobs_layout(tmp_path: Path) -> None:
+    from tests.helpers.ocibuild import layer_tar
+
+    tars = [layer_tar(layer) for layer in LAYERS]
+    digests = [oci.sha256_digest(t) for t in tars]
+    config = _config(digests)
+    cfg = oci.sha256_digest(config)
+    manifest = [{"Config": f"blobs/sha256/{cfg[7:]}", "RepoTags": ["new:1"],
+                 "Layers": [f"blobs/sha256/{d[7:]}" for d in digests]}]
+    members: list[tuple[str, bytes | str]] = [(f"blobs/sha256/{cfg[7:]}", config)]
+    members += [(f"blobs/sha256/{d[7:]}", t) for d, t in zip(digests, tars, strict=True)]
+    members.append(("manifest.json", json.dumps(manifest).encode()))
+    _write_archive(tmp_path / "a.tar", members)
+    convert(f"docker-archive:{tmp_path / 'a.tar'}", f"oci:{tmp_path / 'dst'}:x", OPTS)
+    rafs_image.check(rafs_image.open_local_image(f"oci:{tmp_path / 'dst'}:x"))
+
+    # A layer whose bytes do not match the digest in its name is refused.
+    members[1] = (members[1][0], tars[1])
+    _write_archive(tmp_path / "b.tar", members)
+    with pytest.raises(LayerDigestError):
+        convert(f"docker-archive:{tmp_path / 'b.tar'}", f"oci:{tmp_path / 'dst2'}:x", OPTS)
+    assert not (tmp_path / "dst2").exists()
+
+
+def test_docker_archive_layer_symlinks_are_followed(tmp_path: Path) -> None:
+    from tests.helpers.ocibuild import layer_tar
+
+    same = layer_tar([file_entry("a", b"a")])
+    other = layer_tar([file_entry("b", b"b")])
+    diff_ids = [oci.sha256_digest(t) for t in (same, other, same)]
+    config = _config(diff_ids)
+    manifest = [{"Config": "c.json", "RepoTags": [], "Layers": [
+        "l1/layer.tar", "l2/layer.tar", "l3/layer.tar"]}]
+    _write_archive(tmp_path / "a.tar", [
+        ("c.json", config), ("l1/layer.tar", same), ("l2/layer.tar", other),
+        ("l3/layer.tar", "->../l1/layer.tar"), ("manifest.json", json.dumps(manifest).encode())])
+    result = convert(f"docker-archive:{tmp_path / 'a.tar'}", f"oci:{tmp_path / 'dst'}:x", OPTS)
+    assert len(result.blobs) == 2  # the repeated layer adds no data
+
+
+def test_docker_archive_without_manifest_is_an_image_error(tmp_path: Path) -> None:
+    _write_archive(tmp_path / "a.tar", [("x", b"y")])
+    with pytest.raises(ImageError, match=r"manifest\.json"):
+        convert(f"docker-archive:{tmp_path / 'a.tar'}", f"oci:{tmp_path / 'dst'}:x", OPTS)
+    with pytest.raises(ImageError, match="no such file"):
+        convert(f"docker-archive:{tmp_path / 'nope.tar'}", f"oci:{tmp_path / 'dst'}:x", OPTS)
