@@ -26,9 +26,11 @@ Rules (the cache is correct under any interleaving of any number of daemons):
    before it: group commit), and only then sets the bits. After a crash, a set
    bit always means durable data; a lost bit only costs a refetch.
 3. Every read-modify-write of bitmap bytes, and creating, extending or
-   resetting a blob's files, happens with an exclusive ``fcntl.lockf`` on the
-   ``.map`` file (between processes) while holding the blob's
-   ``threading.Lock`` (between this daemon's worker threads).
+   resetting a blob's files, happens with an exclusive ``fcntl.flock`` on the
+   ``.map`` file while holding the blob's ``threading.Lock``. flock belongs to
+   the open file, so it excludes other daemons and also a second cache over
+   the same directory in this process; the thread lock excludes this
+   daemon's worker threads, which share the open file.
 4. Readers of bits take no lock: a byte is read whole, and a bit seen unset
    only costs a refetch.
 5. A daemon checks a chunk's xxh3 the first time it finds it in the bitmap; on
@@ -177,7 +179,7 @@ class BlobCache:
 
 
 class _Locked:
-    """Thread lock plus an exclusive lockf on the bitmap file (rule 3)."""
+    """Thread lock plus an exclusive flock on the bitmap file (rule 3)."""
 
     __slots__ = ("_fd", "_lock")
 
@@ -187,14 +189,14 @@ class _Locked:
     def __enter__(self) -> None:
         self._lock.acquire()
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._lock.release()
             raise
 
     def __exit__(self, *exc: object) -> None:
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._lock.release()
 

@@ -118,7 +118,7 @@ def mount_background(
     ensure_run_dir()
     entry = find_mount(mp)
     if entry is not None and entry.is_rafs:
-        raise MountError(f"{mp} is already a rafs mount")
+        raise MountError(f"{mp} is already a rafs mount (`rafs umount` it first)")
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
     env = dict(os.environ)
     pkg_root = str(Path(__file__).resolve().parent.parent)

@@ -142,7 +142,7 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory")
     entry = find_mount(mountpoint)
     if entry is not None and entry.is_rafs:
-        raise MountError(f"{mountpoint} is already a rafs mount")
+        raise MountError(f"{mountpoint} is already a rafs mount (`rafs umount` it first)")
 
 
 def _tune_readahead(mountpoint: str, kb: int) -> None:

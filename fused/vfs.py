@@ -182,9 +182,11 @@ class Vfs:
             raise NoAttributeError(f"inode {ino} has no xattr {name!r}") from None
 
     def statfs(self) -> StatFs:
+        """Like a kernel EROFS mount: metadata blocks plus every blob's data blocks."""
         b = self.bootstrap
+        blocks = b.blocks + sum(blob.uncompressed_size // BLOCK_SIZE for blob in b.blobs)
         return StatFs(
-            bsize=BLOCK_SIZE, frsize=BLOCK_SIZE, blocks=b.blocks, bfree=0, bavail=0,
+            bsize=BLOCK_SIZE, frsize=BLOCK_SIZE, blocks=blocks, bfree=0, bavail=0,
             files=b.inode_count, ffree=0, favail=0, namemax=NAME_MAX,
         )
 

@@ -366,3 +366,43 @@ def test_the_prefetch_list_is_fetched_in_the_background(tmp_path):
                  extra_args=["--no-prefetch"]) as mnt:
         time.sleep(0.5)
         assert read_stats(mnt)["stats"]["prefetch_chunks"] == 0  # type: ignore[index]
+
+
+def test_fuse_and_kernel_erofs_mounts_of_one_bootstrap_agree(image, tmp_path):
+    """The two modes of DESIGN.md: same tree, same inode numbers, same statfs."""
+    from rafs.bootstrap import Bootstrap
+    from rafs.codec import decode_chunk
+    from tests.helpers.kernel import erofs_mounted
+    from tests.helpers.treecmp import compare_trees
+
+    img, _ = image
+    # The kernel reads blob data from flat files of each blob's address space.
+    boot = tmp_path / "bootstrap"
+    boot.write_bytes(img.bootstrap)
+    flats = []
+    b = Bootstrap.from_bytes(img.bootstrap)
+    for k, blob in enumerate(b.blobs):
+        flat = bytearray(blob.uncompressed_size)
+        raw = (img.layout / "blobs" / "sha256" / blob.digest.removeprefix("sha256:")).read_bytes()
+        for i in range(blob.chunk_start, blob.chunk_start + blob.chunk_count):
+            c = b.chunk(i)
+            end = c.compressed_offset + c.compressed_size
+            data = decode_chunk(c, raw[c.compressed_offset : end])
+            flat[c.uncompressed_offset : c.uncompressed_offset + len(data)] = data
+        flats.append(tmp_path / f"flat{k}")
+        flats[-1].write_bytes(flat)
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as fuse, \
+            erofs_mounted(boot, tmp_path / "kmnt", flats) as kernel:
+        assert compare_trees(kernel, fuse) == []
+        for dirpath, dirnames, filenames in os.walk(kernel):
+            for name in [".", *dirnames, *filenames]:
+                k = os.lstat(os.path.join(dirpath, name))
+                f = os.lstat(os.path.join(fuse, os.path.relpath(dirpath, kernel), name))
+                assert k.st_ino == f.st_ino, name
+                # st_blocks differs on purpose: the kernel rounds to 4 KiB blocks,
+                # fused reports ceil(size / 512).
+        kv, fv = os.statvfs(kernel), os.statvfs(fuse)
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_namemax"):
+            assert getattr(kv, field) == getattr(fv, field), field
+        # f_files: the kernel reports no inode count (-1); fused reports the bootstrap's.
+        assert fv.f_files == b.inode_count
