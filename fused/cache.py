@@ -58,6 +58,7 @@ from pathlib import Path
 import trio
 
 from rafs.codec import check_xxh3
+from rafs.errors import FormatError
 from rafs.model import BLOCK_BITS, BLOCK_SIZE, Blob, Chunk
 
 from .errors import CacheError
@@ -277,6 +278,8 @@ class ChunkCache:
     def pread(self, index: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` within a ready chunk."""
         c = self.chunk(index)
+        if offset + size > c.uncompressed_size:  # never serve a neighbour's bytes
+            raise FormatError(f"read past the end of chunk {index}")
         f = self._files[c.blob_index] or self.blob_file(c.blob_index)
         data = os.pread(f.data_fd, size, c.uncompressed_offset + offset)
         if len(data) != size:
@@ -286,6 +289,8 @@ class ChunkCache:
     def preadinto(self, index: int, offset: int, view: memoryview) -> None:
         """Fill ``view`` from ``offset`` within a ready chunk."""
         c = self.chunk(index)
+        if offset + len(view) > c.uncompressed_size:  # never serve a neighbour's bytes
+            raise FormatError(f"read past the end of chunk {index}")
         f = self._files[c.blob_index] or self.blob_file(c.blob_index)
         n = os.preadv(f.data_fd, [view], c.uncompressed_offset + offset)
         if n != len(view):
