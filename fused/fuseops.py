@@ -18,7 +18,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -42,7 +42,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _errno_boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _errno_boundary(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
     """Translate any exception into FUSEError: the only errno mapping in the adapter."""
 
     @functools.wraps(fn)
@@ -87,11 +89,11 @@ class Operations(pyfuse3.Operations):
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
-        e.st_ino = attr.ino  # type: ignore[assignment]
+        e.st_ino = attr.ino
         e.generation = 0
         e.entry_timeout = CACHE_TIMEOUT
         e.attr_timeout = CACHE_TIMEOUT
-        e.st_mode = attr.mode  # type: ignore[assignment]
+        e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
         e.st_gid = attr.gid
@@ -113,7 +115,7 @@ class Operations(pyfuse3.Operations):
         attr = self.vfs.lookup(parent_inode, name)
         if attr is None:  # a cached negative entry
             e = pyfuse3.EntryAttributes()
-            e.st_ino = 0  # type: ignore[assignment]
+            e.st_ino = 0
             e.entry_timeout = CACHE_TIMEOUT
             return e
         return self._entry(attr)
@@ -136,7 +138,7 @@ class Operations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
         self.vfs.opendir(inode)
-        return inode  # type: ignore[return-value]
+        return inode
 
     @_errno_boundary
     async def readdir(
@@ -174,7 +176,7 @@ class Operations(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[pyfuse3.XAttrNameT]:
-        return self.vfs.listxattr(inode)  # type: ignore[return-value]
+        return self.vfs.listxattr(inode)
 
     # -- data ---------------------------------------------------------------
 
