@@ -190,7 +190,7 @@ class LayerApplier:
         existing = parent.children.get(base)
 
         if entry.kind == HARDLINK:
-            node = self._link_target(entry)
+            node = self._link_target(entry, real)
             parent.children[base] = node
         elif entry.kind == DIR and existing is not None and existing.is_dir:
             self._set_meta(existing, entry)
@@ -250,7 +250,7 @@ class LayerApplier:
         rank = self.prefetch.rank(real) if self.prefetch is not None else None
         self.writer.add_file(node, entry.data, entry.size, rank)
 
-    def _link_target(self, entry: Entry) -> Node:
+    def _link_target(self, entry: Entry, real: list[bytes]) -> Node:
         parts = normalise(entry.linkname, self.what)
         if not parts:
             raise LinkTargetError(f"{self.what}: {_show(entry.name)!r}: hardlink to the root")
@@ -259,6 +259,10 @@ class LayerApplier:
         if found is not None:
             assert found[0].children is not None
             target = found[0].children.get(parts[-1])
+            # An unpacker removes what is at the link's path before linking: a target
+            # at or below that path is gone by then (umoci and containerd fail too).
+            if [*found[1], parts[-1]][: len(real)] == real:
+                target = None
         if target is None:
             raise LinkTargetError(f"{self.what}: {_show(entry.name)!r}: hardlink target "
                                   f"{_show(entry.linkname)!r} does not exist")

@@ -502,3 +502,13 @@ def test_plain_gzip_module_fallback(image: Image, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(BadTarError):
         image.apply(stored[:5000], compression="none", media_type=MEDIA_TYPES["gzip"],
                     diff_id=None)
+
+
+def test_hardlink_to_itself_or_below_itself_is_rejected(image: Image) -> None:
+    # An unpacker removes the path before linking, so such targets no longer exist.
+    image.apply([file_entry("a", b"x")])
+    with pytest.raises(LinkTargetError, match="does not exist"):
+        image.apply([Entry("a", "hardlink", linkname="a")])
+    image.apply([dir_entry("d"), file_entry("d/f", b"y")])
+    with pytest.raises(LinkTargetError, match="does not exist"):
+        image.apply([Entry("d", "hardlink", linkname="d/f")])
