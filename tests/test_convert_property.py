@@ -29,14 +29,23 @@ DIRS = ["d", "d/e"]
 @st.composite
 def entries(draw: st.DrawFn) -> Entry:
     kind = draw(st.sampled_from(["file", "file", "dir", "symlink", "hardlink", "whiteout",
-                                 "opaque"]))
+                                 "opaque", "chardev", "fifo", "root"]))
     name = draw(st.sampled_from(NAMES))
     mtime = 1_600_000_000 + draw(st.integers(0, 3))
+    xattrs = draw(st.sampled_from([{}, {}, {"user.k": b"v"}, {"user.bin": b"\x00\xff"}]))
     if kind == "file":
         return Entry(name, "file", data=draw(st.sampled_from([b"", b"1", b"22" * 3000])),
-                     mode=draw(st.sampled_from([0o644, 0o755])), mtime=mtime)
+                     mode=draw(st.sampled_from([0o644, 0o755, 0o4755])), mtime=mtime,
+                     uid=draw(st.sampled_from([0, 1000])), xattrs=xattrs)
+    if kind == "chardev":
+        return Entry(name, "chardev", mode=0o666, devmajor=1, devminor=draw(st.integers(3, 5)))
+    if kind == "fifo":
+        return Entry(name, "fifo", mode=0o600, mtime=mtime)
+    if kind == "root":
+        return Entry("./", "dir", mode=draw(st.sampled_from([0o755, 0o700])), xattrs=xattrs)
     if kind == "dir":
-        return Entry(name, "dir", mode=draw(st.sampled_from([0o755, 0o700])), mtime=mtime)
+        return Entry(name, "dir", mode=draw(st.sampled_from([0o755, 0o700])), mtime=mtime,
+                     xattrs=xattrs)
     if kind == "symlink":
         return Entry(name, "symlink", linkname=draw(st.sampled_from(["d", "d/e", "a", "/d"])),
                      mtime=mtime)
@@ -94,7 +103,7 @@ def test_random_layer_stacks_match_umoci(layers: list[list[Entry]]) -> None:
                 diffs.append(f"{rel!r} only in {'rafs' if b is None else 'umoci'}")
                 continue
             for field in ("type", "mode", "uid", "gid", "nlink", "size", "target", "sha256",
-                          "hardlinks"):
+                          "hardlinks", "rdev", "xattrs"):
                 if a.get(field) != b.get(field):
                     diffs.append(f"{rel!r} {field}: rafs {a.get(field)!r} umoci {b.get(field)!r}")
             if a["type"] != "dir" and a.get("mtime") != b.get("mtime"):
