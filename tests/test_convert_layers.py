@@ -512,3 +512,21 @@ def test_hardlink_to_itself_or_below_itself_is_rejected(image: Image) -> None:
     image.apply([dir_entry("d"), file_entry("d/f", b"y")])
     with pytest.raises(LinkTargetError, match="does not exist"):
         image.apply([Entry("d", "hardlink", linkname="d/f")])
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_gnu_tar_sparse_files(image: Image, tmp_path: Path, fmt: str) -> None:
+    import subprocess
+
+    src = tmp_path / "sparse"
+    with open(src, "wb") as f:
+        f.truncate(3 * CHUNK + 100)
+        f.seek(CHUNK + 10)
+        f.write(b"island")
+    tar = tmp_path / "layer.tar"
+    subprocess.run(["tar", f"--format={fmt}", "--sparse", "-C", str(tmp_path), "-cf", str(tar),
+                    "sparse"], check=True)
+    image.apply(tar.read_bytes(), compression="none")
+    assert image.read("sparse") == src.read_bytes()
+    node = image.node("sparse")
+    assert node is not None and node.chunks[0] is None and node.chunks[2] is None
