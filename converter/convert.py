@@ -99,9 +99,16 @@ class _Target:
             if not self.path.is_dir() or any(self.path.iterdir()):
                 raise ImageError(f"{self.path} exists and is not an OCI image layout")
             self.created_layout = True
-        self.layout = OCILayout.create(self.path)
-        self.workdir = Path(tempfile.mkdtemp(prefix=".rafs-convert-", dir=self.path))
         self.placed: list[Path] = []
+        self.workdir = self.path / ".rafs-convert-none"
+        try:
+            self.layout = OCILayout.create(self.path)
+            self.workdir = Path(tempfile.mkdtemp(prefix=".rafs-convert-", dir=self.path))
+        except BaseException as e:
+            self.rollback()
+            if isinstance(e, OSError):
+                raise ImageError(f"{self.path}: {e.strerror or e}") from None
+            raise
 
     def place(self, tmp: Path, digest: str, size: int, media_type: str,
               annotations: dict[str, str]) -> Descriptor:
