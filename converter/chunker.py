@@ -31,17 +31,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-import zstandard
 
-from rafs.codec import digest_chunk
-from rafs.model import BLOCK_SIZE, CHUNK_COMPRESSED, Blob, Chunk, Node
+from rafs.codec import compress_chunk, digest_chunk
+from rafs.model import BLOCK_SIZE, Blob, Chunk, Node
 
 from .errors import BadTarError, OptionError
 
@@ -83,7 +81,7 @@ class _Piece:
 
 
 class _Compressor:
-    """Per-thread zstd compressors: a ZstdCompressor must not be shared by threads."""
+    """The chunk codec with the conversion's options (thread-safe via rafs.codec)."""
 
     def __init__(self, compression: str, level: int) -> None:
         if compression not in COMPRESSIONS:
@@ -92,20 +90,11 @@ class _Compressor:
             raise OptionError(f"zstd level {level} is not in 1..22")
         self.compression = compression
         self.level = level
-        self._local = threading.local()
 
     def __call__(self, data: bytes) -> tuple[bytes, int]:
         if self.compression == "none":
             return data, 0
-        cctx = getattr(self._local, "cctx", None)
-        if cctx is None:
-            # Same parameters as rafs.codec.compress_chunk, so the same bytes.
-            cctx = self._local.cctx = zstandard.ZstdCompressor(
-                level=self.level, write_content_size=True)
-        packed = cctx.compress(data)
-        if len(packed) < len(data):
-            return packed, CHUNK_COMPRESSED
-        return data, 0
+        return compress_chunk(data, self.level)
 
 
 class ChunkStore:
