@@ -245,11 +245,17 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
 
 
 async def _watch_signals(terminate: Callable[[], None]) -> None:
+    """Stop on SIGTERM, SIGINT or SIGHUP; keep catching them (a second Ctrl-C) until the end."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        stopping = False
         async for signum in signals:
-            log.info("got %s: unmounting", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if stopping:
+                log.info("got %s: already unmounting", name)
+                continue
+            log.info("got %s: unmounting", name)
+            stopping = True
             terminate()
-            return
 
 
 async def _prefetch(fetcher: Fetcher, vfs: Vfs, nids: list[int]) -> None:
@@ -296,8 +302,17 @@ def run(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
         if cause is not None:
             once(str(cause))
             raise cause from None
+        if _contains(e, KeyboardInterrupt):
+            once("interrupted")
+            raise KeyboardInterrupt from None
         once(f"internal error: {type(e).__name__}: {e}")
         raise
+
+
+def _contains(exc: BaseException, kind: type[BaseException]) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_contains(sub, kind) for sub in exc.exceptions)
+    return isinstance(exc, kind)
 
 
 def _first_rafs_error(exc: BaseException) -> RafsError | None:
