@@ -298,8 +298,13 @@ class ChunkCache:
 
     # -- writes -------------------------------------------------------------
 
-    async def store(self, index: int, data: bytes) -> None:
-        """Write verified ``data`` of a chunk; readable at once, bits set after fdatasync."""
+    async def store(self, index: int, data: bytes | Callable[[], bytes]) -> None:
+        """Write verified data of a chunk: readable at once, bits set after fdatasync.
+
+        ``data`` may be a function producing the bytes (decode and verify); it runs
+        in the same worker thread as the write, and whatever it raises propagates
+        with nothing written.
+        """
         c = self.chunk(index)
         f = self.blob_file(c.blob_index)
         await trio.to_thread.run_sync(self._write, f, c, data)
@@ -310,7 +315,9 @@ class ChunkCache:
         self._pending_event.set()
 
     @staticmethod
-    def _write(f: BlobCache, c: Chunk, data: bytes) -> None:
+    def _write(f: BlobCache, c: Chunk, data: bytes | Callable[[], bytes]) -> None:
+        if callable(data):
+            data = data()
         if len(data) != c.uncompressed_size:
             raise CacheError(f"chunk of {len(data)} bytes, expected {c.uncompressed_size}")
         try:

@@ -26,6 +26,7 @@ reach the cache or a reader.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -239,7 +240,9 @@ class Fetcher:
     async def _verify_and_store(self, blob: Blob, index: int, c: Chunk, payload: bytes) -> None:
         for attempt in (1, 2):
             try:
-                data = await trio.to_thread.run_sync(decode_chunk, c, payload)
+                # One worker thread decodes, verifies and writes: zstd, sha256 and
+                # pwrite all release the GIL. DigestError means nothing was written.
+                await self.cache.store(index, functools.partial(decode_chunk, c, payload))
                 break
             except DigestError as e:
                 self.stats.digest_failures += 1
@@ -251,17 +254,15 @@ class Fetcher:
                     self._finish(index, f"chunk {index} of blob {blob.digest}: {e}")
                     return
                 log.warning("chunk %d of blob %s: %s; fetching it again", index, blob.digest, e)
+            except RafsError as e:
+                log.error("chunk %d of blob %s: %s", index, blob.digest, e)
+                self._finish(index, f"chunk {index}: {e}")
+                return
             try:
                 payload = await self._read(blob, c.compressed_offset, c.compressed_size, 1)
             except RafsError as e:
                 self._finish(index, f"chunk {index}: {e}")
                 return
-        try:
-            await self.cache.store(index, data)
-        except RafsError as e:
-            log.error("chunk %d of blob %s: %s", index, blob.digest, e)
-            self._finish(index, f"chunk {index}: {e}")
-            return
         self._finish(index, None)
 
     async def _read(self, blob: Blob, offset: int, length: int, nchunks: int) -> bytes:
