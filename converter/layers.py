@@ -3,11 +3,12 @@
 This module owns the meaning of a layer's entries, following the OCI image
 spec (layer.md) and what umoci/containerd do when they unpack:
 
-- Names are normalised lexically: a leading ``/`` is dropped (absolute names
-  are relative to the image root, as containerd and umoci treat them), ``.``
-  and empty components are dropped, ``..`` removes the previous component,
-  and a ``..`` that would climb above the root is an ``UnsafePathError``
-  (umoci would clamp it silently; we refuse such layers).
+- Names are normalised lexically: ``.`` and empty components are dropped,
+  ``..`` removes the previous component. An absolute name (entry or hardlink
+  target) and a ``..`` that would climb above the root are an
+  ``UnsafePathError``: image builders never write them, so a layer that has
+  them is broken or hostile (containerd and umoci would resolve them inside
+  the root silently; we refuse such layers).
 - Parent directories are looked up the way an unpacker on a real filesystem
   finds them: a symlink in the parent path is followed, scoped to the image
   root (like securejoin). Missing parents are created as ``0755 root:root``
@@ -61,8 +62,14 @@ def _show(name: bytes) -> str:
     return os.fsdecode(name)
 
 
-def normalise(name: bytes, what: str = "") -> list[bytes]:
-    """The components of a tar name relative to the root; UnsafePathError if it escapes."""
+def normalise(name: bytes, what: str = "", absolute: bool = False) -> list[bytes]:
+    """The components of a tar name relative to the root; UnsafePathError if it escapes.
+
+    ``absolute`` accepts a leading ``/`` (for paths of the image, like the
+    prefetch list, rather than names in a layer).
+    """
+    if name.startswith(b"/") and not absolute:
+        raise UnsafePathError(f"{what}: {_show(name)!r} is an absolute name")
     parts: list[bytes] = []
     for part in name.split(b"/"):
         if part in (b"", b"."):
@@ -85,7 +92,7 @@ class PrefetchRanks:
     def __init__(self, paths: Iterable[bytes]) -> None:
         self._ranks: dict[bytes, int] = {}
         for i, path in enumerate(paths):
-            self._ranks.setdefault(b"/".join(normalise(path, "prefetch list")), i)
+            self._ranks.setdefault(b"/".join(normalise(path, "prefetch list", absolute=True)), i)
 
     def __bool__(self) -> bool:
         return bool(self._ranks)

@@ -73,3 +73,33 @@ class ImageParts:
             blobs.append(b)
             flats.append(f)
         return boot, blobs, flats
+
+
+def write_flat_blobs(ref: str, outdir: Path) -> tuple[Path, list[Path]]:
+    """Write a converted image's bootstrap and each blob's uncompressed address space.
+
+    The flat files are what a kernel EROFS mount takes as ``-o device=``; every
+    chunk is decoded (and so verified) on the way.
+    """
+    from rafs.bootstrap import Bootstrap
+    from rafs.codec import decode_chunk
+    from rafs.image import open_local_image
+
+    img = open_local_image(ref)
+    outdir.mkdir(parents=True, exist_ok=True)
+    boot_path = outdir / "bootstrap"
+    boot_path.write_bytes(img.bootstrap)
+    boot = Bootstrap.from_bytes(img.bootstrap)
+    flats = []
+    for i, blob in enumerate(boot.blobs):
+        flat = outdir / f"blob{i}.flat"
+        with open(img.layout.blob_path(blob.digest), "rb") as src, open(flat, "wb") as dst:
+            dst.truncate(blob.uncompressed_size)
+            for index in range(blob.chunk_start, blob.chunk_start + blob.chunk_count):
+                c = boot.chunk(index)
+                src.seek(c.compressed_offset)
+                data = decode_chunk(c, src.read(c.compressed_size))
+                dst.seek(c.uncompressed_offset)
+                dst.write(data)
+        flats.append(flat)
+    return boot_path, flats
