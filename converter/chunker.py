@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 
-from rafs.codec import compress_chunk, digest_chunk
+from rafs.codec import DEFAULT_LEVEL, compress_chunk, digest_chunk
+from rafs.section import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from rafs.model import BLOCK_SIZE, Blob, Chunk, Node
 
 from .errors import BadTarError, OptionError
@@ -46,10 +47,7 @@ from .errors import BadTarError, OptionError
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1 << 20
-MIN_CHUNK_SIZE = 4 << 10
-MAX_CHUNK_SIZE = 16 << 20
 COMPRESSIONS = ("zstd", "none")
-DEFAULT_LEVEL = 3
 BATCH_BYTES = 1 << 20
 BATCH_PIECES = 256
 

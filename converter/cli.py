@@ -6,8 +6,9 @@ import argparse
 import logging
 import re
 
-from .chunker import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
-from .convert import BOOTSTRAP_LEVEL, ConvertOptions, convert
+from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL
+
+from .chunker import DEFAULT_CHUNK_SIZE
 from .errors import OptionError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ def _read_prefetch(path: str | None) -> list[bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .convert import ConvertOptions, convert  # heavy: only when converting
+
     options = ConvertOptions(
         chunk_size=args.chunk_size, compression=args.compression, level=args.level,
         bootstrap_level=args.bootstrap_level, workers=args.jobs,

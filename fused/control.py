@@ -14,13 +14,12 @@ Protocol: the client sends one JSON object on one line, ``{"cmd": NAME}``, and
 reads one JSON object on one line back: ``{"ok": true, ...}`` or
 ``{"ok": false, "error": "one line"}``. Commands: ``stats`` (counters as
 JSON), ``metrics`` (Prometheus text in ``"text"``), ``shutdown`` (unmount and
-exit; refused while the mount is busy).
+exit; refused while the mount is busy). The daemon's side is
+``fused.control_server``; this module stays free of trio so the CLI starts fast.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -31,20 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import trio
-
-from rafs.errors import RafsError
 
 from .errors import ControlError, MountError
 from .mounts import canonical
 
-__all__ = ["ControlPaths", "Handler", "paths_for", "request", "run_dir", "serve"]
+__all__ = ["ControlPaths", "Handler", "paths_for", "request", "run_dir"]
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 20
 SUN_PATH_MAX = 107
-HANDLER_TIMEOUT = 90.0
+
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -131,74 +127,3 @@ def daemon_alive(sock_path: Path) -> bool:
     except (ControlError, OSError):
         return True  # something is there, but unwell: do not trample it
     return True
-
-
-# -- server -----------------------------------------------------------------
-
-
-async def serve(
-    sock_path: Path,
-    handlers: dict[str, Handler],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Answer requests on ``sock_path`` until cancelled; the socket file is removed after."""
-    if len(str(sock_path)) > SUN_PATH_MAX:
-        raise MountError(f"control socket path is too long: {sock_path} (set RAFS_RUN_DIR)")
-    if sock_path.exists() or sock_path.is_symlink():
-        if await trio.to_thread.run_sync(daemon_alive, sock_path):
-            raise MountError(f"another daemon already answers on {sock_path}")
-        sock_path.unlink(missing_ok=True)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        await sock.bind(str(sock_path))
-    except OSError as e:
-        sock.close()
-        raise MountError(f"cannot bind control socket {sock_path}: {e.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    sock.listen(16)
-    listener = trio.SocketListener(sock)
-    try:
-        async with listener, trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                stream = await listener.accept()
-                nursery.start_soon(_session, stream, handlers)
-    finally:
-        try:
-            sock_path.unlink()
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                log.warning("cannot remove control socket %s: %s", sock_path, e.strerror)
-
-
-async def _session(stream: trio.SocketStream, handlers: dict[str, Handler]) -> None:
-    async with stream:
-        buf = bytearray()
-        with trio.move_on_after(30):
-            while not buf.endswith(b"\n") and len(buf) <= MAX_MESSAGE:
-                piece = await stream.receive_some(65536)
-                if not piece:
-                    break
-                buf += piece
-        # Shielded: a shutdown ends the daemon while its own request is being
-        # answered, and the client must still get the reply.
-        with trio.CancelScope(shield=True), trio.move_on_after(HANDLER_TIMEOUT):
-            try:
-                message = json.loads(buf)
-                cmd = message["cmd"]
-                handler = handlers[cmd]
-            except (ValueError, KeyError, TypeError):
-                reply: dict[str, Any] = {"ok": False, "error": "bad request"}
-            else:
-                try:
-                    reply = await handler(message)
-                except RafsError as e:
-                    reply = {"ok": False, "error": str(e)}
-                except Exception as e:
-                    log.exception("control command %r failed", cmd)
-                    reply = {"ok": False, "error": f"internal error: {e}"}
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(json.dumps(reply).encode() + b"\n")

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import time
 import stat
 import sys
 from collections.abc import Callable
@@ -56,7 +57,8 @@ from rafs.oci import (
 
 from .backend import Backend, open_backend
 from .cache import ChunkCache, cached_bootstrap, store_bootstrap
-from .control import ensure_run_dir, paths_for, serve as serve_control
+from .control import ensure_run_dir, paths_for
+from .control_server import serve as serve_control
 from .errors import MountError
 from .fetcher import Fetcher
 from .fuseops import MOUNT_OPTIONS, Operations
@@ -165,9 +167,11 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
     Raises RafsError for anything a user can fix; ``ready`` is then not called
     (the caller reports the error).
     """
+    started = time.perf_counter()
     mountpoint = canonical(cfg.mountpoint)
     paths = paths_for(mountpoint)
     stats = Stats()
+    timing: dict[str, float] = {}
     ref = parse_image_ref(cfg.image)
     _check_mountpoint(mountpoint)
     ensure_run_dir()
@@ -194,7 +198,8 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
 
         async def on_stats(_: dict[str, Any]) -> dict[str, Any]:
             return {"ok": True, "pid": os.getpid(), "mountpoint": mountpoint,
-                    "image": cfg.image, "cache_dir": cfg.cache_dir, "stats": stats.snapshot()}
+                    "image": cfg.image, "cache_dir": cfg.cache_dir, "stats": stats.snapshot(),
+                    **timing}
 
         async def on_metrics(_: dict[str, Any]) -> dict[str, Any]:
             return {"ok": True, "text": stats.prometheus({"mountpoint": mountpoint})}
@@ -228,7 +233,11 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
         try:
             await nursery.start(serve_control, paths.socket, handlers)
             nursery.start_soon(_watch_signals, terminate)
-            nursery.start_soon(_announce, cfg, mountpoint, paths.state, ready)
+            def announced() -> None:
+                timing["ready_seconds"] = round(time.perf_counter() - started, 4)
+                ready(None)
+
+            nursery.start_soon(_announce, cfg, mountpoint, paths.state, announced)
             if cfg.prefetch and bootstrap.prefetch:
                 nursery.start_soon(_prefetch, fetcher, vfs, bootstrap.prefetch)
             serving[0] = True
@@ -269,7 +278,7 @@ async def _prefetch(fetcher: Fetcher, vfs: Vfs, nids: list[int]) -> None:
 
 
 async def _announce(
-    cfg: DaemonConfig, mountpoint: str, state: Path, ready: Callable[[str | None], None]
+    cfg: DaemonConfig, mountpoint: str, state: Path, ready: Callable[[], None]
 ) -> None:
     """Check the mount answers, record the state file, then report readiness."""
     st = await trio.to_thread.run_sync(os.stat, mountpoint)
@@ -282,7 +291,7 @@ async def _announce(
     tmp.write_text(json.dumps(info) + "\n")
     tmp.replace(state)
     log.info("serving %s on %s", cfg.image, mountpoint)
-    ready(None)
+    ready()
 
 
 def run(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:

@@ -16,7 +16,8 @@ import zstandard
 from .errors import DigestError
 from .model import CHUNK_COMPRESSED, Chunk
 
-DEFAULT_LEVEL = 3
+DEFAULT_LEVEL = 3  # chunks: zstd level
+BOOTSTRAP_LEVEL = 9  # measured on a 1.8 MB bootstrap: 19 is 7% smaller but 8x slower
 _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 

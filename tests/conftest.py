@@ -1,7 +1,8 @@
 """Session-wide test setup: environment checks and the shared image fixtures.
 
 Owns: the loud failure when the machine cannot run the suite (no ``/dev/fuse``),
-making ``tests.helpers`` importable however pytest is started, and the
+making ``tests.helpers`` importable however pytest is started, a private run
+directory for the daemons the tests start (``RAFS_RUN_DIR``), and the
 session-scoped Debian image fixtures from ``bench.corpus``.
 
 Tests run as root (CI does); nothing here skips for lack of privileges.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         ) from None
     if not stat.S_ISCHR(st.st_mode):
         raise pytest.UsageError("/dev/fuse is not a character device")
+    # Daemons started by tests keep their sockets, state and logs in a directory
+    # of this session, not in the host's /run/rafs.
+    run_dir = tempfile.mkdtemp(prefix="rafs-test-run-")
+    os.environ["RAFS_RUN_DIR"] = run_dir
 
 
 @pytest.fixture(scope="session")
