@@ -84,14 +84,17 @@ def bench_mount(work: Path, counts: list[int]) -> dict[str, dict[str, float]]:
             many_files_tar(d / "layer.tar", count)
             oci_layout_of_tar(d / "oci", "v1", d / "layer.tar")
             rafs("convert", f"oci:{d / 'oci'}:v1", f"oci:{d / 'rafs'}:v1")
-        samples = []
+        samples, daemon = [], []
         for _ in range(3):
             cache = d / "cache"
             shutil.rmtree(cache, ignore_errors=True)
-            with timer() as t, mounted(f"oci:{d / 'rafs'}:v1", d / "mnt", cache):
-                pass
-            samples.append(t[0])
-        results[str(count)] = {"mount_s_median": sorted(samples)[1], "samples": samples}
+            start = time.perf_counter()
+            with mounted(f"oci:{d / 'rafs'}:v1", d / "mnt", cache) as mnt:
+                samples.append(time.perf_counter() - start)
+                daemon.append(float(stats(mnt)["ready_seconds"]))  # type: ignore[arg-type]
+        results[str(count)] = {"mount_s_median": sorted(samples)[1], "samples": samples,
+                               "daemon_ready_s_median": sorted(daemon)[1],
+                               "daemon_samples": daemon}
     return results
 
 
@@ -162,8 +165,9 @@ def markdown(r: dict) -> str:
         f"{c['output_vs_gzip']:.3f}× |",
     ]
     for count, v in m.items():
-        lines.append(f"| `rafs mount` to ready, {int(count):,} files | "
-                     f"{v['mount_s_median'] * 1000:.0f} ms | — | — |")
+        lines.append(f"| Mount, {int(count):,} files: daemon start to ready (CLI wall) | "
+                     f"{v['daemon_ready_s_median'] * 1000:.0f} ms "
+                     f"({v['mount_s_median'] * 1000:.0f} ms) | — | — |")
     lines += [
         f"| find+stat walk, cold ({w['entries']} entries) | {w['rafs_s']:.2f} s | local disk "
         f"{w['disk_s']:.2f} s | {w['ratio_cold']:.2f}× |",
