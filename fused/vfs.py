@@ -21,7 +21,6 @@ the cache's data files; holes read as zeros; reads are clamped to the file size.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import stat
 from collections.abc import Iterable, Iterator
@@ -89,7 +88,6 @@ class Vfs:
         self._inode = functools.lru_cache(maxsize=1 << 16)(bootstrap.inode)
         self._file_chunks = functools.lru_cache(maxsize=1 << 12)(self._load_chunks)
         self._xattrs = functools.lru_cache(maxsize=1 << 12)(self._load_xattrs)
-        self._entries = functools.lru_cache(maxsize=32)(self._load_entries)
 
     # -- inode numbers ------------------------------------------------------
 
@@ -159,27 +157,11 @@ class Vfs:
             return None
         return self.attr_of(self._inode(nid))
 
-    def _load_entries(self, nid: int) -> tuple[list[int], list[bytes], list[int]]:
-        cookies: list[int] = []
-        names: list[bytes] = []
-        nids: list[int] = []
-        for name, child, cookie in self.bootstrap.readdir(self._inode(nid)):
-            cookies.append(cookie)
-            names.append(name)
-            nids.append(child)
-        return cookies, names, nids
-
     def readdir(self, ino: int, start: int = 0) -> Iterator[tuple[bytes, Attr, int]]:
-        """(name, attributes, next cookie) of the entries after cookie ``start``.
-
-        The kernel lists a directory in many calls, each resuming at a cookie; the
-        decoded entries of recently listed directories are kept so that resuming
-        is a binary search instead of a rescan from the first block.
-        """
+        """(name, attributes, next cookie) of the entries after cookie ``start``."""
         node = self.opendir(ino)
-        cookies, names, nids = self._entries(node.nid)
-        for k in range(bisect.bisect_right(cookies, start), len(cookies)):
-            yield names[k], self.attr_of(self._inode(nids[k])), cookies[k]
+        for name, nid, cookie in self.bootstrap.readdir(node, start):
+            yield name, self.attr_of(self._inode(nid)), cookie
 
     def readlink(self, ino: int) -> bytes:
         node = self.inode(ino)

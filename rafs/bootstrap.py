@@ -205,17 +205,18 @@ class Bootstrap:
         return None
 
     def readdir(self, directory: Inode, start: int = 0) -> Iterator[tuple[bytes, int, int]]:
-        """(name, nid, next_cookie) for entries past cookie ``start``; skips . and .."""
-        pos = 0
-        for index in range(self._dir_blocks(directory)):
-            entries = self._dir_block(directory, index)
-            if pos + len(entries) <= start:
-                pos += len(entries)
-                continue
-            for name, nid, _ft in entries:
-                pos += 1
-                if pos > start and name not in (b".", b".."):
-                    yield name, nid, pos
+        """(name, nid, next_cookie) for entries past cookie ``start``; skips . and ..
+
+        A cookie is (block << 16) | (index + 1) of the entry it follows, so resuming
+        decodes one block, not every block before it.
+        """
+        first_block, skip = start >> 16, start & 0xFFFF
+        for block in range(first_block, self._dir_blocks(directory)):
+            entries = self._dir_block(directory, block)
+            for i in range(skip if block == first_block else 0, len(entries)):
+                name, nid, _ft = entries[i]
+                if name not in (b".", b".."):
+                    yield name, nid, (block << 16) | (i + 1)
 
     def dirents(self, directory: Inode) -> Iterator[tuple[bytes, int, int]]:
         """(name, nid, file_type) of every entry, including . and .."""
