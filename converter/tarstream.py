@@ -15,7 +15,6 @@ for the next entry.
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
 import logging
 import os
@@ -28,12 +27,8 @@ from typing import BinaryIO
 
 import zstandard
 
-try:  # ISA-L's gzip decoder is 2-3x faster than zlib's; optional
-    from isal import igzip as _fast_gzip
-    from isal.isal_zlib import error as _IsalError
-except ImportError:  # pragma: no cover - depends on the environment
-    _fast_gzip = None
-    _IsalError = zlib.error
+from isal import igzip_threaded  # ISA-L inflate, 2-3x zlib's, on a thread of its own
+from isal.isal_zlib import error as _IsalError
 
 from rafs.errors import ImageError, MediaTypeError
 from rafs.oci import LAYER_TYPES
@@ -132,6 +127,13 @@ class _Reader:
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        """Close a decompressor this reader wraps (the stored stream is its owner's)."""
+        if not isinstance(self._raw, _Reader):
+            close = getattr(self._raw, "close", None)
+            if close is not None:
+                close()
 
     def drain(self) -> None:
         while self.read(_READ_SIZE):
@@ -297,8 +299,7 @@ class LayerStream:
         self.compression = detect_compression(self.media_type, self._head, self.what)
         source: BinaryIO
         if self.compression == "gzip":
-            opener = _fast_gzip.IGzipFile if _fast_gzip is not None else gzip.GzipFile
-            source = opener(fileobj=self._stored, mode="rb")  # type: ignore[arg-type]
+            source = igzip_threaded.open(self._stored, "rb")  # type: ignore[assignment]
         elif self.compression == "zstd":
             source = zstandard.ZstdDecompressor().stream_reader(
                 self._stored, read_size=_READ_SIZE, read_across_frames=True, closefd=False)
@@ -322,6 +323,9 @@ class LayerStream:
         except _STREAM_ERRORS as e:
             self._blame_digest(e)
             raise BadTarError(f"{self.what}: not a valid tar stream: {e}") from None
+        finally:
+            if self._plain is not None:
+                self._plain.close()  # stops the decompression thread on every path
         self._verify()
 
     def _members(self, tf: tarfile.TarFile) -> Iterator[Entry]:

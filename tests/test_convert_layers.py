@@ -492,17 +492,15 @@ def test_truncated_zstd_is_rejected(image: Image) -> None:
                     media_type=MEDIA_TYPES["zstd"], diff_id=None)
 
 
-def test_plain_gzip_module_fallback(image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
-    from converter import tarstream
-
-    monkeypatch.setattr(tarstream, "_fast_gzip", None)  # as without the optional isal
+def test_gzip_layers_and_truncated_gzip(image: Image) -> None:
     data = os.urandom(100_000)
     image.apply([file_entry("f", data)], compression="gzip")
     assert image.read("f") == data
     stored = gzip.compress(layer_tar([file_entry("b", data)]))
-    with pytest.raises(BadTarError):
-        image.apply(stored[:5000], compression="none", media_type=MEDIA_TYPES["gzip"],
-                    diff_id=None)
+    for cut in (5000, len(stored) - 8, len(stored) // 2):
+        with pytest.raises(BadTarError):
+            image.apply(stored[:cut], compression="none", media_type=MEDIA_TYPES["gzip"],
+                        diff_id=None)
 
 
 def test_hardlink_to_itself_or_below_itself_is_rejected(image: Image) -> None:
