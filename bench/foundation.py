@@ -85,16 +85,16 @@ def bench_mount(work: Path, counts: list[int]) -> dict[str, dict[str, float]]:
             oci_layout_of_tar(d / "oci", "v1", d / "layer.tar")
             rafs("convert", f"oci:{d / 'oci'}:v1", f"oci:{d / 'rafs'}:v1")
         samples, daemon = [], []
-        for _ in range(3):
-            cache = d / "cache"
-            shutil.rmtree(cache, ignore_errors=True)
+        cache = d / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        for _ in range(4):  # the first verifies and caches the bootstrap; the rest reuse it
             start = time.perf_counter()
             with mounted(f"oci:{d / 'rafs'}:v1", d / "mnt", cache) as mnt:
                 samples.append(time.perf_counter() - start)
                 daemon.append(float(stats(mnt)["ready_seconds"]))  # type: ignore[arg-type]
-        results[str(count)] = {"mount_s_median": sorted(samples)[1], "samples": samples,
-                               "daemon_ready_s_median": sorted(daemon)[1],
-                               "daemon_samples": daemon}
+        results[str(count)] = {"mount_s_median": sorted(samples[1:])[1], "samples": samples,
+                               "daemon_ready_s_median": sorted(daemon[1:])[1],
+                               "daemon_first_s": daemon[0], "daemon_samples": daemon}
     return results
 
 
@@ -165,9 +165,10 @@ def markdown(r: dict) -> str:
         f"{c['output_vs_gzip']:.3f}× |",
     ]
     for count, v in m.items():
-        lines.append(f"| Mount, {int(count):,} files: daemon start to ready (CLI wall) | "
-                     f"{v['daemon_ready_s_median'] * 1000:.0f} ms "
-                     f"({v['mount_s_median'] * 1000:.0f} ms) | — | — |")
+        lines.append(f"| Mount, {int(count):,} files: daemon start to ready, bootstrap cached "
+                     f"(first mount; CLI wall) | {v['daemon_ready_s_median'] * 1000:.0f} ms "
+                     f"({v['daemon_first_s'] * 1000:.0f} ms; {v['mount_s_median'] * 1000:.0f} ms)"
+                     " | — | — |")
     lines += [
         f"| find+stat walk, cold ({w['entries']} entries) | {w['rafs_s']:.2f} s | local disk "
         f"{w['disk_s']:.2f} s | {w['ratio_cold']:.2f}× |",

@@ -46,11 +46,10 @@ import trio
 from rafs import codec
 from rafs.bootstrap import Bootstrap
 from rafs.errors import DigestError, ImageError, RafsError
+from rafs.image import resolve_local
 from rafs.oci import (
     ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
-    OCILayout,
     bootstrap_descriptor,
-    is_rafs,
     parse_image_ref,
     sha256_digest,
 )
@@ -88,13 +87,7 @@ class DaemonConfig:
 
 async def load_bootstrap(image: str, backend: Backend, cache_dir: str) -> Path:
     """Path of the verified raw bootstrap of ``image``, fetched into the cache if needed."""
-    ref = parse_image_ref(image)
-    if ref.transport != "oci":
-        raise ImageError(f"{image}: only oci:DIR[:TAG] images can be mounted so far")
-    layout = OCILayout(ref.path)
-    manifest = layout.resolve(ref.tag)
-    if not is_rafs(manifest):
-        raise ImageError(f"{image} is not a RAFS image (convert it with `rafs convert`)")
+    _layout, manifest = resolve_local(image)
     desc = bootstrap_descriptor(manifest)
     expected = desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST)
     if expected is not None:

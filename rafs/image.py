@@ -33,15 +33,21 @@ class LocalImage:
     bootstrap: bytes
 
 
-def open_local_image(ref: str) -> LocalImage:
-    """Resolve ``oci:DIR[:TAG]`` to a RAFS image with its bootstrap verified."""
+def resolve_local(ref: str) -> tuple[OCILayout, Manifest]:
+    """The layout and manifest of the RAFS image ``oci:DIR[:TAG]``."""
     parsed = parse_image_ref(ref)
     if parsed.transport != "oci":
-        raise ImageError(f"{ref}: only oci: images can be opened here")
+        raise ImageError(f"{ref}: only oci:DIR[:TAG] images can be used here so far")
     layout = OCILayout(parsed.path)
     manifest = layout.resolve(parsed.tag)
     if not is_rafs(manifest):
         raise ImageError(f"{ref} is not a RAFS image (convert it with `rafs convert`)")
+    return layout, manifest
+
+
+def open_local_image(ref: str) -> LocalImage:
+    """Resolve ``oci:DIR[:TAG]`` to a RAFS image with its bootstrap verified."""
+    layout, manifest = resolve_local(ref)
     desc = bootstrap_descriptor(manifest)
     payload = layout.read_blob(desc.digest, max_size=codec.MAX_BOOTSTRAP)
     raw = codec.decode_bootstrap(payload, desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST))
