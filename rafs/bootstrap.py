@@ -92,7 +92,7 @@ class Bootstrap:
         ]
         self.root = self.inode(self.root_nid)
         if not self.root.is_dir:
-            raise FormatError("root inode is not a directory", self.root_off(self.root_nid))
+            raise FormatError("root inode is not a directory", self.inode_offset(self.root_nid))
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Bootstrap:
@@ -124,11 +124,11 @@ class Bootstrap:
 
     # --- inodes -------------------------------------------------------------------
 
-    def root_off(self, nid: int) -> int:
+    def inode_offset(self, nid: int) -> int:
         return self.meta + (nid << erofs.ISLOT_BITS)
 
     def inode(self, nid: int) -> Inode:
-        off = self.root_off(nid)
+        off = self.inode_offset(nid)
         if nid < 0 or off >= self.sb.blocks * BS:
             raise FormatError(f"nid {nid} is outside the EROFS area", off)
         raw = erofs.RawInode.unpack(self.buf, off, self.sb.build_time, self.sb.build_time_nsec)
@@ -162,7 +162,7 @@ class Bootstrap:
         elif ino.layout == erofs.LAYOUT_FLAT_PLAIN:
             base = ino.i_u * BS
         else:
-            raise FormatError(f"inode {ino.nid} has no flat data", self.root_off(ino.nid))
+            raise FormatError(f"inode {ino.nid} has no flat data", self.inode_offset(ino.nid))
         end = base + start + length
         if end > min(len(self.buf), self.sb.blocks * BS) or ino.size > len(self.buf):
             raise FormatError(f"data of nid {ino.nid} lies outside the image", base)
@@ -170,7 +170,7 @@ class Bootstrap:
 
     def readlink(self, ino: Inode) -> bytes:
         if not stat.S_ISLNK(ino.mode):
-            raise FormatError(f"nid {ino.nid} is not a symlink", self.root_off(ino.nid))
+            raise FormatError(f"nid {ino.nid} is not a symlink", self.inode_offset(ino.nid))
         return bytes(self._data(ino, 0, ino.size))
 
     # --- directories ----------------------------------------------------------------
@@ -182,7 +182,7 @@ class Bootstrap:
 
     def _dir_blocks(self, ino: Inode) -> int:
         if not ino.is_dir:
-            raise FormatError(f"nid {ino.nid} is not a directory", self.root_off(ino.nid))
+            raise FormatError(f"nid {ino.nid} is not a directory", self.inode_offset(ino.nid))
         return (ino.size + BS - 1) // BS
 
     def lookup(self, directory: Inode, name: bytes) -> int | None:
@@ -232,7 +232,7 @@ class Bootstrap:
         bits = (ino.i_u & erofs.CHUNK_FORMAT_BLKBITS_MASK) + erofs.BLOCK_BITS
         if not ino.i_u & erofs.CHUNK_FORMAT_INDEXES or 1 << bits != self.chunk_size:
             raise FormatError(f"chunk format {ino.i_u:#x} does not match the image",
-                              self.root_off(ino.nid))
+                              self.inode_offset(ino.nid))
         count = -(-ino.size // self.chunk_size)
         off = (ino.tail_off + 7) & ~7
         end = off + count * erofs.CHUNK_INDEX.size
@@ -293,14 +293,7 @@ class Bootstrap:
                     child = self.inode(nid)
                     if child.is_dir:
                         if nid in seen_dirs:
-                            raise FormatError(f"directory loop at {path!r}", self.root_off(nid))
+                            raise FormatError(f"directory loop at {path!r}", self.inode_offset(nid))
                         seen_dirs.add(nid)
                     children.append((path.rstrip(b"/") + b"/" + name, child))
                 stack.extend(reversed(children))
-
-    def blob_tag(self, index: int) -> bytes:
-        """The device-table tag of blob ``index`` (its digest hex)."""
-        off = self.sb.devt_slotoff * erofs.DEVICE_SLOT.size + index * erofs.DEVICE_SLOT.size
-        return erofs.unpack_device_slot(self.buf, off)[0]
-
-
