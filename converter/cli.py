@@ -43,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help=f"zstd level for the bootstrap (default {BOOTSTRAP_LEVEL})")
     p.add_argument("--jobs", "-j", type=int, default=None,
                    help="threads hashing and compressing chunks (default: min(4, CPUs))")
-    p.add_argument("--prefetch", metavar="FILE",
-                   help="file listing absolute paths to prefetch, one per line")
+    p.add_argument("--prefetch-list", "--prefetch", dest="prefetch", metavar="FILE",
+                   help="absolute paths to prefetch, one per line (`rafs trace` output): "
+                   "stored in the bootstrap, and those files are laid out first in the blobs")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress (default: when stderr is a terminal)")
     p.set_defaults(func=run)

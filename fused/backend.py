@@ -2,12 +2,17 @@
 
 A backend is a small async ABC with one data method, ``read(blob_digest,
 offset, length)``, returning exactly ``length`` bytes of the stored blob or
-raising ``BackendError`` (``TransientError`` when a retry may help). Backends
+raising ``BackendError`` (``TransientError`` when a retry may help), and
+``stream`` (the same bytes as an async iterator of pieces, so the fetcher can
+release each chunk of a long range as soon as it has arrived). Backends
 never verify chunks: the fetcher does, against the sha256 in the bootstrap.
 
-``BACKENDS`` maps an image-reference transport (the part before the first
-``:`` of ``oci:DIR[:TAG]``) to the backend class that serves it;
-``open_backend`` is the only constructor callers need.
+A backend also knows where its image lives: ``resolve()`` returns the image's
+manifest (the root of the trust chain).
+
+``BACKENDS`` maps an image-reference transport (``oci``, ``docker``) to the
+backend class that serves it; ``open_backend(ref, options)`` is the only
+constructor callers need.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
@@ -23,21 +30,47 @@ from typing import ClassVar, Self
 import trio
 
 from rafs.errors import BackendError, ImageError
-from rafs.oci import OCILayout
+from rafs.oci import ImageRef, Manifest, OCILayout, is_rafs
 
-__all__ = ["BACKENDS", "Backend", "LocalBackend", "open_backend"]
+from .stats import Stats
+
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "LocalBackend", "open_backend"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to reach a remote image (ignored by local backends)."""
+
+    insecure: bool | None = None  # None: plain HTTP for localhost only
+    creds: tuple[str, str] | None = None
+    timeout: float = 30.0
+    max_connections: int = 8
 
 
 class Backend(ABC):
     """Reads byte ranges of blobs addressed by their OCI digest."""
 
     scheme: ClassVar[str]
+    stats: Stats | None = None  # set by the daemon: backends count protocol oddities here
+
+    @classmethod
+    def from_ref(cls, ref: ImageRef, options: BackendOptions) -> Self:
+        raise NotImplementedError
+
+    async def resolve(self) -> Manifest:
+        """The manifest of the RAFS image this backend serves (ImageError if it is not one)."""
+        raise ImageError(f"{self.scheme} backends cannot resolve an image")
 
     @abstractmethod
     async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset`` of the blob, or a BackendError."""
+
+    async def stream(self, blob_digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The same bytes as ``read``, in pieces as they arrive (a short stream is
+        a truncated response: the fetcher asks again for the rest)."""
+        yield await self.read(blob_digest, offset, length)
 
     async def aclose(self) -> None:
         """Release connections and file descriptors."""
@@ -64,10 +97,22 @@ class LocalBackend(Backend):
 
     scheme = "oci"
 
-    def __init__(self, layout_path: str | os.PathLike[str]) -> None:
+    def __init__(self, layout_path: str | os.PathLike[str], tag: str | None = None) -> None:
         self.layout = OCILayout(Path(layout_path))  # ImageError if it is not a layout
+        self.tag = tag
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()  # _fds is touched from worker threads
+
+    @classmethod
+    def from_ref(cls, ref: ImageRef, options: BackendOptions) -> Self:
+        return cls(ref.path, ref.tag)
+
+    async def resolve(self) -> Manifest:
+        manifest = await trio.to_thread.run_sync(self.layout.resolve, self.tag)
+        if not is_rafs(manifest):
+            raise ImageError(f"oci:{self.layout.path}:{self.tag or ''} is not a RAFS image "
+                             "(convert it with `rafs convert`)")
+        return manifest
 
     def blob_path(self, blob_digest: str) -> Path:
         return self.layout.blob_path(blob_digest)
@@ -111,11 +156,12 @@ BACKENDS: dict[str, type[Backend]] = {
 }
 
 
-def open_backend(transport: str, location: str) -> Backend:
-    """The backend serving images of ``transport`` found at ``location``."""
+def open_backend(ref: ImageRef, options: BackendOptions | None = None) -> Backend:
+    """The backend serving the image ``ref``."""
     try:
-        cls = BACKENDS[transport]
+        cls = BACKENDS[ref.transport]
     except KeyError:
         known = ", ".join(sorted(BACKENDS))
-        raise ImageError(f"no backend for transport {transport!r} (known: {known})") from None
-    return cls(location)  # type: ignore[call-arg]
+        raise ImageError(f"{ref}: no backend for transport {ref.transport!r} "
+                         f"(known: {known})") from None
+    return cls.from_ref(ref, options or BackendOptions())

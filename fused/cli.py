@@ -1,4 +1,4 @@
-"""``rafs mount``, ``rafs umount`` and ``rafs stats``.
+"""``rafs mount``, ``rafs umount``, ``rafs stats`` and ``rafs trace``.
 
 ``rafs mount`` starts ``python -m fused.daemon`` detached (its own session,
 output to ``<run>/<key>.log``, see ``fused.control``) and returns only when
@@ -24,16 +24,26 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rafs.oci import parse_image_ref
 
+from .backend import BackendOptions
+
 from .control import ensure_run_dir, paths_for, request
 from .errors import ControlError, MountError, NotMountedError
+from .fetcher import DEFAULT_AMPLIFY
 from .mounts import canonical, find_mount, fusermount_unmount
 
-__all__ = ["mount_background", "register", "stats", "umount"]
+if TYPE_CHECKING:
+    from .daemon import DaemonConfig
+
+__all__ = ["CREDS_ENV", "MountOptions", "mount_background", "register", "stats", "trace",
+           "umount"]
+
+CREDS_ENV = "RAFS_REGISTRY_CREDS"
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +64,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="serve in this process until unmounted")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="how long to wait for the mount to become ready (default %(default)s)")
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="do not fetch the image's prefetch list in the background")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="fetch the files of the image's prefetch list in the background, "
+                   "below on-demand reads (default: on)")
+    p.add_argument("--amplify-bytes", type=_size, default=DEFAULT_AMPLIFY, metavar="BYTES",
+                   help="grow an on-demand fetch with the chunks that follow it in the blob "
+                   "up to this many bytes (default 1M; 0: fetch only what is read)")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP on this address")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain HTTP to the registry even if it is not on localhost")
+    p.add_argument("--creds", metavar="USER:PASS",
+                   help="registry credentials (default: REGISTRY_AUTH_FILE or "
+                   "~/.docker/config.json)")
     p.set_defaults(func=_cmd_mount)
 
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
@@ -70,6 +91,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--prometheus", action="store_true", help="Prometheus text format")
     p.set_defaults(func=_cmd_stats)
+
+    p = subparsers.add_parser(
+        "trace", help="print the files a mount has served, in first-access order",
+        description="Print every file opened (or symlink read) through MOUNTPOINT since it "
+        "was mounted, once, in the order of first access: a prefetch list for "
+        "`rafs convert --prefetch-list`.",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=_cmd_trace)
 
 
 # -- mount --------------------------------------------------------------------
@@ -90,29 +120,84 @@ def _log_level() -> str:
     return logging.getLevelName(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
 
 
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        n = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (say 512K, 1M, 4194304)") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return n
+
+
+def _creds(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise MountError("--creds takes USER:PASSWORD")
+    return user, password
+
+
 def _cmd_mount(args: argparse.Namespace) -> int:
     image = _absolute_ref(args.image)
     cache_dir = os.path.abspath(args.cache_dir)
+    options = MountOptions(prefetch=args.prefetch, amplify_bytes=args.amplify_bytes,
+                           metrics_address=args.metrics_address,
+                           insecure=True if args.insecure else None, creds=_creds(args.creds))
     if args.foreground:
-        from .daemon import DaemonConfig, run
+        from .daemon import run
 
         def ready(error: str | None) -> None:
             if error is None:
                 log.info("mounted %s on %s", image, canonical(args.mountpoint))
 
-        run(DaemonConfig(image, args.mountpoint, cache_dir, prefetch=not args.no_prefetch), ready)
+        run(options.daemon_config(image, args.mountpoint, cache_dir), ready)
         return 0
     pid = mount_background(image, args.mountpoint, cache_dir, timeout=args.timeout,
-                           prefetch=not args.no_prefetch)
+                           options=options)
     log.info("mounted %s on %s (daemon pid %d)", image, canonical(args.mountpoint), pid)
     return 0
 
 
+@dataclass(frozen=True)
+class MountOptions:
+    """What ``rafs mount`` passes on to the daemon."""
+
+    prefetch: bool = True
+    amplify_bytes: int = DEFAULT_AMPLIFY
+    metrics_address: str | None = None
+    insecure: bool | None = None
+    creds: tuple[str, str] | None = None
+
+    def daemon_args(self) -> list[str]:
+        args = ["--amplify-bytes", str(self.amplify_bytes)]
+        if not self.prefetch:
+            args.append("--no-prefetch")
+        if self.metrics_address:
+            args += ["--metrics-address", self.metrics_address]
+        if self.insecure:
+            args.append("--insecure")
+        return args
+
+    def daemon_config(self, image: str, mountpoint: str, cache_dir: str) -> DaemonConfig:
+        from .daemon import DaemonConfig
+
+        return DaemonConfig(image, mountpoint, cache_dir, prefetch=self.prefetch,
+                            amplify_bytes=self.amplify_bytes,
+                            metrics_address=self.metrics_address,
+                            backend=BackendOptions(insecure=self.insecure, creds=self.creds))
+
+
 def mount_background(
     image: str, mountpoint: str, cache_dir: str, *, timeout: float = DEFAULT_TIMEOUT,
-    prefetch: bool = True,
+    prefetch: bool = True, options: MountOptions | None = None,
 ) -> int:
     """Start a detached daemon and return its pid once the mount is ready."""
+    if options is None:
+        options = MountOptions(prefetch=prefetch)
     mp = canonical(mountpoint)
     paths = paths_for(mp)
     ensure_run_dir()
@@ -123,13 +208,15 @@ def mount_background(
     env = dict(os.environ)
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+    if options.creds is not None:  # the environment, unlike argv, is private to root
+        env[CREDS_ENV] = ":".join(options.creds)
     read_fd, write_fd = os.pipe()
     try:
         with open(paths.log, "ab") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fused.daemon", image, mp, "--cache-dir", cache_dir,
                  "--ready-fd", str(write_fd), "--log-level", _log_level(),
-                 *([] if prefetch else ["--no-prefetch"])],
+                 *options.daemon_args()],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
                 start_new_session=True, cwd="/", env=env,
             )
@@ -304,4 +391,27 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         sys.stdout.write(str(reply.get("text", "")))
         return 0
     print(json.dumps(stats(args.mountpoint), indent=2, sort_keys=True))
+    return 0
+
+
+def trace(mountpoint: str) -> list[str]:
+    """The paths a mount has served, in first-access order."""
+    mp = _rafs_mount(mountpoint)
+    try:
+        reply = request(paths_for(mp).socket, {"cmd": "trace"}, timeout=120)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise ControlError(f"no daemon answers for {mp}") from None
+    if not reply.get("ok"):
+        raise ControlError(f"trace of {mp}: {reply.get('error', 'unknown error')}")
+    if reply.get("truncated"):
+        log.warning("the trace of %s is truncated: the daemon keeps the first %d files",
+                    mp, len(reply["paths"]))
+    return list(reply["paths"])
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    for path in trace(args.mountpoint):
+        out.write(os.fsencode(path) + b"\n")
+    out.flush()
     return 0

@@ -36,7 +36,7 @@ import stat
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ import trio
 from rafs import codec
 from rafs.bootstrap import Bootstrap
 from rafs.errors import DigestError, ImageError, RafsError
-from rafs.image import resolve_local
 from rafs.oci import (
     ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
     bootstrap_descriptor,
@@ -54,15 +53,18 @@ from rafs.oci import (
     sha256_digest,
 )
 
-from .backend import Backend, open_backend
+from .backend import Backend, BackendOptions, open_backend
+from .cli import CREDS_ENV
 from .cache import ChunkCache, cached_bootstrap, store_bootstrap
 from .control import ensure_run_dir, paths_for
 from .control_server import serve as serve_control
 from .errors import MountError
-from .fetcher import Fetcher
+from .fetcher import DEFAULT_AMPLIFY, Fetcher
 from .fuseops import MOUNT_OPTIONS, Operations
 from .mounts import canonical, find_mount, fusermount_unmount
+from .metrics import new_registry, render, serve_http
 from .stats import Stats
+from .trace import AccessTrace
 from .vfs import ROOT_INO, Vfs
 
 __all__ = ["DaemonConfig", "load_bootstrap", "main", "run", "serve"]
@@ -80,14 +82,18 @@ class DaemonConfig:
     readahead_kb: int = DEFAULT_READAHEAD_KB
     max_requests: int = 8
     prefetch: bool = True
+    amplify_bytes: int = DEFAULT_AMPLIFY
+    metrics_address: str | None = None
+    backend: BackendOptions = field(default_factory=BackendOptions)
 
 
 # -- the image ----------------------------------------------------------------
 
 
-async def load_bootstrap(image: str, backend: Backend, cache_dir: str) -> Path:
-    """Path of the verified raw bootstrap of ``image``, fetched into the cache if needed."""
-    _layout, manifest = resolve_local(image)
+async def load_bootstrap(backend: Backend, cache_dir: str) -> Path:
+    """Path of the verified raw bootstrap of the backend's image, fetched into the cache
+    if needed: manifest digest → bootstrap layer digest → uncompressed digest."""
+    manifest = await backend.resolve()
     desc = bootstrap_descriptor(manifest)
     expected = desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST)
     if expected is not None:
@@ -169,18 +175,26 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
     _check_mountpoint(mountpoint)
     ensure_run_dir()
     async with AsyncExitStack() as stack:
-        backend = await stack.enter_async_context(open_backend(ref.transport, ref.path))
-        boot_path = await load_bootstrap(cfg.image, backend, cfg.cache_dir)
+        backend = await stack.enter_async_context(open_backend(ref, cfg.backend))
+        backend.stats = stats
+        boot_path = await load_bootstrap(backend, cfg.cache_dir)
         bootstrap = Bootstrap.open(boot_path)
         stack.callback(bootstrap.close)
         cache = ChunkCache(cfg.cache_dir, bootstrap.blobs, bootstrap.chunk, stats)
         stack.callback(cache.close)
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(cache.run)
-        fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests)
+        fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests,
+                          amplify_bytes=cfg.amplify_bytes)
         await stack.enter_async_context(fetcher.running())
-        vfs = Vfs(bootstrap, fetcher, stats)
+        trace = AccessTrace()
+        vfs = Vfs(bootstrap, fetcher, stats, trace)
         ops = Operations(vfs, stats)
+        metrics = new_registry(stats, {"mountpoint": mountpoint})
+        if cfg.metrics_address:
+            host, port = serve_http(cfg.metrics_address, metrics)
+            timing["metrics_address"] = f"{host}:{port}"  # type: ignore[assignment]
+            log.info("serving Prometheus metrics on http://%s:%d/metrics", host, port)
 
         shutdown_lock = trio.Lock()
         serving = [False]  # pyfuse3.terminate() is only safe while main() runs
@@ -195,7 +209,11 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
                     **timing}
 
         async def on_metrics(_: dict[str, Any]) -> dict[str, Any]:
-            return {"ok": True, "text": stats.prometheus({"mountpoint": mountpoint})}
+            return {"ok": True, "text": render(metrics)}
+
+        async def on_trace(_: dict[str, Any]) -> dict[str, Any]:
+            result = await trio.to_thread.run_sync(trace.to_json, bootstrap)
+            return {"ok": True, **result}
 
         async def on_ping(_: dict[str, Any]) -> dict[str, Any]:
             return {"ok": True, "pid": os.getpid()}
@@ -215,8 +233,8 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
                     terminate()  # the kernel has ended the session already; make sure
             return {"ok": True, "pid": os.getpid(), "detached": lazy}
 
-        handlers = {"stats": on_stats, "metrics": on_metrics, "ping": on_ping,
-                    "shutdown": on_shutdown}
+        handlers = {"stats": on_stats, "metrics": on_metrics, "trace": on_trace,
+                    "ping": on_ping, "shutdown": on_shutdown}
 
         log.info("mounting %s on %s", cfg.image, mountpoint)
         try:
@@ -232,7 +250,7 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
 
             nursery.start_soon(_announce, cfg, mountpoint, paths.state, announced)
             if cfg.prefetch and bootstrap.prefetch:
-                nursery.start_soon(_prefetch, fetcher, vfs, bootstrap.prefetch)
+                nursery.start_soon(_prefetch, fetcher, vfs, bootstrap.prefetch, stats)
             serving[0] = True
             try:
                 await pyfuse3.main()
@@ -260,13 +278,27 @@ async def _watch_signals(terminate: Callable[[], None]) -> None:
             terminate()
 
 
-async def _prefetch(fetcher: Fetcher, vfs: Vfs, nids: list[int]) -> None:
-    log.info("prefetching %d entries of the prefetch list", len(nids))
+async def _prefetch(fetcher: Fetcher, vfs: Vfs, nids: list[int], stats: Stats) -> None:
+    """Fetch the prefetch list in the background; cancelled (cleanly) by unmount."""
     try:
-        done = await fetcher.prefetch(vfs.chunks_of_nids(nids))
+        chunks = await trio.to_thread.run_sync(lambda: list(vfs.chunks_of_nids(nids)))
     except RafsError as e:  # a corrupt bootstrap entry: reads will report it too
-        log.warning("prefetch stopped: %s", e)
+        log.warning("prefetch skipped: %s", e)
+        stats.prefetch_state = "stopped"
         return
+    stats.prefetch_planned = len(chunks)
+    stats.prefetch_state = "running"
+    log.info("prefetching %d entries of the prefetch list (%d chunks)", len(nids), len(chunks))
+    try:
+        done = await fetcher.prefetch(chunks)
+    except RafsError as e:
+        log.warning("prefetch stopped: %s", e)
+        stats.prefetch_state = "stopped"
+        return
+    except trio.Cancelled:
+        stats.prefetch_state = "stopped"
+        raise
+    stats.prefetch_state = "done"
     log.info("prefetch done: %d chunks fetched", done)
 
 
@@ -355,14 +387,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
     parser.add_argument("--no-prefetch", action="store_true",
                         help="do not fetch the image's prefetch list in the background")
+    parser.add_argument("--amplify-bytes", type=int, default=DEFAULT_AMPLIFY)
+    parser.add_argument("--metrics-address")
+    parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
+    creds = None
+    if secret := os.environ.pop(CREDS_ENV, None):  # from `rafs mount --creds`
+        user, _, password = secret.partition(":")
+        creds = (user, password)
     cfg = DaemonConfig(args.image, args.mountpoint, os.path.abspath(args.cache_dir),
-                       readahead_kb=args.readahead_kb, prefetch=not args.no_prefetch)
+                       readahead_kb=args.readahead_kb, prefetch=not args.no_prefetch,
+                       amplify_bytes=args.amplify_bytes, metrics_address=args.metrics_address,
+                       backend=BackendOptions(insecure=True if args.insecure else None,
+                                              creds=creds))
     try:
         run(cfg, _pipe_reporter(args.ready_fd))
     except RafsError as e:

@@ -7,16 +7,21 @@ indices it covers. For each chunk:
 - being fetched by someone else: wait for that fetch (in-flight dedup: one
   ``_Pending`` with a ``trio.Event`` per chunk, shared by every waiter);
 - missing: the chunk joins a fetch. Missing chunks of one blob that lie back
-  to back in the compressed blob are merged into one backend read (up to
-  ``max_merge`` bytes).
+  to back in the compressed blob are merged into one backend read, and the
+  read is *amplified*: it goes on with the chunks that follow in the blob
+  (neither cached nor in flight) until it holds ``amplify_bytes``. The
+  converter lays files out in access order, so the neighbours are what a
+  starting program reads next; one Range request then serves many files.
 
 ``prefetch(indices)`` fetches chunks ahead of readers (the bootstrap's
-prefetch list), one backend read at a time so readers always come first.
+prefetch list), one backend read at a time (merged up to ``prefetch_merge``
+bytes) so readers always come first.
 
 Fetches run in the fetcher's own nursery (``async with fetcher.running()``),
 never in a reader's task, so a reader that goes away does not abort a fetch
 others wait for. Backend reads are bounded by a ``trio.CapacityLimiter``;
-transient backend errors are retried with exponential backoff and jitter.
+transient backend errors are retried with exponential backoff and jitter
+(a ``retry_after`` the server sent is honoured, capped by ``max_backoff``).
 Each chunk is decompressed and sha256-verified in a worker thread
 (``rafs.codec.decode_chunk``); a mismatch is fetched once more on its own,
 and if it fails again the readers get ``ChunkError`` (EIO), the failure is
@@ -27,6 +32,7 @@ reach the cache or a reader.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import random
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -44,9 +50,11 @@ from .cache import ChunkCache
 from .errors import ChunkError
 from .stats import Stats
 
-__all__ = ["Fetcher"]
+__all__ = ["DEFAULT_AMPLIFY", "Fetcher", "error_class"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_AMPLIFY = 1 << 20
 
 
 @dataclass(slots=True)
@@ -67,19 +75,26 @@ class Fetcher:
         stats: Stats | None = None,
         *,
         max_requests: int = 8,
-        max_merge: int = 16 << 20,
-        retries: int = 3,
+        amplify_bytes: int = DEFAULT_AMPLIFY,
+        amplify: bool = True,
+        prefetch_merge: int = 16 << 20,
+        retries: int = 4,
         backoff: float = 0.2,
-        timeout: float = 60.0,
+        max_backoff: float = 10.0,
+        timeout: float = 30.0,
     ) -> None:
         self.cache = cache
         self.blobs: list[Blob] = cache.blobs
         self.backend = backend
         self.stats = stats if stats is not None else cache.stats
-        self.max_merge = max_merge
+        self.amplify_bytes = amplify_bytes
+        self.amplify = amplify  # False: fetch only what readers asked for
+        self.prefetch_merge = prefetch_merge
         self.retries = retries
         self.backoff = backoff
+        self.max_backoff = max_backoff
         self.timeout = timeout
+        self._next: dict[int, dict[int, int]] = {}  # blob -> chunk -> the chunk stored after it
         self._limiter = trio.CapacityLimiter(max_requests)
         self._inflight: dict[int, _Pending] = {}
         self._nursery: trio.Nursery | None = None
@@ -160,16 +175,15 @@ class Fetcher:
 
     async def _prefetch_batch(self, indices: list[int]) -> int:
         ok = 0
-        for planned in self._plan(indices):
+        for planned in self._plan(indices, self.prefetch_merge):
             # Claim a run only when it starts, so readers never queue behind prefetch;
             # readers may have fetched some of it meanwhile.
-            run = [(i, c) for i, c in planned
-                   if i not in self._inflight and not self.cache.is_ready(i)]
+            run = [i for i, _ in planned if i not in self._inflight and not self.cache.is_ready(i)]
             if not run:
                 continue
-            pending = {i: self._inflight.setdefault(i, _Pending()) for i, _ in run}
-            for piece in self._plan([i for i, _ in run]):  # re-split where gaps appeared
-                await self._fetch_run(piece)
+            pending = {i: self._inflight.setdefault(i, _Pending()) for i in run}
+            for piece in self._plan(run, self.prefetch_merge):  # re-split where gaps appeared
+                await self._fetch_run(piece, "prefetch")
             for i, p in pending.items():
                 if p.error is None:
                     ok += 1
@@ -184,11 +198,11 @@ class Fetcher:
             for index in missing:
                 self._finish(index, err)
             raise ChunkError(err)
-        for run in self._plan(missing):
-            self._nursery.start_soon(self._fetch_run, run)
+        for run in self._plan(missing, self.amplify_bytes):
+            self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
 
-    def _plan(self, missing: list[int]) -> list[list[tuple[int, Chunk]]]:
-        """Group chunks into backend reads: same blob, back to back, ≤ max_merge."""
+    def _plan(self, missing: list[int], limit: int) -> list[list[tuple[int, Chunk]]]:
+        """Group chunks into backend reads: same blob, back to back, ≤ ``limit`` bytes."""
         chunks = sorted(
             ((i, self.cache.chunk(i)) for i in missing),
             key=lambda ic: (ic[1].blob_index, ic[1].compressed_offset),
@@ -201,12 +215,55 @@ class Fetcher:
                 if (
                     c.blob_index == last.blob_index
                     and c.compressed_offset == last.compressed_offset + last.compressed_size
-                    and c.compressed_offset + c.compressed_size - start <= self.max_merge
+                    and c.compressed_offset + c.compressed_size - start <= limit
                 ):
                     runs[-1].append((index, c))
                     continue
             runs.append([(index, c)])
         return runs
+
+    def _successor(self, index: int) -> int | None:
+        """The chunk stored right after chunk ``index`` in its blob, if any.
+
+        Built per blob on first use from the blob's chunk range, sorted by
+        compressed offset (the converter writes them in order, so this is cheap).
+        """
+        blob_index = self.cache.chunk(index).blob_index
+        table = self._next.get(blob_index)
+        if table is None:
+            blob = self.blobs[blob_index]
+            chunk = self.cache.chunk
+            order = sorted(range(blob.chunk_start, blob.chunk_start + blob.chunk_count),
+                           key=lambda i: chunk(i).compressed_offset)
+            table = self._next[blob_index] = {}
+            for a, b in itertools.pairwise(order):
+                ca, cb = chunk(a), chunk(b)
+                if cb.compressed_offset == ca.compressed_offset + ca.compressed_size:
+                    table[a] = b
+        return table.get(index)
+
+    def _amplify(self, run: list[tuple[int, Chunk]]) -> list[tuple[int, Chunk]]:
+        """Extend ``run`` with the chunks that follow it while it is below amplify_bytes.
+
+        Each added chunk is claimed in ``_inflight`` like a requested one, so a
+        reader that wants it meanwhile waits for this fetch.
+        """
+        start = run[0][1].compressed_offset
+        last_index, last = run[-1]
+        if not self.amplify:
+            return run
+        if last.compressed_offset + last.compressed_size - start >= self.amplify_bytes:
+            return run
+        while True:
+            index = self._successor(last_index)
+            if index is None or index in self._inflight or self.cache.is_ready(index):
+                return run
+            c = self.cache.chunk(index)
+            if c.compressed_offset + c.compressed_size - start > self.amplify_bytes:
+                return run
+            self._inflight[index] = _Pending()
+            run.append((index, c))
+            last_index = index
 
     def _finish(self, index: int, error: str | None) -> None:
         pending = self._inflight.pop(index, None)
@@ -216,28 +273,104 @@ class Fetcher:
 
     # -- fetching -----------------------------------------------------------
 
-    async def _fetch_run(self, run: list[tuple[int, Chunk]]) -> None:
-        blob = self.blobs[run[0][1].blob_index]
-        try:
-            start = run[0][1].compressed_offset
-            end = run[-1][1].compressed_offset + run[-1][1].compressed_size
-            try:
-                payload = await self._read(blob, start, end - start, len(run))
-            except RafsError as e:
-                for index, _ in run:
-                    self._finish(index, f"chunk {index}: {e}")
-                return
-            async with trio.open_nursery() as nursery:
-                for index, c in run:
-                    a = c.compressed_offset - start
-                    nursery.start_soon(
-                        self._verify_and_store, blob, index, c, payload[a : a + c.compressed_size]
-                    )
-        finally:
-            for index, _ in run:  # cancelled or crashed: never leave a waiter hanging
-                self._finish(index, f"chunk {index}: fetch abandoned")
+    async def _fetch_run(self, run: list[tuple[int, Chunk]], kind: str) -> None:
+        """Fetch ``run`` as one streamed range; each chunk is released as soon as it arrives.
 
-    async def _verify_and_store(self, blob: Blob, index: int, c: Chunk, payload: bytes) -> None:
+        A transient failure part way keeps the chunks already received and asks
+        again for the rest, with backoff; a permanent one (or running out of
+        retries) fails the chunks not yet received.
+        """
+        blob = self.blobs[run[0][1].blob_index]
+        claimed = [(i, self._inflight.get(i)) for i, _ in run]
+        todo = list(run)
+        attempt = 0
+        try:
+            async with trio.open_nursery() as verifiers:
+                while todo:
+                    attempt += 1
+                    try:
+                        await self._stream_run(blob, todo, kind, verifiers)
+                    except (TransientError, trio.TooSlowError) as e:
+                        self.stats.failed(error_class(e))
+                        if attempt > self.retries:
+                            self._fail(todo, f"blob {blob.digest}: giving up after {attempt} "
+                                       f"attempts: {e or 'timed out'}")
+                            return
+                        await self._backoff(blob, todo, attempt, e)
+                    except RafsError as e:
+                        self.stats.failed(error_class(e))
+                        self._fail(todo, str(e))
+                        return
+        finally:  # cancelled or crashed: never leave a waiter hanging
+            for index, pending in claimed:
+                if pending is not None and not pending.done.is_set():
+                    self._finish(index, f"chunk {index}: fetch abandoned")
+
+    async def _stream_run(self, blob: Blob, todo: list[tuple[int, Chunk]], kind: str,
+                          verifiers: trio.Nursery) -> None:
+        """One backend request for ``todo``; the chunks received are removed from it."""
+        start = todo[0][1].compressed_offset
+        end = todo[-1][1].compressed_offset + todo[-1][1].compressed_size
+        buf = bytearray()
+        base = start  # blob offset of buf[0]
+        received = 0
+        k = 0
+        async with self._limiter:
+            pieces = self.backend.stream(blob.digest, start, end - start)
+            try:
+                while True:
+                    with trio.fail_after(self.timeout):  # an idle timeout, not a deadline
+                        try:
+                            piece = await anext(pieces)
+                        except StopAsyncIteration:
+                            break
+                    buf += piece
+                    received += len(piece)
+                    while k < len(todo):
+                        index, c = todo[k]
+                        a = c.compressed_offset - base
+                        if len(buf) < a + c.compressed_size:
+                            break
+                        verifiers.start_soon(self._verify_and_store, blob, index, c,
+                                             bytes(buf[a : a + c.compressed_size]), kind)
+                        k += 1
+                    if k and todo[k - 1][1].compressed_offset - base > 1 << 20:
+                        done = todo[k - 1][1].compressed_offset - base  # keep what is unsent
+                        del buf[:done]
+                        base += done
+            finally:
+                del todo[:k]  # on any error the caller retries what is left
+                if received:
+                    self.stats.fetched(kind, received, k)
+                await pieces.aclose()
+        if received > end - start:
+            raise BackendError(f"blob {blob.digest}: backend sent {received} bytes for a read "
+                               f"of {end - start}")
+        if todo:
+            raise TransientError(f"blob {blob.digest}: response ended after {received} of "
+                                 f"{end - start} bytes")
+
+    def _fail(self, todo: list[tuple[int, Chunk]], message: str) -> None:
+        log.error("%s", message)
+        for index, _ in todo:
+            self._finish(index, f"chunk {index}: {message}")
+
+    async def _backoff(self, blob: Blob, todo: list[tuple[int, Chunk]], attempt: int,
+                       e: BaseException) -> None:
+        delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+        retry_after = getattr(e, "retry_after", None)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        delay = min(delay, self.max_backoff)
+        self.stats.retries += 1
+        level = logging.INFO if attempt == 1 else logging.WARNING
+        log.log(level, "blob %s: %d chunks from %d: %s; retrying in %.2fs", blob.digest,
+                len(todo), todo[0][1].compressed_offset, e or "timed out", delay)
+        await trio.sleep(delay)
+
+    async def _verify_and_store(self, blob: Blob, index: int, c: Chunk, payload: bytes,
+                                kind: str) -> None:
+        """Decode, verify and cache one chunk; a digest mismatch is fetched once more."""
         for attempt in (1, 2):
             try:
                 # One worker thread decodes, verifies and writes: zstd, sha256 and
@@ -246,6 +379,7 @@ class Fetcher:
                 break
             except DigestError as e:
                 self.stats.digest_failures += 1
+                self.stats.error_classes["digest"] += 1
                 if attempt == 2:
                     log.error(
                         "chunk %d of blob %s failed verification twice, giving up: %s",
@@ -259,44 +393,42 @@ class Fetcher:
                 self._finish(index, f"chunk {index}: {e}")
                 return
             try:
-                payload = await self._read(blob, c.compressed_offset, c.compressed_size, 1)
+                payload = await self._read_one(blob, c, kind)
             except RafsError as e:
                 self._finish(index, f"chunk {index}: {e}")
                 return
         self._finish(index, None)
 
-    async def _read(self, blob: Blob, offset: int, length: int, nchunks: int) -> bytes:
-        """One backend read, retried with backoff and jitter while transient."""
+    async def _read_one(self, blob: Blob, c: Chunk, kind: str) -> bytes:
+        """The compressed bytes of one chunk, fetched on their own with retries."""
         attempt = 0
         while True:
             attempt += 1
             try:
                 async with self._limiter:
-                    self.stats.backend_requests += 1
                     with trio.fail_after(self.timeout):
-                        data = await self.backend.read(blob.digest, offset, length)
-                if len(data) != length:
-                    raise TransientError(
-                        f"backend returned {len(data)} bytes for a read of {length}"
-                    )
+                        data = await self.backend.read(blob.digest, c.compressed_offset,
+                                                       c.compressed_size)
+                if len(data) != c.compressed_size:
+                    raise TransientError(f"backend returned {len(data)} bytes for a read of "
+                                         f"{c.compressed_size}")
             except (TransientError, trio.TooSlowError) as e:
-                self.stats.backend_errors += 1
+                self.stats.failed(error_class(e))
                 if attempt > self.retries:
-                    raise BackendError(
-                        f"blob {blob.digest} at {offset}+{length}: giving up after "
-                        f"{attempt} attempts: {e or 'timed out'}"
-                    ) from None
-                delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
-                level = logging.INFO if attempt == 1 else logging.WARNING
-                log.log(
-                    level, "blob %s at %d+%d: %s; retrying in %.2fs",
-                    blob.digest, offset, length, e or "timed out", delay,
-                )
-                await trio.sleep(delay)
+                    raise BackendError(f"blob {blob.digest} at {c.compressed_offset}: giving "
+                                       f"up after {attempt} attempts: {e or 'timed out'}") from None
+                await self._backoff(blob, [(-1, c)], attempt, e)
                 continue
-            except BackendError:
-                self.stats.backend_errors += 1
+            except BackendError as e:
+                self.stats.failed(error_class(e))
                 raise
-            self.stats.backend_bytes += length
-            self.stats.backend_chunks += nchunks
+            self.stats.fetched(kind, len(data), 1)
             return data
+
+
+def error_class(exc: BaseException) -> str:
+    """The class a failed backend request is counted under."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    cls = getattr(exc, "error_class", None)
+    return cls if isinstance(cls, str) else "other"

@@ -1,19 +1,33 @@
 """The daemon's counters: one ``Stats`` object per mount, bumped in place.
 
-Counters are plain ints mutated from the trio thread only (worker threads hand
-their results back before anything is counted), so no locking is needed.
-``snapshot()`` is the JSON the control socket serves; ``prometheus()`` the same
-numbers in the Prometheus text exposition format.
+Counters are plain ints (and small dicts of ints) mutated from the trio thread
+only (worker threads hand their results back before anything is counted), so
+no locking is needed on the hot path. ``snapshot()`` is the JSON that
+``rafs stats`` prints; ``fused.metrics`` exposes the same numbers to
+Prometheus through ``prometheus_client``.
+
+Backend traffic is counted by kind: ``ondemand`` (a reader is waiting) and
+``prefetch`` (the background prefetch list). The ``backend_*`` totals are the
+sums of both kinds. Errors are counted by class (``timeout``, ``connection``,
+``http_5xx``, ``http_429``, ``truncated``, ``digest``, ``other``).
 """
 
 from __future__ import annotations
 
+import bisect
 import time
-from dataclasses import dataclass, field, fields
+from collections import Counter
+from dataclasses import dataclass, field
 
-__all__ = ["Stats"]
+__all__ = ["KINDS", "LATENCY_BUCKETS", "Stats"]
 
-_HELP = {
+KINDS = ("ondemand", "prefetch")
+
+# Upper bounds in seconds of the read-latency histogram (the last bucket is +Inf).
+LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0)
+
+HELP = {
     "read_requests": "read requests served to users",
     "read_bytes": "bytes returned to users by read requests",
     "cache_hits": "chunks a read found in the local cache",
@@ -23,52 +37,101 @@ _HELP = {
     "backend_bytes": "compressed bytes fetched from the backend",
     "backend_chunks": "chunks fetched from the backend",
     "backend_errors": "backend requests that failed (each retry counts)",
+    "retries": "backend requests retried after a transient failure",
+    "range_ignored": "range requests a server answered with the whole blob",
     "prefetch_chunks": "chunks fetched ahead of readers by the prefetch list",
     "digest_failures": "fetched chunks whose sha256 did not match",
     "errors": "read requests answered with an error",
 }
 
 
+def _kinds() -> dict[str, int]:
+    return dict.fromkeys(KINDS, 0)
+
+
 @dataclass(slots=True)
 class Stats:
-    """Counters of one mount; every field is monotonic."""
+    """Counters of one mount; every number except the prefetch state is monotonic."""
 
     read_requests: int = 0
     read_bytes: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
     cache_corrupt: int = 0
-    backend_requests: int = 0
-    backend_bytes: int = 0
-    backend_chunks: int = 0
     backend_errors: int = 0
+    retries: int = 0
+    range_ignored: int = 0
     prefetch_chunks: int = 0
     digest_failures: int = 0
     errors: int = 0
+    requests: dict[str, int] = field(default_factory=_kinds)
+    bytes: dict[str, int] = field(default_factory=_kinds)
+    chunks: dict[str, int] = field(default_factory=_kinds)
+    error_classes: Counter[str] = field(default_factory=Counter)
+    prefetch_state: str = "none"  # none | running | done | stopped
+    prefetch_planned: int = 0  # chunks on the prefetch list
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
     started: float = field(default_factory=time.time)
 
-    def snapshot(self) -> dict[str, int | float]:
+    # -- recording ------------------------------------------------------------
+
+    def fetched(self, kind: str, nbytes: int, nchunks: int) -> None:
+        """One successful backend request of ``kind``."""
+        self.requests[kind] += 1
+        self.bytes[kind] += nbytes
+        self.chunks[kind] += nchunks
+
+    def failed(self, error_class: str) -> None:
+        """One failed backend request (or failed chunk check) of ``error_class``."""
+        self.backend_errors += 1
+        self.error_classes[error_class] += 1
+
+    def read_latency(self, seconds: float) -> None:
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    # -- totals ---------------------------------------------------------------
+
+    @property
+    def backend_requests(self) -> int:
+        return sum(self.requests.values())
+
+    @property
+    def backend_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    @property
+    def backend_chunks(self) -> int:
+        return sum(self.chunks.values())
+
+    def snapshot(self) -> dict[str, object]:
         """A JSON-serialisable copy of every counter, plus uptime in seconds."""
-        out: dict[str, int | float] = {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name != "started"
+        return {
+            "read_requests": self.read_requests,
+            "read_bytes": self.read_bytes,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "cache_corrupt": self.cache_corrupt,
+            "backend_requests": self.backend_requests,
+            "backend_bytes": self.backend_bytes,
+            "backend_chunks": self.backend_chunks,
+            "backend_errors": self.backend_errors,
+            "retries": self.retries,
+            "range_ignored": self.range_ignored,
+            "prefetch_chunks": self.prefetch_chunks,
+            "digest_failures": self.digest_failures,
+            "errors": self.errors,
+            "requests": dict(self.requests),
+            "bytes": dict(self.bytes),
+            "chunks": dict(self.chunks),
+            "error_classes": dict(sorted(self.error_classes.items())),
+            "prefetch": {"state": self.prefetch_state, "planned": self.prefetch_planned,
+                         "fetched": self.prefetch_chunks},
+            "read_latency": {
+                "buckets": [*LATENCY_BUCKETS, "+Inf"],
+                "counts": list(self.latency_counts),
+                "sum": round(self.latency_sum, 6),
+            },
+            "uptime": round(time.time() - self.started, 3),
         }
-        out["uptime"] = round(time.time() - self.started, 3)
-        return out
-
-    def prometheus(self, labels: dict[str, str] | None = None) -> str:
-        """The counters in the Prometheus text format, names prefixed ``rafs_``."""
-        lab = ""
-        if labels:
-            lab = "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items())) + "}"
-        lines = []
-        for name, value in self.snapshot().items():
-            metric = f"rafs_{name}" if name == "uptime" else f"rafs_{name}_total"
-            kind = "gauge" if name == "uptime" else "counter"
-            lines.append(f"# HELP {metric} {_HELP.get(name, 'seconds since the daemon started')}")
-            lines.append(f"# TYPE {metric} {kind}")
-            lines.append(f"{metric}{lab} {value}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

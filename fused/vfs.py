@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from .errors import (
 )
 from .fetcher import Fetcher
 from .stats import Stats
+from .trace import AccessTrace
 
 __all__ = ["ROOT_INO", "Attr", "StatFs", "Vfs"]
 
@@ -78,8 +80,10 @@ class StatFs:
 class Vfs:
     """A read-only filesystem over ``bootstrap`` whose file data comes through ``fetcher``."""
 
-    def __init__(self, bootstrap: Bootstrap, fetcher: Fetcher, stats: Stats | None = None) -> None:
+    def __init__(self, bootstrap: Bootstrap, fetcher: Fetcher, stats: Stats | None = None,
+                 trace: AccessTrace | None = None) -> None:
         self.bootstrap = bootstrap
+        self.trace = trace if trace is not None else AccessTrace()
         self.fetcher = fetcher
         self.cache: ChunkCache = fetcher.cache
         self.stats = stats if stats is not None else fetcher.stats
@@ -167,6 +171,7 @@ class Vfs:
         node = self.inode(ino)
         if not stat.S_ISLNK(node.mode):
             raise NotASymlinkError(f"inode {ino} is not a symlink")
+        self.trace.touch(node.nid)
         return self.bootstrap.readlink(node)
 
     def _load_xattrs(self, nid: int) -> dict[bytes, bytes]:
@@ -211,11 +216,20 @@ class Vfs:
                 queue.extend(child for _, child, _ in self.bootstrap.readdir(node))
 
     def open(self, ino: int) -> Inode:
-        """Check that ``ino`` exists; reads need no per-open state."""
-        return self.inode(ino)
+        """Check that ``ino`` exists and trace the access; reads need no per-open state."""
+        node = self.inode(ino)
+        self.trace.touch(node.nid)
+        return node
 
     async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
         """Up to ``size`` bytes at ``offset``; short only at end of file."""
+        started = time.perf_counter()
+        try:
+            return await self._read(ino, offset, size)
+        finally:
+            self.stats.read_latency(time.perf_counter() - started)
+
+    async def _read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
         stats = self.stats
         stats.read_requests += 1
         node = self.inode(ino)

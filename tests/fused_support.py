@@ -88,6 +88,11 @@ class CountingBackend(Backend):
         self.reads.append((blob_digest, offset, length))
         return await self.inner.read(blob_digest, offset, length)
 
+    async def stream(self, blob_digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        self.reads.append((blob_digest, offset, length))
+        async for piece in self.inner.stream(blob_digest, offset, length):
+            yield piece
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 
@@ -108,7 +113,11 @@ class Stack:
 async def open_stack(
     image: WrittenImage, cache_dir: Path, backend: Backend | None = None, **fetcher_kw: Any
 ) -> AsyncIterator[Stack]:
-    """Run the cache committer and the fetcher for ``image``; close everything after."""
+    """Run the cache committer and the fetcher for ``image``; close everything after.
+
+    Amplification is off unless asked for, so tests see exactly the reads they cause.
+    """
+    fetcher_kw.setdefault("amplify", False)
     bootstrap = Bootstrap.from_bytes(image.bootstrap)
     counting = CountingBackend(backend or LocalBackend(image.layout))
     stats = Stats()

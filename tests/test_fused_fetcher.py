@@ -95,7 +95,7 @@ def test_gaps_and_the_merge_limit_split_reads(image, tmp_path):
     img, _ = image
 
     async def main() -> None:
-        async with open_stack(img, tmp_path / "cache", max_merge=2 * CS) as s:
+        async with open_stack(img, tmp_path / "cache", amplify_bytes=2 * CS) as s:
             idx = chunks_of(s, b"a")
             await s.fetcher.ensure([idx[0], idx[2]])  # not back to back: two reads
             assert len(s.backend.reads) == 2
@@ -220,7 +220,7 @@ def test_readers_are_not_queued_behind_prefetch(image, tmp_path):
 
     async def main() -> None:
         async with open_stack(img, tmp_path / "cache", backend=Slow(LocalBackend(img.layout)),
-                              max_merge=2 * CS) as s:
+                              amplify_bytes=2 * CS, prefetch_merge=2 * CS) as s:
             idx = chunks_of(s, b"a")
             async with trio.open_nursery() as n:
                 n.start_soon(s.fetcher.prefetch, idx)
@@ -232,5 +232,93 @@ def test_readers_are_not_queued_behind_prefetch(image, tmp_path):
             assert await read_file(s, b"a") == files[b"a"]
             reads = sorted(r[1] for r in s.backend.reads)
             assert len(reads) == len(set(reads))  # no chunk was fetched twice
+
+    trio.run(main)
+
+
+def test_chunks_of_a_long_range_are_released_as_they_arrive(image, tmp_path):
+    img, files = image
+
+    class Trickle(Backend):
+        """The local backend, sending one chunk-sized piece every 0.3 s."""
+
+        def __init__(self, inner: Backend) -> None:
+            self.inner = inner
+
+        async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
+            return await self.inner.read(blob_digest, offset, length)
+
+        async def stream(self, blob_digest: str, offset: int, length: int):  # type: ignore[override]
+            data = await self.inner.read(blob_digest, offset, length)
+            for at in range(0, length, CS):
+                yield data[at : at + CS]
+                await trio.sleep(0.3)
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache", backend=Trickle(LocalBackend(img.layout)),
+                              prefetch_merge=64 * CS) as s:
+            idx = chunks_of(s, b"a")
+            async with trio.open_nursery() as n:
+                n.start_soon(s.fetcher.prefetch, idx)
+                await trio.sleep(0.05)
+                with trio.fail_after(0.25):  # the first piece is there: no wait for the rest
+                    attr = s.vfs.lookup(1, b"a")
+                    head = await s.vfs.read(attr.ino, 0, CS)
+                assert bytes(head) == files[b"a"][:CS]
+            assert len(s.backend.reads) == 1  # one request served the whole prefetch
+            assert await read_file(s, b"a") == files[b"a"]
+
+    trio.run(main)
+
+
+def test_a_response_cut_short_is_resumed_from_the_first_missing_chunk(image, tmp_path):
+    img, files = image
+
+    class CutOnce(Backend):
+        """Sends only the first half of the first response."""
+
+        def __init__(self, inner: Backend) -> None:
+            self.inner, self.cut, self.asked = inner, False, []
+
+        async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
+            return await self.inner.read(blob_digest, offset, length)
+
+        async def stream(self, blob_digest: str, offset: int, length: int):  # type: ignore[override]
+            self.asked.append((offset, length))
+            data = await self.inner.read(blob_digest, offset, length)
+            if not self.cut:
+                self.cut = True
+                data = data[: length // 2]
+            yield data
+
+    async def main() -> None:
+        backend = CutOnce(LocalBackend(img.layout))
+        async with open_stack(img, tmp_path / "cache", backend=backend, backoff=0.01,
+                              amplify_bytes=64 * CS) as s:
+            assert await read_file(s, b"a") == files[b"a"]
+            (first_off, first_len), (again_off, again_len) = backend.asked
+            assert first_off < again_off and again_off + again_len == first_off + first_len
+            assert s.stats.retries == 1 and s.stats.error_classes["other"] == 1
+
+    trio.run(main)
+
+
+def test_an_on_demand_fetch_is_amplified_with_the_chunks_that_follow_it(image, tmp_path):
+    img, files = image
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache", amplify=True,
+                              amplify_bytes=3 * CS) as s:
+            a = chunks_of(s, b"a")
+            attr = s.vfs.lookup(1, b"a")
+            assert bytes(await s.vfs.read(attr.ino, 0, 100)) == files[b"a"][:100]
+            (_, offset, length), = s.backend.reads
+            first = s.cache.chunk(a[0])
+            assert offset == first.compressed_offset and length > first.compressed_size
+            assert length <= 3 * CS
+            assert s.stats.backend_chunks >= 2  # the first chunk and what follows it
+            assert await read_file(s, b"a") == files[b"a"]
+            ready = sum(s.cache.is_ready(i) for i in range(s.bootstrap.header.chunk_count))
+            assert s.stats.backend_chunks == ready  # nothing was fetched twice
 
     trio.run(main)

@@ -359,6 +359,10 @@ def test_the_prefetch_list_is_fetched_in_the_background(tmp_path):
             assert time.monotonic() < deadline, s
             time.sleep(0.05)
         requests = s["backend_requests"]  # type: ignore[index]
+        while (s := read_stats(mnt)["stats"])["prefetch"]["state"] != "done":  # type: ignore[index]
+            assert time.monotonic() < deadline, s
+            time.sleep(0.05)
+        assert s["prefetch"]["planned"] == 20 and s["requests"]["prefetch"] >= 1  # type: ignore[index]
         assert read(mnt / "big") == big
         s = read_stats(mnt)["stats"]
         assert s["backend_requests"] == requests and s["cache_misses"] == 0  # type: ignore[index]
@@ -406,3 +410,33 @@ def test_fuse_and_kernel_erofs_mounts_of_one_bootstrap_agree(image, tmp_path):
             assert getattr(kv, field) == getattr(fv, field), field
         # f_files: the kernel reports no inode count (-1); fused reports the bootstrap's.
         assert fv.f_files == b.inode_count
+
+
+def test_trace_lists_each_file_once_in_first_access_order(image, tmp_path):
+    img, files = image
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        names = sorted(n for n in files if "/" not in n)[:3]
+        assert len(names) >= 2
+        for name in [*reversed(names), names[-1], names[0]]:
+            read(mnt / name)
+        os.stat(mnt / names[0])  # a stat is not an access of the data
+        res = run(rafs_cmd("trace", mnt), check=True)
+    assert res.stdout.splitlines() == ["/" + n for n in reversed(names)]
+
+
+def test_metrics_are_served_over_http_in_the_prometheus_format(image, tmp_path):
+    import httpx
+
+    img, files = image
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache",
+                 extra_args=["--metrics-address", "127.0.0.1:0"]) as mnt:
+        for name in files:
+            read(mnt / name)
+        address = read_stats(mnt)["metrics_address"]
+        text = httpx.get(f"http://{address}/metrics", timeout=10).text
+    assert 'rafs_backend_requests_total{kind="ondemand",mountpoint=' in text
+    assert 'rafs_backend_requests_total{kind="prefetch",mountpoint=' in text
+    assert "rafs_read_latency_seconds_bucket{" in text and 'le="+Inf"' in text
+    count = next(line for line in text.splitlines()
+                 if line.startswith("rafs_read_latency_seconds_count"))
+    assert float(count.split()[-1]) >= len(files)

@@ -1,0 +1,58 @@
+"""The access trace: every file's first access, in order, for prefetch lists.
+
+The vfs calls ``AccessTrace.touch(nid)`` when a regular file is opened or a
+symlink read; only the first access of each inode is kept (a dict keeps
+insertion order). Paths are found only when someone asks (``rafs trace``), by
+one walk of the bootstrap: recording stays O(1) per access. A hardlinked
+inode is reported under the first of its paths the walk meets.
+
+The list is capped (``limit``) so that a workload that touches a whole image
+cannot grow the daemon without bound; the cap is reported with the trace.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rafs.bootstrap import Bootstrap
+
+__all__ = ["AccessTrace"]
+
+DEFAULT_LIMIT = 1 << 20
+
+
+class AccessTrace:
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        self.limit = limit
+        self._order: dict[int, None] = {}
+        self.truncated = False
+
+    def touch(self, nid: int) -> None:
+        order = self._order
+        if nid in order:
+            return
+        if len(order) >= self.limit:
+            self.truncated = True
+            return
+        order[nid] = None
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def nids(self) -> list[int]:
+        return list(self._order)
+
+    def paths(self, bootstrap: Bootstrap) -> list[bytes]:
+        """Absolute paths of the traced inodes, in first-access order."""
+        wanted = set(self._order)
+        found: dict[int, bytes] = {}
+        for path, node in bootstrap.walk():
+            if node.nid in wanted and node.nid not in found:
+                found[node.nid] = path
+                if len(found) == len(wanted):
+                    break
+        return [found[nid] for nid in self._order if nid in found]
+
+    def to_json(self, bootstrap: Bootstrap) -> dict[str, object]:
+        return {"paths": [os.fsdecode(p) for p in self.paths(bootstrap)],
+                "truncated": self.truncated}
