@@ -111,7 +111,8 @@ class ChunkStore:
         self._compress = _Compressor(compression, level)
         self.chunks: list[Chunk] = []
         self.blobs: list[Blob] = []
-        self.blob_files: list[Path] = []  # temp file of blobs[i]
+        self.blob_files: list[Path | None] = []  # temp file of blobs[i]; None: seeded
+        self.seeded_blobs = 0  # blobs[:seeded_blobs] come from a chunk dictionary
         self.index: dict[bytes, int] = {}  # sha256 -> chunk table index
         self._zero = bytes(self.chunk_size)
         if workers is None:
@@ -135,6 +136,17 @@ class ChunkStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def seed(self, blobs: list[Blob], chunks: list[Chunk]) -> None:
+        """Start from another image's blobs and chunk table (a chunk dictionary):
+        chunks it has are referenced there instead of stored again."""
+        assert not self.blobs and not self.chunks, "seed() before any layer"
+        self.blobs.extend(blobs)
+        self.blob_files.extend(None for _ in blobs)
+        self.chunks.extend(chunks)
+        for i, c in enumerate(chunks):
+            self.index.setdefault(c.sha256, i)
+        self.seeded_blobs = len(blobs)
 
     def begin_layer(self, name: str = "") -> BlobWriter:
         """A writer for the next layer's blob (device ``len(blobs) + 1`` if it adds data)."""

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--prefetch-list", "--prefetch", dest="prefetch", metavar="FILE",
                    help="absolute paths to prefetch, one per line (`rafs trace` output): "
                    "stored in the bootstrap, and those files are laid out first in the blobs")
+    p.add_argument("--chunk-dict", metavar="IMAGE",
+                   help="an earlier RAFS image (oci:, docker://): chunks it already has are "
+                   "referenced in its blobs instead of being stored again")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress (default: when stderr is a terminal)")
     p.set_defaults(func=run)
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     options = ConvertOptions(
         chunk_size=args.chunk_size, compression=args.compression, level=args.level,
         bootstrap_level=args.bootstrap_level, workers=args.jobs,
-        prefetch=_read_prefetch(args.prefetch), progress=args.progress)
+        prefetch=_read_prefetch(args.prefetch), progress=args.progress,
+        chunk_dict=args.chunk_dict)
     result = convert(args.src, args.dst, options)
     print(f"{result.target}@{result.manifest.digest}")
     log.info("%d blobs, %d chunks, %.1f MiB of layers in %.1fs", len(result.blobs),

@@ -39,6 +39,8 @@ from rafs.oci import Descriptor, ImageRef, Manifest, OCILayout, canonical_json
 
 from . import chunker
 from .errors import ConvertError, OptionError
+from .chunkdict import check_chunk_size as check_dict_chunk_size
+from .chunkdict import load_chunk_dict, prune_unused_blobs
 from .imageconfig import rafs_config
 from .layers import LayerApplier, PrefetchRanks, new_root
 from .progress import Progress
@@ -58,6 +60,7 @@ class ConvertOptions:
     workers: int | None = None  # hash/compress threads; None: min(4, cpus); 0: inline
     bootstrap_level: int = BOOTSTRAP_LEVEL
     prefetch: list[bytes] = field(default_factory=list)  # absolute paths
+    chunk_dict: str | None = None  # a RAFS image whose chunks are reused, not stored again
     progress: bool | None = None  # None: when stderr is a terminal
 
     def check(self) -> None:
@@ -116,6 +119,22 @@ class _Target:
             self.placed.append(self.layout.blob_path(digest))
         return self.layout.put_blob_file(tmp, digest, size, media_type, annotations)
 
+    def place_external(self, ref: ImageRef | None, digest: str, size: int, media_type: str,
+                       annotations: dict[str, str]) -> Descriptor:
+        """A blob this image shares with the chunk dictionary ``ref``: copied from there."""
+        if ref is None or ref.transport != "oci":
+            raise ImageError(f"cannot copy blob {digest} of the chunk dictionary {ref} into "
+                             f"{self.path}")
+        if not self.layout.has_blob(digest):
+            source = OCILayout(ref.path).blob_path(digest)
+            tmp = self.workdir / "dict-blob.tmp"
+            try:
+                shutil.copyfile(source, tmp)
+            except OSError as e:
+                raise ImageError(f"cannot copy {source}: {e.strerror}") from None
+            return self.place(tmp, digest, size, media_type, annotations)
+        return Descriptor(media_type, digest, size, dict(annotations))
+
     def place_bytes(self, data: bytes, media_type: str) -> Descriptor:
         digest = oci.sha256_digest(data)
         if not self.layout.has_blob(digest):
@@ -173,15 +192,28 @@ def _convert(source: ImageSource, target: _Target, tag: str,
     root = new_root()
     layer_has_blob: list[bool] = []
     layer_bytes = 0
+    cdict = None
+    if options.chunk_dict:
+        cdict = load_chunk_dict(options.chunk_dict)
+        check_dict_chunk_size(cdict, options.chunk_size)
     try:
         with chunker.ChunkStore(target.workdir, options.chunk_size, options.compression,
                                 options.level, options.workers) as store:
+            if cdict is not None:
+                store.seed(cdict.blobs, cdict.chunks)
             for layer in source.layers:
                 progress.note(f"layer {layer.index + 1}/{len(source.layers)}")
+                before = len(store.blobs)
                 layer_bytes += _apply_layer(layer, root, store, progress, prefetch)
-                layer_has_blob.append(len(store.blobs) > sum(layer_has_blob))
+                layer_has_blob.append(len(store.blobs) > before)
     finally:
         progress.close()
+    blob_files = list(store.blob_files)
+    if cdict is not None:
+        store.blobs, store.chunks, kept = prune_unused_blobs(
+            root, store.blobs, store.chunks, store.seeded_blobs)
+        blob_files = [blob_files[k] for k in kept]
+    dict_blobs = sum(f is None for f in blob_files)
 
     bootstrap = _build_bootstrap(root, store, options)
     raw_digest = oci.sha256_digest(bootstrap)
@@ -192,14 +224,16 @@ def _convert(source: ImageSource, target: _Target, tag: str,
     # Nothing has touched blobs/ or index.json so far. Now place everything.
     blob_descs = [
         target.place(path, blob.digest, blob.compressed_size, oci.MEDIA_TYPE_RAFS_BLOB,
-                     {oci.ANNOTATION_RAFS_BLOB: "true"})
-        for blob, path in zip(store.blobs, store.blob_files, strict=True)
+                     {oci.ANNOTATION_RAFS_BLOB: "true"}) if path is not None else
+        target.place_external(cdict.ref if cdict else None, blob.digest, blob.compressed_size,
+                              oci.MEDIA_TYPE_RAFS_BLOB, {oci.ANNOTATION_RAFS_BLOB: "true"})
+        for blob, path in zip(store.blobs, blob_files, strict=True)
     ]
     boot_desc = target.place_bytes(packed, oci.MEDIA_TYPE_RAFS_BOOTSTRAP)
     boot_desc.annotations = {oci.ANNOTATION_RAFS_BOOTSTRAP: "true",
                              oci.ANNOTATION_RAFS_BOOTSTRAP_DIGEST: raw_digest}
     config = rafs_config(source.config, layer_has_blob, [b.digest for b in store.blobs],
-                         raw_digest)
+                         raw_digest, dict_blobs=dict_blobs)
     config_desc = target.place_bytes(canonical_json(config), oci.MEDIA_TYPE_OCI_CONFIG)
     annotations = {oci.ANNOTATION_RAFS_VERSION: oci.RAFS_VERSION,
                    oci.ANNOTATION_RAFS_SOURCE_CONFIG: source.config_digest}

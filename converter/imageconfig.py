@@ -6,6 +6,8 @@ history text, unknown fields) is kept as is. What changes:
 - ``rootfs.diff_ids`` lists the RAFS layers: one per data blob (a blob is not
   compressed as far as OCI is concerned, so its diff_id is its digest), then
   the bootstrap (the sha256 of the uncompressed bootstrap).
+- Blobs reused from a chunk dictionary come first (``dict_blobs`` of them),
+  each with a history entry of its own.
 - ``history``: the OCI spec ties each history entry without ``empty_layer`` to
   one layer, in order, and Docker/BuildKit check that the counts agree. When
   the source history is consistent with its layers, a source layer that gave
@@ -30,7 +32,7 @@ CREATED_BY = "rafs convert"
 
 def rafs_config(
     source: dict[str, Any], layer_has_blob: list[bool], blob_diff_ids: list[str],
-    bootstrap_diff_id: str,
+    bootstrap_diff_id: str, dict_blobs: int = 0,
 ) -> dict[str, Any]:
     """The config for the converted image (a new dict; ``source`` is not changed)."""
     out = copy.deepcopy(source)
@@ -55,6 +57,7 @@ def rafs_config(
         for i, has_blob in zip(non_empty, layer_has_blob, strict=True):
             if not has_blob:
                 history[i]["empty_layer"] = True
+        history[:0] = [entry("rafs chunk dictionary blob") for _ in range(dict_blobs)]
         history.append(entry("rafs bootstrap"))
     else:
         log.warning("source history has %d layer entries for %d layers; marking them all "

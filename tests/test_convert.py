@@ -372,3 +372,49 @@ def test_docker_archive_without_manifest_is_an_image_error(tmp_path: Path) -> No
         convert(f"docker-archive:{tmp_path / 'a.tar'}", f"oci:{tmp_path / 'dst'}:x", OPTS)
     with pytest.raises(ImageError, match="no such file"):
         convert(f"docker-archive:{tmp_path / 'nope.tar'}", f"oci:{tmp_path / 'dst'}:x", OPTS)
+
+
+def test_chunk_dict_reuses_an_earlier_images_blobs(tmp_path: Path) -> None:
+    base = f"oci:{tmp_path / 'base'}:rafs"
+    convert(_src(tmp_path), base, OPTS)
+    base_img = rafs_image.open_local_image(base)
+    base_blobs = [d.digest for d in base_img.manifest.layers[:-1]]
+
+    newer = [*LAYERS[:2], [file_entry("new", os.urandom(100_000))]]
+    build_oci_image(tmp_path / "src2", "v2", newer)
+    dst = f"oci:{tmp_path / 'dst'}:rafs"
+    plain = convert(f"oci:{tmp_path / 'src2'}:v2", f"oci:{tmp_path / 'plain'}:rafs", OPTS)
+    deduped = convert(f"oci:{tmp_path / 'src2'}:v2", dst,
+                      ConvertOptions(chunk_size=64 << 10, progress=False, chunk_dict=base))
+
+    img = rafs_image.open_local_image(dst)
+    layers = [d.digest for d in img.manifest.layers[:-1]]
+    assert layers[:2] == base_blobs  # every chunk of the first two layers is reused
+    assert len(layers) == 3 and layers[2] not in base_blobs  # only /new is stored
+    new_blob = img.manifest.layers[2]
+    assert new_blob.size < 110_000
+    assert rafs_image.check(img) == deduped.chunks  # every digest verified
+    assert _files(dst).keys() == _files(str(plain.target)).keys()
+    config = json.loads(img.layout.read_blob(img.manifest.config.digest))
+    assert config["rootfs"]["diff_ids"][:2] == base_blobs
+
+
+def test_chunk_dict_blobs_no_file_uses_are_left_out(tmp_path: Path) -> None:
+    base = f"oci:{tmp_path / 'base'}:rafs"
+    convert(_src(tmp_path), base, OPTS)
+    build_oci_image(tmp_path / "src2", "v2", [[file_entry("only", os.urandom(50_000))]])
+    dst = f"oci:{tmp_path / 'dst'}:rafs"
+    convert(f"oci:{tmp_path / 'src2'}:v2", dst,
+            ConvertOptions(chunk_size=64 << 10, progress=False, chunk_dict=base))
+    img = rafs_image.open_local_image(dst)
+    assert len(img.manifest.layers) == 2
+    assert rafs_image.check(img) > 0
+
+
+def test_chunk_dict_with_another_chunk_size_is_refused(tmp_path: Path) -> None:
+    base = f"oci:{tmp_path / 'base'}:rafs"
+    convert(_src(tmp_path), base, OPTS)
+    with pytest.raises(OptionError, match="--chunk-size 65536"):
+        convert(_src(tmp_path), f"oci:{tmp_path / 'dst'}:x",
+                ConvertOptions(chunk_size=128 << 10, progress=False, chunk_dict=base))
+    assert not (tmp_path / "dst").exists()
