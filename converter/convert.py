@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zstandard
 
@@ -46,6 +46,9 @@ from .layers import LayerApplier, PrefetchRanks, new_root
 from .progress import Progress
 from .source import ImageSource, LayerSource, open_source
 from .tarstream import LayerStream
+
+if TYPE_CHECKING:
+    from rafs.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +89,11 @@ class ConvertResult:
 class _Target:
     """The target layout, and everything this run must undo if it fails."""
 
-    def __init__(self, ref: ImageRef) -> None:
+    def __init__(self, ref: ImageRef, staging: bool = False) -> None:
         if ref.transport != "oci":
             raise ImageError(f"{ref}: only oci:DIR[:TAG] targets are supported")
+        self.staging = staging  # a private layout that is pushed to a registry afterwards
+        self.external: dict[str, ImageRef] = {}  # blobs left where they are (in a registry)
         self.path = Path(ref.path)
         self.created_dir = False
         self.created_layout = False
@@ -121,7 +126,11 @@ class _Target:
 
     def place_external(self, ref: ImageRef | None, digest: str, size: int, media_type: str,
                        annotations: dict[str, str]) -> Descriptor:
-        """A blob this image shares with the chunk dictionary ``ref``: copied from there."""
+        """A blob this image shares with the chunk dictionary ``ref``: copied from there,
+        or, when the image goes to the dictionary's registry, mounted there at push time."""
+        if ref is not None and ref.transport == "docker" and self.staging:
+            self.external[digest] = ref
+            return Descriptor(media_type, digest, size, dict(annotations))
         if ref is None or ref.transport != "oci":
             raise ImageError(f"cannot copy blob {digest} of the chunk dictionary {ref} into "
                              f"{self.path}")
@@ -164,18 +173,41 @@ def _as_ref(ref: ImageRef | str) -> ImageRef:
 
 def convert(src: ImageRef | str, dst: ImageRef | str,
             options: ConvertOptions | None = None) -> ConvertResult:
-    """Convert ``src`` into a RAFS image tagged in the OCI layout ``dst``."""
+    """Convert ``src`` into a RAFS image tagged ``dst`` (an OCI layout or a registry)."""
     options = options or ConvertOptions()
     options.check()
     src, dst = _as_ref(src), _as_ref(dst)
-    if dst.transport != "oci":
-        raise ImageError(f"{dst}: only oci:DIR[:TAG] targets are supported")
+    if dst.transport not in ("oci", "docker"):
+        raise ImageError(f"{dst}: the target must be oci:DIR[:TAG] or docker://HOST/REPO:TAG")
+    if dst.transport == "docker" and dst.tag is None:
+        raise ImageError(f"{dst}: push to a tag (docker://HOST/REPO:TAG), not a digest")
     tag = dst.tag or DEFAULT_TAG
     started = time.monotonic()
-    with open_source(src) as source:
-        target = _Target(dst)
+    with contextlib.ExitStack() as stack:
+        clients: dict[str, RegistryClient] = {}  # one per registry
+
+        def client_for(ref: ImageRef) -> RegistryClient:
+            from rafs.registry import RegistryClient
+
+            if ref.registry not in clients:
+                clients[ref.registry] = stack.enter_context(RegistryClient.for_ref(ref))
+            return clients[ref.registry]
+
+        source = stack.enter_context(open_source(
+            src, client_for(src) if src.transport == "docker" else None))
+        if dst.transport == "docker":
+            staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rafs-push-")))
+            target = _Target(ImageRef("oci", str(staging / "layout"), tag), staging=True)
+        else:
+            target = _Target(dst)
         try:
             result = _convert(source, target, tag, options)
+            if dst.transport == "docker":
+                from .push import push_image
+
+                push_image(target.layout, result.manifest, client_for(dst), dst,
+                           target.external)
+                result.target = dst
         except BaseException:
             target.rollback()
             raise

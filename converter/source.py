@@ -5,6 +5,9 @@ This module owns the difference between source transports:
 - ``oci:DIR[:TAG]``: an OCI image layout (via ``rafs.oci.OCILayout``); layers
   are blobs with descriptors, so each is checked against its digest and size
   as well as its ``diff_id``.
+- ``docker://HOST/REPO[:TAG|@DIGEST]``: a registry (``rafs.registry``); the
+  manifest is resolved to the host platform and each layer is streamed from
+  the registry while it is converted, checked like an OCI layout's.
 - ``docker-archive:FILE[:REPO:TAG]``: the tar written by ``docker save``, with
   a ``manifest.json`` naming the config and the layer tars (legacy
   ``ID/layer.tar`` or, since Docker 25, ``blobs/sha256/HEX``). Layers named by
@@ -18,13 +21,14 @@ whose ``open()`` gives a fresh stream of the stored layer bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from rafs.errors import DigestError, ImageError, MediaTypeError
 from rafs.oci import (
@@ -32,6 +36,7 @@ from rafs.oci import (
     MEDIA_TYPE_DOCKER_CONFIG,
     MEDIA_TYPE_OCI_CONFIG,
     ImageRef,
+    Manifest,
     OCILayout,
     check_digest,
     is_rafs,
@@ -40,6 +45,9 @@ from rafs.oci import (
 )
 
 from .errors import ConvertError
+
+if TYPE_CHECKING:
+    from rafs.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -101,31 +109,58 @@ def _parse_config(raw: bytes, digest: str, layer_count: int) -> dict[str, Any]:
     return config
 
 
-@contextlib.contextmanager
-def _open_oci(ref: ImageRef) -> Iterator[ImageSource]:
-    layout = OCILayout(ref.path)
-    manifest = layout.resolve(ref.tag)
-    if is_rafs(manifest):
-        raise ConvertError(f"{ref} is already a RAFS image")
-    if manifest.config.media_type not in CONFIG_TYPES:
-        raise MediaTypeError(f"{ref}: unexpected config media type {manifest.config.media_type}")
-    raw = layout.read_blob(manifest.config.digest, MAX_CONFIG)
-    config = _parse_config(raw, manifest.config.digest, len(manifest.layers))
+def _layer_sources(ref: ImageRef, manifest: Manifest, config: dict[str, Any],
+                   opener: Callable[[str], contextlib.AbstractContextManager[BinaryIO]],
+                   has_blob: Callable[[str], bool] | None = None) -> list[LayerSource]:
     layers = []
     for i, (desc, diff_id) in enumerate(zip(manifest.layers, config["rootfs"]["diff_ids"],
                                             strict=True)):
         if desc.media_type not in LAYER_TYPES:
             raise MediaTypeError(f"{ref}: layer {i + 1} has media type {desc.media_type}, "
                                  "not a tar layer")
-        if not layout.has_blob(desc.digest):
+        if has_blob is not None and not has_blob(desc.digest):
             raise ImageError(f"{ref}: layer {i + 1} blob {desc.digest} is missing"
                              + (" (a foreign layer)" if desc.urls else ""))
         layers.append(LayerSource(
             index=i, diff_id=diff_id, media_type=desc.media_type, digest=desc.digest,
-            size=desc.size,
-            opener=(lambda d=desc.digest: layout.open_blob(d)),  # type: ignore[misc]
+            size=desc.size, opener=functools.partial(opener, desc.digest),
         ))
+    return layers
+
+
+def _check_source_manifest(ref: ImageRef, manifest: Manifest) -> None:
+    if is_rafs(manifest):
+        raise ConvertError(f"{ref} is already a RAFS image")
+    if manifest.config.media_type not in CONFIG_TYPES:
+        raise MediaTypeError(f"{ref}: unexpected config media type {manifest.config.media_type}")
+
+
+@contextlib.contextmanager
+def _open_oci(ref: ImageRef) -> Iterator[ImageSource]:
+    layout = OCILayout(ref.path)
+    manifest = layout.resolve(ref.tag)
+    _check_source_manifest(ref, manifest)
+    raw = layout.read_blob(manifest.config.digest, MAX_CONFIG)
+    config = _parse_config(raw, manifest.config.digest, len(manifest.layers))
+    layers = _layer_sources(ref, manifest, config, layout.open_blob, layout.has_blob)
     yield ImageSource(ref, config, manifest.config.digest, manifest.digest, layers)
+
+
+@contextlib.contextmanager
+def _open_registry(ref: ImageRef, client: RegistryClient | None) -> Iterator[ImageSource]:
+    from rafs.registry import RegistryClient
+
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(RegistryClient.for_ref(ref))
+        repo = ref.repository
+        manifest = client.resolve(ref)
+        _check_source_manifest(ref, manifest)
+        raw = client.get_blob(repo, manifest.config.digest, MAX_CONFIG)
+        config = _parse_config(raw, manifest.config.digest, len(manifest.layers))
+        layers = _layer_sources(ref, manifest, config,
+                                functools.partial(client.open_blob, repo))
+        yield ImageSource(ref, config, manifest.config.digest, manifest.digest, layers)
 
 
 _BLOB_NAME = re.compile(r"(?:\./)?blobs/sha256/([0-9a-f]{64})")
@@ -213,14 +248,17 @@ def _pick_archive_image(images: list[dict[str, Any]], ref: ImageRef) -> dict[str
 
 
 @contextlib.contextmanager
-def open_source(ref: ImageRef | str) -> Iterator[ImageSource]:
-    """Open a source image for conversion."""
+def open_source(ref: ImageRef | str,
+                client: RegistryClient | None = None) -> Iterator[ImageSource]:
+    """Open a source image for conversion (``client``: for docker:// sources)."""
     if isinstance(ref, str):
         ref = parse_image_ref(ref)
     if ref.transport == "oci":
         cm = _open_oci(ref)
     elif ref.transport == "docker-archive":
         cm = _open_docker_archive(ref)
+    elif ref.transport == "docker":
+        cm = _open_registry(ref, client)
     else:
         raise ImageError(f"{ref}: the {ref.transport} transport is not supported as a source yet")
     with cm as source:

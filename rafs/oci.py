@@ -262,6 +262,16 @@ class ImageRef:
     tag: str | None = None
     digest: str | None = None
 
+    @property
+    def registry(self) -> str:
+        """``HOST[:PORT]`` of a ``docker`` reference."""
+        return self.path.partition("/")[0]
+
+    @property
+    def repository(self) -> str:
+        """The repository name within the registry of a ``docker`` reference."""
+        return self.path.partition("/")[2]
+
     def __str__(self) -> str:
         if self.transport == "docker":
             return f"docker://{self.path}" + (f"@{self.digest}" if self.digest else
