@@ -2,8 +2,12 @@
 
 Errors and request counts go through ``fused.fuseops.errno_boundary``, the
 same single errno mapping as fuse mode. The blob files never change while
-mounted, so the kernel may cache entries, attributes and pages for as long as
-it likes; every modifying request is answered with EROFS.
+mounted, so the kernel may cache entries and attributes for as long as it
+likes. Blob files are opened with ``direct_io``: the EROFS page cache above
+already holds what was read, a second copy in the blob files' page cache
+would only cost memory, and FUSE readahead on a blob file would fetch
+neighbouring files' chunks that nobody asked for. Direct reads also come in
+whole (up to 1 MiB) requests. Every modifying request is answered with EROFS.
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ class BlobOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise ReadOnlyError("the filesystem is read-only")
         self.fs.open(inode)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return pyfuse3.FileInfo(fh=inode, direct_io=True)
 
     @errno_boundary
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:

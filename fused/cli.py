@@ -35,7 +35,7 @@ from .backend import BackendOptions
 from .control import ensure_run_dir, paths_for, request
 from .errors import ControlError, MountError, NotMountedError
 from .fetcher import DEFAULT_AMPLIFY
-from .kernelmount import MODES
+from .kernelmount import MODES, resolve_mode
 from .kernelmount import umount as kernel_umount
 from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
 
@@ -157,6 +157,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         from .daemon import run
 
+        if options.mode == "kernel":
+            resolve_mode("kernel")
+
         def ready(error: str | None) -> None:
             if error is None:
                 log.info("mounted %s on %s", image, canonical(args.mountpoint))
@@ -206,6 +209,8 @@ def mount_background(
     """Start a detached daemon and return its pid once the mount is ready."""
     if options is None:
         options = MountOptions(prefetch=prefetch)
+    if options.mode == "kernel":
+        resolve_mode("kernel")  # fail here, at once, with the reason (the daemon checks too)
     mp = canonical(mountpoint)
     paths = paths_for(mp)
     ensure_run_dir()
