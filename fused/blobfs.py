@@ -23,6 +23,8 @@ import stat
 import time
 from collections.abc import Iterator
 
+import trio
+
 from rafs.bootstrap import Bootstrap
 from rafs.model import BLOCK_SIZE
 
@@ -35,6 +37,7 @@ from .vfs import NAME_MAX, ROOT_INO, Attr, StatFs
 __all__ = ["BlobFs", "blob_file_name"]
 
 FIRST_BLOB_INO = 2
+THREADED_READ = 256 << 10  # reads at least this large pread in a worker thread
 
 
 def blob_file_name(index: int) -> str:
@@ -155,7 +158,10 @@ class BlobFs:
         buf = bytearray(end - offset)
         if indices:
             view = memoryview(buf)
-            self.cache.preadinto_blob(blob, offset, view)
+            if len(buf) >= THREADED_READ:  # let the disk work while other requests go on
+                await trio.to_thread.run_sync(self.cache.preadinto_blob, blob, offset, view)
+            else:
+                self.cache.preadinto_blob(blob, offset, view)
             # Zero what no chunk covers: gaps, block padding, other images' chunks.
             offsets, sizes = self._chunks(blob)
             pos = offset
