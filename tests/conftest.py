@@ -2,8 +2,10 @@
 
 Owns: the loud failure when the machine cannot run the suite (no ``/dev/fuse``),
 making ``tests.helpers`` importable however pytest is started, a private run
-directory for the daemons the tests start (``RAFS_RUN_DIR``), and the
-session-scoped Debian image fixtures from ``bench.corpus``.
+directory for the daemons the tests start (``RAFS_RUN_DIR``), the
+session-scoped Debian image fixtures from ``bench.corpus``, and the real
+registry (``registry``: Debian's ``docker-registry``, anonymous, see
+``bench.registry``).
 
 Tests run as root (CI does); nothing here skips for lack of privileges.
 """
@@ -14,6 +16,7 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # so `from tests.helpers import ...` always works
 
 from bench import corpus  # noqa: E402
+from bench.registry import RegistryServer  # noqa: E402
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -57,3 +61,15 @@ def debian_image(corpus_cache: Path) -> tuple[Path, str]:
 def debian_numpy_image(corpus_cache: Path) -> tuple[Path, str]:
     """(OCI layout dir, tag) of the python3 image plus a python3-numpy layer."""
     return corpus.debian_numpy_image(corpus_cache)
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[RegistryServer]:
+    """An anonymous ``docker-registry`` on 127.0.0.1:RANDOM with temporary storage.
+
+    Shared by the session: use a repository name of your own and
+    ``registry.mark()`` / ``registry.access_log(since_mark=True)`` to count
+    your own requests.
+    """
+    with RegistryServer() as server:
+        yield server
