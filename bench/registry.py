@@ -162,12 +162,8 @@ class RegistryServer:
         self.auth = auth
         self.binary = binary
         self.start_timeout = start_timeout
-        self._workdir = Path(tempfile.mkdtemp(prefix="rafs-registry-"))
-        self.storage = Path(storage) if storage is not None else self._workdir / "storage"
-        self.storage.mkdir(parents=True, exist_ok=True)
-        self.config_path = self._workdir / "config.yml"
-        self.access_log_path = self._workdir / "access.log"
-        self.log_path = self._workdir / "registry.log"
+        self._given_storage = Path(storage) if storage is not None else None
+        self._workdir: Path | None = None
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_mark = 0
@@ -183,6 +179,32 @@ class RegistryServer:
     def url(self) -> str:
         """``http://127.0.0.1:PORT``."""
         return f"http://{self.host}"
+
+    @property
+    def workdir(self) -> Path:
+        """The started registry's private directory (config, logs, own storage)."""
+        if self._workdir is None:
+            raise RegistryError("registry not started")
+        return self._workdir
+
+    @property
+    def storage(self) -> Path:
+        """Where the registry keeps blobs: the given directory or ``workdir/storage``."""
+        return self._given_storage or self.workdir / "storage"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.yml"
+
+    @property
+    def access_log_path(self) -> Path:
+        """The registry's stdout: its access log in Apache combined format."""
+        return self.workdir / "access.log"
+
+    @property
+    def log_path(self) -> Path:
+        """The registry's stderr: its JSON application log."""
+        return self.workdir / "registry.log"
 
     @property
     def pid(self) -> int | None:
@@ -216,6 +238,8 @@ class RegistryServer:
             raise RegistryError("registry already started")
         if not os.access(self.binary, os.X_OK):
             raise RegistryError(f"{self.binary} not found: install the docker-registry package")
+        self._workdir = Path(tempfile.mkdtemp(prefix="rafs-registry-"))
+        self.storage.mkdir(parents=True, exist_ok=True)
         auth_yaml = self._auth_yaml()
         last_error = ""
         for _attempt in range(5):
@@ -244,7 +268,9 @@ class RegistryServer:
         """Stop the registry (idempotent) and remove what it made."""
         self._kill()
         # our config, logs and (unless the caller gave one) the storage
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
@@ -289,7 +315,7 @@ class RegistryServer:
         """The last lines of the registry's own (JSON) log, for error messages."""
         try:
             text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
+        except (FileNotFoundError, RegistryError):
             return ""
         return " | ".join(text.strip().splitlines()[-lines:])
 
@@ -300,7 +326,7 @@ class RegistryServer:
         if auth is None:
             return ""
         if isinstance(auth, HtpasswdAuth):
-            path = self._workdir / "htpasswd"
+            path = self.workdir / "htpasswd"
             path.write_text("".join(htpasswd_line(u, p) + "\n" for u, p in auth.users.items()))
             return (
                 "auth:\n"

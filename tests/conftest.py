@@ -4,8 +4,9 @@ Owns: the loud failure when the machine cannot run the suite (no ``/dev/fuse``),
 making ``tests.helpers`` importable however pytest is started, a private run
 directory for the daemons the tests start (``RAFS_RUN_DIR``), the
 session-scoped Debian image fixtures from ``bench.corpus``, and the real
-registry (``registry``: Debian's ``docker-registry``, anonymous, see
-``bench.registry``).
+registries (Debian's ``docker-registry``, see ``bench.registry``): ``registry``
+(anonymous), ``registry_basic`` (htpasswd) and ``registry_token`` (bearer
+tokens from ``tests.helpers.token_issuer``).
 
 Tests run as root (CI does); nothing here skips for lack of privileges.
 """
@@ -27,6 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench import corpus  # noqa: E402
 from bench.registry import RegistryServer  # noqa: E402
+from tests.helpers.registries import AuthRegistry, basic_registry, token_registry  # noqa: E402
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -73,6 +75,23 @@ def registry() -> Iterator[RegistryServer]:
     """
     with RegistryServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def registry_basic() -> Iterator[AuthRegistry]:
+    """A ``docker-registry`` with htpasswd basic auth; ``.user``/``.password``/``.creds``."""
+    with basic_registry() as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def registry_token() -> Iterator[AuthRegistry]:
+    """A ``docker-registry`` with token auth; ``.issuer`` is the ``TokenIssuer``
+    (its ``expires_in`` may be changed with ``monkeypatch``; ``.issuer.requests``
+    records each token request). ``.user`` may pull and push;
+    ``tests.helpers.registries.READER_USER`` may only pull."""
+    with token_registry() as reg:
+        yield reg
 
 
 @pytest.fixture(scope="session")
