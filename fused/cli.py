@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rafs.auth import parse_creds
 from rafs.oci import parse_image_ref
 
 from .backend import BackendOptions
@@ -132,21 +133,12 @@ def _size(text: str) -> int:
     return n
 
 
-def _creds(text: str | None) -> tuple[str, str] | None:
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise MountError("--creds takes USER:PASSWORD")
-    return user, password
-
-
 def _cmd_mount(args: argparse.Namespace) -> int:
     image = _absolute_ref(args.image)
     cache_dir = os.path.abspath(args.cache_dir)
     options = MountOptions(prefetch=args.prefetch, amplify_bytes=args.amplify_bytes,
                            metrics_address=args.metrics_address,
-                           insecure=True if args.insecure else None, creds=_creds(args.creds))
+                           insecure=True if args.insecure else None, creds=parse_creds(args.creds))
     if args.foreground:
         from .daemon import run
 
