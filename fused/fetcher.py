@@ -50,9 +50,11 @@ from .cache import ChunkCache
 from .errors import ChunkError
 from .stats import Stats
 
+DEFAULT_RETRIES = 4
+DEFAULT_FETCH_TIMEOUT = 30.0  # seconds without a byte before a fetch counts as failed
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
 
-__all__ = ["DEFAULT_AMPLIFY", "Fetcher", "error_class"]
+__all__ = ["DEFAULT_AMPLIFY", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_RETRIES", "Fetcher", "error_class"]
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +82,10 @@ class Fetcher:
         amplify_bytes: int = DEFAULT_AMPLIFY,
         amplify: bool = True,
         prefetch_merge: int = 16 << 20,
-        retries: int = 4,
+        retries: int = DEFAULT_RETRIES,
         backoff: float = 0.2,
         max_backoff: float = 10.0,
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_FETCH_TIMEOUT,
     ) -> None:
         self.cache = cache
         self.blobs: list[Blob] = cache.blobs
