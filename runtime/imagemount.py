@@ -113,6 +113,22 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _overlays_on(mnt: Path) -> list[str]:
+    """Mount points of the overlays (in this mount namespace) whose lower dir is ``mnt``.
+
+    An overlay holds a private clone of its lower mount, so unmounting ``mnt``
+    would succeed under it and the daemon would stop serving its files."""
+    needle = f"lowerdir={mnt}"
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields = right.split()
+        if len(fields) >= 3 and fields[0] == "overlay" and any(
+                opt == needle or opt.startswith(needle + ":") for opt in fields[2].split(",")):
+            out.append(left.split()[4])
+    return out
+
+
 def mount_modes() -> tuple[str, ...]:
     """The ``--mode`` values this build's daemon accepts."""
     if any(f.name == "mode" for f in fields(MountOptions)):
@@ -185,6 +201,10 @@ def release(key: str, user: str) -> None:
             return
         if m.keep_marker.exists():
             log.info("image %s stays mounted on %s (--keep-mounted)", key, m.mnt)
+            return
+        if overlays := _overlays_on(m.mnt):
+            log.warning("image %s has no registered user left but overlays still use it "
+                        "(%s); leaving it mounted", key, ", ".join(overlays))
             return
         if m.is_mounted():
             try:

@@ -15,8 +15,9 @@ The order of work, each step registering its undo on one ``ExitStack``:
    SIGTERM also starts a stop timer: a container still running after
    ``--stop-timeout`` seconds is killed (a PID 1 without a handler ignores
    SIGTERM). A signal that arrives before runc runs aborts the setup.
-6. unwind: runc's state, the overlay, the image mount; ``--rm`` removes the
-   container's directory, otherwise its status and exit code are recorded.
+6. unwind: runc's state, the overlay, the image mount; ``--rm`` (or a failure
+   before the container started) removes the container's directory, otherwise
+   its status and exit code are recorded.
 
 The exit status is the container's (128 + N when a signal N ended it).
 """
@@ -251,7 +252,7 @@ def _delete_runc_state(runc: Runc, cid: str) -> None:
 
 
 def _finish(c: store.Container, rm: bool) -> None:
-    if rm:
+    if rm or c.status == "created":  # --rm, or it never started: leave nothing behind
         store.remove_dir(c)
         return
     if c.status != "exited":

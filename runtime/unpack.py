@@ -26,6 +26,7 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from converter.layers import WHITEOUT_META_PREFIX, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, normalise
@@ -89,6 +90,7 @@ def _unpack(image: ResolvedImage, root: Path) -> int:
         client = (stack.enter_context(registry_client(image.ref))
                   if image.ref.transport == "docker" else None)
         source = stack.enter_context(open_source(image.ref, client))
+        dir_times: dict[bytes, tuple[int, int]] = {}
         for layer in source.layers:
             if sys.stderr.isatty():
                 print(f"rafs: unpacking layer {layer.index + 1}/{len(source.layers)}",
@@ -97,15 +99,28 @@ def _unpack(image: ResolvedImage, root: Path) -> int:
                 stream = LayerStream(raw, what=layer.label, media_type=layer.media_type,
                                      digest=layer.digest, size=layer.size,
                                      diff_id=layer.diff_id)
-                unpack_layer_entries(stream.entries(), os.fsencode(root), layer.label)
+                unpack_layer_entries(stream.entries(), os.fsencode(root), layer.label,
+                                     dir_times)
                 total += stream.uncompressed_size
+        _set_dir_times(dir_times)
     return total
 
 
-def unpack_layer_entries(entries: object, root: bytes, what: str) -> None:
-    """Apply one layer's entries (an iterator of ``Entry``) onto the tree at ``root``."""
-    applier = _Applier(root, what)
-    for entry in entries:  # type: ignore[attr-defined]
+def _set_dir_times(dir_times: dict[bytes, tuple[int, int]]) -> None:
+    """Directory mtimes last: every later entry in a directory changes its mtime."""
+    for path in sorted(dir_times, key=len, reverse=True):
+        sec, nsec = dir_times[path]
+        ns = sec * 1_000_000_000 + nsec
+        with contextlib.suppress(OSError):
+            os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+
+def unpack_layer_entries(entries: Iterable[Entry], root: bytes, what: str,
+                         dir_times: dict[bytes, tuple[int, int]]) -> None:
+    """Apply one layer's entries onto the tree at ``root``; the mtimes of the directories
+    it names go into ``dir_times`` (set them after the last layer)."""
+    applier = _Applier(root, what, dir_times)
+    for entry in entries:
         try:
             applier.apply(entry)
         except RafsError:
@@ -113,7 +128,6 @@ def unpack_layer_entries(entries: object, root: bytes, what: str) -> None:
         except OSError as e:
             raise UnpackError(f"{what}: {os.fsdecode(entry.name)!r}: "
                               f"{e.strerror or e}") from None
-    applier.finish()
 
 
 def _remove(path: bytes) -> None:
@@ -128,11 +142,12 @@ def _remove(path: bytes) -> None:
 
 
 class _Applier:
-    def __init__(self, root: bytes, what: str) -> None:
+    def __init__(self, root: bytes, what: str,
+                 dir_times: dict[bytes, tuple[int, int]]) -> None:
         self.root = root
         self.what = what
         self.created: set[bytes] = set()  # relative paths this layer wrote
-        self.dir_times: list[tuple[bytes, int, int]] = []
+        self.dir_times = dir_times
 
     def _parent(self, parts: list[bytes]) -> bytes:
         """The host path of the parent directory of ``parts``, created if missing."""
@@ -148,6 +163,7 @@ class _Applier:
         if not parts:  # the root directory itself
             if entry.kind == DIR:
                 self._meta(self.root, entry)
+                self.dir_times[self.root] = (entry.mtime, entry.mtime_nsec)
             return
         base = parts[-1]
         rel = b"/".join(parts)
@@ -162,9 +178,10 @@ class _Applier:
                 _remove(path)
                 os.mkdir(path, 0o700)
             self._meta(path, entry)
-            self.dir_times.append((path, entry.mtime, entry.mtime_nsec))
+            self.dir_times[path] = (entry.mtime, entry.mtime_nsec)
             return
         _remove(path)
+        self.dir_times.pop(path, None)
         if entry.kind == FILE:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
@@ -219,6 +236,7 @@ class _Applier:
         rel = parent_rel + b"/" + victim if parent_rel else victim
         if rel not in self.created:
             _remove(os.path.join(parent, victim))
+            self.dir_times.pop(os.path.join(parent, victim), None)
 
     def _prune(self, directory: bytes, rel: bytes) -> None:
         """Remove what the layers below put in ``directory``, keep what this layer did."""
@@ -229,9 +247,3 @@ class _Applier:
                 _remove(child)
             elif os.path.isdir(child) and not os.path.islink(child):
                 self._prune(child, child_rel)
-
-    def finish(self) -> None:
-        for path, sec, nsec in reversed(self.dir_times):
-            ns = sec * 1_000_000_000 + nsec
-            with contextlib.suppress(OSError):
-                os.utime(path, ns=(ns, ns), follow_symlinks=False)
