@@ -395,3 +395,69 @@ def test_optimized_image_serves_the_traced_workload_from_prefetch(
     # what the workload read came from prefetch: on-demand fetches are rare at most
     assert stats["chunks"]["ondemand"] <= stats["chunks"]["prefetch"] // 10, stats
     assert stats["cache_hits"] > stats["cache_misses"], stats
+
+
+# -- from the registry ----------------------------------------------------------------
+
+
+class RegistryImages:
+    def __init__(self, plain: str, rafs: str) -> None:
+        self.plain = plain
+        self.rafs = rafs
+
+
+@pytest.fixture(scope="module")
+def registry_images(registry: object, debian_numpy_image: tuple[Path, str]) -> RegistryImages:
+    """The numpy image in one repository of the real registry: ``:plain`` (pushed by
+    skopeo) and ``:rafs`` (its conversion, pushed by `rafs convert`)."""
+    src, tag = debian_numpy_image
+    plain = registry.ref("runtime/numpy", "plain")  # type: ignore[attr-defined]
+    res = run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{src}:{tag}",
+               plain], timeout=300)
+    assert res.returncode == 0, res.stderr
+    lazy = registry.ref("runtime/numpy", "rafs")  # type: ignore[attr-defined]
+    convert(plain, lazy)
+    return RegistryImages(plain, lazy)
+
+
+def test_numpy_from_the_registry_runs_lazily(registry_images: RegistryImages,
+                                             env: dict[str, str], root: Path,
+                                             clean: None) -> None:
+    from rafs.oci import parse_image_ref
+    from rafs.registry import RegistryClient
+
+    ref = parse_image_ref(registry_images.rafs)
+    with RegistryClient.for_ref(ref) as client:
+        manifest = client.resolve(ref)
+    res = rafs(env, "run", "--rm", "--keep-mounted", "--cache-dir", root / "cache-registry",
+               registry_images.rafs, *NUMPY_CMD)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()[0].isdigit()
+    mnt = mount_dir_for(manifest.digest)
+    try:
+        reply = read_stats(mnt, env)
+    finally:
+        rafs(env, "umount", mnt)
+    assert reply["image"] == f"docker://{ref.path}@{manifest.digest}"  # pinned
+    blobs = sum(d.size for d in manifest.layers[:-1])
+    assert 0 < reply["stats"]["backend_bytes"] < blobs / 2  # type: ignore[index]
+
+
+def test_plain_image_from_the_registry_is_pulled_whole(registry_images: RegistryImages,
+                                                       env: dict[str, str],
+                                                       clean: None) -> None:
+    res = rafs(env, "run", "--rm", registry_images.plain, *NUMPY_CMD)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()[0].isdigit()
+    assert "not lazy" in res.stderr
+
+
+def test_optimize_finds_the_original_of_a_registry_image(
+        registry_images: RegistryImages, env: dict[str, str], tmp_path: Path,
+        clean: None) -> None:
+    dst = tmp_path / "opt"
+    res = rafs(env, "optimize", registry_images.rafs, f"oci:{dst}:opt", "--", "python3", "-c",
+               "import json")
+    assert res.returncode == 0, res.stderr
+    assert f"converting {registry_images.plain.rsplit(':', 1)[0]}@sha256:" in res.stderr
+    assert OCILayout(dst).resolve("opt").layers
