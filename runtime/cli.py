@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from converter import cli as converter_cli
     from fused import cli as fused_cli
     from rafs import cli as rafs_cli
+    from snapshotter import cli as snapshotter_cli
 
     parser = argparse.ArgumentParser(
         prog="rafs", description="Lazy-loading container image filesystem."
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     converter_cli.register(sub)
     fused_cli.register(sub)
     rafs_cli.register(sub)
+    snapshotter_cli.register(sub)
     return parser
 
 
