@@ -205,8 +205,9 @@ def convert(src: ImageRef | str, dst: ImageRef | str,
             if dst.transport == "docker":
                 from .push import push_image
 
+                same_registry = src.transport == "docker" and src.registry == dst.registry
                 push_image(target.layout, result.manifest, client_for(dst), dst,
-                           target.external)
+                           target.external, src.repository if same_registry else None)
                 result.target = dst
         except BaseException:
             target.rollback()

@@ -45,7 +45,7 @@ import trio
 
 from rafs import codec
 from rafs.bootstrap import Bootstrap
-from rafs.errors import DigestError, ImageError, RafsError
+from rafs.errors import DigestError, ImageError, RafsError, TransientError
 from rafs.oci import (
     ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
     bootstrap_descriptor,
@@ -103,7 +103,7 @@ async def load_bootstrap(backend: Backend, cache_dir: str) -> Path:
             return path
     if desc.size > codec.MAX_BOOTSTRAP:
         raise ImageError(f"bootstrap layer of {desc.size} bytes is too large")
-    payload = await backend.read(desc.digest, 0, desc.size)
+    payload = await _read_retrying(backend, desc.digest, desc.size)
 
     def verify() -> tuple[str, bytes]:
         if sha256_digest(payload) != desc.digest:
@@ -115,6 +115,20 @@ async def load_bootstrap(backend: Backend, cache_dir: str) -> Path:
     path = await trio.to_thread.run_sync(store_bootstrap, cache_dir, digest, raw)
     log.info("bootstrap %s stored at %s", digest, path)
     return path
+
+
+async def _read_retrying(backend: Backend, digest: str, size: int, attempts: int = 5) -> bytes:
+    """A whole blob (the bootstrap), retrying transient failures with backoff."""
+    for attempt in range(attempts):
+        try:
+            return await backend.read(digest, 0, size)
+        except TransientError as e:
+            if attempt == attempts - 1:
+                raise
+            delay = max(min(8.0, 0.25 * 2 ** attempt), min(e.retry_after or 0.0, 30.0))
+            log.info("%s; retrying in %.1fs", e, delay)
+            await trio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 # -- serving ------------------------------------------------------------------
