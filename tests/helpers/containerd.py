@@ -35,6 +35,7 @@ from tests.helpers.procs import run
 
 __all__ = [
     "Containerd",
+    "SnapshotterProcess",
     "containerd_daemon",
     "mounts_under",
     "snapshotter_process",
@@ -111,23 +112,41 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
             continue
 
 
+class SnapshotterProcess:
+    """``rafs -vv snapshotter`` in a subprocess; ``stop``/``start`` restart it on the
+    same root. Its rafs mounts outlive it on purpose (``unmount_under`` ends them)."""
+
+    def __init__(self, address: Path, root: Path, log: Path, extra: tuple[str, ...] = ()):
+        self.address, self.root, self.log, self.extra = address, root, log, extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.address.unlink()
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                rafs_cmd("-vv", "snapshotter", "--address", self.address, "--root", self.root,
+                         *self.extra),
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                env={**os.environ, **_env(None)},
+            )
+        _wait_for(self.address, self.proc, 60, "rafs snapshotter", self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
 @contextlib.contextmanager
 def snapshotter_process(address: Path, root: Path, log: Path,
-                        extra: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[bytes]]:
-    """``rafs -v snapshotter`` running until the block ends (its mounts stay)."""
-    with contextlib.suppress(FileNotFoundError):
-        address.unlink()
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(
-            rafs_cmd("-vv", "snapshotter", "--address", address, "--root", root, *extra),
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-            env={**os.environ, **_env(None)},
-        )
+                        extra: tuple[str, ...] = ()) -> Iterator[SnapshotterProcess]:
+    """The snapshotter running until the block ends (its mounts stay)."""
+    sp = SnapshotterProcess(address, root, log, extra)
     try:
-        _wait_for(address, proc, 60, "rafs snapshotter", log)
-        yield proc
+        sp.start()
+        yield sp
     finally:
-        _stop(proc)
+        sp.stop()
 
 
 @dataclass
