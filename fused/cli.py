@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rafs.auth import parse_creds
 from rafs.oci import parse_image_ref
 
 from .backend import BackendOptions
 
 from .control import ensure_run_dir, paths_for, request
 from .errors import ControlError, MountError, NotMountedError
-from .fetcher import DEFAULT_AMPLIFY
+from .fetcher import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
 from .kernelmount import MODES, resolve_mode
 from .kernelmount import umount as kernel_umount
 from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
@@ -72,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--amplify-bytes", type=_size, default=DEFAULT_AMPLIFY, metavar="BYTES",
                    help="grow an on-demand fetch with the chunks that follow it in the blob "
                    "up to this many bytes (default 1M; 0: fetch only what is read)")
+    p.add_argument("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT,
+                   metavar="SECONDS", help="a fetch that receives nothing for this long fails "
+                   f"and is retried (default {DEFAULT_FETCH_TIMEOUT:g})")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                   help="retries of a failed fetch, with exponential backoff, before the "
+                   f"read fails with EIO (default {DEFAULT_RETRIES})")
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP on this address")
     p.add_argument("--insecure", action="store_true",
@@ -138,21 +145,15 @@ def _size(text: str) -> int:
     return n
 
 
-def _creds(text: str | None) -> tuple[str, str] | None:
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise MountError("--creds takes USER:PASSWORD")
-    return user, password
-
-
 def _cmd_mount(args: argparse.Namespace) -> int:
     image = _absolute_ref(args.image)
     cache_dir = os.path.abspath(args.cache_dir)
+    if args.fetch_timeout <= 0 or args.retries < 0:
+        raise MountError("--fetch-timeout must be positive and --retries not negative")
     options = MountOptions(prefetch=args.prefetch, amplify_bytes=args.amplify_bytes,
+                           fetch_timeout=args.fetch_timeout, retries=args.retries,
                            metrics_address=args.metrics_address,
-                           insecure=True if args.insecure else None, creds=_creds(args.creds),
+                           insecure=True if args.insecure else None, creds=parse_creds(args.creds),
                            mode=args.mode)
     if args.foreground:
         from .daemon import run
@@ -178,13 +179,16 @@ class MountOptions:
 
     prefetch: bool = True
     amplify_bytes: int = DEFAULT_AMPLIFY
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+    retries: int = DEFAULT_RETRIES
     metrics_address: str | None = None
     insecure: bool | None = None
     creds: tuple[str, str] | None = None
     mode: str = "auto"  # auto | fuse | kernel
 
     def daemon_args(self) -> list[str]:
-        args = ["--amplify-bytes", str(self.amplify_bytes), "--mode", self.mode]
+        args = ["--amplify-bytes", str(self.amplify_bytes), "--mode", self.mode,
+                "--fetch-timeout", str(self.fetch_timeout), "--retries", str(self.retries)]
         if not self.prefetch:
             args.append("--no-prefetch")
         if self.metrics_address:
@@ -198,8 +202,10 @@ class MountOptions:
 
         return DaemonConfig(image, mountpoint, cache_dir, prefetch=self.prefetch,
                             amplify_bytes=self.amplify_bytes,
+                            fetch_timeout=self.fetch_timeout, retries=self.retries,
                             metrics_address=self.metrics_address, mode=self.mode,
-                            backend=BackendOptions(insecure=self.insecure, creds=self.creds))
+                            backend=BackendOptions(insecure=self.insecure, creds=self.creds,
+                                                   timeout=self.fetch_timeout))
 
 
 def mount_background(

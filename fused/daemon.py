@@ -48,7 +48,7 @@ import trio
 
 from rafs import codec
 from rafs.bootstrap import Bootstrap
-from rafs.errors import DigestError, ImageError, RafsError
+from rafs.errors import DigestError, ImageError, RafsError, TransientError
 from rafs.oci import (
     ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
     bootstrap_descriptor,
@@ -62,7 +62,7 @@ from .cache import ChunkCache, cached_bootstrap, store_bootstrap
 from .control import ensure_run_dir, paths_for
 from .control_server import serve as serve_control
 from .errors import MountError
-from .fetcher import DEFAULT_AMPLIFY, Fetcher
+from .fetcher import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES, Fetcher
 from .blobfs import BlobFs, blob_file_name
 from .blobops import BLOB_MOUNT_OPTIONS, BlobOperations
 from .fuseops import MOUNT_OPTIONS, Operations
@@ -90,6 +90,8 @@ class DaemonConfig:
     max_requests: int = 8
     prefetch: bool = True
     amplify_bytes: int = DEFAULT_AMPLIFY
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT  # idle seconds before a fetch is retried
+    retries: int = DEFAULT_RETRIES  # per backend request, then EIO
     metrics_address: str | None = None
     backend: BackendOptions = field(default_factory=BackendOptions)
     mode: str = "auto"  # auto | fuse | kernel (see fused.kernelmount)
@@ -111,7 +113,7 @@ async def load_bootstrap(backend: Backend, cache_dir: str) -> Path:
             return path
     if desc.size > codec.MAX_BOOTSTRAP:
         raise ImageError(f"bootstrap layer of {desc.size} bytes is too large")
-    payload = await backend.read(desc.digest, 0, desc.size)
+    payload = await _read_retrying(backend, desc.digest, desc.size)
 
     def verify() -> tuple[str, bytes]:
         if sha256_digest(payload) != desc.digest:
@@ -123,6 +125,20 @@ async def load_bootstrap(backend: Backend, cache_dir: str) -> Path:
     path = await trio.to_thread.run_sync(store_bootstrap, cache_dir, digest, raw)
     log.info("bootstrap %s stored at %s", digest, path)
     return path
+
+
+async def _read_retrying(backend: Backend, digest: str, size: int, attempts: int = 5) -> bytes:
+    """A whole blob (the bootstrap), retrying transient failures with backoff."""
+    for attempt in range(attempts):
+        try:
+            return await backend.read(digest, 0, size)
+        except TransientError as e:
+            if attempt == attempts - 1:
+                raise
+            delay = max(min(8.0, 0.25 * 2 ** attempt), min(e.retry_after or 0.0, 30.0))
+            log.info("%s; retrying in %.1fs", e, delay)
+            await trio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 # -- serving ------------------------------------------------------------------
@@ -204,7 +220,8 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(cache.run)
         fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests,
-                          amplify_bytes=cfg.amplify_bytes)
+                          amplify_bytes=cfg.amplify_bytes, timeout=cfg.fetch_timeout,
+                          retries=cfg.retries)
         await stack.enter_async_context(fetcher.running())
         vfs = Vfs(bootstrap, fetcher, stats)
         ops: pyfuse3.Operations
@@ -523,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-prefetch", action="store_true",
                         help="do not fetch the image's prefetch list in the background")
     parser.add_argument("--amplify-bytes", type=int, default=DEFAULT_AMPLIFY)
+    parser.add_argument("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT)
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     parser.add_argument("--metrics-address")
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--mode", choices=MODES, default="auto")
@@ -538,10 +557,11 @@ def main(argv: list[str] | None = None) -> int:
         creds = (user, password)
     cfg = DaemonConfig(args.image, args.mountpoint, os.path.abspath(args.cache_dir),
                        readahead_kb=args.readahead_kb, prefetch=not args.no_prefetch,
-                       amplify_bytes=args.amplify_bytes, metrics_address=args.metrics_address,
+                       amplify_bytes=args.amplify_bytes, fetch_timeout=args.fetch_timeout,
+                       retries=args.retries, metrics_address=args.metrics_address,
                        mode=args.mode,
                        backend=BackendOptions(insecure=True if args.insecure else None,
-                                              creds=creds))
+                                              creds=creds, timeout=args.fetch_timeout))
     try:
         run(cfg, _pipe_reporter(args.ready_fd))
     except RafsError as e:

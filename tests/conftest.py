@@ -2,8 +2,11 @@
 
 Owns: the loud failure when the machine cannot run the suite (no ``/dev/fuse``),
 making ``tests.helpers`` importable however pytest is started, a private run
-directory for the daemons the tests start (``RAFS_RUN_DIR``), and the
-session-scoped Debian image fixtures from ``bench.corpus``.
+directory for the daemons the tests start (``RAFS_RUN_DIR``), the
+session-scoped Debian image fixtures from ``bench.corpus``, and the real
+registries (Debian's ``docker-registry``, see ``bench.registry``): ``registry``
+(anonymous), ``registry_basic`` (htpasswd) and ``registry_token`` (bearer
+tokens from ``tests.helpers.token_issuer``).
 
 Tests run as root (CI does); nothing here skips for lack of privileges.
 """
@@ -14,6 +17,7 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # so `from tests.helpers import ...` always works
 
 from bench import corpus  # noqa: E402
+from bench.registry import RegistryServer  # noqa: E402
+from tests.helpers.registries import AuthRegistry, basic_registry, token_registry  # noqa: E402
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -57,3 +63,56 @@ def debian_image(corpus_cache: Path) -> tuple[Path, str]:
 def debian_numpy_image(corpus_cache: Path) -> tuple[Path, str]:
     """(OCI layout dir, tag) of the python3 image plus a python3-numpy layer."""
     return corpus.debian_numpy_image(corpus_cache)
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[RegistryServer]:
+    """An anonymous ``docker-registry`` on 127.0.0.1:RANDOM with temporary storage.
+
+    Shared by the session: use a repository name of your own and
+    ``registry.mark()`` / ``registry.access_log(since_mark=True)`` to count
+    your own requests.
+    """
+    with RegistryServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def registry_basic() -> Iterator[AuthRegistry]:
+    """A ``docker-registry`` with htpasswd basic auth; ``.user``/``.password``/``.creds``."""
+    with basic_registry() as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def registry_token() -> Iterator[AuthRegistry]:
+    """A ``docker-registry`` with token auth; ``.issuer`` is the ``TokenIssuer``
+    (its ``expires_in`` may be changed with ``monkeypatch``; ``.issuer.requests``
+    records each token request). ``.user`` may pull and push;
+    ``tests.helpers.registries.READER_USER`` may only pull."""
+    with token_registry() as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def rafs_python_ref(registry: RegistryServer, debian_image: tuple[Path, str]) -> str:
+    """The python3 image converted to RAFS and pushed: ``docker://HOST/rafs/debian:python``."""
+    from converter.convert import ConvertOptions, convert
+
+    src, tag = debian_image
+    ref = registry.ref("rafs/debian", "python")
+    convert(f"oci:{src}:{tag}", ref, ConvertOptions(progress=False))
+    return ref
+
+
+@pytest.fixture(scope="session")
+def rafs_numpy_ref(registry: RegistryServer, rafs_python_ref: str,
+                   debian_numpy_image: tuple[Path, str]) -> str:
+    """The python3-numpy image converted to RAFS and pushed after the python3 one,
+    into the same repository: ``docker://HOST/rafs/debian:numpy``."""
+    from converter.convert import ConvertOptions, convert
+
+    src, tag = debian_numpy_image
+    ref = registry.ref("rafs/debian", "numpy")
+    convert(f"oci:{src}:{tag}", ref, ConvertOptions(progress=False))
+    return ref
