@@ -37,7 +37,6 @@ from .control import ensure_run_dir, paths_for, request
 from .errors import ControlError, MountError, NotMountedError
 from .fetcher import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
 from .kernelmount import MODES, resolve_mode
-from .kernelmount import umount as kernel_umount
 from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
 
 if TYPE_CHECKING:
@@ -345,33 +344,21 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> Non
 
 
 def _fallback_unmount(mp: str, lazy: bool) -> None:
-    """Unmount without the daemon: its EROFS mount first (kernel mode), then its FUSE
-    mount, whichever of them is there."""
-    entry = find_mount(mp)
-    if entry is not None and entry.is_kernel:
-        if not lazy:
-            try:
-                kernel_umount(mp)
-            except MountError as e:
-                log.warning("umount %s: %s; detaching lazily", mp, e)
-                kernel_umount(mp, lazy=True)
-        else:
-            kernel_umount(mp, lazy=True)
-    elif entry is not None and entry.is_rafs:
-        if not lazy:
-            try:
-                fusermount_unmount(mp)
-            except MountError as e:
-                log.warning("fusermount3 -u %s: %s; detaching lazily", mp, e)
-                fusermount_unmount(mp, lazy=True)
-        else:
-            fusermount_unmount(mp, lazy=True)
-    blobs = paths_for(mp).blobs
-    blob_entry = find_mount(blobs)
-    if blob_entry is not None and blob_entry.fstype == BLOB_FSTYPE:
-        fusermount_unmount(blobs, lazy=True)  # a dead session: nothing to wait for
-    with contextlib.suppress(OSError):
-        blobs.rmdir()
+    """Unmount without the daemon (both mounts in kernel mode): plainly, else lazily."""
+    if not lazy:
+        try:
+            fusermount_unmount(mp)
+            return
+        except MountError as e:
+            log.warning("unmounting %s: %s; detaching lazily", mp, e)
+    if (entry := find_mount(mp)) is not None and entry.is_rafs:
+        fusermount_unmount(mp, lazy=True)
+    else:  # the user-visible mount is gone; a blob mount may be left
+        blobs = paths_for(mp).blobs
+        if (b := find_mount(blobs)) is not None and b.fstype == BLOB_FSTYPE:
+            fusermount_unmount(blobs, lazy=True)
+        with contextlib.suppress(OSError):
+            blobs.rmdir()
 
 
 def _wait_exit(pid: int, timeout: float) -> None:

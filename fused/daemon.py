@@ -336,6 +336,7 @@ class _KernelMount:
         self.blob_dir = blob_dir
         self.devices = [str(blob_dir / blob_file_name(k)) for k in range(blobs)]
         self.erofs_mounted = False
+        self.erofs_dev: str | None = None  # MAJOR:MINOR of our EROFS mount
         self.bdi: str | None = None
 
     def prepare(self) -> None:
@@ -353,6 +354,8 @@ class _KernelMount:
         before = _erofs_bdis()
         mount_erofs(self.bootstrap, self.mountpoint, self.devices)
         self.erofs_mounted = True
+        entry = find_mount(self.mountpoint)
+        self.erofs_dev = entry.major_minor if entry is not None else None
         # A file-backed EROFS mount has a bdi of its own named by a counter, not by
         # st_dev; the one that appeared is ours unless another mount raced us.
         new = _erofs_bdis() - before
@@ -361,10 +364,16 @@ class _KernelMount:
                  self.mountpoint, len(self.devices))
 
     def unmount_erofs(self, *, lazy: bool) -> None:
-        """MountError (busy) leaves it mounted."""
-        if self.erofs_mounted:
-            kernel_umount(self.mountpoint, lazy=lazy)
+        """MountError (busy) leaves it mounted. Someone may have unmounted it already
+        (and mounted something else there): only our own mount is touched."""
+        if not self.erofs_mounted:
+            return
+        entry = find_mount(self.mountpoint)
+        if entry is None or entry.major_minor != self.erofs_dev:
             self.erofs_mounted = False
+            return
+        kernel_umount(self.mountpoint, lazy=lazy)
+        self.erofs_mounted = False
 
     def unmount_erofs_quietly(self) -> None:
         try:

@@ -10,6 +10,7 @@ for root and for users alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -82,7 +83,34 @@ def find_mount(path: str | os.PathLike[str]) -> MountEntry | None:
 
 
 def fusermount_unmount(path: str | os.PathLike[str], *, lazy: bool = False) -> None:
-    """Unmount with ``fusermount3 -u`` (``-z``: lazily); MountError with its message."""
+    """Unmount the mount on ``path`` without its daemon (``lazy``: detach it even if busy).
+
+    A FUSE mount goes with ``fusermount3 -u`` (``-z``). A kernel-mode rafs mount
+    goes with ``umount2`` of the EROFS mount, then its blob filesystem (found in
+    this process's run directory) is detached and its directory removed: a live
+    daemon then sees its session end and exits. MountError with the reason.
+    """
+    entry = find_mount(path)
+    if entry is not None and entry.is_kernel:
+        _unmount_kernel_mode(entry.mountpoint, lazy)
+        return
+    _fusermount(path, lazy)
+
+
+def _unmount_kernel_mode(mountpoint: str, lazy: bool) -> None:
+    from .control import paths_for  # control imports this module
+    from .kernelmount import umount
+
+    umount(mountpoint, lazy=lazy)
+    blobs = paths_for(mountpoint).blobs
+    entry = find_mount(blobs)
+    if entry is not None and entry.fstype == BLOB_FSTYPE:
+        _fusermount(blobs, True)  # EROFS may still hold it a moment; nobody else uses it
+    with contextlib.suppress(OSError):
+        blobs.rmdir()
+
+
+def _fusermount(path: str | os.PathLike[str], lazy: bool) -> None:
     args = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", canonical(path)]
     try:
         res = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
