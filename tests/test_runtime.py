@@ -370,6 +370,32 @@ def test_rm_refuses_a_running_container_without_force(
     assert "no such container" in assert_clean_error(rafs(env, "rm", "busy"))
 
 
+def test_unknown_mode_is_one_clean_error(images: Images, env: dict[str, str], root: Path,
+                                         clean: None) -> None:
+    res = rafs(env, "run", "--rm", "--mode", "bogus", images.rafs, "true")
+    assert "--mode bogus" in assert_clean_error(res)
+    assert res.returncode == 125
+    assert leftovers(root) == []
+
+
+def test_rm_force_cleans_up_after_a_killed_rafs_run(
+        images: Images, env: dict[str, str], root: Path, clean: None) -> None:
+    p = start(env, "--name", "orphan", images.rafs, "sleep", "300")
+    try:
+        wait_until(lambda: status_of(env, "orphan") == "running", what="the container")
+        p.kill()  # SIGKILL: rafs run cannot clean up; runc and the container live on
+        p.wait()
+        assert status_of(env, "orphan") == "running"
+        res = rafs(env, "rm", "-f", "orphan")
+        assert res.returncode == 0, res.stderr
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert leftovers(root) == []
+    assert rafs(env, "ps", "-q").stdout == ""
+
+
 # -- optimize ---------------------------------------------------------------------
 
 
