@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RafsError as e:
         print(f"rafs: error: {e}", file=sys.stderr)
-        return exit_status(e)
+        return exit_status(e, args.command)
     except KeyboardInterrupt:
         print("rafs: interrupted", file=sys.stderr)
         return 130
