@@ -68,8 +68,10 @@ class ImageMount:
             os.close(fd)
 
     def is_mounted(self) -> bool:
+        """Whether the image is mounted: a rafs FUSE mount, or an EROFS mount of the
+        bootstrap (kernel mode)."""
         entry = find_mount(self.mnt)
-        return entry is not None and entry.is_rafs
+        return entry is not None and (entry.is_rafs or entry.fstype == "erofs")
 
     def live_users(self) -> list[str]:
         """Container ids using the mount whose owner process still lives."""
