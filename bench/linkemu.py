@@ -18,7 +18,8 @@ direction (client -> upstream is "up", upstream -> client is "down"):
 - **handshake**: a new connection costs one RTT before its first byte travels
   (the client's TCP handshake to the proxy is local and instant).
 - **counters**: bytes delivered per direction and connections accepted, exact
-  (``LinkCounters``).
+  (``LinkCounters``); a byte is counted once it was handed to the receiving
+  socket, so the figures are final when no connection is open (``wait_idle``).
 
 Nothing here measures or asserts; ``tests/test_linkemu.py`` measures the emulator.
 """
@@ -35,6 +36,7 @@ import signal
 import sys
 import termios
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
@@ -172,6 +174,13 @@ class LinkEmulator:
 
     def counters(self) -> LinkCounters:
         return LinkCounters(self._up.bytes, self._down.bytes, self._connections, self._active)
+
+    def wait_idle(self, timeout: float = 10.0) -> LinkCounters:
+        """Wait until no connection is open (the counters are final then); return them."""
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.counters()
 
     def reset_counters(self) -> None:
         self._up.bytes = self._down.bytes = 0

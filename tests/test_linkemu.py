@@ -122,12 +122,6 @@ def _within(measured: float, expected: float, tolerance: float = 0.10) -> bool:
     return abs(measured - expected) <= tolerance * expected
 
 
-def _wait_for(predicate, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
 def test_download_rate_is_the_cap(upstream):
     with LinkEmulator(upstream.host, RATE) as emu:
         out: list[tuple[float, float, int]] = []
@@ -221,8 +215,7 @@ def test_counters_are_exact(upstream):
                 assert reply.startswith(b"OK ")
                 sent_up += len(request) + len(upload)
                 received_down += len(reply)
-        _wait_for(lambda: emu.counters().active == 0)
-        c = emu.counters()
+        c = emu.wait_idle()
     assert (c.bytes_up, c.bytes_down) == (sent_up, received_down)
     assert (c.connections, c.active) == (len(sizes), 0)
 
@@ -231,8 +224,7 @@ def test_local_profile_passes_bytes_unshaped_and_counts_them(upstream):
     with LinkEmulator(upstream.host, "local") as emu:
         out: list[tuple[float, float, int]] = []
         _download(emu, 3_000_000, out)
-        _wait_for(lambda: emu.counters().active == 0)
-        c = emu.counters()
+        c = emu.wait_idle()
     assert (c.bytes_down, c.bytes_up, c.connections) == (3_000_000, len(b"SEND 3000000\n"), 1)
 
 
