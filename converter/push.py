@@ -34,19 +34,23 @@ class PushResult:
 
 
 def push_image(layout: OCILayout, manifest: Manifest, client: RegistryClient, dst: ImageRef,
-               external: dict[str, ImageRef] | None = None) -> PushResult:
+               external: dict[str, ImageRef] | None = None,
+               mount_from: str | None = None) -> PushResult:
     """Upload ``manifest`` and its blobs from ``layout`` to ``dst``.
 
     ``external`` names, for blobs that are not in the layout, the image they
     come from (a chunk dictionary in the same registry): they are mounted from
-    its repository, and must already be in the registry.
+    its repository, and must already be in the registry. ``mount_from`` is a
+    repository of the same registry that may hold some of the blobs (the
+    source image's): those are mounted rather than uploaded.
     """
     external = external or {}
     repo = dst.repository
     result = PushResult()
     for desc in [manifest.config, *manifest.layers]:
         if layout.has_blob(desc.digest):
-            sent = client.push_blob(repo, desc.digest, desc.size, layout.blob_path(desc.digest))
+            sent = client.push_blob(repo, desc.digest, desc.size, layout.blob_path(desc.digest),
+                                    mount_from=mount_from if mount_from != repo else None)
         else:
             source = external.get(desc.digest)
             if source is None or source.transport != "docker" or source.registry != dst.registry:

@@ -29,12 +29,13 @@ from typing import ClassVar, Self
 
 import trio
 
-from rafs.errors import BackendError, ImageError
+from rafs.errors import BackendError, ImageError, TransientError
 from rafs.oci import ImageRef, Manifest, OCILayout, is_rafs
 
 from .stats import Stats
 
-__all__ = ["BACKENDS", "Backend", "BackendOptions", "LocalBackend", "open_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendOptions", "LocalBackend", "RegistryBackend",
+           "open_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,59 @@ class LocalBackend(Backend):
             os.close(fd)
 
 
+class RegistryBackend(Backend):
+    """Blobs of an image in an OCI registry, read with HTTP Range requests on a
+    keep-alive connection pool (``rafs.registry.AsyncRegistryClient``).
+
+    One attempt per call: the fetcher owns retries, and learns from the
+    ``TransientError`` raised here whether (and after how long) to retry.
+    """
+
+    scheme = "docker"
+
+    def __init__(self, ref: ImageRef, options: BackendOptions) -> None:
+        from rafs.registry import AsyncRegistryClient
+
+        self.ref = ref
+        self.client = AsyncRegistryClient.for_ref(
+            ref, insecure=options.insecure, creds=options.creds, timeout=options.timeout,
+            max_connections=options.max_connections)
+
+    @classmethod
+    def from_ref(cls, ref: ImageRef, options: BackendOptions) -> Self:
+        return cls(ref, options)
+
+    async def resolve(self) -> Manifest:
+        manifest = await self.client.resolve(self.ref)
+        if not is_rafs(manifest):
+            raise ImageError(f"{self.ref} is not a RAFS image (convert it with `rafs convert`)")
+        return manifest
+
+    async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
+        pieces = [piece async for piece in self.stream(blob_digest, offset, length)]
+        data = b"".join(pieces)
+        if len(data) != length:
+            raise TransientError(f"blob {blob_digest}: {len(data)} of {length} bytes arrived",
+                                 error_class="truncated")
+        return data
+
+    async def stream(self, blob_digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        ignored = self.client.counters.range_ignored
+        try:
+            async for piece in self.client.stream_range(self.ref.repository, blob_digest,
+                                                        offset, length):
+                yield piece
+        finally:
+            if self.stats is not None:
+                self.stats.range_ignored += self.client.counters.range_ignored - ignored
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
 BACKENDS: dict[str, type[Backend]] = {
     LocalBackend.scheme: LocalBackend,
+    RegistryBackend.scheme: RegistryBackend,
 }
 
 

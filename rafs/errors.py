@@ -6,6 +6,7 @@
     ├── ImageError         an OCI image, layout, manifest or reference is unusable
     │   └── MediaTypeError an unknown or unexpected media type
     └── BackendError       fetching bytes failed (I/O, network, registry)
+        ├── AuthError      the registry refused our credentials, or wants some
         └── TransientError worth retrying (connection reset, 5xx, 429, truncation)
 
 Every message is one line meant for a user; the CLI prints it without a traceback.
@@ -51,8 +52,25 @@ class BackendError(RafsError):
     """Fetching bytes from a backend failed."""
 
 
+class AuthError(BackendError):
+    """A registry refused access: no, wrong or insufficient credentials."""
+
+    errno = errno.EACCES
+
+
 class TransientError(BackendError):
-    """A backend failure that is worth retrying."""
+    """A backend failure that is worth retrying.
+
+    ``error_class`` names the kind of failure for counters ("connection",
+    "timeout", "5xx", "429", "truncated", ...); ``retry_after`` is the delay in
+    seconds a server asked for, if any.
+    """
+
+    def __init__(self, message: str, *, error_class: str = "other",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.retry_after = retry_after
 
 
 def to_errno(exc: BaseException) -> int:

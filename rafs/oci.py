@@ -56,8 +56,13 @@ __all__ = [
 
 # -- media types --------------------------------------------------------------
 
-MEDIA_TYPE_RAFS_BLOB = "application/vnd.rafs.blob.v1"
-MEDIA_TYPE_RAFS_BOOTSTRAP = "application/vnd.rafs.bootstrap.v1.erofs+zstd"
+# Both start with "application/vnd.oci.image.layer." on purpose: containerd
+# (images.IsLayerType) treats only such types as layers. Layers are what its
+# unpacker offers to a remote snapshotter (with the labels ctr-remote and CRI
+# add) before fetching them; any other type is fetched whole as a "non-layer"
+# and then fails to unpack.
+MEDIA_TYPE_RAFS_BLOB = "application/vnd.oci.image.layer.rafs.blob.v1"
+MEDIA_TYPE_RAFS_BOOTSTRAP = "application/vnd.oci.image.layer.rafs.bootstrap.v1.erofs+zstd"
 
 MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -227,6 +232,20 @@ def parse_manifest(raw: bytes, digest: str | None = None) -> Manifest:
         raw=raw,
         digest=digest or sha256_digest(raw),
     )
+
+
+def select_platform(raw: bytes, digest: str) -> Descriptor:
+    """The entry of the image index ``raw`` for this machine's platform."""
+    index = _load_json(raw, f"image index {digest}")
+    manifests = index.get("manifests")
+    if not isinstance(manifests, list):
+        raise ImageError(f"image index {digest} has no manifests list")
+    want_os, want_arch = host_platform()
+    for child in map(Descriptor.from_json, manifests):
+        plat = child.platform or {}
+        if plat.get("os") == want_os and plat.get("architecture") == want_arch:
+            return child
+    raise ImageError(f"image index {digest} has no {want_os}/{want_arch} image")
 
 
 def is_rafs(manifest: Manifest) -> bool:
@@ -495,14 +514,7 @@ class OCILayout:
             raise MediaTypeError(f"unexpected media type {desc.media_type} in image index")
         if depth > 4:
             raise ImageError(f"{self.path}: image indexes nested too deeply")
-        index = _load_json(self.read_blob(desc.digest), f"image index {desc.digest}")
-        children = [Descriptor.from_json(d) for d in index.get("manifests") or []]
-        want_os, want_arch = host_platform()
-        for child in children:
-            plat = child.platform or {}
-            if plat.get("os") == want_os and plat.get("architecture") == want_arch:
-                return self._follow(child, depth + 1)
-        raise ImageError(f"image index {desc.digest} has no {want_os}/{want_arch} image")
+        return self._follow(select_platform(self.read_blob(desc.digest), desc.digest), depth + 1)
 
     def put_manifest(
         self, manifest: dict[str, Any], tag: str, platform: dict[str, Any] | None = None

@@ -92,3 +92,27 @@ def registry_token() -> Iterator[AuthRegistry]:
     ``tests.helpers.registries.READER_USER`` may only pull."""
     with token_registry() as reg:
         yield reg
+
+
+@pytest.fixture(scope="session")
+def rafs_python_ref(registry: RegistryServer, debian_image: tuple[Path, str]) -> str:
+    """The python3 image converted to RAFS and pushed: ``docker://HOST/rafs/debian:python``."""
+    from converter.convert import ConvertOptions, convert
+
+    src, tag = debian_image
+    ref = registry.ref("rafs/debian", "python")
+    convert(f"oci:{src}:{tag}", ref, ConvertOptions(progress=False))
+    return ref
+
+
+@pytest.fixture(scope="session")
+def rafs_numpy_ref(registry: RegistryServer, rafs_python_ref: str,
+                   debian_numpy_image: tuple[Path, str]) -> str:
+    """The python3-numpy image converted to RAFS and pushed after the python3 one,
+    into the same repository: ``docker://HOST/rafs/debian:numpy``."""
+    from converter.convert import ConvertOptions, convert
+
+    src, tag = debian_numpy_image
+    ref = registry.ref("rafs/debian", "numpy")
+    convert(f"oci:{src}:{tag}", ref, ConvertOptions(progress=False))
+    return ref
