@@ -143,7 +143,8 @@ class LinkEmulator:
     """The emulated link in front of ``upstream`` (``HOST:PORT``).
 
     Use as a context manager: it runs trio in a background thread and stops it on
-    exit. ``address``/``host`` is where clients connect (``listen`` may use port 0).
+    exit. ``address`` (``HOST:PORT``, also ``host``) is where clients connect
+    (``listen`` may use port 0).
     """
 
     def __init__(self, upstream: str, profile: LinkProfile | str = "local", *,
@@ -156,7 +157,7 @@ class LinkEmulator:
         self._down = _Direction(self.profile)
         self._connections = 0
         self._active = 0
-        self.address: tuple[str, int] | None = None
+        self.sockaddr: tuple[str, int] | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -166,11 +167,16 @@ class LinkEmulator:
     # -- addresses and counters ----------------------------------------------
 
     @property
-    def host(self) -> str:
-        """``HOST:PORT`` clients connect to."""
-        if self.address is None:
+    def address(self) -> str:
+        """``HOST:PORT`` clients connect to (e.g. as the registry host)."""
+        if self.sockaddr is None:
             raise RuntimeError("link emulator not started")
-        return f"{self.address[0]}:{self.address[1]}"
+        return f"{self.sockaddr[0]}:{self.sockaddr[1]}"
+
+    @property
+    def host(self) -> str:
+        """Same as ``address`` (the name ``RegistryServer`` and ``FaultProxy`` use)."""
+        return self.address
 
     def counters(self) -> LinkCounters:
         return LinkCounters(self._up.bytes, self._down.bytes, self._connections, self._active)
@@ -231,12 +237,12 @@ class LinkEmulator:
         host, port = self.listen
         listeners = await trio.open_tcp_listeners(port, host=host)
         sockname = listeners[0].socket.getsockname()
-        self.address = (sockname[0], sockname[1])
+        self.sockaddr = (sockname[0], sockname[1])
         self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self._cancel = nursery.cancel_scope
             self._ready.set()
-            task_status.started(self.address)
+            task_status.started(self.sockaddr)
             log.info("link %s: %s -> %s:%d", self.profile.name, self.host, *self.upstream)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 

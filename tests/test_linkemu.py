@@ -9,6 +9,7 @@ that a busy machine does not matter.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from bench.linkemu import PROFILES, LinkEmulator, LinkProfile
@@ -266,3 +268,24 @@ def test_cli_prints_its_address_and_counters(upstream):
     counters = json.loads(err.strip().splitlines()[-1])
     assert counters["bytes_up"] == len(b"PING\n") and counters["bytes_down"] == len(b"PONG\n")
     assert counters["connections"] == 1
+
+
+def test_registry_traffic_through_the_wan_profile_is_counted(registry):
+    data = os.urandom(300_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    start = httpx.post(f"{registry.url}/v2/linkemu/selftest/blobs/uploads/")
+    location = start.headers["location"]
+    put = httpx.put(location + ("&" if "?" in location else "?") + "digest=" + digest,
+                    content=data)
+    assert put.status_code == 201, put.text
+    with LinkEmulator(registry.host, profile="wan") as link:
+        registry.mark()
+        with httpx.Client() as client:
+            for _ in range(3):
+                r = client.get(f"http://{link.address}/v2/linkemu/selftest/blobs/{digest}")
+                assert r.content == data
+        c = link.wait_idle()
+    served = sum(x.bytes for x in registry.blob_gets())
+    assert served == 3 * len(data)
+    assert c.connections == 1  # keep-alive through the link
+    assert served < c.bytes_down < served + 3 * 1024  # body plus response heads
