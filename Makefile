@@ -11,7 +11,7 @@ STAMP := $(VENV)/.rafs-installed
 PYTEST_ARGS ?=
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc erofs-utils umoci skopeo debootstrap \
-	runc containerd docker-registry zstd ca-certificates
+	runc containerd docker-registry zstd ca-certificates stargz-snapshotter
 # python3-dev only when the interpreter we build the venv from has no headers.
 PY_HAS_HEADERS := $(shell $(PYTHON) -c 'import os, sysconfig; \
 	print(int(os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))))' \
@@ -25,7 +25,7 @@ ifneq ($(PY_HAS_ENSUREPIP),1)
 APT_PACKAGES += python3-venv
 endif
 
-.PHONY: setup apt-packages fuse-device test demo bench lint clean
+.PHONY: setup apt-packages fuse-device test demo bench lint clean protos
 
 setup: apt-packages fuse-device $(STAMP)
 
@@ -69,6 +69,13 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The containerd snapshots API stubs (committed; run after editing a .proto).
+PROTOS := snapshotter/api/containerd/types/mount.proto \
+	snapshotter/api/containerd/services/snapshots/v1/snapshots.proto
+protos: setup
+	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	rm -f snapshotter/api/containerd/types/mount_pb2_grpc.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

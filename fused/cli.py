@@ -36,7 +36,9 @@ from .backend import BackendOptions
 from .control import ensure_run_dir, paths_for, request
 from .errors import ControlError, MountError, NotMountedError
 from .fetcher import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
-from .mounts import canonical, find_mount, fusermount_unmount
+from .kernelmount import MODES, resolve_mode
+from .kernelmount import umount as kernel_umount
+from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
 
 if TYPE_CHECKING:
     from .daemon import DaemonConfig
@@ -81,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="serve Prometheus metrics over HTTP on this address")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP to the registry even if it is not on localhost")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="kernel: the kernel mounts the bootstrap as EROFS and the daemon "
+                   "serves only blob data (Linux >= 6.12, root); fuse: the daemon serves "
+                   "everything; auto (default): kernel when this host supports it, else fuse")
     p.add_argument("--creds", metavar="USER:PASS",
                    help="registry credentials (default: REGISTRY_AUTH_FILE or "
                    "~/.docker/config.json)")
@@ -147,9 +153,13 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     options = MountOptions(prefetch=args.prefetch, amplify_bytes=args.amplify_bytes,
                            fetch_timeout=args.fetch_timeout, retries=args.retries,
                            metrics_address=args.metrics_address,
-                           insecure=True if args.insecure else None, creds=parse_creds(args.creds))
+                           insecure=True if args.insecure else None, creds=parse_creds(args.creds),
+                           mode=args.mode)
     if args.foreground:
         from .daemon import run
+
+        if options.mode == "kernel":
+            resolve_mode("kernel")
 
         def ready(error: str | None) -> None:
             if error is None:
@@ -174,9 +184,10 @@ class MountOptions:
     metrics_address: str | None = None
     insecure: bool | None = None
     creds: tuple[str, str] | None = None
+    mode: str = "auto"  # auto | fuse | kernel
 
     def daemon_args(self) -> list[str]:
-        args = ["--amplify-bytes", str(self.amplify_bytes),
+        args = ["--amplify-bytes", str(self.amplify_bytes), "--mode", self.mode,
                 "--fetch-timeout", str(self.fetch_timeout), "--retries", str(self.retries)]
         if not self.prefetch:
             args.append("--no-prefetch")
@@ -192,7 +203,7 @@ class MountOptions:
         return DaemonConfig(image, mountpoint, cache_dir, prefetch=self.prefetch,
                             amplify_bytes=self.amplify_bytes,
                             fetch_timeout=self.fetch_timeout, retries=self.retries,
-                            metrics_address=self.metrics_address,
+                            metrics_address=self.metrics_address, mode=self.mode,
                             backend=BackendOptions(insecure=self.insecure, creds=self.creds,
                                                    timeout=self.fetch_timeout))
 
@@ -204,6 +215,8 @@ def mount_background(
     """Start a detached daemon and return its pid once the mount is ready."""
     if options is None:
         options = MountOptions(prefetch=prefetch)
+    if options.mode == "kernel":
+        resolve_mode("kernel")  # fail here, at once, with the reason (the daemon checks too)
     mp = canonical(mountpoint)
     paths = paths_for(mp)
     ensure_run_dir()
@@ -245,12 +258,10 @@ def mount_background(
         _wait_or_kill(proc, 0 if line == "TIMEOUT" else 5)
         message = (f"the daemon did not get ready within {timeout:g}s" if line == "TIMEOUT"
                    else _last_log_line(paths.log) or f"the daemon exited with {proc.returncode}")
-    entry = find_mount(mp)
-    if entry is not None and entry.is_rafs:
-        try:
-            fusermount_unmount(mp, lazy=True)
-        except MountError as e:
-            log.warning("could not clean up the mount on %s: %s", mp, e)
+    try:
+        _fallback_unmount(mp, lazy=True)
+    except MountError as e:
+        log.warning("could not clean up the mount on %s: %s", mp, e)
     raise MountError(f"mounting {image} on {mp} failed: {message} (log: {paths.log})")
 
 
@@ -316,9 +327,10 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> Non
     try:
         reply = request(paths.socket, {"cmd": "shutdown", "lazy": lazy}, timeout=timeout + 60)
     except (ConnectionRefusedError, FileNotFoundError):
-        log.warning("no daemon answers for %s; unmounting with fusermount3", mp)
+        log.warning("no daemon answers for %s; unmounting it myself", mp)
         _fallback_unmount(mp, lazy)
         paths.state.unlink(missing_ok=True)
+        paths.socket.unlink(missing_ok=True)  # nobody listens: a crashed daemon's
         return
     if not reply.get("ok"):
         raise MountError(f"cannot unmount {mp}: {reply.get('error', 'unknown error')}")
@@ -333,13 +345,33 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> Non
 
 
 def _fallback_unmount(mp: str, lazy: bool) -> None:
-    if not lazy:
-        try:
-            fusermount_unmount(mp)
-            return
-        except MountError as e:
-            log.warning("fusermount3 -u %s: %s; detaching lazily", mp, e)
-    fusermount_unmount(mp, lazy=True)
+    """Unmount without the daemon: its EROFS mount first (kernel mode), then its FUSE
+    mount, whichever of them is there."""
+    entry = find_mount(mp)
+    if entry is not None and entry.is_kernel:
+        if not lazy:
+            try:
+                kernel_umount(mp)
+            except MountError as e:
+                log.warning("umount %s: %s; detaching lazily", mp, e)
+                kernel_umount(mp, lazy=True)
+        else:
+            kernel_umount(mp, lazy=True)
+    elif entry is not None and entry.is_rafs:
+        if not lazy:
+            try:
+                fusermount_unmount(mp)
+            except MountError as e:
+                log.warning("fusermount3 -u %s: %s; detaching lazily", mp, e)
+                fusermount_unmount(mp, lazy=True)
+        else:
+            fusermount_unmount(mp, lazy=True)
+    blobs = paths_for(mp).blobs
+    blob_entry = find_mount(blobs)
+    if blob_entry is not None and blob_entry.fstype == BLOB_FSTYPE:
+        fusermount_unmount(blobs, lazy=True)  # a dead session: nothing to wait for
+    with contextlib.suppress(OSError):
+        blobs.rmdir()
 
 
 def _wait_exit(pid: int, timeout: float) -> None:

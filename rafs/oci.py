@@ -56,8 +56,13 @@ __all__ = [
 
 # -- media types --------------------------------------------------------------
 
-MEDIA_TYPE_RAFS_BLOB = "application/vnd.rafs.blob.v1"
-MEDIA_TYPE_RAFS_BOOTSTRAP = "application/vnd.rafs.bootstrap.v1.erofs+zstd"
+# Both start with "application/vnd.oci.image.layer." on purpose: containerd
+# (images.IsLayerType) treats only such types as layers. Layers are what its
+# unpacker offers to a remote snapshotter (with the labels ctr-remote and CRI
+# add) before fetching them; any other type is fetched whole as a "non-layer"
+# and then fails to unpack.
+MEDIA_TYPE_RAFS_BLOB = "application/vnd.oci.image.layer.rafs.blob.v1"
+MEDIA_TYPE_RAFS_BOOTSTRAP = "application/vnd.oci.image.layer.rafs.bootstrap.v1.erofs+zstd"
 
 MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     from converter import cli as converter_cli
     from fused import cli as fused_cli
     from rafs import cli as rafs_cli
+    from snapshotter import cli as snapshotter_cli
 
     parser = argparse.ArgumentParser(
         prog="rafs", description="Lazy-loading container image filesystem."
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     fused_cli.register(sub)
     rafs_cli.register(sub)
     register(sub)
+    snapshotter_cli.register(sub)
     return parser
 
 

@@ -1,7 +1,7 @@
 """Images for the fused tests, written straight through the builder (no converter).
 
 ``write_rafs_image`` turns an ``ImageParts`` (tests/helpers/images.py) into a
-complete RAFS image in an OCI layout: one ``application/vnd.rafs.blob.v1``
+complete RAFS image in an OCI layout: one ``application/vnd.oci.image.layer.rafs.blob.v1``
 layer per blob and the zstd bootstrap layer last, as the converter lays it
 out. ``CountingBackend`` wraps a real backend and counts what it is asked for.
 """

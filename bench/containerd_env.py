@@ -1,0 +1,277 @@
+"""A private containerd and the rafs snapshotter it talks to, for tests and benchmarks;
+both always stopped.
+
+Owns:
+
+- ``snapshotter_process`` — ``rafs snapshotter --address SOCK --root DIR`` in a
+  subprocess, ready once its socket exists; stopped with SIGTERM (then SIGKILL)
+  in ``finally``. It does not unmount its rafs mounts (they outlive it on
+  purpose); ``unmount_under`` does that at the end of a test module.
+- ``containerd_daemon`` — Debian's containerd with root, state, sockets and a
+  generated ``config.toml`` under a temp dir, CRI disabled, and
+  ``[proxy_plugins.rafs]`` pointing at the snapshotter. In ``finally``: every
+  task is killed and deleted, shims still alive (found by their ``-address``
+  argument) are killed with their children, containerd is stopped, and every
+  mount under its directory is unmounted.
+- ``Containerd.ctr`` / ``ctr_remote`` — run ``ctr`` / ``ctr-remote`` against
+  it, in a private namespace.
+
+It does not import rafs, converter or fused: it drives the command line
+exactly as a user would. ``tests.helpers.containerd`` re-exports it for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Containerd",
+    "SnapshotterProcess",
+    "containerd_daemon",
+    "mounts_under",
+    "rafs_cmd",
+    "run",
+    "snapshotter_process",
+    "unmount_under",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def rafs_cmd(*args: str | os.PathLike[str]) -> list[str]:
+    """argv running the ``rafs`` CLI of this checkout with the current interpreter."""
+    return [sys.executable, "-m", "runtime.cli", *(os.fspath(a) for a in args)]
+
+
+def _env() -> dict[str, str]:
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": pythonpath}
+
+
+def run(cmd: list[str], *, timeout: float = 300, check: bool = False,
+        ) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` capturing text output; on timeout its process group is killed."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{out}\n"
+                           f"stderr:\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \\ooo octal
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+CONFIG = """version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{address}"
+
+[ttrpc]
+  address = "{address}.ttrpc"
+
+[debug]
+  level = "info"
+
+[proxy_plugins.rafs]
+  type = "snapshot"
+  address = "{snapshotter}"
+"""
+
+
+def mounts_under(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(mount point, fs type) of every mount at or below ``path``, deepest first."""
+    base = os.path.realpath(path)
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        mp = _unescape(left.split()[4])
+        if mp == base or mp.startswith(base + "/"):
+            out.append((mp, right.split()[0] if right else ""))
+    return sorted(out, key=lambda m: m[0].count("/"), reverse=True)
+
+
+def unmount_under(path: str | os.PathLike[str]) -> None:
+    """Unmount everything below ``path``: rafs mounts through ``rafs umount``, the
+    rest (overlay, bind) with ``umount -l``; nothing is left mounted."""
+    for mp, fstype in mounts_under(path):
+        if fstype == "fuse.rafs":
+            with contextlib.suppress(Exception):
+                run(rafs_cmd("umount", mp), timeout=60)
+        if any(m == mp for m, _ in mounts_under(path)):
+            cmd = ["fusermount3", "-u", "-z", mp] if fstype.startswith("fuse") else \
+                ["umount", "-l", mp]
+            subprocess.run(cmd, check=False, capture_output=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: str,
+              log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not start in {timeout}s:\n"
+                                 f"{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class SnapshotterProcess:
+    """``rafs -vv snapshotter`` in a subprocess; ``stop``/``start`` restart it on the
+    same root. Its rafs mounts outlive it on purpose (``unmount_under`` ends them)."""
+
+    def __init__(self, address: Path, root: Path, log: Path, extra: tuple[str, ...] = ()):
+        self.address, self.root, self.log, self.extra = address, root, log, extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.address.unlink()
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                rafs_cmd("-vv", "snapshotter", "--address", self.address, "--root", self.root,
+                         *self.extra),
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                env=_env(),
+            )
+        _wait_for(self.address, self.proc, 60, "rafs snapshotter", self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+@contextlib.contextmanager
+def snapshotter_process(address: Path, root: Path, log: Path,
+                        extra: tuple[str, ...] = ()) -> Iterator[SnapshotterProcess]:
+    """The snapshotter running until the block ends (its mounts stay)."""
+    sp = SnapshotterProcess(address, root, log, extra)
+    try:
+        sp.start()
+        yield sp
+    finally:
+        sp.stop()
+
+
+@dataclass
+class Containerd:
+    dir: Path
+    address: Path
+    namespace: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def ctr(self, *args: str, timeout: float = 300, check: bool = True,
+            tool: str = "ctr") -> subprocess.CompletedProcess[str]:
+        return run([tool, "--address", str(self.address), "--namespace", self.namespace,
+                    *args], timeout=timeout, check=check)
+
+    def ctr_remote(self, *args: str, timeout: float = 300,
+                   check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.ctr(*args, timeout=timeout, check=check, tool="ctr-remote")
+
+
+def _pids_with_arg(arg: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arg.encode() in cmdline:
+            out.append(int(d.name))
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, stack = [], [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def _kill_shims(address: Path) -> None:
+    for shim in _pids_with_arg(str(address)):
+        for pid in [*_descendants(shim), shim]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def containerd_daemon(base: Path, snapshotter_address: Path,
+                      namespace: str = "rafs-test") -> Iterator[Containerd]:
+    """A private containerd under ``base`` using the snapshotter at ``snapshotter_address``."""
+    base.mkdir(parents=True, exist_ok=True)
+    address = base / "containerd.sock"
+    config = base / "config.toml"
+    config.write_text(CONFIG.format(root=base / "root", state=base / "state", address=address,
+                                    snapshotter=snapshotter_address))
+    log = base / "containerd.log"
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(["containerd", "--config", str(config)],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True)
+    cd = Containerd(base, address, namespace, proc, log)
+    try:
+        _wait_for(address, proc, 60, "containerd", log)
+        yield cd
+    finally:
+        with contextlib.suppress(Exception):
+            if proc.poll() is None:
+                tasks = cd.ctr("task", "ls", "-q", check=False, timeout=30).stdout.split()
+                for task in tasks:
+                    cd.ctr("task", "kill", "-s", "KILL", task, check=False, timeout=30)
+                for task in tasks:
+                    cd.ctr("task", "rm", "-f", task, check=False, timeout=30)
+        _kill_shims(address)
+        _stop(proc)
+        _kill_shims(address)
+        unmount_under(base)

@@ -1,0 +1,60 @@
+"""``rafs snapshotter``: run the containerd proxy snapshotter in the foreground.
+
+containerd is pointed at it with::
+
+    [proxy_plugins.rafs]
+      type = "snapshot"
+      address = "/run/rafs/snapshotter.sock"
+
+The process serves until SIGTERM/SIGINT; the fused daemons it started keep
+running (and keep serving running containers) after it exits, and a new
+snapshotter on the same root picks up its metadata and mounts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "/run/rafs/snapshotter.sock"
+DEFAULT_ROOT = "/var/lib/rafs/snapshotter"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "snapshotter", help="run the containerd proxy snapshotter",
+        description="Serve containerd's snapshots API on a unix socket. Layers of RAFS "
+        "images (pulled with `ctr-remote image rpull --snapshotter rafs`, or by CRI) are "
+        "mounted lazily through fused; other layers are handled like containerd's "
+        "overlayfs snapshotter.",
+    )
+    p.add_argument("--address", default=DEFAULT_ADDRESS,
+                   help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
+    p.add_argument("--root", default=DEFAULT_ROOT,
+                   help=f"snapshots, metadata and chunk cache (default {DEFAULT_ROOT})")
+    p.add_argument("--cache-dir", help="fused chunk cache (default ROOT/cache)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain HTTP to every registry (localhost always uses it)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="mount RAFS images without background prefetch")
+    p.set_defaults(func=_cmd_snapshotter)
+
+
+def _cmd_snapshotter(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fused.cli import MountOptions
+
+    from .remote import FusedRemote
+    from .service import serve
+    from .snapshots import Snapshotter
+
+    root = Path(args.root)
+    options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None)
+    remote = FusedRemote(args.cache_dir or root / "cache", options)
+    serve(Snapshotter(root, remote), args.address)
+    return 0

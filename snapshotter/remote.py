@@ -1,0 +1,109 @@
+"""RAFS layers for the snapshotter: which layer of which image, and its fused mount.
+
+``FusedRemote.identify`` decides, from a Prepare's labels (``snapshotter.labels``),
+whether the layer belongs to a RAFS image: it fetches the image's manifest from
+the registry (by the digest CRI gives, else by the reference ``ctr-remote``
+gives; an index resolves to this platform), checks that the manifest is RAFS
+and lists the layer, and pins the image by manifest digest
+(``docker://HOST/REPO@sha256:...``) so that the mount serves exactly the image
+that was pulled. The bootstrap layer is the one that gets mounted; blob layers
+are empty snapshots. Manifests are cached per reference for a short time, so
+the N layers of one pull cost one request.
+
+``mount``/``unmount`` drive fused's daemon (``fused.cli.mount_background``,
+detached in its own session: it outlives the snapshotter) with the shared chunk
+cache under the snapshotter root.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from fused.cli import MountOptions, mount_background, umount
+from fused.errors import MountError, NotMountedError
+from fused.mounts import find_mount, fusermount_unmount
+from rafs.errors import RafsError
+from rafs.oci import Manifest, bootstrap_descriptor, is_rafs, parse_image_ref
+
+from .errors import SnapshotterError
+from .labels import RemoteRequest
+from .snapshots import ROLE_BLOB, ROLE_BOOTSTRAP, RemoteLayer
+
+__all__ = ["FusedRemote"]
+
+log = logging.getLogger(__name__)
+
+_MANIFEST_TTL = 60.0
+
+
+class FusedRemote:
+    """RAFS layers served by fused daemons, chunks cached under ``cache_dir``."""
+
+    def __init__(self, cache_dir: str | Path, options: MountOptions | None = None,
+                 mount_timeout: float = 120.0) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.options = options or MountOptions()
+        self.mount_timeout = mount_timeout
+        self._manifests: dict[str, tuple[float, Manifest]] = {}
+        self._lock = threading.Lock()
+
+    def identify(self, request: RemoteRequest) -> RemoteLayer | None:
+        try:
+            ref = parse_image_ref("docker://" + request.reference)
+        except RafsError as e:
+            log.warning("label reference %r is not usable (%s); an ordinary layer",
+                        request.reference, e)
+            return None
+        if request.manifest_digest:
+            ref = type(ref)(ref.transport, ref.path, None, request.manifest_digest)
+        manifest = self._manifest(str(ref), ref)
+        if not is_rafs(manifest):
+            return None
+        digests = [d.digest for d in manifest.layers]
+        if request.layer_digest not in digests:
+            log.warning("layer %s is not in %s (manifest %s); an ordinary layer",
+                        request.layer_digest, ref, manifest.digest)
+            return None
+        role = (ROLE_BOOTSTRAP if request.layer_digest == bootstrap_descriptor(manifest).digest
+                else ROLE_BLOB)
+        return RemoteLayer(f"docker://{ref.path}@{manifest.digest}", role)
+
+    def _manifest(self, key: str, ref: object) -> Manifest:
+        from rafs.registry import RegistryClient  # the registry client loads httpx
+
+        now = time.monotonic()
+        with self._lock:
+            hit = self._manifests.get(key)
+            if hit is not None and now - hit[0] < _MANIFEST_TTL:
+                return hit[1]
+        try:
+            with RegistryClient.for_ref(ref, insecure=self.options.insecure,  # type: ignore[arg-type]
+                                        creds=self.options.creds) as client:
+                manifest = client.resolve(ref)  # type: ignore[arg-type]
+        except RafsError as e:
+            raise SnapshotterError(f"cannot read the manifest of {key}: {e}") from e
+        with self._lock:
+            self._manifests[key] = (now, manifest)
+        return manifest
+
+    def mount(self, image: str, mountpoint: Path) -> None:
+        pid = mount_background(image, str(mountpoint), str(self.cache_dir),
+                               timeout=self.mount_timeout, options=self.options)
+        log.info("mounted %s on %s (daemon pid %d)", image, mountpoint, pid)
+
+    def is_mounted(self, mountpoint: Path) -> bool:
+        entry = find_mount(mountpoint)
+        return entry is not None and entry.is_rafs
+
+    def unmount(self, mountpoint: Path) -> None:
+        try:
+            umount(str(mountpoint), timeout=30)
+        except NotMountedError:
+            return
+        except MountError as e:
+            log.warning("unmounting %s: %s; detaching it lazily", mountpoint, e)
+            fusermount_unmount(mountpoint, lazy=True)
+        log.info("unmounted %s", mountpoint)

@@ -1,0 +1,178 @@
+"""The gRPC face of the snapshotter: containerd's ``Snapshots`` service on a unix socket.
+
+Owns the translation between protobuf messages (stubs generated into
+``snapshotter.api`` by ``make protos``) and ``snapshotter.snapshots``, and the
+one place that maps errors to gRPC status codes: a ``SnapshotterError``
+carries its code (NotFound, AlreadyExists, FailedPrecondition,
+InvalidArgument), any other ``RafsError`` is INTERNAL with its
+one-line message, anything unexpected is INTERNAL and logged with its
+traceback. containerd's proxy client turns the codes back into ``errdefs``
+errors, which is how the unpacker learns that a remote layer "already exists".
+
+``serve`` runs the server until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from rafs.errors import RafsError
+
+from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from .api.containerd.types import mount_pb2
+from .errors import SnapshotterError
+from .snapshots import Mount, Snapshotter
+from .store import Snapshot
+
+__all__ = ["SnapshotsService", "serve", "start_server"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_LIST_BATCH = 100
+
+
+def _mounts(mounts: list[Mount]) -> list[mount_pb2.Mount]:
+    return [mount_pb2.Mount(type=m.type, source=m.source, options=list(m.options))
+            for m in mounts]
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def _info(snap: Snapshot) -> pb.Info:
+    return pb.Info(name=snap.key, parent=snap.parent, kind=int(snap.kind),
+                   created_at=_timestamp(snap.created_ns), updated_at=_timestamp(snap.updated_ns),
+                   labels=snap.labels)
+
+
+def _rpc(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run one call; turn its error into the status code containerd expects."""
+
+    @functools.wraps(fn)
+    def call(self: SnapshotsService, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return fn(self, request, context)
+        except SnapshotterError as e:
+            log.debug("%s: %s", fn.__name__, e)
+            context.abort(getattr(grpc.StatusCode, e.grpc_code), str(e))
+        except RafsError as e:
+            log.warning("%s failed: %s", fn.__name__, e)
+            context.abort(grpc.StatusCode.INTERNAL, str(e))
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        raise AssertionError("unreachable")  # context.abort raises
+
+    return call
+
+
+class SnapshotsService(pb_grpc.SnapshotsServicer):
+    def __init__(self, snapshotter: Snapshotter) -> None:
+        self.sn = snapshotter
+
+    @_rpc
+    def Prepare(self, request: pb.PrepareSnapshotRequest, context: Any) -> Any:
+        log.debug("Prepare key=%s parent=%s labels=%s", request.key, request.parent,
+                  dict(request.labels))
+        mounts = self.sn.prepare(request.key, request.parent, dict(request.labels))
+        return pb.PrepareSnapshotResponse(mounts=_mounts(mounts))
+
+    @_rpc
+    def View(self, request: pb.ViewSnapshotRequest, context: Any) -> Any:
+        log.debug("View key=%s parent=%s", request.key, request.parent)
+        mounts = self.sn.view(request.key, request.parent, dict(request.labels))
+        return pb.ViewSnapshotResponse(mounts=_mounts(mounts))
+
+    @_rpc
+    def Mounts(self, request: pb.MountsRequest, context: Any) -> Any:
+        return pb.MountsResponse(mounts=_mounts(self.sn.mounts(request.key)))
+
+    @_rpc
+    def Commit(self, request: pb.CommitSnapshotRequest, context: Any) -> Any:
+        log.debug("Commit key=%s name=%s", request.key, request.name)
+        self.sn.commit(request.name, request.key, dict(request.labels))
+        return empty_pb2.Empty()
+
+    @_rpc
+    def Remove(self, request: pb.RemoveSnapshotRequest, context: Any) -> Any:
+        log.debug("Remove key=%s", request.key)
+        self.sn.remove(request.key)
+        return empty_pb2.Empty()
+
+    @_rpc
+    def Stat(self, request: pb.StatSnapshotRequest, context: Any) -> Any:
+        return pb.StatSnapshotResponse(info=_info(self.sn.stat(request.key)))
+
+    @_rpc
+    def Update(self, request: pb.UpdateSnapshotRequest, context: Any) -> Any:
+        snap = self.sn.update(request.info.name, dict(request.info.labels),
+                              list(request.update_mask.paths))
+        return pb.UpdateSnapshotResponse(info=_info(snap))
+
+    @_rpc
+    def List(self, request: pb.ListSnapshotsRequest, context: Any) -> Any:
+        snaps = self.sn.walk(list(request.filters))
+
+        def batches() -> Iterator[pb.ListSnapshotsResponse]:
+            for i in range(0, len(snaps), _LIST_BATCH):
+                yield pb.ListSnapshotsResponse(info=[_info(s) for s in snaps[i:i + _LIST_BATCH]])
+
+        return batches()
+
+    @_rpc
+    def Usage(self, request: pb.UsageRequest, context: Any) -> Any:
+        size, inodes = self.sn.usage(request.key)
+        return pb.UsageResponse(size=size, inodes=inodes)
+
+    @_rpc
+    def Cleanup(self, request: pb.CleanupRequest, context: Any) -> Any:
+        self.sn.cleanup()
+        return empty_pb2.Empty()
+
+
+def start_server(snapshotter: Snapshotter, address: str | Path, workers: int = 8) -> grpc.Server:
+    """Listen on the unix socket ``address`` (a stale socket file is replaced)."""
+    path = Path(address)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
+                                                    thread_name_prefix="snapshots"))
+    pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
+    if not server.add_insecure_port(f"unix:{path}"):
+        raise SnapshotterError(f"cannot listen on {path}")
+    server.start()
+    os.chmod(path, 0o600)
+    return server
+
+
+def serve(snapshotter: Snapshotter, address: str | Path) -> None:
+    """Serve until SIGTERM or SIGINT, then stop (calls in flight get 10 s)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = start_server(snapshotter, address)
+    log.info("rafs snapshotter serving on %s (root %s)", address, snapshotter.root)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=10).wait()
+        with contextlib.suppress(FileNotFoundError):
+            Path(address).unlink()
+        snapshotter.close()
+        log.info("rafs snapshotter stopped")
