@@ -51,13 +51,13 @@ def _rafs(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, check=True)
 
 
-def time_run(image: str, work: Path, lazy: bool) -> dict[str, float]:
+def time_run(image: str, work: Path, lazy: bool, mode: str = "auto") -> dict[str, float]:
     """One cold ``rafs run``; seconds to the version line (and bytes fetched if lazy)."""
     root = Path(tempfile.mkdtemp(prefix="root-", dir=work))
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     env = _rafs_env(root, run_dir)
     argv = [sys.executable, "-m", "runtime.cli", "run", "--rm",
-            *(["--keep-mounted"] if lazy else []), image, *CMD]
+            *(["--keep-mounted", "--mode", mode] if lazy else []), image, *CMD]
     drop_caches()
     try:
         start = time.perf_counter()
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", choices=("registry", "oci"), default="registry",
                         help="where the images are read from (default: a local registry)")
+    parser.add_argument("--mode", choices=("auto", "fuse", "kernel"), default="auto",
+                        help="mount mode of the lazy runs (default auto)")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temp dir)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "results/run_bench.json")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.runs):
             order = ("lazy", "eager") if i % 2 == 0 else ("eager", "lazy")
             for kind in order:
-                r = time_run(images[kind], work, lazy=kind == "lazy")
+                r = time_run(images[kind], work, lazy=kind == "lazy", mode=args.mode)
                 runs[kind].append(r)
                 print(f"round {i + 1} {kind:5}: {r['seconds']:.2f} s to the version line",
                       file=sys.stderr)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     summary["lazy"]["median_fetched_bytes"] = statistics.median(
         r["fetched_bytes"] for r in runs["lazy"])
-    summary["image"] = {"source": args.source, "plain": images["eager"],
+    summary["image"] = {"source": args.source, "mode": args.mode, "plain": images["eager"],
                         "rafs": images["lazy"], **sizes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))

@@ -65,7 +65,7 @@ class RunOptions:
     workdir: str | None = None
     user: str | None = None
     net: str = "host"
-    mode: str = "fuse"
+    mode: str = "auto"
     keep_mounted: bool = False
     cache_dir: str | None = None
     stop_timeout: float = 10.0
