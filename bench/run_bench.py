@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,20 @@ def _rafs_env(root: Path, run_dir: Path) -> dict[str, str]:
 def _rafs(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "runtime.cli", *args], env=env, text=True,
                           capture_output=True, check=True)
+
+
+def _unmount(env: dict[str, str], mnt: Path, pid: int) -> None:
+    """`rafs umount`; a daemon that outlives a failed unmount gets SIGTERM."""
+    res = subprocess.run([sys.executable, "-m", "runtime.cli", "umount", str(mnt)], env=env,
+                         text=True, capture_output=True, check=False)
+    if res.returncode == 0:
+        return
+    print(f"warning: {res.stderr.strip()}", file=sys.stderr)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
 
 
 def time_run(image: str, work: Path, lazy: bool, mode: str = "auto") -> dict[str, float]:
@@ -74,7 +89,7 @@ def time_run(image: str, work: Path, lazy: bool, mode: str = "auto") -> dict[str
             for mnt in (run_dir / "images").glob("*/mnt"):
                 reply = json.loads(_rafs(env, "stats", str(mnt)).stdout)
                 result["fetched_bytes"] = reply["stats"]["backend_bytes"]
-                _rafs(env, "umount", str(mnt))
+                _unmount(env, mnt, reply["pid"])
         return result
     finally:
         shutil.rmtree(root, ignore_errors=True)
