@@ -9,7 +9,7 @@ import json
 import sys
 
 from . import image as images
-from .auth import parse_creds
+from .credentials import parse_creds
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -48,7 +48,8 @@ from typing import Any, BinaryIO, Self, TypeVar
 import httpx
 
 from . import codec
-from .auth import Credentials, RegistryAuth, load_credentials
+from .auth import RegistryAuth
+from .credentials import Credentials, load_credentials
 from .errors import AuthError, BackendError, DigestError, ImageError, TransientError
 from .oci import (
     ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
