@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from fused.cli import MountOptions, mount_background, umount
+from fused.cli import MountOptions, mount_background, stats, umount
 from fused.errors import MountError, NotMountedError
 from fused.mounts import find_mount, fusermount_unmount
 from rafs.errors import RafsError
@@ -95,8 +95,23 @@ class FusedRemote:
         log.info("mounted %s on %s (daemon pid %d)", image, mountpoint, pid)
 
     def is_mounted(self, mountpoint: Path) -> bool:
+        """A rafs mount is on ``mountpoint``, serving or not."""
         entry = find_mount(mountpoint)
         return entry is not None and entry.is_rafs
+
+    def is_serving(self, mountpoint: Path) -> bool:
+        """A rafs mount is on ``mountpoint`` and its daemon answers its control socket.
+
+        (A stat of the mount point proves nothing: the kernel answers it from its
+        attribute cache long after the daemon died.)"""
+        if not self.is_mounted(mountpoint):
+            return False
+        try:
+            stats(str(mountpoint))
+        except RafsError as e:
+            log.warning("rafs mount on %s does not answer: %s", mountpoint, e)
+            return False
+        return True
 
     def unmount(self, mountpoint: Path) -> None:
         try:

@@ -10,6 +10,7 @@ dir) serve the module; images come from the real registry fixture. Proved:
   snapshotter, unpacked by containerd like the overlayfs snapshotter's;
 - a running container keeps working across a snapshotter restart, and the
   snapshot metadata is still there;
+- a rafs daemon that died is mounted again when the next container needs it;
 - removing containers and images (containerd's GC removes the snapshots) leaves
   no mount and no snapshot directory behind.
 
@@ -18,8 +19,11 @@ The tests run in file order; the last one cleans everything up.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,14 @@ class Stack:
 
     def rafs_mounts(self) -> list[str]:
         return [mp for mp, fstype in mounts_under(self.root) if fstype == "fuse.rafs"]
+
+    def wait_reconnected(self, timeout: float = 30) -> None:
+        """Until containerd's gRPC channel to a restarted snapshotter is up again (the
+        first calls after a restart may fail with "connection closed: unavailable")."""
+        deadline = time.monotonic() + timeout
+        while self.cd.ctr("snapshot", "--snapshotter", "rafs", "ls", check=False).returncode:
+            assert time.monotonic() < deadline, "containerd did not reconnect to the snapshotter"
+            time.sleep(0.2)
 
     def snapshots(self) -> list[str]:
         out = self.cd.ctr("snapshot", "--snapshotter", "rafs", "ls").stdout.splitlines()
@@ -123,6 +135,7 @@ def test_running_container_survives_a_snapshotter_restart(
         listed = stack.snapshots()
         stack.sn.stop()
         stack.sn.start()
+        stack.wait_reconnected()
         assert cd.ctr("snapshot", "--snapshotter", "rafs", "info", "keep").stdout == info
         assert stack.snapshots() == listed
         res = cd.ctr("task", "exec", "--exec-id", "e1", "keep", *NUMPY)
@@ -135,6 +148,21 @@ def test_running_container_survives_a_snapshotter_restart(
         cd.ctr("task", "kill", "-s", "KILL", "keep", check=False)
         cd.ctr("task", "rm", "-f", "keep", check=False)
         cd.ctr("container", "rm", "keep", check=False)
+
+
+def test_a_killed_daemon_is_mounted_again_for_the_next_container(
+    stack: Stack, rafs_image: str
+) -> None:
+    [mp] = stack.rafs_mounts()
+    pid = int(read_stats(mp)["pid"])  # type: ignore[call-overload]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    res = stack.cd.ctr("run", "--rm", "--snapshotter", "rafs", rafs_image, "numpy-3", *NUMPY)
+    assert re.fullmatch(r"\d+\.\d+\.\d+\s*", res.stdout), res.stdout
+    assert stack.rafs_mounts() == [mp]
+    assert read_stats(mp)["pid"] != pid
 
 
 def test_removing_containers_and_images_leaves_no_mounts(
