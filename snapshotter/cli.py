@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
+
+from .errors import SnapshotterError
 
 __all__ = ["register"]
 
@@ -56,5 +59,13 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     root = Path(args.root)
     options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None)
     remote = FusedRemote(args.cache_dir or root / "cache", options)
-    serve(Snapshotter(root, remote), args.address)
+    try:
+        snapshotter = Snapshotter(root, remote)
+    except (OSError, sqlite3.Error) as e:
+        raise SnapshotterError(f"cannot use root {root}: {_reason(e)}") from None
+    serve(snapshotter, args.address)
     return 0
+
+
+def _reason(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
