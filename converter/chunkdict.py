@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rafs.bootstrap import Bootstrap
 from rafs.image import open_local_image
@@ -24,6 +25,9 @@ from rafs.model import Blob, Chunk, Node
 from rafs.oci import ImageRef, parse_image_ref
 
 from .errors import OptionError
+
+if TYPE_CHECKING:
+    from rafs.registry import RegistryClient
 
 __all__ = ["ChunkDict", "load_chunk_dict", "prune_unused_blobs"]
 
@@ -38,13 +42,15 @@ class ChunkDict:
     chunks: list[Chunk]
 
 
-def load_chunk_dict(ref: ImageRef | str) -> ChunkDict:
+def load_chunk_dict(ref: ImageRef | str,
+                    client_for: Callable[[ImageRef], RegistryClient] | None = None) -> ChunkDict:
     """The blobs and chunk table of the RAFS image ``ref`` (bootstrap verified)."""
     ref = parse_image_ref(ref) if isinstance(ref, str) else ref
     if ref.transport == "docker":
         from rafs.registry import RegistryClient, fetch_bootstrap
 
-        with RegistryClient.for_ref(ref) as client:
+        client_for = client_for or RegistryClient.for_ref
+        with client_for(ref) as client:
             raw = fetch_bootstrap(client, ref)
     else:
         raw = open_local_image(str(ref)).bootstrap

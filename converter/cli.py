@@ -49,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--chunk-dict", metavar="IMAGE",
                    help="an earlier RAFS image (oci:, docker://): chunks it already has are "
                    "referenced in its blobs instead of being stored again")
+    p.add_argument("--creds", metavar="USER:PASS",
+                   help="credentials for docker:// sources and targets (default: "
+                   "REGISTRY_AUTH_FILE or ~/.docker/config.json)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain HTTP to registries even if they are not on localhost")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress (default: when stderr is a terminal)")
     p.set_defaults(func=run)
@@ -66,13 +71,16 @@ def _read_prefetch(path: str | None) -> list[bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rafs.auth import parse_creds
+
     from .convert import ConvertOptions, convert  # heavy: only when converting
 
     options = ConvertOptions(
         chunk_size=args.chunk_size, compression=args.compression, level=args.level,
         bootstrap_level=args.bootstrap_level, workers=args.jobs,
         prefetch=_read_prefetch(args.prefetch), progress=args.progress,
-        chunk_dict=args.chunk_dict)
+        chunk_dict=args.chunk_dict, creds=parse_creds(args.creds),
+        insecure=True if args.insecure else None)
     result = convert(args.src, args.dst, options)
     print(f"{result.target}@{result.manifest.digest}")
     log.info("%d blobs, %d chunks, %.1f MiB of layers in %.1fs", len(result.blobs),

@@ -65,6 +65,13 @@ class ConvertOptions:
     prefetch: list[bytes] = field(default_factory=list)  # absolute paths
     chunk_dict: str | None = None  # a RAFS image whose chunks are reused, not stored again
     progress: bool | None = None  # None: when stderr is a terminal
+    creds: tuple[str, str] | None = None  # for docker:// images (else from auth files)
+    insecure: bool | None = None  # plain HTTP to registries (None: for localhost only)
+
+    def registry_client(self, ref: ImageRef) -> RegistryClient:
+        from rafs.registry import RegistryClient
+
+        return RegistryClient.for_ref(ref, creds=self.creds, insecure=self.insecure)
 
     def check(self) -> None:
         chunker.check_chunk_size(self.chunk_size)
@@ -187,10 +194,8 @@ def convert(src: ImageRef | str, dst: ImageRef | str,
         clients: dict[str, RegistryClient] = {}  # one per registry
 
         def client_for(ref: ImageRef) -> RegistryClient:
-            from rafs.registry import RegistryClient
-
             if ref.registry not in clients:
-                clients[ref.registry] = stack.enter_context(RegistryClient.for_ref(ref))
+                clients[ref.registry] = stack.enter_context(options.registry_client(ref))
             return clients[ref.registry]
 
         source = stack.enter_context(open_source(
@@ -227,7 +232,7 @@ def _convert(source: ImageSource, target: _Target, tag: str,
     layer_bytes = 0
     cdict = None
     if options.chunk_dict:
-        cdict = load_chunk_dict(options.chunk_dict)
+        cdict = load_chunk_dict(options.chunk_dict, options.registry_client)
         check_dict_chunk_size(cdict, options.chunk_size)
     try:
         with chunker.ChunkStore(target.workdir, options.chunk_size, options.compression,

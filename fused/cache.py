@@ -296,6 +296,17 @@ class ChunkCache:
         if n != len(view):
             raise CacheError(f"cache file of blob {f.digest} is shorter than expected")
 
+    def preadinto_blob(self, blob_index: int, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from the blob's address space at ``offset`` (kernel mode).
+
+        The caller has made every chunk in the range ready and zeroes what no
+        chunk covers; a data file shorter than the range reads as zeros.
+        """
+        f = self._files[blob_index] or self.blob_file(blob_index)
+        n = os.preadv(f.data_fd, [view], offset)
+        if n < len(view):
+            view[n:] = bytes(len(view) - n)
+
     # -- writes -------------------------------------------------------------
 
     async def store(self, index: int, data: bytes | Callable[[], bytes]) -> None:

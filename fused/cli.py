@@ -28,14 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rafs.auth import parse_creds
 from rafs.oci import parse_image_ref
 
 from .backend import BackendOptions
 
 from .control import ensure_run_dir, paths_for, request
 from .errors import ControlError, MountError, NotMountedError
-from .fetcher import DEFAULT_AMPLIFY
-from .mounts import canonical, find_mount, fusermount_unmount
+from .fetcher import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
+from .kernelmount import MODES, resolve_mode
+from .kernelmount import umount as kernel_umount
+from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
 
 if TYPE_CHECKING:
     from .daemon import DaemonConfig
@@ -70,10 +73,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--amplify-bytes", type=_size, default=DEFAULT_AMPLIFY, metavar="BYTES",
                    help="grow an on-demand fetch with the chunks that follow it in the blob "
                    "up to this many bytes (default 1M; 0: fetch only what is read)")
+    p.add_argument("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT,
+                   metavar="SECONDS", help="a fetch that receives nothing for this long fails "
+                   f"and is retried (default {DEFAULT_FETCH_TIMEOUT:g})")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                   help="retries of a failed fetch, with exponential backoff, before the "
+                   f"read fails with EIO (default {DEFAULT_RETRIES})")
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP on this address")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP to the registry even if it is not on localhost")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="kernel: the kernel mounts the bootstrap as EROFS and the daemon "
+                   "serves only blob data (Linux >= 6.12, root); fuse: the daemon serves "
+                   "everything; auto (default): kernel when this host supports it, else fuse")
     p.add_argument("--creds", metavar="USER:PASS",
                    help="registry credentials (default: REGISTRY_AUTH_FILE or "
                    "~/.docker/config.json)")
@@ -132,23 +145,21 @@ def _size(text: str) -> int:
     return n
 
 
-def _creds(text: str | None) -> tuple[str, str] | None:
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise MountError("--creds takes USER:PASSWORD")
-    return user, password
-
-
 def _cmd_mount(args: argparse.Namespace) -> int:
     image = _absolute_ref(args.image)
     cache_dir = os.path.abspath(args.cache_dir)
+    if args.fetch_timeout <= 0 or args.retries < 0:
+        raise MountError("--fetch-timeout must be positive and --retries not negative")
     options = MountOptions(prefetch=args.prefetch, amplify_bytes=args.amplify_bytes,
+                           fetch_timeout=args.fetch_timeout, retries=args.retries,
                            metrics_address=args.metrics_address,
-                           insecure=True if args.insecure else None, creds=_creds(args.creds))
+                           insecure=True if args.insecure else None, creds=parse_creds(args.creds),
+                           mode=args.mode)
     if args.foreground:
         from .daemon import run
+
+        if options.mode == "kernel":
+            resolve_mode("kernel")
 
         def ready(error: str | None) -> None:
             if error is None:
@@ -168,12 +179,16 @@ class MountOptions:
 
     prefetch: bool = True
     amplify_bytes: int = DEFAULT_AMPLIFY
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+    retries: int = DEFAULT_RETRIES
     metrics_address: str | None = None
     insecure: bool | None = None
     creds: tuple[str, str] | None = None
+    mode: str = "auto"  # auto | fuse | kernel
 
     def daemon_args(self) -> list[str]:
-        args = ["--amplify-bytes", str(self.amplify_bytes)]
+        args = ["--amplify-bytes", str(self.amplify_bytes), "--mode", self.mode,
+                "--fetch-timeout", str(self.fetch_timeout), "--retries", str(self.retries)]
         if not self.prefetch:
             args.append("--no-prefetch")
         if self.metrics_address:
@@ -187,8 +202,10 @@ class MountOptions:
 
         return DaemonConfig(image, mountpoint, cache_dir, prefetch=self.prefetch,
                             amplify_bytes=self.amplify_bytes,
-                            metrics_address=self.metrics_address,
-                            backend=BackendOptions(insecure=self.insecure, creds=self.creds))
+                            fetch_timeout=self.fetch_timeout, retries=self.retries,
+                            metrics_address=self.metrics_address, mode=self.mode,
+                            backend=BackendOptions(insecure=self.insecure, creds=self.creds,
+                                                   timeout=self.fetch_timeout))
 
 
 def mount_background(
@@ -198,6 +215,8 @@ def mount_background(
     """Start a detached daemon and return its pid once the mount is ready."""
     if options is None:
         options = MountOptions(prefetch=prefetch)
+    if options.mode == "kernel":
+        resolve_mode("kernel")  # fail here, at once, with the reason (the daemon checks too)
     mp = canonical(mountpoint)
     paths = paths_for(mp)
     ensure_run_dir()
@@ -239,12 +258,10 @@ def mount_background(
         _wait_or_kill(proc, 0 if line == "TIMEOUT" else 5)
         message = (f"the daemon did not get ready within {timeout:g}s" if line == "TIMEOUT"
                    else _last_log_line(paths.log) or f"the daemon exited with {proc.returncode}")
-    entry = find_mount(mp)
-    if entry is not None and entry.is_rafs:
-        try:
-            fusermount_unmount(mp, lazy=True)
-        except MountError as e:
-            log.warning("could not clean up the mount on %s: %s", mp, e)
+    try:
+        _fallback_unmount(mp, lazy=True)
+    except MountError as e:
+        log.warning("could not clean up the mount on %s: %s", mp, e)
     raise MountError(f"mounting {image} on {mp} failed: {message} (log: {paths.log})")
 
 
@@ -310,9 +327,10 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> Non
     try:
         reply = request(paths.socket, {"cmd": "shutdown", "lazy": lazy}, timeout=timeout + 60)
     except (ConnectionRefusedError, FileNotFoundError):
-        log.warning("no daemon answers for %s; unmounting with fusermount3", mp)
+        log.warning("no daemon answers for %s; unmounting it myself", mp)
         _fallback_unmount(mp, lazy)
         paths.state.unlink(missing_ok=True)
+        paths.socket.unlink(missing_ok=True)  # nobody listens: a crashed daemon's
         return
     if not reply.get("ok"):
         raise MountError(f"cannot unmount {mp}: {reply.get('error', 'unknown error')}")
@@ -327,13 +345,33 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> Non
 
 
 def _fallback_unmount(mp: str, lazy: bool) -> None:
-    if not lazy:
-        try:
-            fusermount_unmount(mp)
-            return
-        except MountError as e:
-            log.warning("fusermount3 -u %s: %s; detaching lazily", mp, e)
-    fusermount_unmount(mp, lazy=True)
+    """Unmount without the daemon: its EROFS mount first (kernel mode), then its FUSE
+    mount, whichever of them is there."""
+    entry = find_mount(mp)
+    if entry is not None and entry.is_kernel:
+        if not lazy:
+            try:
+                kernel_umount(mp)
+            except MountError as e:
+                log.warning("umount %s: %s; detaching lazily", mp, e)
+                kernel_umount(mp, lazy=True)
+        else:
+            kernel_umount(mp, lazy=True)
+    elif entry is not None and entry.is_rafs:
+        if not lazy:
+            try:
+                fusermount_unmount(mp)
+            except MountError as e:
+                log.warning("fusermount3 -u %s: %s; detaching lazily", mp, e)
+                fusermount_unmount(mp, lazy=True)
+        else:
+            fusermount_unmount(mp, lazy=True)
+    blobs = paths_for(mp).blobs
+    blob_entry = find_mount(blobs)
+    if blob_entry is not None and blob_entry.fstype == BLOB_FSTYPE:
+        fusermount_unmount(blobs, lazy=True)  # a dead session: nothing to wait for
+    with contextlib.suppress(OSError):
+        blobs.rmdir()
 
 
 def _wait_exit(pid: int, timeout: float) -> None:

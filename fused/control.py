@@ -6,6 +6,7 @@ of its canonical path. The daemon of mount point M keeps in the run directory
     <run>/<key>.sock   the control socket (mode 0600)
     <run>/<key>.json   state: pid, mount point, image, cache dir, log path
     <run>/<key>.log    the daemon's stdout and stderr (background mounts)
+    <run>/<key>.blobs  kernel mode: where the blob filesystem is mounted
 
 where <run> is ``$RAFS_RUN_DIR`` if set, else ``/run/rafs`` for root, else
 ``$XDG_RUNTIME_DIR/rafs``, else ``/tmp/rafs-<uid>``.
@@ -63,13 +64,15 @@ class ControlPaths:
     socket: Path
     state: Path
     log: Path
+    blobs: Path
 
 
 def paths_for(mountpoint: str | os.PathLike[str]) -> ControlPaths:
     mp = canonical(mountpoint)
     key = hashlib.sha256(mp.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     base = run_dir()
-    return ControlPaths(mp, base / f"{key}.sock", base / f"{key}.json", base / f"{key}.log")
+    return ControlPaths(mp, base / f"{key}.sock", base / f"{key}.json", base / f"{key}.log",
+                        base / f"{key}.blobs")
 
 
 def ensure_run_dir() -> Path:

@@ -18,7 +18,10 @@ does; files still open then fail with ENOTCONN). The control command
 ``shutdown`` tries a plain unmount and refuses while the mount is busy; with
 ``lazy`` it detaches the mount and keeps serving the files still open, exiting
 when the kernel ends the session after the last one is closed. An external
-``fusermount3 -u`` also ends the daemon.
+``fusermount3 -u`` also ends the daemon. In kernel mode the EROFS mount goes
+first (plainly, or detached with ``lazy``: then the blob filesystem stays
+until the detached mount lets go of it), the blob filesystem after it; on a
+signal or an error EROFS is detached before the blob filesystem ends.
 
 Run as ``python -m fused.daemon IMAGE MOUNTPOINT --cache-dir DIR``.
 """
@@ -59,12 +62,16 @@ from .cache import ChunkCache, cached_bootstrap, store_bootstrap
 from .control import ensure_run_dir, paths_for
 from .control_server import serve as serve_control
 from .errors import MountError
-from .fetcher import DEFAULT_AMPLIFY, Fetcher
+from .fetcher import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES, Fetcher
+from .blobfs import BlobFs, blob_file_name
+from .blobops import BLOB_MOUNT_OPTIONS, BlobOperations
 from .fuseops import MOUNT_OPTIONS, Operations
-from .mounts import canonical, find_mount, fusermount_unmount
+from .kernelmount import MODES, mount_erofs, resolve_mode
+from .kernelmount import umount as kernel_umount
+from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
 from .metrics import new_registry, render, serve_http
 from .stats import Stats
-from .trace import AccessTrace
+from .trace import AccessTrace, ChunkTrace
 from .vfs import ROOT_INO, Vfs
 
 __all__ = ["DaemonConfig", "load_bootstrap", "main", "run", "serve"]
@@ -83,8 +90,11 @@ class DaemonConfig:
     max_requests: int = 8
     prefetch: bool = True
     amplify_bytes: int = DEFAULT_AMPLIFY
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT  # idle seconds before a fetch is retried
+    retries: int = DEFAULT_RETRIES  # per backend request, then EIO
     metrics_address: str | None = None
     backend: BackendOptions = field(default_factory=BackendOptions)
+    mode: str = "auto"  # auto | fuse | kernel (see fused.kernelmount)
 
 
 # -- the image ----------------------------------------------------------------
@@ -160,12 +170,21 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"{mountpoint} is already a rafs mount (`rafs umount` it first)")
 
 
-def _tune_readahead(mountpoint: str, kb: int) -> None:
+def _erofs_bdis() -> set[str]:
+    try:
+        return {name for name in os.listdir("/sys/class/bdi") if name.startswith("erofs-")}
+    except OSError:
+        return set()
+
+
+def _tune_readahead(mountpoint: str, kb: int, bdi: str | None = None) -> None:
     """Let the kernel read ahead further than its 128 KiB default (best effort)."""
     if kb <= 0:
         return
-    dev = os.stat(mountpoint).st_dev
-    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    if bdi is None:
+        dev = os.stat(mountpoint).st_dev
+        bdi = f"{os.major(dev)}:{os.minor(dev)}"
+    path = Path(f"/sys/class/bdi/{bdi}/read_ahead_kb")
     try:
         path.write_text(f"{kb}\n")
     except OSError as e:
@@ -187,6 +206,8 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
     timing: dict[str, float] = {}
     ref = parse_image_ref(cfg.image)
     _check_mountpoint(mountpoint)
+    mode, why = resolve_mode(cfg.mode)
+    log.info("%s mode: %s", mode, why)
     ensure_run_dir()
     async with AsyncExitStack() as stack:
         backend = await stack.enter_async_context(open_backend(ref, cfg.backend))
@@ -199,11 +220,23 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(cache.run)
         fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests,
-                          amplify_bytes=cfg.amplify_bytes)
+                          amplify_bytes=cfg.amplify_bytes, timeout=cfg.fetch_timeout,
+                          retries=cfg.retries)
         await stack.enter_async_context(fetcher.running())
-        trace = AccessTrace()
-        vfs = Vfs(bootstrap, fetcher, stats, trace)
-        ops = Operations(vfs, stats)
+        vfs = Vfs(bootstrap, fetcher, stats)
+        ops: pyfuse3.Operations
+        trace: AccessTrace | ChunkTrace
+        if mode == "fuse":
+            trace = vfs.trace
+            ops = Operations(vfs, stats)
+            fuse_dir, fuse_options = mountpoint, _mount_options()
+            kernel: _KernelMount | None = None
+        else:
+            trace = ChunkTrace()
+            ops = BlobOperations(BlobFs(bootstrap, fetcher, stats, trace), stats)
+            fuse_dir, fuse_options = str(paths.blobs), set(BLOB_MOUNT_OPTIONS)
+            kernel = _KernelMount(boot_path, mountpoint, paths.blobs, len(bootstrap.blobs))
+            await trio.to_thread.run_sync(kernel.prepare)
         metrics = new_registry(stats, {"mountpoint": mountpoint})
         if cfg.metrics_address:
             host, port = serve_http(cfg.metrics_address, metrics)
@@ -218,7 +251,7 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
                 pyfuse3.terminate()
 
         async def on_stats(_: dict[str, Any]) -> dict[str, Any]:
-            return {"ok": True, "pid": os.getpid(), "mountpoint": mountpoint,
+            return {"ok": True, "pid": os.getpid(), "mountpoint": mountpoint, "mode": mode,
                     "image": cfg.image, "cache_dir": cfg.cache_dir, "stats": stats.snapshot(),
                     **timing}
 
@@ -236,6 +269,17 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
             lazy = bool(message.get("lazy"))
             async with shutdown_lock:
                 log.info("shutdown requested (lazy=%s)", lazy)
+                if kernel is not None:
+                    await trio.to_thread.run_sync(lambda: kernel.unmount_erofs(lazy=lazy))
+                    if lazy:
+                        # The detached EROFS mount still reads the blob files until its
+                        # last user goes; serve them until the blob mount can go too.
+                        nursery.start_soon(_release_blobs_when_free, kernel, terminate)
+                        log.info("detached; serving blob data until the last user is gone")
+                    else:
+                        await trio.to_thread.run_sync(kernel.unmount_blobs)
+                        terminate()
+                    return {"ok": True, "pid": os.getpid(), "detached": lazy}
                 await trio.to_thread.run_sync(
                     lambda: fusermount_unmount(mountpoint, lazy=lazy)
                 )
@@ -252,9 +296,9 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
 
         log.info("mounting %s on %s", cfg.image, mountpoint)
         try:
-            pyfuse3.init(ops, mountpoint, _mount_options())
+            pyfuse3.init(ops, fuse_dir, fuse_options)
         except RuntimeError as e:
-            raise MountError(f"cannot mount on {mountpoint}: {e}") from None
+            raise MountError(f"cannot mount on {fuse_dir}: {e}") from None
         try:
             await nursery.start(serve_control, paths.socket, handlers)
             nursery.start_soon(_watch_signals, terminate)
@@ -262,7 +306,7 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
                 timing["ready_seconds"] = round(time.perf_counter() - started, 4)
                 ready(None)
 
-            nursery.start_soon(_announce, cfg, mountpoint, paths.state, announced)
+            nursery.start_soon(_announce, cfg, mountpoint, paths.state, mode, kernel, announced)
             if cfg.prefetch and bootstrap.prefetch:
                 nursery.start_soon(_prefetch, fetcher, vfs, bootstrap.prefetch, stats)
             serving[0] = True
@@ -273,9 +317,94 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
             log.info("main loop ended")
         finally:
             nursery.cancel_scope.cancel()
+            if kernel is not None:
+                # Never leave an EROFS mount over a dead blob filesystem in sight.
+                kernel.unmount_erofs_quietly()
             pyfuse3.close(unmount=True)
+            if kernel is not None:
+                kernel.remove_dir()
             paths.state.unlink(missing_ok=True)
             log.info("unmounted %s", mountpoint)
+
+
+class _KernelMount:
+    """The two mounts of kernel mode: the blob filesystem, and EROFS over it."""
+
+    def __init__(self, bootstrap: Path, mountpoint: str, blob_dir: Path, blobs: int) -> None:
+        self.bootstrap = bootstrap
+        self.mountpoint = mountpoint
+        self.blob_dir = blob_dir
+        self.devices = [str(blob_dir / blob_file_name(k)) for k in range(blobs)]
+        self.erofs_mounted = False
+        self.bdi: str | None = None
+
+    def prepare(self) -> None:
+        """An empty private directory for the blob filesystem (a stale mount goes)."""
+        entry = find_mount(self.blob_dir)
+        if entry is not None and entry.fstype == BLOB_FSTYPE:
+            log.warning("removing a stale blob mount on %s", self.blob_dir)
+            fusermount_unmount(self.blob_dir, lazy=True)
+        try:
+            self.blob_dir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise MountError(f"cannot create {self.blob_dir}: {e.strerror}") from None
+
+    def mount_erofs(self) -> None:
+        before = _erofs_bdis()
+        mount_erofs(self.bootstrap, self.mountpoint, self.devices)
+        self.erofs_mounted = True
+        # A file-backed EROFS mount has a bdi of its own named by a counter, not by
+        # st_dev; the one that appeared is ours unless another mount raced us.
+        new = _erofs_bdis() - before
+        self.bdi = new.pop() if len(new) == 1 else None
+        log.info("kernel EROFS mount of %s on %s with %d blob devices", self.bootstrap,
+                 self.mountpoint, len(self.devices))
+
+    def unmount_erofs(self, *, lazy: bool) -> None:
+        """MountError (busy) leaves it mounted."""
+        if self.erofs_mounted:
+            kernel_umount(self.mountpoint, lazy=lazy)
+            self.erofs_mounted = False
+
+    def unmount_erofs_quietly(self) -> None:
+        try:
+            self.unmount_erofs(lazy=True)
+        except MountError as e:
+            log.error("cannot detach the EROFS mount on %s: %s", self.mountpoint, e)
+
+    def unmount_blobs(self) -> None:
+        """Unmount the blob filesystem; the EROFS driver may hold it for a moment."""
+        for attempt in range(50):
+            try:
+                fusermount_unmount(self.blob_dir)
+                return
+            except MountError as e:
+                if attempt == 49:
+                    log.warning("blob mount %s: %s; detaching it", self.blob_dir, e)
+                    fusermount_unmount(self.blob_dir, lazy=True)
+                    return
+                time.sleep(0.02)
+
+    def blobs_busy(self) -> bool:
+        try:
+            fusermount_unmount(self.blob_dir)
+        except MountError:
+            return True
+        return False
+
+    def remove_dir(self) -> None:
+        try:
+            self.blob_dir.rmdir()
+        except OSError as e:
+            log.debug("cannot remove %s: %s", self.blob_dir, e.strerror)
+
+
+async def _release_blobs_when_free(kernel: _KernelMount, terminate: Callable[[], None]) -> None:
+    """After a lazy unmount: end the blob mount (and the daemon) once EROFS lets go of it."""
+    while await trio.to_thread.run_sync(kernel.blobs_busy):
+        await trio.sleep(0.5)
+    log.info("the detached EROFS mount is gone; stopping")
+    terminate()
 
 
 async def _watch_signals(terminate: Callable[[], None]) -> None:
@@ -317,19 +446,30 @@ async def _prefetch(fetcher: Fetcher, vfs: Vfs, nids: list[int], stats: Stats) -
 
 
 async def _announce(
-    cfg: DaemonConfig, mountpoint: str, state: Path, ready: Callable[[], None]
+    cfg: DaemonConfig, mountpoint: str, state: Path, mode: str, kernel: _KernelMount | None,
+    ready: Callable[[], None],
 ) -> None:
-    """Check the mount answers, record the state file, then report readiness."""
+    """Mount EROFS (kernel mode), check the mount answers, record the state, report ready.
+
+    The EROFS mount opens the blob files, so it runs in a worker thread while
+    the FUSE main loop answers.
+    """
+    if kernel is not None:
+        await trio.to_thread.run_sync(kernel.mount_erofs)
+        _tune_readahead(str(kernel.blob_dir), cfg.readahead_kb)
     st = await trio.to_thread.run_sync(os.stat, mountpoint)
     if st.st_ino != ROOT_INO:
         raise MountError(f"{mountpoint} does not show the rafs root after mounting")
-    _tune_readahead(mountpoint, cfg.readahead_kb)
-    info = {"pid": os.getpid(), "mountpoint": mountpoint, "image": cfg.image,
+    if kernel is None:
+        _tune_readahead(mountpoint, cfg.readahead_kb)
+    elif kernel.bdi is not None:
+        _tune_readahead(mountpoint, cfg.readahead_kb, kernel.bdi)
+    info = {"pid": os.getpid(), "mountpoint": mountpoint, "image": cfg.image, "mode": mode,
             "cache_dir": cfg.cache_dir, "log": str(paths_for(mountpoint).log)}
     tmp = state.with_suffix(".tmp")
     tmp.write_text(json.dumps(info) + "\n")
     tmp.replace(state)
-    log.info("serving %s on %s", cfg.image, mountpoint)
+    log.info("serving %s on %s (%s mode)", cfg.image, mountpoint, mode)
     ready()
 
 
@@ -402,8 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-prefetch", action="store_true",
                         help="do not fetch the image's prefetch list in the background")
     parser.add_argument("--amplify-bytes", type=int, default=DEFAULT_AMPLIFY)
+    parser.add_argument("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT)
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     parser.add_argument("--metrics-address")
     parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--mode", choices=MODES, default="auto")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -416,9 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         creds = (user, password)
     cfg = DaemonConfig(args.image, args.mountpoint, os.path.abspath(args.cache_dir),
                        readahead_kb=args.readahead_kb, prefetch=not args.no_prefetch,
-                       amplify_bytes=args.amplify_bytes, metrics_address=args.metrics_address,
+                       amplify_bytes=args.amplify_bytes, fetch_timeout=args.fetch_timeout,
+                       retries=args.retries, metrics_address=args.metrics_address,
+                       mode=args.mode,
                        backend=BackendOptions(insecure=True if args.insecure else None,
-                                              creds=creds))
+                                              creds=creds, timeout=args.fetch_timeout))
     try:
         run(cfg, _pipe_reporter(args.ready_fd))
     except RafsError as e:

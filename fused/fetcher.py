@@ -15,7 +15,7 @@ indices it covers. For each chunk:
 
 ``prefetch(indices)`` fetches chunks ahead of readers (the bootstrap's
 prefetch list), one backend read at a time (merged up to ``prefetch_merge``
-bytes) so readers always come first.
+bytes, across holes of up to ``PREFETCH_GAP`` bytes) so readers always come first.
 
 Fetches run in the fetcher's own nursery (``async with fetcher.running()``),
 never in a reader's task, so a reader that goes away does not abort a fetch
@@ -50,7 +50,11 @@ from .cache import ChunkCache
 from .errors import ChunkError
 from .stats import Stats
 
-__all__ = ["DEFAULT_AMPLIFY", "Fetcher", "error_class"]
+DEFAULT_RETRIES = 4
+DEFAULT_FETCH_TIMEOUT = 30.0  # seconds without a byte before a fetch counts as failed
+PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
+
+__all__ = ["DEFAULT_AMPLIFY", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_RETRIES", "Fetcher", "error_class"]
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +82,10 @@ class Fetcher:
         amplify_bytes: int = DEFAULT_AMPLIFY,
         amplify: bool = True,
         prefetch_merge: int = 16 << 20,
-        retries: int = 4,
+        retries: int = DEFAULT_RETRIES,
         backoff: float = 0.2,
         max_backoff: float = 10.0,
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_FETCH_TIMEOUT,
     ) -> None:
         self.cache = cache
         self.blobs: list[Blob] = cache.blobs
@@ -144,7 +148,7 @@ class Fetcher:
 
     # -- background prefetch -------------------------------------------------
 
-    async def prefetch(self, indices: Iterable[int], batch: int = 64) -> int:
+    async def prefetch(self, indices: Iterable[int]) -> int:
         """Fetch the missing chunks of ``indices`` in order, at low priority.
 
         Runs in the caller's task (start it in a nursery) and issues one backend
@@ -156,6 +160,8 @@ class Fetcher:
         fetched = 0
         seen: set[int] = set()
         todo: list[int] = []
+        todo_bytes = 0
+        batch_bytes = 4 * self.prefetch_merge  # planned together: merged across the list
         for n, index in enumerate(indices):
             if n % 256 == 255:
                 await trio.lowlevel.checkpoint()  # cached stretches never await otherwise
@@ -166,23 +172,24 @@ class Fetcher:
                     or await self.cache.probe(index)):
                 continue
             todo.append(index)
-            if len(todo) >= batch:
+            todo_bytes += self.cache.chunk(index).compressed_size
+            if todo_bytes >= batch_bytes:
                 fetched += await self._prefetch_batch(todo)
-                todo = []
+                todo, todo_bytes = [], 0
         if todo:
             fetched += await self._prefetch_batch(todo)
         return fetched
 
     async def _prefetch_batch(self, indices: list[int]) -> int:
         ok = 0
-        for planned in self._plan(indices, self.prefetch_merge):
+        for planned in self._plan(indices, self.prefetch_merge, PREFETCH_GAP):
             # Claim a run only when it starts, so readers never queue behind prefetch;
             # readers may have fetched some of it meanwhile.
             run = [i for i, _ in planned if i not in self._inflight and not self.cache.is_ready(i)]
             if not run:
                 continue
             pending = {i: self._inflight.setdefault(i, _Pending()) for i in run}
-            for piece in self._plan(run, self.prefetch_merge):  # re-split where gaps appeared
+            for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):  # readers took some
                 await self._fetch_run(piece, "prefetch")
             for i, p in pending.items():
                 if p.error is None:
@@ -201,8 +208,10 @@ class Fetcher:
         for run in self._plan(missing, self.amplify_bytes):
             self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
 
-    def _plan(self, missing: list[int], limit: int) -> list[list[tuple[int, Chunk]]]:
-        """Group chunks into backend reads: same blob, back to back, ≤ ``limit`` bytes."""
+    def _plan(self, missing: list[int], limit: int,
+              max_gap: int = 0) -> list[list[tuple[int, Chunk]]]:
+        """Group chunks into backend reads: same blob, at most ``max_gap`` bytes apart
+        (fetched and dropped: cheaper than another round trip), ≤ ``limit`` bytes."""
         chunks = sorted(
             ((i, self.cache.chunk(i)) for i in missing),
             key=lambda ic: (ic[1].blob_index, ic[1].compressed_offset),
@@ -214,7 +223,8 @@ class Fetcher:
                 start = runs[-1][0][1].compressed_offset
                 if (
                     c.blob_index == last.blob_index
-                    and c.compressed_offset == last.compressed_offset + last.compressed_size
+                    and 0 <= c.compressed_offset - (last.compressed_offset
+                                                    + last.compressed_size) <= max_gap
                     and c.compressed_offset + c.compressed_size - start <= limit
                 ):
                     runs[-1].append((index, c))

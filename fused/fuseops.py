@@ -1,6 +1,6 @@
 """The pyfuse3 adapter: kernel requests in, ``Vfs`` calls out. Nothing else.
 
-Every handler is wrapped by ``_errno_boundary``, the one place where an
+Every handler is wrapped by ``errno_boundary``, the one place where an
 exception becomes a ``FUSEError`` (errno from ``rafs.errors.to_errno``);
 unexpected exceptions are logged with their traceback and answered with EIO,
 so no request can take the daemon down.
@@ -29,7 +29,7 @@ from .errors import ReadOnlyError
 from .stats import Stats
 from .vfs import Attr, Vfs
 
-__all__ = ["CACHE_TIMEOUT", "MOUNT_OPTIONS", "Operations"]
+__all__ = ["CACHE_TIMEOUT", "MOUNT_OPTIONS", "Operations", "errno_boundary", "read_only"]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,18 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _errno_boundary(
+def errno_boundary(
     fn: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Translate any exception into FUSEError: the only errno mapping in the adapter."""
+    """Count the request and translate any exception into FUSEError: the only errno
+    mapping of the adapters (this one and ``fused.blobops``). The first argument
+    must be an adapter with a ``stats`` attribute."""
+    name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        stats: Stats = args[0].stats  # type: ignore[attr-defined]
+        stats.fuse_requests[name] += 1
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -60,15 +65,13 @@ def _errno_boundary(
             elif code == errno.EIO:
                 log.warning("%s: %s", fn.__name__, e)
             if code == errno.EIO:
-                ops = args[0]
-                assert isinstance(ops, Operations)
-                ops.stats.errors += 1
+                stats.errors += 1
             raise pyfuse3.FUSEError(code) from None
 
     return wrapper
 
 
-def _read_only(*_: Any, **__: Any) -> Awaitable[Any]:
+def read_only(*_: Any, **__: Any) -> Awaitable[Any]:
     async def refuse() -> Any:
         raise pyfuse3.FUSEError(ReadOnlyError.errno)
 
@@ -108,7 +111,7 @@ class Operations(pyfuse3.Operations):
 
     # -- metadata -----------------------------------------------------------
 
-    @_errno_boundary
+    @errno_boundary
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -122,25 +125,26 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         """Inodes live as long as the bootstrap: nothing to count."""
+        self.stats.fuse_requests["forget"] += 1
 
-    @_errno_boundary
+    @errno_boundary
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         return self._entry(self.vfs.getattr(inode))
 
-    @_errno_boundary
+    @errno_boundary
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
         return self.vfs.readlink(inode)
 
-    @_errno_boundary
+    @errno_boundary
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
         self.vfs.opendir(inode)
         return inode
 
-    @_errno_boundary
+    @errno_boundary
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
@@ -149,9 +153,9 @@ class Operations(pyfuse3.Operations):
                 break
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
-        pass
+        self.stats.fuse_requests["releasedir"] += 1
 
-    @_errno_boundary
+    @errno_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = self.vfs.statfs()
         out = pyfuse3.StatvfsData()
@@ -166,13 +170,13 @@ class Operations(pyfuse3.Operations):
         out.f_namemax = s.namemax
         return out
 
-    @_errno_boundary
+    @errno_boundary
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
         return self.vfs.getxattr(inode, name)
 
-    @_errno_boundary
+    @errno_boundary
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[pyfuse3.XAttrNameT]:
@@ -180,7 +184,7 @@ class Operations(pyfuse3.Operations):
 
     # -- data ---------------------------------------------------------------
 
-    @_errno_boundary
+    @errno_boundary
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
@@ -189,31 +193,31 @@ class Operations(pyfuse3.Operations):
         self.vfs.open(inode)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    @_errno_boundary
+    @errno_boundary
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         return await self.vfs.read(fh, off, size)  # type: ignore[return-value]
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        pass
+        self.stats.fuse_requests["release"] += 1
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
-        pass
+        self.stats.fuse_requests["flush"] += 1
 
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        pass
+        self.stats.fuse_requests["fsync"] += 1
 
     # -- everything that would change the filesystem ------------------------
 
-    setattr = _read_only  # type: ignore[assignment]
-    mknod = _read_only  # type: ignore[assignment]
-    mkdir = _read_only  # type: ignore[assignment]
-    unlink = _read_only  # type: ignore[assignment]
-    rmdir = _read_only  # type: ignore[assignment]
-    symlink = _read_only  # type: ignore[assignment]
-    rename = _read_only  # type: ignore[assignment]
-    link = _read_only  # type: ignore[assignment]
-    write = _read_only  # type: ignore[assignment]
-    create = _read_only  # type: ignore[assignment]
-    setxattr = _read_only  # type: ignore[assignment]
-    removexattr = _read_only  # type: ignore[assignment]
+    setattr = read_only  # type: ignore[assignment]
+    mknod = read_only  # type: ignore[assignment]
+    mkdir = read_only  # type: ignore[assignment]
+    unlink = read_only  # type: ignore[assignment]
+    rmdir = read_only  # type: ignore[assignment]
+    symlink = read_only  # type: ignore[assignment]
+    rename = read_only  # type: ignore[assignment]
+    link = read_only  # type: ignore[assignment]
+    write = read_only  # type: ignore[assignment]
+    create = read_only  # type: ignore[assignment]
+    setxattr = read_only  # type: ignore[assignment]
+    removexattr = read_only  # type: ignore[assignment]
 

@@ -56,6 +56,10 @@ class StatsCollector(Collector):
         for cls, n in sorted(s.error_classes.items()):
             family.add_metric([*self.values, cls], n)
         yield family
+        family = self._counter("fuse_requests", HELP["fuse_requests"], ("op",))
+        for op, n in sorted(s.fuse_requests.items()):
+            family.add_metric([*self.values, op], n)
+        yield family
         gauge = GaugeMetricFamily("rafs_prefetch_planned_chunks",
                                   "chunks on the image's prefetch list", labels=self.names)
         gauge.add_metric(self.values, s.prefetch_planned)

@@ -1,22 +1,28 @@
 """What the kernel says is mounted, and the fusermount3 calls that undo a mount.
 
-``find_mount`` reads ``/proc/self/mountinfo``; a rafs mount shows file system
-type ``fuse.rafs`` (mount option ``subtype=rafs``). Unmounting goes through
-``fusermount3`` so it works for root and for users alike.
+``find_mount`` reads ``/proc/self/mountinfo``. A rafs mount in fuse mode shows
+file system type ``fuse.rafs`` (mount option ``subtype=rafs``); in kernel mode
+it is an ``erofs`` mount whose source is a bootstrap in a chunk cache
+(``.../bootstraps/sha256/<hex>``), and the blob filesystem under it is
+``fuse.rafs-blobs``. Unmounting FUSE goes through ``fusermount3`` so it works
+for root and for users alike.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MountError
 
-__all__ = ["FSTYPE", "MountEntry", "canonical", "find_mount", "fusermount_unmount"]
+__all__ = ["BLOB_FSTYPE", "FSTYPE", "MountEntry", "canonical", "find_mount", "fusermount_unmount"]
 
 FSTYPE = "fuse.rafs"
+BLOB_FSTYPE = "fuse.rafs-blobs"
+_BOOTSTRAP_SOURCE = re.compile(r"/bootstraps/[a-z0-9]+/[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +33,13 @@ class MountEntry:
     major_minor: str  # "MAJOR:MINOR" of the mounted filesystem (st_dev)
 
     @property
+    def is_kernel(self) -> bool:
+        """A kernel-mode rafs mount: EROFS over a cached bootstrap."""
+        return self.fstype == "erofs" and _BOOTSTRAP_SOURCE.search(self.source) is not None
+
+    @property
     def is_rafs(self) -> bool:
-        return self.fstype == FSTYPE
+        return self.fstype == FSTYPE or self.is_kernel
 
 
 def canonical(path: str | os.PathLike[str]) -> str:

@@ -42,6 +42,7 @@ HELP = {
     "prefetch_chunks": "chunks fetched ahead of readers by the prefetch list",
     "digest_failures": "fetched chunks whose sha256 did not match",
     "errors": "read requests answered with an error",
+    "fuse_requests": "FUSE requests the daemon answered, by operation",
 }
 
 
@@ -68,6 +69,7 @@ class Stats:
     bytes: dict[str, int] = field(default_factory=_kinds)
     chunks: dict[str, int] = field(default_factory=_kinds)
     error_classes: Counter[str] = field(default_factory=Counter)
+    fuse_requests: Counter[str] = field(default_factory=Counter)  # by operation
     prefetch_state: str = "none"  # none | running | done | stopped
     prefetch_planned: int = 0  # chunks on the prefetch list
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
@@ -126,6 +128,8 @@ class Stats:
             "bytes": dict(self.bytes),
             "chunks": dict(self.chunks),
             "error_classes": dict(sorted(self.error_classes.items())),
+            "fuse_requests": sum(self.fuse_requests.values()),
+            "fuse_requests_by_op": dict(sorted(self.fuse_requests.items())),
             "prefetch": {"state": self.prefetch_state, "planned": self.prefetch_planned,
                          "fetched": self.prefetch_chunks},
             "read_latency": {

@@ -33,7 +33,7 @@ import httpx
 from .errors import AuthError
 
 __all__ = ["AUTH_FILE_ENV", "Credentials", "RegistryAuth", "load_credentials",
-           "parse_challenge"]
+           "parse_challenge", "parse_creds"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,16 @@ def _entry_credentials(entry: object, where: str) -> Credentials | None:
     if entry.get("identitytoken"):
         log.warning("%s: identity tokens are not supported; trying anonymous access", where)
     return None
+
+
+def parse_creds(text: str | None) -> Credentials | None:
+    """``USER:PASSWORD`` as ``--creds`` takes it."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise AuthError("--creds takes USER:PASSWORD")
+    return user, password
 
 
 def load_credentials(registry: str, explicit: Credentials | None = None) -> Credentials | None:

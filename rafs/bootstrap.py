@@ -274,6 +274,28 @@ class Bootstrap:
             raise FormatError(f"chunk {index} record is inconsistent", off)
         return c
 
+    def blob_extents(self, blob_index: int) -> tuple[list[int], list[int]]:
+        """(uncompressed offsets, uncompressed sizes) of a blob's chunks in table order,
+        which is ascending offset: the layout of the blob's address space."""
+        if not 0 <= blob_index < len(self.blobs):
+            raise FormatError(f"no blob {blob_index}", self.header.blob_off)
+        blob = self.blobs[blob_index]
+        start = self.header.chunk_off + blob.chunk_start * section.CHUNK_RECORD.size
+        end = start + blob.chunk_count * section.CHUNK_RECORD.size
+        if end > len(self.buf):
+            raise FormatError(f"chunk table of blob {blob_index} runs past the image", start)
+        offsets: list[int] = []
+        sizes: list[int] = []
+        limit = blob.uncompressed_size
+        for rec in section.CHUNK_RECORD.iter_unpack(self.buf[start:end]):
+            uoff, usize = rec[4], rec[5]
+            if (uoff % BS or usize > self.chunk_size or uoff + usize > limit
+                    or (offsets and uoff < offsets[-1] + sizes[-1])):
+                raise FormatError(f"chunk at {uoff} of blob {blob_index} is misplaced", start)
+            offsets.append(uoff)
+            sizes.append(usize)
+        return offsets, sizes
+
     def chunks(self) -> Iterator[Chunk]:
         for i in range(self.header.chunk_count):
             yield self.chunk(i)

@@ -236,3 +236,28 @@ def test_the_cli_pushes_to_and_mounts_from_the_registry(registry, rafs_python_re
         stats = read_stats(mnt)
         assert stats["image"] == rafs_python_ref
         assert 0 < stats["stats"]["backend_bytes"] < 30 << 20
+
+
+def test_a_chunk_dictionary_in_the_registry_is_mounted_not_uploaded(
+    registry, rafs_python_ref, debian_numpy_image, tmp_path
+):
+    src, tag = debian_numpy_image
+    dst = registry.ref("dict/numpy", "rafs")
+    registry.mark()
+    res = run(rafs_cmd("convert", f"oci:{src}:{tag}", dst, "--no-progress",
+                       "--chunk-dict", rafs_python_ref), timeout=600)
+    assert res.returncode == 0, res.stderr
+    log = registry.access_log(since_mark=True)
+    with RegistryClient(registry.host) as client:
+        dictionary = client.resolve(parse_image_ref(rafs_python_ref))
+        image = client.resolve(parse_image_ref(dst))
+    reused = {d.digest for d in dictionary.layers[:-1]} & {d.digest for d in image.layers}
+    assert reused, "the numpy image should reuse the dictionary's blobs"
+    mounts = [r for r in log if r.method == "POST" and "mount=" in r.uri and r.status == 201]
+    assert len(mounts) == len(reused)
+    for digest in reused:
+        assert _uploads(log, digest) == []
+    with mounted(dst, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        res = subprocess.run(["chroot", str(mnt), "python3", "-c", "import numpy"],
+                             capture_output=True, text=True, check=False, timeout=300)
+        assert res.returncode == 0, res.stderr

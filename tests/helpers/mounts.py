@@ -2,9 +2,13 @@
 
 Owns: ``mounted`` (mount through the real CLI in a subprocess, yield the mount
 point, and in ``finally`` always unmount: ``rafs umount``, then
-``fusermount3 -u -z``, then SIGKILL for a daemon that is still alive),
-``is_mounted`` and ``fuse_mounts`` (read ``/proc/self/mountinfo``, for asserting
-that nothing leaked).
+``umount -l`` / ``fusermount3 -u -z`` of whatever is left, kernel mode's blob
+mount included, then SIGKILL for a daemon that is still alive), ``is_mounted``,
+``fuse_mounts`` and ``rafs_mounts`` (read ``/proc/self/mountinfo``, for
+asserting that nothing leaked).
+
+``mounted`` mounts in fuse mode unless told otherwise (``mode="kernel"`` or
+``mode="auto"``): most tests prove what the FUSE daemon itself shows.
 
 Like the other helpers it does not import rafs, converter or fused: it drives
 the command line exactly as a user would.
@@ -24,7 +28,7 @@ from pathlib import Path
 
 from tests.helpers.procs import run
 
-__all__ = ["fuse_mounts", "is_mounted", "mounted", "rafs_cmd", "read_stats"]
+__all__ = ["fuse_mounts", "is_mounted", "mounted", "rafs_cmd", "rafs_mounts", "read_stats"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -51,19 +55,46 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def fuse_mounts() -> dict[str, str]:
-    """{mount point: fs type} of every FUSE mount this process can see."""
+def _mounts(wanted: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         left, _, right = line.partition(" - ")
         fstype = right.split()[0] if right else ""
-        if fstype.startswith("fuse"):
+        if fstype.startswith(wanted):
             out[_unescape(left.split()[4])] = fstype
     return out
 
 
+def fuse_mounts() -> dict[str, str]:
+    """{mount point: fs type} of every FUSE mount this process can see."""
+    return _mounts(("fuse",))
+
+
+def rafs_mounts() -> dict[str, str]:
+    """{mount point: fs type} of every FUSE and EROFS mount (both rafs modes)."""
+    return _mounts(("fuse", "erofs"))
+
+
 def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
-    return os.path.realpath(mountpoint) in fuse_mounts()
+    return os.path.realpath(mountpoint) in rafs_mounts()
+
+
+def _force_unmount(mountpoint: str | os.PathLike[str]) -> None:
+    """Detach whatever rafs left on ``mountpoint`` (EROFS first, then FUSE below it)."""
+    mp = os.path.realpath(mountpoint)
+    for _ in range(3):
+        fstype = rafs_mounts().get(mp)
+        if fstype is None:
+            return
+        if fstype == "erofs":
+            subprocess.run(["umount", "-l", mp], check=False)
+        else:
+            subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
+
+
+def blob_mounts() -> list[str]:
+    """Kernel mode's blob filesystems (``fuse.rafs-blobs``) still mounted."""
+    return [mp for mp, t in fuse_mounts().items() if t == "fuse.rafs-blobs"]
 
 
 def read_stats(
@@ -95,6 +126,7 @@ def mounted(
     env: Mapping[str, str] | None = None,
     extra_args: Sequence[str] = (),
     timeout: float = 180,
+    mode: str = "fuse",
 ) -> Iterator[Path]:
     """Mount ``image_ref`` on ``mountpoint`` with ``rafs mount``; unmount whatever happens.
 
@@ -103,13 +135,13 @@ def mounted(
     """
     mp = Path(mountpoint)
     mp.mkdir(parents=True, exist_ok=True)
+    blobs_before = set(blob_mounts())
     res = run(
-        rafs_cmd("mount", image_ref, mp, "--cache-dir", cache_dir, *extra_args),
+        rafs_cmd("mount", image_ref, mp, "--cache-dir", cache_dir, "--mode", mode, *extra_args),
         env=_env(env), timeout=timeout,
     )
     if res.returncode != 0:
-        if is_mounted(mp):  # the CLI must never leave one behind; clean up anyway
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+        _force_unmount(mp)  # the CLI must never leave one behind; clean up anyway
         raise AssertionError(
             f"rafs mount {image_ref} {mp} exited {res.returncode}\nstderr:\n{res.stderr}"
         )
@@ -121,8 +153,9 @@ def mounted(
     finally:
         with contextlib.suppress(Exception):
             run(rafs_cmd("umount", mp), env=_env(env), timeout=90)
-        if is_mounted(mp):
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+        _force_unmount(mp)
+        for leftover in set(blob_mounts()) - blobs_before:
+            subprocess.run(["fusermount3", "-u", "-z", leftover], check=False)
         if pid is not None:
             deadline = time.monotonic() + 10
             while _pid_alive(pid) and time.monotonic() < deadline:

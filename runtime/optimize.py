@@ -1,0 +1,112 @@
+"""``rafs optimize SRC DST -- CMD...``: trace a workload, write an image that prefetches it.
+
+1. Find the plain original of SRC: SRC itself if it is a plain OCI image;
+   for a RAFS image, the manifest named by its ``io.rafs.source.digest``
+   annotation, looked up among the tags of the same OCI layout or by digest in
+   the same registry repository (OptimizeError if it is not there).
+2. Get a RAFS image to trace on: SRC itself, or SRC converted into a
+   temporary layout.
+3. Mount it privately (its own daemon, so the trace holds this workload only),
+   run CMD in a container on it (``run.run_container``), and read the access
+   trace (``fused.cli.trace``) before unmounting.
+4. Convert the original into DST with the trace as the prefetch list (the
+   converter puts those files first in each blob).
+
+The container's exit status is reported; a failing workload still yields a
+trace, but DST is written only when CMD exited 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from converter.convert import ConvertOptions, convert
+from fused.cli import mount_background, trace, umount
+from fused.errors import MountError
+from fused.mounts import find_mount, fusermount_unmount
+from rafs.oci import ANNOTATION_RAFS_SOURCE_DIGEST, ANNOTATION_REF_NAME, ImageRef, OCILayout
+
+from .errors import OptimizeError
+from .image import ResolvedImage, registry_client, resolve_image
+from .imagemount import check_fuse
+from .paths import cache_dir as default_cache_dir
+from .run import RunOptions, run_container
+
+__all__ = ["find_original", "optimize"]
+
+log = logging.getLogger(__name__)
+
+
+def find_original(image: ResolvedImage) -> ImageRef:
+    """The reference of the plain image a RAFS image was converted from."""
+    if not image.is_rafs:
+        return image.ref
+    digest = image.manifest.annotations.get(ANNOTATION_RAFS_SOURCE_DIGEST)
+    if not digest:
+        raise OptimizeError(f"{image.ref} does not record the digest of its original "
+                            "image: give the plain image as SRC")
+    ref = image.ref
+    if ref.transport == "oci":
+        for desc in OCILayout(ref.path).index_entries():
+            tag = desc.annotations.get(ANNOTATION_REF_NAME)
+            if desc.digest == digest and tag:
+                return ImageRef("oci", ref.path, tag)
+    elif ref.transport == "docker":
+        pinned = ImageRef("docker", ref.path, None, digest)
+        with contextlib.suppress(Exception), registry_client(pinned) as client:
+            client.resolve(pinned)
+            return pinned
+    raise OptimizeError(f"the original of {ref} ({digest}) is not tagged in the same "
+                        "layout or repository: give the plain image as SRC")
+
+
+def optimize(src: str, dst: str, cmd: list[str], *, env: list[str] | None = None,
+             user: str | None = None, workdir: str | None = None, net: str = "host",
+             chunk_size: int | None = None) -> int:
+    check_fuse()
+    image = resolve_image(src)
+    original = find_original(image)
+    options = ConvertOptions() if chunk_size is None else ConvertOptions(chunk_size=chunk_size)
+    with tempfile.TemporaryDirectory(prefix="rafs-optimize-") as tmp:
+        traced = image
+        if not image.is_rafs:
+            print(f"rafs: converting {image.ref} to trace it", file=sys.stderr)
+            result = convert(image.ref, ImageRef("oci", os.path.join(tmp, "layout"), "trace"),
+                             options)
+            traced = resolve_image(result.target)
+        paths, status = _trace(traced, Path(tmp) / "mnt", cmd, RunOptions(
+            image=str(traced.ref), cmd=cmd, env=env or [], user=user, workdir=workdir,
+            net=net, rm=True))
+    if status != 0:
+        print(f"rafs: the workload exited with {status}: {dst} is not written",
+              file=sys.stderr)
+        return status
+    print(f"rafs: {len(paths)} files traced; converting {original} into {dst}",
+          file=sys.stderr)
+    options.prefetch = [os.fsencode(p) for p in paths]
+    result = convert(original, dst, options)
+    print(result.manifest.digest)
+    return 0
+
+
+def _trace(image: ResolvedImage, mnt: Path, cmd: list[str],
+           opts: RunOptions) -> tuple[list[str], int]:
+    mnt.mkdir()
+    mount_background(image.pinned, str(mnt), str(default_cache_dir()), prefetch=False)
+    try:
+        status = run_container(opts, image=image, lower=mnt)
+        paths = trace(str(mnt))
+    finally:
+        try:
+            umount(str(mnt))
+        except MountError as e:
+            log.warning("unmounting %s: %s", mnt, e)
+            entry = find_mount(mnt)
+            if entry is not None and entry.is_rafs:
+                fusermount_unmount(mnt, lazy=True)
+    return paths, status
