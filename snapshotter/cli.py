@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="plain HTTP to every registry (localhost always uses it)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="mount RAFS images without background prefetch")
+    p.add_argument("--mode", choices=("auto", "fuse", "kernel"), default="auto",
+                   help="how RAFS images are mounted, as for `rafs mount` (default auto: "
+                   "the kernel mounts the bootstrap as EROFS where it can)")
     p.set_defaults(func=_cmd_snapshotter)
 
 
@@ -57,7 +60,8 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from .snapshots import Snapshotter
 
     root = Path(args.root)
-    options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None)
+    options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None,
+                           mode=args.mode)
     remote = FusedRemote(args.cache_dir or root / "cache", options)
     try:
         snapshotter = Snapshotter(root, remote)

@@ -12,7 +12,9 @@ the N layers of one pull cost one request.
 
 ``mount``/``unmount`` drive fused's daemon (``fused.cli.mount_background``,
 detached in its own session: it outlives the snapshotter) with the shared chunk
-cache under the snapshotter root.
+cache under the snapshotter root. A mount is either a FUSE mount or, in
+kernel mode, an EROFS mount over the daemon's blob files; fused's ``find_mount``
+and ``umount`` handle both.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from fused.cli import MountOptions, mount_background, stats, umount
 from fused.errors import MountError, NotMountedError
-from fused.mounts import find_mount, fusermount_unmount
+from fused.mounts import find_mount
 from rafs.errors import RafsError
 from rafs.oci import Manifest, bootstrap_descriptor, is_rafs, parse_image_ref
 
@@ -120,5 +122,5 @@ class FusedRemote:
             return
         except MountError as e:
             log.warning("unmounting %s: %s; detaching it lazily", mountpoint, e)
-            fusermount_unmount(mountpoint, lazy=True)
+            umount(str(mountpoint), lazy=True, timeout=30)
         log.info("unmounted %s", mountpoint)

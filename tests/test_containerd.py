@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.containerd import (
+    RAFS_FSTYPES,
     Containerd,
     SnapshotterProcess,
     containerd_daemon,
@@ -50,7 +51,7 @@ class Stack:
     root: Path  # the snapshotter's root
 
     def rafs_mounts(self) -> list[str]:
-        return [mp for mp, fstype in mounts_under(self.root) if fstype == "fuse.rafs"]
+        return [mp for mp, fstype in mounts_under(self.root) if fstype in RAFS_FSTYPES]
 
     def wait_reconnected(self, timeout: float = 30) -> None:
         """Until containerd's gRPC channel to a restarted snapshotter is up again (the
