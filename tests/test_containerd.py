@@ -169,13 +169,17 @@ def test_a_killed_daemon_is_mounted_again_for_the_next_container(
 def test_removing_containers_and_images_leaves_no_mounts(
     stack: Stack, rafs_image: str, plain_image: str
 ) -> None:
+    from fused.control import paths_for
+
     cd = stack.cd
-    assert stack.rafs_mounts()
-    pid = read_stats(stack.rafs_mounts()[0])["pid"]
+    [mp] = stack.rafs_mounts()
+    pid = read_stats(mp)["pid"]
+    blobs = str(paths_for(mp).blobs)  # the daemon's blob mount in kernel mode
     assert cd.ctr("container", "ls", "-q").stdout.split() == []
     cd.ctr("image", "rm", "--sync", rafs_image, plain_image)
     assert stack.snapshots() == []
     assert mounts_under(stack.root) == []
+    assert mounts_under(blobs) == []
     assert list((stack.root / "snapshots").iterdir()) == []
     assert not Path(f"/proc/{pid}").exists() or \
         Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
