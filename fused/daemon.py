@@ -376,21 +376,19 @@ class _KernelMount:
             log.error("cannot detach the EROFS mount on %s: %s", self.mountpoint, e)
 
     def unmount_blobs(self) -> None:
-        """Unmount the blob filesystem; the EROFS driver may hold it for a moment."""
-        for attempt in range(50):
-            try:
-                fusermount_unmount(self.blob_dir)
+        """Unmount the blob filesystem; the EROFS driver may hold it for a moment
+        (its device files are released after its unmount returns)."""
+        for _attempt in range(50):
+            if not self.blobs_busy():
                 return
-            except MountError as e:
-                if attempt == 49:
-                    log.warning("blob mount %s: %s; detaching it", self.blob_dir, e)
-                    fusermount_unmount(self.blob_dir, lazy=True)
-                    return
-                time.sleep(0.02)
+            time.sleep(0.02)
+        log.warning("blob mount %s stays busy; detaching it", self.blob_dir)
+        kernel_umount(self.blob_dir, lazy=True)
 
     def blobs_busy(self) -> bool:
+        """Try to unmount the blob filesystem: True while something still uses it."""
         try:
-            fusermount_unmount(self.blob_dir)
+            kernel_umount(self.blob_dir)  # root only, like kernel mode itself
         except MountError:
             return True
         return False
