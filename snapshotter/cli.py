@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="plain HTTP to every registry (localhost always uses it)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="mount RAFS images without background prefetch")
+    p.add_argument("--mode", choices=("auto", "fuse", "kernel"), default="auto",
+                   help="how fused serves RAFS images (default %(default)s, as rafs mount)")
     p.set_defaults(func=_cmd_snapshotter)
 
 
@@ -54,7 +56,8 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from .snapshots import Snapshotter
 
     root = Path(args.root)
-    options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None)
+    options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None,
+                           mode=args.mode)
     remote = FusedRemote(args.cache_dir or root / "cache", options)
     serve(Snapshotter(root, remote), args.address)
     return 0
