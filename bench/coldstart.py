@@ -310,7 +310,7 @@ def _containerd_sample(image: Prepared, ref: str, base: Path, rafs: bool, mode: 
             else:
                 _ctr(cd, "pull", "--plain-http", name)
             t1 = time.perf_counter()
-            _ctr(cd, "create", *snap, name, "bench", *image.workload)
+            _ctr(cd, "create", *snap, name, "bench", "--", *image.workload)
             t2 = time.perf_counter()
             res = cd.ctr("task", "start", "bench", check=False, timeout=1800)
             t3 = time.perf_counter()
