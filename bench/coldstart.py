@@ -252,7 +252,8 @@ def _stats_fields(reply: dict[str, Any]) -> dict[str, Any]:
     if not reply:
         return {}
     s = reply["stats"]
-    return {"mode": reply.get("mode"), "fetched_bytes": s["backend_bytes"],
+    return {"mode": reply.get("mode"), "daemon_ready_s": reply.get("ready_seconds"),
+            "fetched_bytes": s["backend_bytes"],
             "read_bytes": s["read_bytes"], "backend_requests": s["backend_requests"],
             "fuse_requests_by_op": s.get("fuse_requests_by_op", {}),
             "prefetch_state": s["prefetch"]["state"]}
