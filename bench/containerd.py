@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bench import corpus
 from bench.containerd_env import (
+    RAFS_FSTYPES,
     containerd_daemon,
     mounts_under,
     rafs_cmd,
@@ -65,7 +66,7 @@ def _one(base: Path, mode: str, image: str) -> dict[str, float]:
             if not version or not version[0].isdigit():
                 raise RuntimeError(f"unexpected output from the container: {res.stdout!r}")
             if mode == "rafs":
-                mps = [mp for mp, fs in mounts_under(base / "snroot") if fs == "fuse.rafs"]
+                mps = [mp for mp, fs in mounts_under(base / "snroot") if fs in RAFS_FSTYPES]
                 reply = json.loads(run(rafs_cmd("stats", mps[0]), check=True).stdout)
                 out["fetched_bytes"] = reply["stats"]["backend_bytes"]
             return out

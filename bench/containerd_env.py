@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "RAFS_FSTYPES",
     "Containerd",
     "SnapshotterProcess",
     "containerd_daemon",
@@ -81,6 +82,8 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+RAFS_FSTYPES = ("fuse.rafs", "erofs")
+
 CONFIG = """version = 2
 root = "{root}"
 state = "{state}"
@@ -114,10 +117,11 @@ def mounts_under(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
 
 
 def unmount_under(path: str | os.PathLike[str]) -> None:
-    """Unmount everything below ``path``: rafs mounts through ``rafs umount``, the
-    rest (overlay, bind) with ``umount -l``; nothing is left mounted."""
+    """Unmount everything below ``path``: rafs mounts (FUSE, or EROFS in kernel mode)
+    through ``rafs umount``, which also ends their daemons and blob mounts; the rest
+    (overlay, bind) with ``umount -l``; nothing is left mounted."""
     for mp, fstype in mounts_under(path):
-        if fstype == "fuse.rafs":
+        if fstype in RAFS_FSTYPES:
             with contextlib.suppress(Exception):
                 run(rafs_cmd("umount", mp), timeout=60)
         if any(m == mp for m, _ in mounts_under(path)):

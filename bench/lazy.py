@@ -1,6 +1,7 @@
 """Lazy loading from a registry: how frugal and how fast, for the numpy workload.
 
     python -m bench.lazy [--samples 3] [--out results/lazy.json] [--profile wan]
+                         [--mode auto|fuse|kernel]
 
 A real ``docker-registry`` (bench.registry) holds the python3-numpy image
 converted twice: plainly, and with the prefetch list that a traced run of the
@@ -72,11 +73,11 @@ def _image_bytes(ref: str) -> int:
     return sum(d.size for d in manifest.layers)
 
 
-def sample(ref: str, work: Path, prefetch: bool) -> dict[str, float]:
+def sample(ref: str, work: Path, prefetch: bool, mode: str) -> dict[str, float]:
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     drop_caches()
-    extra = ["--prefetch"] if prefetch else ["--no-prefetch"]
+    extra = ["--prefetch" if prefetch else "--no-prefetch", "--mode", mode]
     started = time.perf_counter()
     with mounted(ref, work / "mnt", cache, *extra) as mnt:
         mounted_at = time.perf_counter()
@@ -101,7 +102,7 @@ def _median(samples: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
-def run(samples: int, profile: str | None, work: Path) -> dict[str, object]:
+def run(samples: int, profile: str | None, mode: str, work: Path) -> dict[str, object]:
     src, tag = corpus.debian_numpy_image()
     with RegistryServer() as registry:
         plain = registry.ref("bench/numpy", "rafs")
@@ -118,11 +119,12 @@ def run(samples: int, profile: str | None, work: Path) -> dict[str, object]:
             via = {name: ref.replace(registry.host, host) for name, ref in
                    (("lazy", plain), ("optimized_prefetch", optimized))}
             for _ in range(samples):  # side by side: alternate the scenarios
-                results["lazy"].append(sample(via["lazy"], work, prefetch=False))
+                results["lazy"].append(sample(via["lazy"], work, False, mode))
                 results["optimized_prefetch"].append(
-                    sample(via["optimized_prefetch"], work, prefetch=True))
+                    sample(via["optimized_prefetch"], work, True, mode))
     out: dict[str, object] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "profile": profile or "local", "samples": samples,
+                              "profile": profile or "local", "mode": mode,
+                              "samples": samples,
                               "image_bytes": image_bytes,
                               "startup_files": len((work / "prefetch.txt").read_text().split())}
     for name, runs in results.items():
@@ -136,7 +138,7 @@ def run(samples: int, profile: str | None, work: Path) -> dict[str, object]:
 def markdown(r: dict) -> str:
     lazy, opt = r["lazy"]["median"], r["optimized_prefetch"]["median"]
     return "\n".join([
-        f"numpy import, cold, registry `{r['profile']}`; image blobs "
+        f"numpy import, cold, registry `{r['profile']}`, `--mode {r['mode']}`; image blobs "
         f"{r['image_bytes'] / MB:.1f} MB; median of {r['samples']}",
         "",
         "| Figure | lazy, no prefetch | optimized image, --prefetch |",
@@ -161,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--profile", choices=("wan", "lan", "local"), default=None,
                     help="reach the registry through the link emulator")
+    ap.add_argument("--mode", choices=("auto", "fuse", "kernel"), default="auto")
     ap.add_argument("--out", type=Path, default=Path("results/lazy.json"))
     args = ap.parse_args(argv)
     profile = None if args.profile in (None, "local") else args.profile
     with tempfile.TemporaryDirectory(prefix="rafs-bench-lazy-", dir="/var/tmp") as tmp:
-        results = run(args.samples, profile, Path(tmp))
+        results = run(args.samples, profile, args.mode, Path(tmp))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))

@@ -52,8 +52,10 @@ def mounted(image: str, mnt: Path, cache: Path, *extra: str) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        if rafs("umount", str(mnt), check=False).returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        res = rafs("umount", str(mnt), check=False)
+        if res.returncode != 0:
+            print(f"rafs umount {mnt}: {res.stderr.strip()}; unmounting lazily", file=sys.stderr)
+            rafs("umount", "-z", str(mnt), check=False)
 
 
 def stats(mnt: Path) -> dict[str, object]:

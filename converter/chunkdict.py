@@ -51,7 +51,7 @@ def load_chunk_dict(ref: ImageRef | str,
 
         client_for = client_for or RegistryClient.for_ref
         with client_for(ref) as client:
-            raw = fetch_bootstrap(client, ref)
+            _, raw = fetch_bootstrap(client, ref)
     else:
         raw = open_local_image(str(ref)).bootstrap
     boot = Bootstrap.from_bytes(raw)

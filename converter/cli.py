@@ -71,7 +71,7 @@ def _read_prefetch(path: str | None) -> list[bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rafs.auth import parse_creds
+    from rafs.credentials import parse_creds
 
     from .convert import ConvertOptions, convert  # heavy: only when converting
 

@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -32,22 +31,13 @@ import trio
 from rafs.errors import BackendError, ImageError, TransientError
 from rafs.oci import ImageRef, Manifest, OCILayout, is_rafs
 
+from .options import BackendOptions
 from .stats import Stats
 
 __all__ = ["BACKENDS", "Backend", "BackendOptions", "LocalBackend", "RegistryBackend",
            "open_backend"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """How to reach a remote image (ignored by local backends)."""
-
-    insecure: bool | None = None  # None: plain HTTP for localhost only
-    creds: tuple[str, str] | None = None
-    timeout: float = 30.0
-    max_connections: int = 8
 
 
 class Backend(ABC):

@@ -296,6 +296,15 @@ class ChunkCache:
         if n != len(view):
             raise CacheError(f"cache file of blob {f.digest} is shorter than expected")
 
+    def pread_blob(self, blob_index: int, offset: int, size: int) -> bytes:
+        """``size`` bytes of the blob's address space at ``offset``, all inside one
+        ready chunk (kernel mode)."""
+        f = self._files[blob_index] or self.blob_file(blob_index)
+        data = os.pread(f.data_fd, size, offset)
+        if len(data) != size:
+            raise CacheError(f"cache file of blob {f.digest} is shorter than expected")
+        return data
+
     def preadinto_blob(self, blob_index: int, offset: int, view: memoryview) -> None:
         """Fill ``view`` from the blob's address space at ``offset`` (kernel mode).
 

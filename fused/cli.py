@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rafs.auth import parse_creds
+from rafs.credentials import parse_creds
 from rafs.oci import parse_image_ref
 
-from .backend import BackendOptions
 
 from .control import ensure_run_dir, paths_for, request
 from .errors import ControlError, MountError, NotMountedError
-from .fetcher import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
+from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES, BackendOptions
 from .kernelmount import MODES, resolve_mode
 from .kernelmount import umount as kernel_umount
 from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount

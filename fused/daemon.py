@@ -69,7 +69,6 @@ from .fuseops import MOUNT_OPTIONS, Operations
 from .kernelmount import MODES, mount_erofs, resolve_mode
 from .kernelmount import umount as kernel_umount
 from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
-from .metrics import new_registry, render, serve_http
 from .stats import Stats
 from .trace import AccessTrace, ChunkTrace
 from .vfs import ROOT_INO, Vfs
@@ -237,9 +236,11 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
             fuse_dir, fuse_options = str(paths.blobs), set(BLOB_MOUNT_OPTIONS)
             kernel = _KernelMount(boot_path, mountpoint, paths.blobs, len(bootstrap.blobs))
             await trio.to_thread.run_sync(kernel.prepare)
-        metrics = new_registry(stats, {"mountpoint": mountpoint})
+        labels = {"mountpoint": mountpoint}
         if cfg.metrics_address:
-            host, port = serve_http(cfg.metrics_address, metrics)
+            from .metrics import new_registry, serve_http  # prometheus_client: only if used
+
+            host, port = serve_http(cfg.metrics_address, new_registry(stats, labels))
             timing["metrics_address"] = f"{host}:{port}"  # type: ignore[assignment]
             log.info("serving Prometheus metrics on http://%s:%d/metrics", host, port)
 
@@ -256,7 +257,9 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
                     **timing}
 
         async def on_metrics(_: dict[str, Any]) -> dict[str, Any]:
-            return {"ok": True, "text": render(metrics)}
+            from .metrics import new_registry, render
+
+            return {"ok": True, "text": render(new_registry(stats, labels))}
 
         async def on_trace(_: dict[str, Any]) -> dict[str, Any]:
             result = await trio.to_thread.run_sync(trace.to_json, bootstrap)
@@ -373,21 +376,19 @@ class _KernelMount:
             log.error("cannot detach the EROFS mount on %s: %s", self.mountpoint, e)
 
     def unmount_blobs(self) -> None:
-        """Unmount the blob filesystem; the EROFS driver may hold it for a moment."""
-        for attempt in range(50):
-            try:
-                fusermount_unmount(self.blob_dir)
+        """Unmount the blob filesystem; the EROFS driver may hold it for a moment
+        (its device files are released after its unmount returns)."""
+        for _attempt in range(50):
+            if not self.blobs_busy():
                 return
-            except MountError as e:
-                if attempt == 49:
-                    log.warning("blob mount %s: %s; detaching it", self.blob_dir, e)
-                    fusermount_unmount(self.blob_dir, lazy=True)
-                    return
-                time.sleep(0.02)
+            time.sleep(0.02)
+        log.warning("blob mount %s stays busy; detaching it", self.blob_dir)
+        kernel_umount(self.blob_dir, lazy=True)
 
     def blobs_busy(self) -> bool:
+        """Try to unmount the blob filesystem: True while something still uses it."""
         try:
-            fusermount_unmount(self.blob_dir)
+            kernel_umount(self.blob_dir)  # root only, like kernel mode itself
         except MountError:
             return True
         return False

@@ -46,19 +46,17 @@ from rafs.errors import BackendError, DigestError, RafsError, TransientError
 from rafs.model import Blob, Chunk
 
 from .backend import Backend
+from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
 from .cache import ChunkCache
 from .errors import ChunkError
 from .stats import Stats
 
-DEFAULT_RETRIES = 4
-DEFAULT_FETCH_TIMEOUT = 30.0  # seconds without a byte before a fetch counts as failed
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
 
 __all__ = ["DEFAULT_AMPLIFY", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_RETRIES", "Fetcher", "error_class"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AMPLIFY = 1 << 20
 
 
 @dataclass(slots=True)

@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 
 from . import image as images
+from .credentials import parse_creds
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("inspect", help="show layers, file and chunk counts, dedup and sizes")
-    p.add_argument("image", help="oci:DIR[:TAG]")
+    _image_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("check", help="verify the bootstrap structure and every digest")
-    p.add_argument("image", help="oci:DIR[:TAG]")
+    _image_args(p)
     p.set_defaults(func=cmd_check)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="oci:DIR[:TAG] or docker://HOST/REPO[:TAG|@DIGEST]")
+    p.add_argument("--creds", metavar="USER:PASS", help="registry credentials")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
+
+
+def _open(args: argparse.Namespace) -> contextlib.AbstractContextManager[
+        images.LocalImage | images.RemoteImage]:
+    return images.open_image(args.image, creds=parse_creds(args.creds),
+                             insecure=True if args.insecure else None)
 
 
 def _mib(n: int) -> str:
@@ -25,8 +39,8 @@ def _mib(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    img = images.open_local_image(args.image)
-    s = images.summarize(img)
+    with _open(args) as img:
+        s = images.summarize(img)
     if args.json:
         out = dataclasses.asdict(s) | {"dedup_ratio": round(s.dedup_ratio, 4),
                                        "manifest_digest": img.manifest.digest}
@@ -49,7 +63,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    img = images.open_local_image(args.image)
-    count = images.check(img)
+    with _open(args) as img:
+        count = images.check(img)
     print(f"ok: bootstrap and {count} chunks in {len(img.manifest.layers) - 1} blobs verified")
     return 0

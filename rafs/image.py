@@ -1,4 +1,5 @@
-"""A RAFS image as a whole: its manifest, verified bootstrap and blobs in an OCI layout.
+"""A RAFS image as a whole: its manifest, verified bootstrap and blobs, in an OCI
+layout (``LocalImage``) or a registry (``RemoteImage``); ``open_image`` opens either.
 
 The trust chain starts here: the manifest digest vouches for the bootstrap
 layer's digest (checked by ``OCILayout.read_blob``), which vouches for the
@@ -8,10 +9,12 @@ table vouches for every chunk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import codec
 from .bootstrap import Bootstrap
@@ -22,8 +25,12 @@ from .oci import (
     OCILayout,
     bootstrap_descriptor,
     is_rafs,
+    ImageRef,
     parse_image_ref,
 )
+
+if TYPE_CHECKING:
+    from .registry import RegistryClient
 
 
 @dataclass
@@ -31,6 +38,20 @@ class LocalImage:
     layout: OCILayout
     manifest: Manifest
     bootstrap: bytes
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        return self.layout.open_blob(digest)
+
+
+@dataclass
+class RemoteImage:
+    client: RegistryClient
+    ref: ImageRef
+    manifest: Manifest
+    bootstrap: bytes
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        return self.client.open_blob(self.ref.repository, digest)
 
 
 def resolve_local(ref: str) -> tuple[OCILayout, Manifest]:
@@ -52,6 +73,21 @@ def open_local_image(ref: str) -> LocalImage:
     payload = layout.read_blob(desc.digest, max_size=codec.MAX_BOOTSTRAP)
     raw = codec.decode_bootstrap(payload, desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST))
     return LocalImage(layout, manifest, raw)
+
+
+@contextlib.contextmanager
+def open_image(ref: str, *, creds: tuple[str, str] | None = None,
+               insecure: bool | None = None) -> Iterator[LocalImage | RemoteImage]:
+    """A RAFS image from ``oci:DIR[:TAG]`` or ``docker://...``, bootstrap verified."""
+    parsed = parse_image_ref(ref)
+    if parsed.transport != "docker":
+        yield open_local_image(ref)
+        return
+    from .registry import RegistryClient, fetch_bootstrap
+
+    with RegistryClient.for_ref(parsed, creds=creds, insecure=insecure) as client:
+        manifest, raw = fetch_bootstrap(client, parsed)
+        yield RemoteImage(client, parsed, manifest, raw)
 
 
 @dataclass
@@ -78,7 +114,7 @@ class Summary:
         return self.file_bytes / self.unique_bytes if self.unique_bytes else 1.0
 
 
-def summarize(image: LocalImage) -> Summary:
+def summarize(image: LocalImage | RemoteImage) -> Summary:
     boot = Bootstrap.from_bytes(image.bootstrap)
     s = Summary(chunk_size=boot.chunk_size, inodes=boot.inode_count,
                 bootstrap_bytes=len(image.bootstrap), prefetch_files=len(boot.prefetch))
@@ -104,7 +140,8 @@ def summarize(image: LocalImage) -> Summary:
     return s
 
 
-def check(image: LocalImage, progress: Callable[[int], None] | None = None) -> int:
+def check(image: LocalImage | RemoteImage,
+          progress: Callable[[int], None] | None = None) -> int:
     """Verify bootstrap structure, every blob digest and every chunk; return chunks checked."""
     boot = Bootstrap.from_bytes(image.bootstrap)
     for _path, ino in boot.walk():  # structure: every inode, dirent, xattr, chunk index
@@ -121,7 +158,7 @@ def check(image: LocalImage, progress: Callable[[int], None] | None = None) -> i
         if blob.digest not in layer_digests:
             raise ImageError(f"blob {index} ({blob.digest}) is not a layer of the manifest")
         whole = hashlib.sha256()
-        with image.layout.open_blob(blob.digest) as f:
+        with image.open_blob(blob.digest) as f:
             pos = 0
             for i in range(blob.chunk_start, blob.chunk_start + blob.chunk_count):
                 chunk = boot.chunk(i)

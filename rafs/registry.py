@@ -48,7 +48,8 @@ from typing import Any, BinaryIO, Self, TypeVar
 import httpx
 
 from . import codec
-from .auth import Credentials, RegistryAuth, load_credentials
+from .auth import RegistryAuth
+from .credentials import Credentials, load_credentials
 from .errors import AuthError, BackendError, DigestError, ImageError, TransientError
 from .oci import (
     ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
@@ -658,8 +659,8 @@ class AsyncRegistryClient(_Base):
 # -- images ------------------------------------------------------------------------
 
 
-def fetch_bootstrap(client: RegistryClient, ref: ImageRef) -> bytes:
-    """The verified, uncompressed bootstrap of the RAFS image ``ref``."""
+def fetch_bootstrap(client: RegistryClient, ref: ImageRef) -> tuple[Manifest, bytes]:
+    """The manifest and the verified, uncompressed bootstrap of the RAFS image ``ref``."""
     manifest = client.resolve(ref)
     if not is_rafs(manifest):
         raise ImageError(f"{ref} is not a RAFS image")
@@ -670,4 +671,4 @@ def fetch_bootstrap(client: RegistryClient, ref: ImageRef) -> bytes:
     raw = codec.decode_bootstrap(payload, desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST))
     log.debug("bootstrap of %s: %d bytes (%s)", ref, len(raw),
               "sha256:" + hashlib.sha256(raw).hexdigest())
-    return raw
+    return manifest, raw

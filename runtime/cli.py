@@ -42,9 +42,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--net", choices=("host", "none"), default="host",
                    help="host network, or a network namespace with loopback only "
                    "(default %(default)s)")
-    p.add_argument("--mode", default="fuse", metavar="MODE",
-                   help="how the rafs daemon serves the image: fuse (this build also "
-                   "accepts kernel and auto when the daemon supports them)")
+    p.add_argument("--mode", default="auto", metavar="MODE",
+                   help="how a RAFS image is mounted: fuse (the daemon answers every "
+                   "request), kernel (the kernel mounts the bootstrap as EROFS; the daemon "
+                   "serves blob data only) or auto (kernel where the host can, else fuse; "
+                   "the default); the daemon already serving the image keeps its mode")
     p.add_argument("--keep-mounted", action="store_true",
                    help="keep the image mounted (and its daemon running) after the last "
                    "container using it has exited; `rafs umount` it later")
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RafsError as e:
         print(f"rafs: error: {e}", file=sys.stderr)
-        return exit_status(e)
+        return exit_status(e, args.command)
     except KeyboardInterrupt:
         print("rafs: interrupted", file=sys.stderr)
         return 130

@@ -13,9 +13,10 @@
         └── OptimizeError            `rafs optimize` cannot find or trace its source
 
 ``exit_status`` is the one mapping from an exception to the status of the
-``rafs`` process. As docker and podman do, a failure of the runtime itself is
-125, so a caller can tell it from the container's own exit status (which
-`rafs run` passes through unchanged). Other rafs errors keep status 1.
+``rafs`` process. As docker and podman do, a failure of the runtime itself
+(any error of ``rafs run`` or ``rafs optimize``, which pass the container's
+own status through, and every ``RunError``) is 125, so a caller can tell it
+from the container's status. Other commands exit 1 on an error.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 EXIT_RUNTIME = 125  # rafs run itself failed
+CONTAINER_COMMANDS = frozenset({"run", "optimize"})  # their status is the container's
 
 
 class RunError(RafsError):
@@ -84,8 +86,8 @@ class OptimizeError(RunError):
     errno = errno.EINVAL
 
 
-def exit_status(exc: BaseException) -> int:
-    """The exit status of the ``rafs`` process that failed with ``exc``."""
-    if isinstance(exc, RunError):
+def exit_status(exc: BaseException, command: str | None = None) -> int:
+    """The exit status of the ``rafs COMMAND`` process that failed with ``exc``."""
+    if isinstance(exc, RunError) or command in CONTAINER_COMMANDS:
         return EXIT_RUNTIME
     return 1

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
+import signal
+import time
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 
 from fused.cli import MountOptions, mount_background, umount
@@ -68,6 +70,7 @@ class ImageMount:
             os.close(fd)
 
     def is_mounted(self) -> bool:
+        """Whether the image is mounted (a rafs FUSE mount, or kernel mode's EROFS)."""
         entry = find_mount(self.mnt)
         return entry is not None and entry.is_rafs
 
@@ -129,11 +132,45 @@ def _overlays_on(mnt: Path) -> list[str]:
     return out
 
 
+def _daemon_pid(mnt: Path) -> int | None:
+    try:
+        pid = json.loads(paths_for(mnt).state.read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) else None
+
+
+def _unmount(mnt: Path) -> None:
+    """Unmount the image and make sure its daemon goes: plainly; lazily if that fails
+    while it is still mounted; and a daemon left running with nothing mounted (a
+    failed shutdown) is stopped with SIGTERM."""
+    pid = _daemon_pid(mnt)
+    try:
+        umount(str(mnt))
+        return
+    except MountError as e:
+        log.warning("unmounting %s: %s", mnt, e)
+    entry = find_mount(mnt)
+    if entry is not None and entry.is_rafs:
+        try:
+            umount(str(mnt), lazy=True)  # the daemon exits once the mount is let go
+            return
+        except MountError as e:
+            log.warning("detaching %s: %s", mnt, e)
+    if pid is not None and _alive(pid):
+        log.warning("stopping daemon %d of %s", pid, mnt)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def mount_modes() -> tuple[str, ...]:
     """The ``--mode`` values this build's daemon accepts."""
-    if any(f.name == "mode" for f in fields(MountOptions)):
-        return ("fuse", "kernel", "auto")
-    return ("fuse",)
+    from fused.kernelmount import MODES
+
+    return MODES
 
 
 def check_fuse() -> None:
@@ -155,11 +192,8 @@ def check_fuse() -> None:
 
 def _mount_options(mode: str) -> MountOptions:
     if mode not in mount_modes():
-        raise RunError(f"--mode {mode} is not supported by this build "
-                       f"(choose from {', '.join(mount_modes())})")
-    if "mode" in {f.name for f in fields(MountOptions)}:
-        return MountOptions(mode=mode)  # type: ignore[call-arg]
-    return MountOptions()
+        raise RunError(f"unknown --mode {mode} (choose from {', '.join(mount_modes())})")
+    return MountOptions(mode=mode)
 
 
 def acquire(image: ResolvedImage, user: str, owner_pid: int, cache_dir: str, *,
@@ -172,8 +206,14 @@ def acquire(image: ResolvedImage, user: str, owner_pid: int, cache_dir: str, *,
     with m.locked():
         if m.is_mounted() and not daemon_alive(paths_for(m.mnt).socket):
             log.warning("the daemon of %s is gone; detaching its mount", m.mnt)
+            entry = find_mount(m.mnt)
             with contextlib.suppress(MountError):
-                fusermount_unmount(m.mnt, lazy=True)
+                if entry is not None and entry.is_kernel:
+                    from fused.kernelmount import umount as kernel_umount
+
+                    kernel_umount(m.mnt, lazy=True)
+                else:
+                    fusermount_unmount(m.mnt, lazy=True)
         if not m.is_mounted():
             m.mnt.mkdir(parents=True, exist_ok=True)
             m.users.mkdir(exist_ok=True)
@@ -207,11 +247,6 @@ def release(key: str, user: str) -> None:
                         "(%s); leaving it mounted", key, ", ".join(overlays))
             return
         if m.is_mounted():
-            try:
-                umount(str(m.mnt))
-            except MountError as e:
-                log.warning("unmounting %s: %s; detaching it", m.mnt, e)
-                with contextlib.suppress(MountError):
-                    umount(str(m.mnt), lazy=True)
+            _unmount(m.mnt)
         if not m.is_mounted():
             shutil.rmtree(m.dir, ignore_errors=True)

@@ -6,7 +6,8 @@
    the same registry repository (OptimizeError if it is not there).
 2. Get a RAFS image to trace on: SRC itself, or SRC converted into a
    temporary layout.
-3. Mount it privately (its own daemon, so the trace holds this workload only),
+3. Mount it privately in fuse mode (its own daemon, so the trace holds this
+   workload only, every file in first-open order),
    run CMD in a container on it (``run.run_container``), and read the access
    trace (``fused.cli.trace``) before unmounting.
 4. Convert the original into DST with the trace as the prefetch list (the
@@ -26,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from converter.convert import ConvertOptions, convert
-from fused.cli import mount_background, trace, umount
+from fused.cli import MountOptions, mount_background, trace, umount
 from fused.errors import MountError
 from fused.mounts import find_mount, fusermount_unmount
 from rafs.oci import ANNOTATION_RAFS_SOURCE_DIGEST, ANNOTATION_REF_NAME, ImageRef, OCILayout
@@ -97,7 +98,10 @@ def optimize(src: str, dst: str, cmd: list[str], *, env: list[str] | None = None
 def _trace(image: ResolvedImage, mnt: Path, cmd: list[str],
            opts: RunOptions) -> tuple[list[str], int]:
     mnt.mkdir()
-    mount_background(image.pinned, str(mnt), str(default_cache_dir()), prefetch=False)
+    # fuse mode: the daemon sees every open, so the trace lists files in first-open order
+    # (kernel mode only sees page-cache misses of blob data)
+    mount_background(image.pinned, str(mnt), str(default_cache_dir()),
+                     options=MountOptions(prefetch=False, mode="fuse"))
     try:
         status = run_container(opts, image=image, lower=mnt)
         paths = trace(str(mnt))

@@ -65,7 +65,7 @@ class RunOptions:
     workdir: str | None = None
     user: str | None = None
     net: str = "host"
-    mode: str = "fuse"
+    mode: str = "auto"
     keep_mounted: bool = False
     cache_dir: str | None = None
     stop_timeout: float = 10.0
@@ -195,6 +195,9 @@ def _setup_and_run(opts: RunOptions, runc: Runc, forwarder: _Forwarder,
                    lower: Path | None) -> int:
     image = image or resolve_image(opts.image)
     args = command_of(image.run_config, opts.cmd)
+    terminal = sys.stdin.isatty() if opts.tty is None else opts.tty
+    if terminal and not sys.stdin.isatty():
+        raise RunError("--tty needs a terminal on stdin (runc hands it to the container)")
     c = store.create(opts.name, str(image.ref), image.digest,
                      lazy=image.is_rafs and lower is None,
                      keep_mounted=opts.keep_mounted)
@@ -204,7 +207,6 @@ def _setup_and_run(opts: RunOptions, runc: Runc, forwarder: _Forwarder,
     config = image.run_config
     user = resolve_user(lower, opts.user if opts.user is not None
                         else str(config.get("User") or ""))
-    terminal = sys.stdin.isatty() if opts.tty is None else opts.tty
     hostname = c.id[:12]
     _write_files(c.dir, hostname, opts.net)
     spec = build_spec(config, SpecInput(

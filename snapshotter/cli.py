@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
+
+from .errors import SnapshotterError
 
 __all__ = ["register"]
 
@@ -42,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-prefetch", action="store_true",
                    help="mount RAFS images without background prefetch")
     p.add_argument("--mode", choices=("auto", "fuse", "kernel"), default="auto",
-                   help="how fused serves RAFS images (default %(default)s, as rafs mount)")
+                   help="how RAFS images are mounted, as for `rafs mount` (default auto: "
+                   "the kernel mounts the bootstrap as EROFS where it can)")
     p.set_defaults(func=_cmd_snapshotter)
 
 
@@ -59,5 +63,13 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None,
                            mode=args.mode)
     remote = FusedRemote(args.cache_dir or root / "cache", options)
-    serve(Snapshotter(root, remote), args.address)
+    try:
+        snapshotter = Snapshotter(root, remote)
+    except (OSError, sqlite3.Error) as e:
+        raise SnapshotterError(f"cannot use root {root}: {_reason(e)}") from None
+    serve(snapshotter, args.address)
     return 0
+
+
+def _reason(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)

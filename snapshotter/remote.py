@@ -12,7 +12,9 @@ the N layers of one pull cost one request.
 
 ``mount``/``unmount`` drive fused's daemon (``fused.cli.mount_background``,
 detached in its own session: it outlives the snapshotter) with the shared chunk
-cache under the snapshotter root.
+cache under the snapshotter root. A mount is either a FUSE mount or, in
+kernel mode, an EROFS mount over the daemon's blob files; fused's ``find_mount``
+and ``umount`` handle both.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-from fused.cli import MountOptions, mount_background, umount
+from fused.cli import MountOptions, mount_background, stats, umount
 from fused.errors import MountError, NotMountedError
-from fused.mounts import find_mount, fusermount_unmount
+from fused.mounts import find_mount
 from rafs.errors import RafsError
 from rafs.oci import Manifest, bootstrap_descriptor, is_rafs, parse_image_ref
 
@@ -95,8 +97,23 @@ class FusedRemote:
         log.info("mounted %s on %s (daemon pid %d)", image, mountpoint, pid)
 
     def is_mounted(self, mountpoint: Path) -> bool:
+        """A rafs mount is on ``mountpoint``, serving or not."""
         entry = find_mount(mountpoint)
         return entry is not None and entry.is_rafs
+
+    def is_serving(self, mountpoint: Path) -> bool:
+        """A rafs mount is on ``mountpoint`` and its daemon answers its control socket.
+
+        (A stat of the mount point proves nothing: the kernel answers it from its
+        attribute cache long after the daemon died.)"""
+        if not self.is_mounted(mountpoint):
+            return False
+        try:
+            stats(str(mountpoint))
+        except RafsError as e:
+            log.warning("rafs mount on %s does not answer: %s", mountpoint, e)
+            return False
+        return True
 
     def unmount(self, mountpoint: Path) -> None:
         try:
@@ -105,5 +122,5 @@ class FusedRemote:
             return
         except MountError as e:
             log.warning("unmounting %s: %s; detaching it lazily", mountpoint, e)
-            fusermount_unmount(mountpoint, lazy=True)
+            umount(str(mountpoint), lazy=True, timeout=30)
         log.info("unmounted %s", mountpoint)

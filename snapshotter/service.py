@@ -148,13 +148,20 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 def start_server(snapshotter: Snapshotter, address: str | Path, workers: int = 8) -> grpc.Server:
     """Listen on the unix socket ``address`` (a stale socket file is replaced)."""
     path = Path(address)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    except OSError as e:
+        raise SnapshotterError(f"cannot listen on {path}: {e.strerror}") from None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="snapshots"))
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
-    if not server.add_insecure_port(f"unix:{path}"):
+    try:
+        port = server.add_insecure_port(f"unix:{path}")
+    except RuntimeError:  # newer grpcio raises where older ones returned 0
+        port = 0
+    if not port:
         raise SnapshotterError(f"cannot listen on {path}")
     server.start()
     os.chmod(path, 0o600)
@@ -166,7 +173,11 @@ def serve(snapshotter: Snapshotter, address: str | Path) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = start_server(snapshotter, address)
+    try:
+        server = start_server(snapshotter, address)
+    except BaseException:
+        snapshotter.close()
+        raise
     log.info("rafs snapshotter serving on %s (root %s)", address, snapshotter.root)
     try:
         stop.wait()

@@ -86,6 +86,8 @@ class RemoteLayers(Protocol):
 
     def is_mounted(self, mountpoint: Path) -> bool: ...
 
+    def is_serving(self, mountpoint: Path) -> bool: ...
+
     def unmount(self, mountpoint: Path) -> None: ...
 
 
@@ -273,9 +275,12 @@ class Snapshotter:
     def _ensure_mounted(self, snap: Snapshot, mp: Path) -> None:
         if self.remote is None:
             raise SnapshotterError(f"snapshot {snap.key} is a RAFS layer, but RAFS is disabled")
-        if not self.remote.is_mounted(mp):
-            log.warning("rafs mount of %s on %s is gone; mounting it again", snap.key, mp)
-            self.remote.mount(str(snap.remote["image"]), mp)  # type: ignore[index]
+        if self.remote.is_serving(mp):
+            return
+        if self.remote.is_mounted(mp):  # its daemon died: detach the dead mount first
+            self.remote.unmount(mp)
+        log.warning("rafs mount of %s on %s is gone; mounting it again", snap.key, mp)
+        self.remote.mount(str(snap.remote["image"]), mp)  # type: ignore[index]
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         lowers = self._lowers(snap)

@@ -10,6 +10,7 @@ dir) serve the module; images come from the real registry fixture. Proved:
   snapshotter, unpacked by containerd like the overlayfs snapshotter's;
 - a running container keeps working across a snapshotter restart, and the
   snapshot metadata is still there;
+- a rafs daemon that died is mounted again when the next container needs it;
 - removing containers and images (containerd's GC removes the snapshots) leaves
   no mount and no snapshot directory behind.
 
@@ -18,8 +19,11 @@ The tests run in file order; the last one cleans everything up.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.containerd import (
+    RAFS_FSTYPES,
     Containerd,
     SnapshotterProcess,
     containerd_daemon,
@@ -46,7 +51,15 @@ class Stack:
     root: Path  # the snapshotter's root
 
     def rafs_mounts(self) -> list[str]:
-        return [mp for mp, fstype in mounts_under(self.root) if fstype == "fuse.rafs"]
+        return [mp for mp, fstype in mounts_under(self.root) if fstype in RAFS_FSTYPES]
+
+    def wait_reconnected(self, timeout: float = 30) -> None:
+        """Until containerd's gRPC channel to a restarted snapshotter is up again (the
+        first calls after a restart may fail with "connection closed: unavailable")."""
+        deadline = time.monotonic() + timeout
+        while self.cd.ctr("snapshot", "--snapshotter", "rafs", "ls", check=False).returncode:
+            assert time.monotonic() < deadline, "containerd did not reconnect to the snapshotter"
+            time.sleep(0.2)
 
     def snapshots(self) -> list[str]:
         out = self.cd.ctr("snapshot", "--snapshotter", "rafs", "ls").stdout.splitlines()
@@ -123,6 +136,7 @@ def test_running_container_survives_a_snapshotter_restart(
         listed = stack.snapshots()
         stack.sn.stop()
         stack.sn.start()
+        stack.wait_reconnected()
         assert cd.ctr("snapshot", "--snapshotter", "rafs", "info", "keep").stdout == info
         assert stack.snapshots() == listed
         res = cd.ctr("task", "exec", "--exec-id", "e1", "keep", *NUMPY)
@@ -137,16 +151,35 @@ def test_running_container_survives_a_snapshotter_restart(
         cd.ctr("container", "rm", "keep", check=False)
 
 
+def test_a_killed_daemon_is_mounted_again_for_the_next_container(
+    stack: Stack, rafs_image: str
+) -> None:
+    [mp] = stack.rafs_mounts()
+    pid = int(read_stats(mp)["pid"])  # type: ignore[call-overload]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    res = stack.cd.ctr("run", "--rm", "--snapshotter", "rafs", rafs_image, "numpy-3", *NUMPY)
+    assert re.fullmatch(r"\d+\.\d+\.\d+\s*", res.stdout), res.stdout
+    assert stack.rafs_mounts() == [mp]
+    assert read_stats(mp)["pid"] != pid
+
+
 def test_removing_containers_and_images_leaves_no_mounts(
     stack: Stack, rafs_image: str, plain_image: str
 ) -> None:
+    from fused.control import paths_for
+
     cd = stack.cd
-    assert stack.rafs_mounts()
-    pid = read_stats(stack.rafs_mounts()[0])["pid"]
+    [mp] = stack.rafs_mounts()
+    pid = read_stats(mp)["pid"]
+    blobs = str(paths_for(mp).blobs)  # the daemon's blob mount in kernel mode
     assert cd.ctr("container", "ls", "-q").stdout.split() == []
     cd.ctr("image", "rm", "--sync", rafs_image, plain_image)
     assert stack.snapshots() == []
     assert mounts_under(stack.root) == []
+    assert mounts_under(blobs) == []
     assert list((stack.root / "snapshots").iterdir()) == []
     assert not Path(f"/proc/{pid}").exists() or \
         Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"

@@ -261,3 +261,16 @@ def test_a_chunk_dictionary_in_the_registry_is_mounted_not_uploaded(
         res = subprocess.run(["chroot", str(mnt), "python3", "-c", "import numpy"],
                              capture_output=True, text=True, check=False, timeout=300)
         assert res.returncode == 0, res.stderr
+
+
+def test_inspect_and_check_read_an_image_in_the_registry(rafs_python_ref):
+    res = run(rafs_cmd("inspect", "--json", rafs_python_ref), timeout=120)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    ref = parse_image_ref(rafs_python_ref)
+    with RegistryClient.for_ref(ref) as client:
+        assert info["manifest_digest"] == client.resolve(ref).digest
+    assert info["files"] > 1000
+    res = run(rafs_cmd("check", rafs_python_ref), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ok: bootstrap and ")

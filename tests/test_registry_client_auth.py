@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from rafs.auth import load_credentials, parse_challenge
+from rafs.auth import parse_challenge
+from rafs.credentials import load_credentials
 from rafs.errors import AuthError
 from rafs.oci import parse_image_ref, sha256_digest
 from rafs.registry import RegistryClient

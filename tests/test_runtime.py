@@ -73,11 +73,12 @@ def _ours(root: Path) -> tuple[str, ...]:
 
 
 def leftovers(root: Path) -> list[str]:
-    """Mounts under our directories, our daemons, and runc containers of ours."""
+    """Mounts under our directories (the run directory holds kernel mode's blob mounts
+    too), our daemons, and runc containers of ours."""
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         mp = line.split()[4]
-        if mp.startswith(_ours(root)):
+        if mp.startswith((*_ours(root), str(RUN_DIR))):
             found.append(f"mount {mp}")
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -134,8 +135,8 @@ def start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 def test_numpy_runs_lazily_and_fetches_far_less_than_the_image(
         images: Images, env: dict[str, str], root: Path, clean: None) -> None:
     cache = root / "cache-lazy"
-    res = rafs(env, "run", "--rm", "--keep-mounted", "--cache-dir", cache, images.rafs,
-               *NUMPY_CMD)
+    res = rafs(env, "run", "--rm", "--mode", "fuse", "--keep-mounted", "--cache-dir", cache,
+               images.rafs, *NUMPY_CMD)
     assert res.returncode == 0, res.stderr
     version = res.stdout.strip()
     assert version.count(".") == 2 and version[0].isdigit(), res.stdout
@@ -146,6 +147,15 @@ def test_numpy_runs_lazily_and_fetches_far_less_than_the_image(
     fetched = stats["backend_bytes"]
     assert 0 < fetched < images.rafs_blob_bytes / 2, (fetched, images.rafs_blob_bytes)
     assert rafs(env, "umount", mnt).returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["kernel", "fuse"])
+def test_numpy_runs_in_each_mount_mode_and_the_image_goes_with_the_container(
+        mode: str, images: Images, env: dict[str, str], root: Path, clean: None) -> None:
+    res = rafs(env, "run", "--rm", "--mode", mode, images.rafs, *NUMPY_CMD)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()[0].isdigit()
+    assert leftovers(root) == []
 
 
 def test_exit_status_of_the_container_is_passed_through(
@@ -216,9 +226,10 @@ def test_two_containers_share_one_daemon_and_one_cache(
     try:
         wait_until(lambda: status_of(env, "a") == status_of(env, "b") == "running",
                    what="both containers running")
-        rafs_mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                       if str(RUN_DIR / "images") in line and "fuse.rafs" in line]
-        assert len(rafs_mounts) == 1, rafs_mounts
+        image_mounts = [line.split()[4] for line in
+                        Path("/proc/self/mountinfo").read_text().splitlines()
+                        if line.split()[4].startswith(str(RUN_DIR / "images"))]
+        assert image_mounts == [str(mnt)]
         assert len(os.listdir(mnt.parent / "users")) == 2
         daemon = read_stats(mnt, env)
         assert daemon["cache_dir"] == str(root / "cache")
@@ -370,6 +381,32 @@ def test_rm_refuses_a_running_container_without_force(
     assert "no such container" in assert_clean_error(rafs(env, "rm", "busy"))
 
 
+def test_unknown_mode_is_one_clean_error(images: Images, env: dict[str, str], root: Path,
+                                         clean: None) -> None:
+    res = rafs(env, "run", "--rm", "--mode", "bogus", images.rafs, "true")
+    assert "--mode bogus" in assert_clean_error(res)
+    assert res.returncode == 125
+    assert leftovers(root) == []
+
+
+def test_rm_force_cleans_up_after_a_killed_rafs_run(
+        images: Images, env: dict[str, str], root: Path, clean: None) -> None:
+    p = start(env, "--name", "orphan", images.rafs, "sleep", "300")
+    try:
+        wait_until(lambda: status_of(env, "orphan") == "running", what="the container")
+        p.kill()  # SIGKILL: rafs run cannot clean up; runc and the container live on
+        p.wait()
+        assert status_of(env, "orphan") == "running"
+        res = rafs(env, "rm", "-f", "orphan")
+        assert res.returncode == 0, res.stderr
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert leftovers(root) == []
+    assert rafs(env, "ps", "-q").stdout == ""
+
+
 # -- optimize ---------------------------------------------------------------------
 
 
@@ -381,8 +418,8 @@ def test_optimized_image_serves_the_traced_workload_from_prefetch(
     assert res.returncode == 0, res.stderr
     assert "files traced" in res.stderr
     manifest = OCILayout(dst).resolve("opt")
-    res = rafs(env, "run", "--rm", "--keep-mounted", "--cache-dir", tmp_path / "cold",
-               f"oci:{dst}:opt", *NUMPY_CMD)
+    res = rafs(env, "run", "--rm", "--mode", "fuse", "--keep-mounted", "--cache-dir",
+               tmp_path / "cold", f"oci:{dst}:opt", *NUMPY_CMD)
     assert res.returncode == 0, res.stderr
     mnt = mount_dir_for(manifest.digest)
     try:
@@ -429,8 +466,8 @@ def test_numpy_from_the_registry_runs_lazily(registry_images: RegistryImages,
     ref = parse_image_ref(registry_images.rafs)
     with RegistryClient.for_ref(ref) as client:
         manifest = client.resolve(ref)
-    res = rafs(env, "run", "--rm", "--keep-mounted", "--cache-dir", root / "cache-registry",
-               registry_images.rafs, *NUMPY_CMD)
+    res = rafs(env, "run", "--rm", "--mode", "fuse", "--keep-mounted", "--cache-dir",
+               root / "cache-registry", registry_images.rafs, *NUMPY_CMD)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip()[0].isdigit()
     mnt = mount_dir_for(manifest.digest)

@@ -280,3 +280,17 @@ def test_rafs_layers_are_recognised_from_rpull_and_cri_labels(
     assert remote.identify(remote_request(  # type: ignore[arg-type]
         rpull_labels(name, plain_layer, "t"))) is None
     assert remote_request({"containerd.io/snapshot/remote/stargz.digest": boot}) is None
+
+
+@pytest.mark.parametrize("where", ["root", "address"])
+def test_unusable_root_or_socket_is_one_clean_error(tmp_path: Path, where: str) -> None:
+    from tests.helpers.mounts import rafs_cmd
+    from tests.helpers.procs import assert_clean_error, run
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    root = blocker / "root" if where == "root" else tmp_path / "root"
+    address = blocker / "s.sock" if where == "address" else tmp_path / "s.sock"
+    res = run(rafs_cmd("snapshotter", "--root", root, "--address", address), timeout=60)
+    message = assert_clean_error(res)
+    assert ("cannot use root" if where == "root" else "cannot listen") in message

@@ -5,6 +5,7 @@ uses it too); see there for what is started and how it is always stopped.
 """
 
 from bench.containerd_env import (
+    RAFS_FSTYPES,
     Containerd,
     SnapshotterProcess,
     containerd_daemon,
@@ -14,6 +15,7 @@ from bench.containerd_env import (
 )
 
 __all__ = [
+    "RAFS_FSTYPES",
     "Containerd",
     "SnapshotterProcess",
     "containerd_daemon",
