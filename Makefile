@@ -64,8 +64,9 @@ test: setup
 demo: setup
 	$(VPY) -m bench.demo
 
+# The full cold-start benchmark (rafs bench): JSON, markdown table and plots in results/.
 bench: setup
-	$(VPY) -m bench.run
+	$(VPY) -m runtime.cli bench --out results
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -19,13 +19,14 @@ Guarantees:
   directory is removed, every mount below it is unmounted (lazily if needed) and
   a directory that still has a mount below it is never deleted.
 
-Run ``python -m bench.corpus [python|numpy]`` to build ahead of time.
+Run ``python -m bench.corpus [python|minbase|numpy|nodejs|large]`` to build ahead of time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -35,11 +36,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "IMAGES",
+    "BenchImage",
     "CorpusError",
+    "debian_large_image",
+    "debian_minbase_image",
     "debian_mirror",
+    "debian_nodejs_image",
     "debian_numpy_image",
     "debian_python_image",
     "default_cache_dir",
@@ -54,6 +61,15 @@ PYTHON_IMAGE = f"debian-{SUITE}-python3-v{RECIPE_VERSION}"
 PYTHON_TAG = "python3"
 NUMPY_IMAGE = f"debian-{SUITE}-python3-numpy-v{RECIPE_VERSION}"
 NUMPY_TAG = "python3-numpy"
+MINBASE_IMAGE = f"debian-{SUITE}-minbase-v{RECIPE_VERSION}"
+MINBASE_TAG = "minbase"
+NODEJS_IMAGE = f"debian-{SUITE}-nodejs-v{RECIPE_VERSION}"
+NODEJS_TAG = "nodejs"
+LARGE_IMAGE = f"debian-{SUITE}-scipy-toolchain-v{RECIPE_VERSION}"
+LARGE_TAG = "scipy-toolchain"
+# The large image's extra layer: a data-science stack and a C toolchain (> 500 MB
+# unpacked in all), of which the workload (importing numpy and scipy.linalg) reads little.
+LARGE_PACKAGES = ("python3-scipy", "python3-pandas", "python3-sklearn", "gcc", "g++")
 
 _ENV_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CHROOT_ENV = {
@@ -106,6 +122,62 @@ def debian_numpy_image(cache_dir: Path | None = None) -> tuple[Path, str]:
         _umoci(work, "gc", "--layout", str(layout))
 
     return _cached(root, NUMPY_IMAGE, NUMPY_TAG, build)
+
+
+def debian_minbase_image(cache_dir: Path | None = None) -> tuple[Path, str]:
+    """Debian bookworm minbase alone, one gzip layer: the python3 image's first layer."""
+    root = _cache_root(cache_dir)
+    base_layout, base_tag = debian_python_image(root)
+
+    def build(work: Path, layout: Path, tag: str) -> None:
+        shutil.copytree(base_layout, layout, symlinks=True)
+        _keep_first_layers(layout, base_tag, tag, 1, cmd=["/bin/sh"])
+        _umoci(work, "rm", "--image", f"{layout}:{base_tag}")
+        _umoci(work, "gc", "--layout", str(layout))
+
+    return _cached(root, MINBASE_IMAGE, MINBASE_TAG, build)
+
+
+def debian_nodejs_image(cache_dir: Path | None = None) -> tuple[Path, str]:
+    """The minbase image plus a layer with ``nodejs``: (layout dir, tag)."""
+    root = _cache_root(cache_dir)
+    base_layout, base_tag = debian_minbase_image(root)
+    return _cached(root, NODEJS_IMAGE, NODEJS_TAG, _layer_on(
+        base_layout, base_tag, ["nodejs"], cmd=["node"]))
+
+
+def debian_large_image(cache_dir: Path | None = None) -> tuple[Path, str]:
+    """The python3-numpy image plus a large layer (``LARGE_PACKAGES``): (layout dir, tag)."""
+    root = _cache_root(cache_dir)
+    base_layout, base_tag = debian_numpy_image(root)
+    return _cached(root, LARGE_IMAGE, LARGE_TAG, _layer_on(
+        base_layout, base_tag, list(LARGE_PACKAGES)))
+
+
+@dataclass(frozen=True)
+class BenchImage:
+    """A benchmark image: how to build it, the workload and what ready means.
+
+    Ready is: the workload exits 0 and, if ``expect`` is set, its stdout (stripped)
+    starts with it.
+    """
+
+    name: str
+    build: Callable[[Path | None], tuple[Path, str]]
+    workload: tuple[str, ...]
+    expect: str | None = None
+
+
+IMAGES: dict[str, BenchImage] = {
+    img.name: img for img in (
+        BenchImage("minbase", debian_minbase_image, ("true",)),
+        BenchImage("numpy", debian_numpy_image,
+                   ("python3", "-c", "import numpy; print('ok')"), "ok"),
+        BenchImage("nodejs", debian_nodejs_image, ("node", "-e", "console.log(1)"), "1"),
+        BenchImage("large", debian_large_image,
+                   ("python3", "-c", "import numpy, scipy.linalg; print('ok')"), "ok"),
+    )
+}
 
 
 def debian_mirror() -> str:
@@ -200,6 +272,70 @@ def _cached(root: Path, name: str, tag: str, build: Builder) -> tuple[Path, str]
 
 # ---------------------------------------------------------------------------------------
 # Recipes
+
+
+def _layer_on(base_layout: Path, base_tag: str, packages: list[str],
+              cmd: list[str] | None = None) -> Builder:
+    """A builder: ``base_layout`` plus one layer of ``apt-get install packages``."""
+
+    def build(work: Path, layout: Path, tag: str) -> None:
+        _progress(f"copying {base_layout.name} as the base")
+        shutil.copytree(base_layout, layout, symlinks=True)
+        bundle = work / "bundle"
+        _umoci(work, "unpack", "--image", f"{layout}:{base_tag}", str(bundle))
+        _apt_install_layer(work, bundle / "rootfs", packages)
+        _umoci(
+            work, "repack", "--history.created_by", f"apt-get install {' '.join(packages)}",
+            "--image", f"{layout}:{tag}", str(bundle),
+        )
+        if cmd:
+            _umoci(work, "config", "--image", f"{layout}:{tag}", "--clear=config.cmd",
+                   *[a for c in cmd for a in ("--config.cmd", c)])
+        _umoci(work, "rm", "--image", f"{layout}:{base_tag}")
+        _umoci(work, "gc", "--layout", str(layout))
+
+    return build
+
+
+def _blob_path(layout: Path, digest: str) -> Path:
+    algo, _, hexd = digest.partition(":")
+    return layout / "blobs" / algo / hexd
+
+
+def _write_blob(layout: Path, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    _blob_path(layout, digest).write_bytes(data)
+    return digest
+
+
+def _keep_first_layers(layout: Path, src_tag: str, tag: str, n: int,
+                       cmd: list[str]) -> None:
+    """Tag ``tag`` in ``layout``: ``src_tag`` cut down to its first ``n`` layers."""
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(m for m in index["manifests"]
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == src_tag)
+    manifest = json.loads(_blob_path(layout, desc["digest"]).read_text())
+    config = json.loads(_blob_path(layout, manifest["config"]["digest"]).read_text())
+    config["rootfs"]["diff_ids"] = config["rootfs"]["diff_ids"][:n]
+    history, kept = [], 0
+    for h in config.get("history", []):
+        if kept == n:
+            break
+        history.append(h)
+        kept += 0 if h.get("empty_layer") else 1
+    config["history"] = history
+    config["config"]["Cmd"] = cmd
+    config_bytes = json.dumps(config, separators=(",", ":")).encode()
+    manifest["config"] = {**manifest["config"], "digest": _write_blob(layout, config_bytes),
+                          "size": len(config_bytes)}
+    manifest["layers"] = manifest["layers"][:n]
+    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
+    index["manifests"].append({
+        "mediaType": desc["mediaType"], "digest": _write_blob(layout, manifest_bytes),
+        "size": len(manifest_bytes),
+        "annotations": {"org.opencontainers.image.ref.name": tag},
+    })
+    (layout / "index.json").write_text(json.dumps(index))
 
 
 def _build_python(work: Path, layout: Path, tag: str) -> None:
@@ -431,7 +567,8 @@ def _umoci(work: Path, *args: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     which = (argv if argv is not None else sys.argv[1:]) or ["python"]
-    builders = {"python": debian_python_image, "numpy": debian_numpy_image}
+    builders: dict[str, Callable[..., tuple[Path, str]]] = {
+        "python": debian_python_image, **{name: img.build for name, img in IMAGES.items()}}
     for name in which:
         if name not in builders:
             print(f"usage: python -m bench.corpus [{'|'.join(builders)}]...", file=sys.stderr)

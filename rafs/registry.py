@@ -646,9 +646,13 @@ class AsyncRegistryClient(_Base):
                         piece, skip = piece[skip:], 0
                     piece = piece[:left]
                     left -= len(piece)
-                    yield piece
-                    if not left:
-                        return
+                    if piece:
+                        yield piece
+                    if not left and response.status_code == 200:
+                        return  # the rest of a whole blob: not worth reading
+                # a 206 body read to its end: httpx keeps the connection for reuse
+                if not left:
+                    return
         raise TransientError(f"{what}: the body ended {left} bytes short", error_class="truncated")
 
 

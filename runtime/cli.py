@@ -18,6 +18,8 @@ import sys
 
 from rafs.errors import RafsError
 
+from .errors import RunError
+
 DEFAULT_STOP_TIMEOUT = 10.0
 
 
@@ -87,6 +89,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="chunk size of DST (default: the converter's)")
     p.set_defaults(func=_cmd_optimize)
 
+    p = sub.add_parser(
+        "bench", help="measure cold start: rafs against OCI through containerd",
+        description="Push the benchmark images (bench.corpus) to a local registry as plain "
+        "OCI, RAFS and RAFS optimized, then time cold starts of five scenarios through a "
+        "link emulator; write coldstart.json, coldstart.md and plots to --out. Needs root "
+        "and a checkout (the bench package).",
+    )
+    try:
+        from bench.coldstart import add_arguments
+    except ImportError:  # an installed rafs without the bench package
+        p.set_defaults(func=_no_bench)
+    else:
+        add_arguments(p)
+        p.set_defaults(func=_cmd_bench)
+
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .run import RunOptions, run_container
@@ -130,6 +147,16 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     return optimize(args.src, args.dst, cmd, env=args.env, user=args.user,
                     workdir=args.workdir, net=args.net, chunk_size=args.chunk_size)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.coldstart import cmd_bench
+
+    return cmd_bench(args)
+
+
+def _no_bench(args: argparse.Namespace) -> int:
+    raise RunError("rafs bench needs the bench package of a rafs checkout")
 
 
 def build_parser() -> argparse.ArgumentParser:
