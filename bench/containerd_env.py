@@ -169,6 +169,7 @@ class SnapshotterProcess:
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 rafs_cmd("-vv", "snapshotter", "--address", self.address, "--root", self.root,
+                         "--cache-dir", self.root / "cache",  # private: never the host's
                          *self.extra),
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                 env=_env(),

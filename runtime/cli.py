@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="keep the image mounted (and its daemon running) after the last "
                    "container using it has exited; `rafs umount` it later")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="chunk cache of lazily mounted images (default <root>/cache)")
+                   help="chunk cache of lazily mounted images (default: the host's, as for "
+                   "`rafs mount`)")
     p.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT,
                    metavar="SECONDS", help="after a SIGTERM, kill a container still "
                    "running after this long (default %(default)g)")

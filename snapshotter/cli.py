@@ -38,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--address", default=DEFAULT_ADDRESS,
                    help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
     p.add_argument("--root", default=DEFAULT_ROOT,
-                   help=f"snapshots, metadata and chunk cache (default {DEFAULT_ROOT})")
-    p.add_argument("--cache-dir", help="fused chunk cache (default ROOT/cache)")
+                   help=f"snapshots and metadata (default {DEFAULT_ROOT})")
+    p.add_argument("--cache-dir", help="fused chunk cache (default: the host's, as for "
+                   "`rafs mount`)")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP to every registry (localhost always uses it)")
     p.add_argument("--no-prefetch", action="store_true",
@@ -53,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fused.cacheconf import default_cache_dir
     from fused.cli import MountOptions
 
     from .remote import FusedRemote
@@ -62,7 +64,7 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     root = Path(args.root)
     options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None,
                            mode=args.mode)
-    remote = FusedRemote(args.cache_dir or root / "cache", options)
+    remote = FusedRemote(args.cache_dir or default_cache_dir(), options)
     try:
         snapshotter = Snapshotter(root, remote)
     except (OSError, sqlite3.Error) as e:
