@@ -21,7 +21,8 @@ rebuilt from the cached bootstraps and the bitmaps (``fused.evict.reconcile``).
 Tables::
 
     blobs(id, digest)                         blob digests, by small integer id
-    chunks(blob, off, size, digest, stamp, atime)   one row per (blob, offset)
+    chunks(blob, off, size, digest, stamp, atime)   one row per (blob, offset); atime
+                                              and every other time in milliseconds
     evicted(digest, at)                       chunks evicted lately (refetch counting)
     images(bootstrap, ref, manifest, last_used)     images daemons have served
     counters(name, value)                     host-wide totals (hits, misses, ...)
@@ -47,7 +48,7 @@ from pathlib import Path
 
 from .errors import CacheError
 
-__all__ = ["INDEX_NAME", "CacheIndex", "ChunkRow", "ImageRow"]
+__all__ = ["INDEX_NAME", "CacheIndex", "ChunkRow", "ImageRow", "now_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ def _stamp() -> int:
     return random.getrandbits(62)
 
 
+def now_ms() -> int:
+    """Recency timestamps: milliseconds since the epoch (seconds would tie too often)."""
+    return time.time_ns() // 1_000_000
+
+
 class CacheIndex:
     """The index database of one cache directory."""
 
@@ -140,6 +146,8 @@ class CacheIndex:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=256")  # keep the log near 1 MiB
+            db.execute(f"PRAGMA journal_size_limit={1 << 20}")
             db.executescript(_SCHEMA)
             (schema,) = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if schema != SCHEMA:
@@ -195,7 +203,7 @@ class CacheIndex:
         Returns (indexed bytes after the commit, how many of these chunks had been
         evicted before: refetches).
         """
-        now = int(time.time()) if now is None else now
+        now = now_ms() if now is None else now
         with self._tx() as db:
             refetched = 0
             for blob, off, size, digest in rows:
@@ -211,7 +219,7 @@ class CacheIndex:
     def adopt(self, rows: Sequence[tuple[str, int, int, bytes]], now: int | None = None) -> None:
         """Index present chunks that have no row (a cache from before the index), keeping
         rows that exist."""
-        now = int(time.time()) if now is None else now
+        now = now_ms() if now is None else now
         with self._tx() as db:
             for blob, off, size, digest in rows:
                 db.execute("INSERT INTO chunks VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
@@ -219,7 +227,7 @@ class CacheIndex:
 
     def touch(self, rows: Iterable[tuple[str, int]], now: int | None = None) -> None:
         """Record a use of these (blob, off) locations (batched recency)."""
-        now = int(time.time()) if now is None else now
+        now = now_ms() if now is None else now
         with self._tx() as db:
             db.executemany(
                 "UPDATE chunks SET atime=? WHERE blob=? AND off=? AND atime<?",
@@ -233,7 +241,7 @@ class CacheIndex:
 
     def record_image(self, bootstrap: str, ref: str, manifest: str | None,
                      now: int | None = None) -> None:
-        now = int(time.time()) if now is None else now
+        now = now_ms() if now is None else now
         with self._tx() as db:
             db.execute("INSERT INTO images VALUES (?,?,?,?) ON CONFLICT(bootstrap, ref) DO "
                        "UPDATE SET manifest=excluded.manifest, last_used=excluded.last_used",
@@ -313,7 +321,7 @@ class CacheIndex:
     def forget(self, rows: Sequence[ChunkRow], now: int | None = None) -> int:
         """Delete these rows unless a writer renewed them since (their stamp moved on);
         remember their digests as evicted. Returns the rows deleted."""
-        now = int(time.time()) if now is None else now
+        now = now_ms() if now is None else now
         deleted = 0
         with self._tx() as db:
             for r in rows:

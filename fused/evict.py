@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .blobcache import BlobCache, blob_base, blob_digests
+from .blobcache import BlobCache, blob_base, blob_digests, block_end
 from .cacheconf import CacheConfig
 from .cacheindex import CacheIndex, ChunkRow
 from .errors import CacheError
@@ -77,14 +77,17 @@ _PAGE = 512
 
 
 def measure(root: Path) -> int:
-    """Bytes the cache directory occupies on disk (allocated blocks of every file)."""
+    """Bytes the cache holds on disk: allocated blocks of every file under ``blobs/`` and
+    ``bootstraps/``, what the cap applies to. (The index, about 100 bytes per chunk plus
+    its write-ahead log, is not counted: eviction cannot shrink it at will.)"""
     total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except FileNotFoundError:
-                continue
+    for top in ("blobs", "bootstraps"):
+        for dirpath, _dirs, files in os.walk(root / top):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                except FileNotFoundError:
+                    continue
     return total
 
 
@@ -172,8 +175,8 @@ def remove_blob_files(root: Path, digest: str, index: CacheIndex | None) -> bool
     return True
 
 
-def bootstrap_files(root: Path) -> list[tuple[str, Path, float]]:
-    """(digest, path, last use) of every cached bootstrap, least recently used first."""
+def bootstrap_files(root: Path) -> list[tuple[str, Path, int]]:
+    """(digest, path, last use in ms) of every cached bootstrap, least recently used first."""
     out = []
     top = root / "bootstraps"
     for alg in sorted(os.listdir(top)) if top.is_dir() else []:
@@ -182,7 +185,7 @@ def bootstrap_files(root: Path) -> list[tuple[str, Path, float]]:
                 continue
             path = top / alg / name
             try:
-                mtime = path.stat().st_mtime
+                mtime = path.stat().st_mtime_ns // 1_000_000
             except FileNotFoundError:
                 continue
             out.append((f"{alg}:{name}", path, mtime))
@@ -288,13 +291,18 @@ def evict_to(root: Path, index: CacheIndex, target: int, usage: int | None = Non
             if not rows:
                 break
             after = (rows[-1].atime, rows[-1].blob, rows[-1].off)
-            # Within a page, stop at the row where enough is freed (rows are in LRU order).
+            # In LRU order, a step at a time: as many rows as should free what is still
+            # needed (at most 64 per locked section), then look at what was really freed.
             k = 0
             while k < len(rows) and freed < need:
-                step = rows[k:k + 64]
+                n, planned = 0, 0
+                while k + n < len(rows) and n < 64 and planned < need - freed:
+                    planned += block_end(0, rows[k + n].size)
+                    n += 1
+                step = rows[k:k + n]
                 freed += evict_rows(root, index, step, files, report)
                 horizon = step[-1].atime
-                k += 64
+                k += n
     finally:
         for f in files.values():
             if f is not None:
@@ -329,13 +337,16 @@ class Evictor:
         self._kicked = trio.Event()
         self._no_space = False
         self._pass: trio.Event | None = None
-        self._stuck = False  # a pass could not get under the cap: wait for the next watch
+        # A pass could not get under the cap (what is left: chunks written but not yet
+        # committed, or nothing evictable): stores go on until new rows are committed
+        # (then there is something to evict) or the next watch.
+        self._stuck: int | None = None  # the index's byte count after that pass
         self.passes = 0
 
     # -- the store path (trio thread, no I/O) -------------------------------------
 
     def over_cap(self) -> bool:
-        return self._cap is not None and not self._stuck and self._estimate > self._cap
+        return self._cap is not None and self._stuck is None and self._estimate > self._cap
 
     def note_stored(self, nbytes: int) -> None:
         self._estimate += nbytes
@@ -345,6 +356,8 @@ class Evictor:
     def note_indexed(self, indexed: int) -> None:
         """The index's byte count after a commit: the other daemons' stores show here."""
         self._estimate = max(self._estimate, self._measured + indexed - self._indexed_at)
+        if self._stuck is not None and indexed > self._stuck:
+            self._stuck = None  # committed chunks since: evictable
         if self.over_cap():
             self._kicked.set()
 
@@ -370,7 +383,7 @@ class Evictor:
             self._kicked = trio.Event()
             if self._pass is not None:
                 continue
-            self._stuck = False
+            self._stuck = None
             await self._measure()
             if self.over_cap() or self._no_space:
                 await self._evict(cache)
@@ -405,9 +418,10 @@ class Evictor:
                 return
             self._set(b, indexed)
             if b.over:
-                self._stuck = True
-                log.warning("cache %s stays at %d bytes, over its cap of %d: what is left is "
-                            "in use (bootstraps, bitmaps, the index)", self.root, b.usage, b.cap)
+                self._stuck = indexed
+                level = logging.WARNING if indexed == 0 else logging.DEBUG
+                log.log(level, "cache %s stays at %d bytes, over its cap of %d: the rest is "
+                        "in use or not yet committed", self.root, b.usage, b.cap)
             if report is not None:
                 self.passes += 1
                 self.stats.cache_evictions += report.chunks

@@ -162,6 +162,7 @@ def _no_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from converter import cli as converter_cli
+    from fused import cachecli as fused_cachecli
     from fused import cli as fused_cli
     from rafs import cli as rafs_cli
     from snapshotter import cli as snapshotter_cli
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     converter_cli.register(sub)
     fused_cli.register(sub)
+    fused_cachecli.register(sub)
     rafs_cli.register(sub)
     register(sub)
     snapshotter_cli.register(sub)
