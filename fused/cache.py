@@ -208,6 +208,7 @@ class ChunkCache:
         self._keep: set[int] = set()  # lost to an eviction: keep in memory when back
         self._suspects: dict[int, tuple[BlobCache, int] | None] = {}  # failed a read check
         self._touched: set[int] = set()
+        self._local = bytearray()  # maybe_local hints
         self._adopt: list[tuple[str, int, int, bytes]] = []
         self._pending: dict[int, list[_Stored]] = {}
         self._pending_event = trio.Event()
@@ -250,6 +251,40 @@ class ChunkCache:
         """Fast path: this daemon can serve the chunk (from a checked file, or memory)."""
         sums = self._sums
         return (index < len(sums) and sums[index] is not None) or index in self._mem
+
+    def maybe_local(self, index: int) -> bool:
+        """Cheap hint, no I/O: the chunk's bits are set in its blob's bitmap, or the host
+        index had its digest when this cache started (``load_hints``). Amplified fetches
+        stop at such a chunk: a probe will find it without the network."""
+        if index < len(self._local) and self._local[index]:
+            return True
+        c = self.chunk(index)
+        f = self._files[c.blob_index]
+        return f is not None and f.has(c.uncompressed_offset, c.uncompressed_size)
+
+    async def load_hints(self) -> None:
+        """Note which of this image's chunks the host already holds (one index scan, in a
+        worker thread), for ``maybe_local``."""
+        if self.index is None:
+            return
+        index, count = self.index, len(self._sums)
+
+        def load() -> bytearray:
+            hints = bytearray(count)
+            present = index.digests()
+            chunk = self.chunk.__wrapped__  # type: ignore[attr-defined]  # keep the LRU warm
+            for i in range(count):
+                try:
+                    if chunk(i).sha256 in present:
+                        hints[i] = 1
+                except FormatError:
+                    continue
+            return hints
+
+        try:
+            self._local = await trio.to_thread.run_sync(load)
+        except CacheError as e:
+            log.warning("%s", e)
 
     def _set_sums(self, index: int, sums: Sums | None) -> None:
         if index >= len(self._sums):
@@ -612,6 +647,7 @@ class ChunkCache:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._committer)
                 nursery.start_soon(self._flusher)
+                nursery.start_soon(self.load_hints)
                 if self.evictor is not None:
                     nursery.start_soon(self.evictor.watch, self)
                 task_status.started()
@@ -670,7 +706,27 @@ def cached_bootstrap(cache_dir: str | os.PathLike[str], digest: str) -> Path | N
 
 
 def store_bootstrap(cache_dir: str | os.PathLike[str], digest: str, data: bytes) -> Path:
-    """Store a verified raw bootstrap atomically (write, fsync, rename) and return its path."""
+    """Store a verified raw bootstrap atomically (write, fsync, rename) and return its path.
+
+    A full disk first makes room (least recently used chunks and unused images go,
+    ``fused.evict.make_space``) and tries once more."""
+    try:
+        return _store_bootstrap(cache_dir, digest, data)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise CacheError(f"storing bootstrap {digest}: {e.strerror}: "
+                             f"{bootstrap_path(cache_dir, digest)}") from None
+    from .evict import make_space  # the evictor is above this module
+
+    make_space(Path(cache_dir), 2 * len(data))
+    try:
+        return _store_bootstrap(cache_dir, digest, data)
+    except OSError as e:
+        raise CacheError(f"storing bootstrap {digest}: {e.strerror}: "
+                         f"{bootstrap_path(cache_dir, digest)}") from None
+
+
+def _store_bootstrap(cache_dir: str | os.PathLike[str], digest: str, data: bytes) -> Path:
     path = bootstrap_path(cache_dir, digest)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -684,9 +740,9 @@ def store_bootstrap(cache_dir: str | os.PathLike[str], digest: str, data: bytes)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError:
         tmp.unlink(missing_ok=True)
-        raise CacheError(f"storing bootstrap {digest}: {e.strerror}: {path}") from None
+        raise
     return path
 
 

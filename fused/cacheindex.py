@@ -265,6 +265,11 @@ class CacheIndex:
                 "JOIN blobs b ON b.id = c.blob WHERE c.digest=? ORDER BY c.atime DESC LIMIT ?",
                 (digest, limit))]
 
+    def digests(self) -> set[bytes]:
+        """The sha256 of every indexed chunk."""
+        with self._tx(write=False) as db:
+            return {d for (d,) in db.execute("SELECT DISTINCT digest FROM chunks")}
+
     def bytes(self) -> int:
         """Sum of the sizes of every indexed chunk."""
         with self._tx(write=False) as db:

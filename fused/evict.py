@@ -62,6 +62,7 @@ __all__ = [
     "evict_to",
     "eviction_lock",
     "in_use",
+    "make_space",
     "measure",
     "remove_blob_files",
     "remove_bootstrap",
@@ -319,6 +320,25 @@ def evict_to(root: Path, index: CacheIndex, target: int, usage: int | None = Non
     index.trim_evicted()
     report.after = measure(root)
     return report
+
+
+def make_space(root: Path, nbytes: int) -> EvictReport | None:
+    """The disk is full: evict at least ``nbytes`` (and a tenth of the cache) now."""
+    try:
+        index = CacheIndex(root)
+    except CacheError as e:
+        log.warning("%s", e)
+        return None
+    try:
+        with eviction_lock(root):
+            usage = measure(root)
+            return evict_to(root, index, max(0, min(usage - nbytes, int(usage * TARGET))),
+                            usage)
+    except (OSError, CacheError) as e:
+        log.warning("making room in the cache: %s", e)
+        return None
+    finally:
+        index.close()
 
 
 class Evictor:

@@ -288,7 +288,8 @@ class Fetcher:
             return run
         while True:
             index = self._successor(last_index)
-            if index is None or index in self._inflight or self.cache.is_ready(index):
+            if (index is None or index in self._inflight or self.cache.is_ready(index)
+                    or self.cache.maybe_local(index)):  # on this host already: no refetch
                 return run
             c = self.cache.chunk(index)
             if c.compressed_offset + c.compressed_size - start > self.amplify_bytes:

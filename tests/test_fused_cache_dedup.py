@@ -104,3 +104,23 @@ def test_evicting_the_source_costs_the_other_image_a_refetch_only(tmp_path: Path
             assert s.stats.cache_lost > 0 and len(s.backend.reads) > 0
 
     trio.run(main)
+
+
+def test_amplified_fetches_stop_at_chunks_the_host_already_has(tmp_path: Path):
+    shared = {"s": random.Random(5).randbytes(6 * CS)}
+    a = files_image(tmp_path / "a", shared)
+    b = files_image(tmp_path / "b", {**shared, "0": random.Random(6).randbytes(CS)},
+                    order=["0", "s"])  # B's blob: its own chunk, then the shared ones
+    cache = tmp_path / "cache"
+
+    async def main() -> None:
+        async with capped_stack(a, cache) as s:
+            assert await read_everything(s.vfs, shared, random.Random(1)) == 0
+        async with capped_stack(b, cache, amplify=True, amplify_bytes=8 * CS) as s:
+            await s.cache.load_hints()
+            data = await s.vfs.read(s.vfs.lookup(1, b"0").ino, 0, CS)
+            assert bytes(data) == random.Random(6).randbytes(CS)
+            # Amplification would have taken the 6 shared chunks after it: they are local.
+            assert [n for _d, _o, n in s.backend.reads] == [s.cache.chunk(0).compressed_size]
+
+    trio.run(main)
