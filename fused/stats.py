@@ -60,7 +60,8 @@ def _kinds() -> dict[str, int]:
 
 @dataclass(slots=True)
 class Stats:
-    """Counters of one mount; every number except the prefetch state is monotonic."""
+    """Counters of one mount; every number is monotonic except the prefetch state and the
+    ``cache_bytes``/``cache_cap`` gauges."""
 
     read_requests: int = 0
     read_bytes: int = 0

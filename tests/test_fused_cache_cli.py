@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ from tests.helpers.mounts import rafs_cmd
 from tests.helpers.procs import assert_clean_error, run
 
 
-def rafs(*args: object, env: dict[str, str] | None = None):  # noqa: ANN201
+def rafs(*args: object, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
     return run(rafs_cmd(*[str(a) for a in args]), env=env, timeout=120)
 
 

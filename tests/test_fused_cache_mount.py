@@ -11,6 +11,7 @@ reads reach the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -94,10 +95,8 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(OSError):
                 self.samples.append(measure(self.cache))
-            except OSError:
-                pass
             time.sleep(0.01)
 
     def __enter__(self) -> Sampler:
@@ -260,6 +259,11 @@ def test_mount_uses_the_host_cache_by_default_and_status_shows_it_in_use(
     try:
         assert read_and_check(mp, files, random.Random(1)) == (0, 0)
         assert read_stats(mp, env)["cache_dir"] == str(cache)
+        res = run(rafs_cmd("stats", mp, "--prometheus"), env=env, timeout=60)
+        for name in ("rafs_cache_bytes", "rafs_cache_evictions_total",
+                     "rafs_cache_refetched_total", "rafs_cache_enospc_total",
+                     "rafs_dedup_bytes_total", "rafs_cache_lost_total"):
+            assert f"\n{name}{{" in res.stdout, name
         res = run(rafs_cmd("cache", "status", "--json"), env=env, timeout=60)
         status = json.loads(res.stdout)
         assert status["dir"] == str(cache)
