@@ -208,6 +208,7 @@ class ChunkCache:
         self._keep: set[int] = set()  # lost to an eviction: keep in memory when back
         self._suspects: dict[int, tuple[BlobCache, int] | None] = {}  # failed a read check
         self._touched: set[int] = set()
+        self._probing: dict[int, trio.Event] = {}
         self._local = bytearray()  # maybe_local hints
         self._adopt: list[tuple[str, int, int, bytes]] = []
         self._pending: dict[int, list[_Stored]] = {}
@@ -296,8 +297,17 @@ class ChunkCache:
         its xxh3 check, or another blob on this host holds it (checked by sha256)."""
         if self.is_ready(index):
             return True
+        busy = self._probing.get(index)
+        if busy is not None:  # another reader is probing it: one look is enough
+            await busy.wait()
+            return self.is_ready(index)
         c = self.chunk(index)
-        found = await trio.to_thread.run_sync(self._probe, c)
+        self._probing[index] = done = trio.Event()
+        try:
+            found = await trio.to_thread.run_sync(self._probe, c)
+        finally:
+            del self._probing[index]
+            done.set()
         if found.corrupt:
             self.stats.cache_corrupt += found.corrupt
         if found.sums is None:
