@@ -198,7 +198,7 @@ class ChunkCache:
         self._files: list[BlobCache | None] = [None] * len(self.blobs)
         self._by_digest = {b.digest: i for i, b in enumerate(self.blobs)}
         self._files_lock = threading.Lock()
-        self._sources: dict[str, BlobCache | None] = {}  # other blobs we read from (dedup)
+        self._sources: dict[str, BlobCache] = {}  # other blobs we read from (dedup)
         count = max((b.chunk_start + b.chunk_count for b in self.blobs), default=0)
         self._sums: list[Sums | None] = [None] * count  # rule 5: readable from a file
         self._where: dict[int, tuple[BlobCache, int]] = {}  # dedup: chunk -> (file, offset)
@@ -242,9 +242,12 @@ class ChunkCache:
         if own is not None:
             return self.blob_file(own)
         with self._files_lock:
-            if digest not in self._sources:
-                self._sources[digest] = BlobCache.existing(self.root, digest, use=True)
-            return self._sources[digest]
+            f = self._sources.get(digest)
+            if f is None:  # (a blob that is not there now may be later: not remembered)
+                f = BlobCache.existing(self.root, digest, use=True)
+                if f is not None:
+                    self._sources[digest] = f
+            return f
 
     # -- lookups ------------------------------------------------------------
 
