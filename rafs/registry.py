@@ -691,6 +691,12 @@ class RegistryClient(_Core):
         raw = _PieceReader(self._drive(self._blob(repo, digest)))
         return io.BufferedReader(raw, READ_PIECE)  # type: ignore[return-value]
 
+    def stream_range(self, repo: str, digest: str, offset: int, length: int
+                     ) -> Generator[bytes, None, None]:
+        """Bytes ``[offset, offset+length)`` of a blob, in pieces as they arrive; one
+        attempt, as ``AsyncRegistryClient.stream_range``."""
+        return self._drive(self._blob(repo, digest, offset, length, retry=ONE_ATTEMPT))
+
     def push_blob(self, repo: str, digest: str, size: int, source: Path | bytes,
                   mount_from: str | None = None) -> bool:
         """Make ``repo`` hold the blob; True if its bytes were uploaded, False if the
