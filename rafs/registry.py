@@ -65,7 +65,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -317,17 +317,44 @@ _Command = _Send | _Read | _Sleep | _Emit
 Flow = Generator[_Command, Any, T]
 
 
-@dataclass(slots=True)
-class _Done:
-    value: Any
+class _Runner:
+    """Steps a flow for a driver: iterating it gives the flow's commands; the driver
+    answers each I/O command with ``reply`` (blocking) or ``areply`` (async), and
+    finds the flow's result in ``value`` when the iteration ends."""
 
+    __slots__ = ("_error", "_result", "flow", "value")
 
-def _advance(flow: Flow[Any], result: Any, error: RafsError | None) -> _Command | _Done:
-    """Give ``flow`` the result (or the error) of its last command; its next command."""
-    try:
-        return flow.throw(error) if error is not None else flow.send(result)
-    except StopIteration as stop:
-        return _Done(stop.value)
+    def __init__(self, flow: Flow[Any]) -> None:
+        self.flow = flow
+        self.value: Any = None
+        self._result: Any = None
+        self._error: RafsError | None = None
+
+    def __iter__(self) -> Iterator[_Command]:
+        while True:
+            result, error = self._result, self._error
+            self._result = self._error = None
+            try:
+                command = self.flow.throw(error) if error is not None else self.flow.send(result)
+            except StopIteration as stop:
+                self.value = stop.value
+                return
+            yield command
+
+    def reply(self, execute: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._result = execute(*args)
+        except RafsError as e:  # the flow decides: retry, map, or let it rise
+            self._error = e
+
+    async def areply(self, pending: Awaitable[Any]) -> None:
+        try:
+            self._result = await pending
+        except RafsError as e:
+            self._error = e
+
+    def close(self) -> None:
+        self.flow.close()
 
 
 @dataclass(slots=True)
@@ -715,22 +742,16 @@ class RegistryClient(_Core):
         raise AssertionError("a flow emitted data to a caller that takes none")
 
     def _drive(self, flow: Flow[T]) -> Generator[bytes, None, T]:
-        link = _Link()
+        runner, link = _Runner(flow), _Link()
         try:
-            command = _advance(flow, None, None)
-            while not isinstance(command, _Done):
+            for command in runner:
                 if isinstance(command, _Emit):
                     yield command.data
-                    command = _advance(flow, None, None)
-                    continue
-                try:
-                    result, error = self._execute(command, link), None
-                except RafsError as e:
-                    result, error = None, e
-                command = _advance(flow, result, error)
-            return command.value  # type: ignore[no-any-return]
+                else:
+                    runner.reply(self._execute, command, link)
+            return runner.value  # type: ignore[no-any-return]
         finally:
-            flow.close()
+            runner.close()
             self._release(link)
 
     def _execute(self, command: _Command, link: _Link) -> Any:
@@ -843,23 +864,17 @@ class AsyncRegistryClient(_Core):
 
     async def _drive(self, flow: Flow[Any], done: list[Any] | None = None
                      ) -> AsyncGenerator[bytes, None]:
-        link = _Link()
+        runner, link = _Runner(flow), _Link()
         try:
-            command = _advance(flow, None, None)
-            while not isinstance(command, _Done):
+            for command in runner:
                 if isinstance(command, _Emit):
                     yield command.data
-                    command = _advance(flow, None, None)
-                    continue
-                try:
-                    result, error = await self._execute(command, link), None
-                except RafsError as e:
-                    result, error = None, e
-                command = _advance(flow, result, error)
+                else:
+                    await runner.areply(self._execute(command, link))
             if done is not None:
-                done.append(command.value)
+                done.append(runner.value)
         finally:
-            flow.close()
+            runner.close()
             await self._release(link)
 
     async def _execute(self, command: _Command, link: _Link) -> Any:
