@@ -774,6 +774,7 @@ class RegistryClient(_Core):
     @staticmethod
     def _release(link: _Link) -> None:
         if link.response is not None:
+            link.pieces.close()
             link.response.close()
             link.response = link.pieces = None
 
@@ -897,6 +898,7 @@ class AsyncRegistryClient(_Core):
     @staticmethod
     async def _release(link: _Link) -> None:
         if link.response is not None:
+            await link.pieces.aclose()
             await link.response.aclose()
             link.response = link.pieces = None
 
