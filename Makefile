@@ -71,12 +71,15 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# The containerd snapshots API stubs (committed; run after editing a .proto).
+# The generated gRPC stubs (committed; run after editing a .proto): containerd's
+# snapshots API for the snapshotter, and the CRI API for the tests' CRI client.
 PROTOS := snapshotter/api/containerd/types/mount.proto \
 	snapshotter/api/containerd/services/snapshots/v1/snapshots.proto
+CRI_PROTOS := tests/cri/api.proto
 protos: setup
 	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	rm -f snapshotter/api/containerd/types/mount_pb2_grpc.py
+	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(CRI_PROTOS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
