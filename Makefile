@@ -71,15 +71,15 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# The generated gRPC stubs (committed; run after editing a .proto): containerd's
-# snapshots API for the snapshotter, and the CRI API for the tests' CRI client.
+# The gRPC stubs (committed; run after editing a .proto): containerd's snapshots API,
+# and CRI's (k8s.io/cri-api runtime/v1: the snapshotter's image-service proxy, the
+# tests' CRI client).
 PROTOS := snapshotter/api/containerd/types/mount.proto \
-	snapshotter/api/containerd/services/snapshots/v1/snapshots.proto
-CRI_PROTOS := tests/cri/api.proto
+	snapshotter/api/containerd/services/snapshots/v1/snapshots.proto \
+	snapshotter/api/k8s/runtime/v1/api.proto
 protos: setup
 	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	rm -f snapshotter/api/containerd/types/mount_pb2_grpc.py
-	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(CRI_PROTOS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

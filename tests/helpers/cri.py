@@ -1,7 +1,7 @@
 """A CRI client for tests: containerd's CRI plugin driven the way the kubelet drives it.
 
 Owns: the gRPC channel to containerd's socket with the stubs generated from the
-vendored CRI protos (``tests.cri``, ``runtime.v1``); builders for the requests
+vendored CRI protos (``snapshotter.api.k8s``, ``runtime.v1``); builders for the requests
 the kubelet sends for a host-network pod (``NamespaceMode.NODE``, so no CNI
 plugin is needed) and for a container in it; waiting for a container to exit;
 reading the CRI log files containerd writes (``TIMESTAMP STREAM TAG TEXT``
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import grpc
 
-from tests.cri import api_pb2 as cri
-from tests.cri import api_pb2_grpc as cri_grpc
+from snapshotter.api.k8s.runtime.v1 import api_pb2 as cri
+from snapshotter.api.k8s.runtime.v1 import api_pb2_grpc as cri_grpc
 
 __all__ = ["CriClient", "CriPod", "cri", "read_log"]
 
@@ -52,22 +52,34 @@ def read_log(path: Path) -> list[tuple[str, str]]:
 
 
 class CriClient:
-    """The kubelet's side of CRI against the containerd socket at ``address``."""
+    """The kubelet's side of CRI: ``RuntimeService`` on ``runtime_endpoint`` (containerd's
+    socket) and ``ImageService`` on ``image_endpoint`` (the same socket, or the socket of
+    an image-service proxy, as the kubelet's ``--image-service-endpoint`` names it)."""
 
-    def __init__(self, address: str | Path, timeout: float = 300) -> None:
-        self.channel = grpc.insecure_channel(f"unix://{address}")
-        self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
-        self.images = cri_grpc.ImageServiceStub(self.channel)
+    def __init__(self, runtime_endpoint: str | Path, image_endpoint: str | Path | None = None,
+                 timeout: float = 300) -> None:
+        self._runtime_channel = grpc.insecure_channel(f"unix://{runtime_endpoint}")
+        self._image_channel = (self._runtime_channel if image_endpoint is None
+                               else grpc.insecure_channel(f"unix://{image_endpoint}"))
+        self.runtime = cri_grpc.RuntimeServiceStub(self._runtime_channel)
+        self.images = cri_grpc.ImageServiceStub(self._image_channel)
         self.timeout = timeout
 
     def close(self) -> None:
-        self.channel.close()
+        self._runtime_channel.close()
+        self._image_channel.close()
 
     def __enter__(self) -> CriClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def version(self) -> cri.VersionResponse:
+        return self.runtime.Version(cri.VersionRequest(), timeout=self.timeout)
+
+    def status(self) -> cri.RuntimeStatus:
+        return self.runtime.Status(cri.StatusRequest(), timeout=self.timeout).status
 
     # -- images -------------------------------------------------------------------
 
@@ -167,6 +179,12 @@ class CriClient:
     def remove_container(self, container_id: str) -> None:
         self.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id),
                                      timeout=self.timeout)
+
+    def exec_sync(self, container_id: str, command: list[str],
+                  timeout: int = 120) -> cri.ExecSyncResponse:
+        return self.runtime.ExecSync(
+            cri.ExecSyncRequest(container_id=container_id, cmd=command, timeout=timeout),
+            timeout=self.timeout)
 
     def pod_status(self, pod_id: str) -> cri.PodSandboxStatus:
         return self.runtime.PodSandboxStatus(
