@@ -158,6 +158,9 @@ def test_version_and_status_answer_as_containerd_with_cri_v1(node: Node) -> None
     assert version.runtime_version.startswith("1.6.")
     conditions = {c.type: c.status for c in node.kubelet.status().conditions}
     assert conditions["RuntimeReady"] is True
+    # An ImageService call other than PullImage, through the snapshotter's proxy.
+    fs = node.kubelet.images.ImageFsInfo(cri.ImageFsInfoRequest(), timeout=60)
+    assert fs.image_filesystems
 
 
 def test_a_pod_runs_from_a_rafs_image_lazily(
@@ -183,6 +186,8 @@ def test_a_pod_runs_from_a_rafs_image_lazily(
     fetched = sum(r.bytes for r in registry.blob_gets()
                   if r.path.rpartition("/")[2] in layers)
     image_bytes = sum(layers.values())
+    print(f"CRI pull + pod start from {rafs_image}: {fetched} of {image_bytes} blob bytes "
+          f"fetched ({fetched / image_bytes:.1%})")  # shown with `pytest -s`
     assert 0 < fetched < image_bytes * 0.6, (fetched, image_bytes)
     backend = read_stats(mp)["stats"]["backend_bytes"]  # type: ignore[index]
     assert 0 < backend <= fetched, (backend, fetched)
@@ -208,9 +213,18 @@ def test_exec_sync_runs_in_a_running_rafs_container(node: Node, rafs_image: str)
     assert node.kubelet.list_pods() == []
 
 
-def test_a_plain_oci_image_runs_on_the_same_node(node: Node, plain_image: str) -> None:
+def test_a_plain_oci_image_runs_on_the_same_node(
+    node: Node, registry: RegistryServer, plain_image: str
+) -> None:
     before = node.rafs_mounts()
+    _, layers = manifest_of(plain_image)
+    registry.mark()
     node.kubelet.pull(plain_image)
+    fetched = sum(r.bytes for r in registry.blob_gets()
+                  if r.path.rpartition("/")[2] in layers)
+    print(f"CRI pull of {plain_image}: {fetched} of {sum(layers.values())} layer bytes "
+          "fetched")  # shown with `pytest -s`
+    assert fetched == sum(layers.values())  # the ordinary path: every layer, whole
     status, lines = node.run_to_exit(
         "plain-pod", plain_image,
         ["python3", "-c", "import sys; print('plain', sys.version_info[0])"])
