@@ -6,6 +6,10 @@ containerd is pointed at it with::
       type = "snapshot"
       address = "/run/rafs/snapshotter.sock"
 
+With ``--cri-image-service SOCK`` it also serves CRI's image service on SOCK for
+the kubelet (``--image-service-endpoint``), passed on to containerd's CRI
+plugin, so that pull credentials reach the snapshotter (``snapshotter.imageproxy``).
+
 The process serves until SIGTERM/SIGINT; the fused daemons it started keep
 running (and keep serving running containers) after it exits, and a new
 snapshotter on the same root picks up its metadata and mounts.

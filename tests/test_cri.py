@@ -344,3 +344,20 @@ def test_nothing_is_left_once_every_pod_and_image_is_removed(node: Node) -> None
     assert mounts_under(node.root) == []
     assert mounts_under(node.cd.dir) == []
     assert list((node.root / "snapshots").iterdir()) == []
+    assert _processes_with_arg_under(node.root / "snapshots") == []  # no rafs daemon left
+
+
+def _processes_with_arg_under(path: Path) -> list[int]:
+    """Live processes with an argument at or below ``path`` (a daemon's mount point)."""
+    prefix = str(path).encode()
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(prefix) for a in args) and _alive(int(d.name)):
+            out.append(int(d.name))
+    return out
