@@ -305,6 +305,20 @@ class _Body:
                 yield piece
 
 
+class _Parts:
+    """The pieces of a whole blob read into memory, up to ``limit`` bytes."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.parts: list[bytes] = []
+        self.size, self.limit, self.what = 0, limit, what
+
+    def add(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size > self.limit:
+            raise ImageError(f"{self.what} is larger than {self.limit} bytes")
+        self.parts.append(piece)
+
+
 # -- flows: the protocol, once ------------------------------------------------------
 
 
@@ -741,19 +755,10 @@ class _Core:
         for again from the next endpoint (the ones that sent them are distrusted)."""
         what = f"blob {digest} in {repo}"
         for tries_left in range(len(self.pull_endpoints) - 1, -1, -1):
-            parts: list[bytes] = []
-            size = 0
+            parts = _Parts(max_size, what)
             sources: list[tuple[int, Endpoint]] = []
-
-            def sink(piece: bytes) -> None:
-                nonlocal size
-                size += len(piece)
-                if size > max_size:
-                    raise ImageError(f"{what} is larger than {max_size} bytes")
-                parts.append(piece)
-
-            yield from self._blob(repo, digest, sink=sink, sources=sources)
-            data = b"".join(parts)
+            yield from self._blob(repo, digest, sink=parts.add, sources=sources)
+            data = b"".join(parts.parts)
             if sha256_digest(data) == digest:
                 return data
             senders = list(dict.fromkeys(e for _, e in sources))
