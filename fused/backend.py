@@ -248,7 +248,7 @@ class RegistryBackend(Backend):
                     yield piece
         finally:
             ends = [start for start, _ in sources[1:]] + [offset + length]
-            for (start, endpoint), stop in zip(sources, ends, strict=True):
+            for (start, endpoint), stop in zip(sources, ends[:len(sources)], strict=True):
                 self._served.append((blob_digest, start, stop, endpoint))
             if self.stats is not None:
                 self.stats.range_ignored += self.client.counters.range_ignored - ignored

@@ -183,7 +183,9 @@ def _endpoint_url(text: str, override_path: bool, err: Any, what: str) -> tuple[
     if not isinstance(text, str) or not text.strip():
         raise err(f"{what}: the URL is empty")
     raw = text.strip()
-    if not raw.startswith("http"):
+    if "://" in raw and not raw.startswith(("http://", "https://")):
+        raise err(f"{what}: bad URL {text!r} (the scheme must be http or https)")
+    if not raw.startswith(("http://", "https://")):
         raw = "https://" + raw
     try:
         u = urllib.parse.urlsplit(raw)

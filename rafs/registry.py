@@ -206,16 +206,35 @@ def _answer_error(response: httpx.Response, body: bytes, what: str) -> RafsError
     return BackendError(f"{what}: {registry} answered {status} ({message})")
 
 
+def _cause(e: BaseException) -> BaseException | None:
+    """The first exception in ``e``'s chain of causes that says something."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or str(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _transport_error(e: httpx.HTTPError, what: str, started: bool) -> RafsError:
     """``started``: the answer had begun (its headers arrived) when ``e`` happened."""
     if isinstance(e, httpx.UnsupportedProtocol) or not isinstance(e, httpx.TransportError):
         return BackendError(f"{what}: {e}")  # a bad URL, too many redirects, bad encoding
     if isinstance(e, httpx.TimeoutException):
         return TransientError(f"{what}: timed out", error_class="timeout")
+    cause = _cause(e)
+    chain: BaseException | None = e
+    while chain is not None and not isinstance(chain, ssl.SSLCertVerificationError):
+        chain = chain.__cause__ or chain.__context__
+    if chain is not None:  # no retry mends a certificate: a permanent failure
+        reason = getattr(chain, "verify_message", None) or str(chain)
+        return BackendError(f"{what}: TLS certificate verify failed ({reason}; a hosts.toml "
+                            "ca or skip_verify may be wanted)")
+    detail = f"{type(e).__name__}: {cause}" if cause is not None else type(e).__name__
     if started:
-        return TransientError(f"{what}: the answer broke off ({type(e).__name__}: {e})",
+        return TransientError(f"{what}: the answer broke off ({detail})",
                               error_class="truncated")
-    return TransientError(f"{what}: {type(e).__name__}: {e}", error_class="connection")
+    return TransientError(f"{what}: {detail}", error_class="connection")
 
 
 @contextlib.contextmanager
