@@ -9,8 +9,8 @@ error and no wrong byte (sha256 of every file against the source); started
 again: fetches return to it. A mirror that flips bytes (``FaultProxy``) or
 stalls: no EIO, the origin serves, the mirror's digest errors and stalls are
 counted. A TLS registry with a self-signed CA: ``ca`` and ``skip_verify``.
-Bad hosts.toml: one error line naming the file, from ``rafs mount`` and
-``rafs convert``. ``rafs convert docker://`` pulls through the mirror, and an
+Bad hosts.toml: one error line naming the file, from ``rafs mount``,
+``rafs convert`` and ``rafs run``. ``rafs convert docker://`` pulls through the mirror, and an
 HTTP proxy (``HTTP_PROXY``, ``NO_PROXY``) carries the daemon's Range requests.
 """
 
@@ -214,8 +214,10 @@ def test_a_bad_hosts_toml_is_one_error_line_naming_the_file(tmp_path: Path, case
     (tmp_path / "mnt").mkdir()
     for argv in (["mount", f"docker://{registry}/some/image:v1", tmp_path / "mnt",
                   "--cache-dir", tmp_path / "cache"],
-                 ["convert", f"docker://{registry}/some/image:v1", f"oci:{tmp_path / 'out'}"]):
-        res = run(rafs_cmd(*argv, "--hosts-dir", tmp_path / "hosts"), timeout=120)
+                 ["convert", f"docker://{registry}/some/image:v1", f"oci:{tmp_path / 'out'}"],
+                 ["run", "--rm", f"docker://{registry}/some/image:v1", "true"]):
+        res = run(rafs_cmd(argv[0], "--hosts-dir", tmp_path / "hosts", *argv[1:]),
+                  timeout=120)
         message = assert_clean_error(res)
         assert str(path) in message and words in message, message
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
