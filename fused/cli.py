@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from rafs import sizes
 from rafs.credentials import parse_creds
+from rafs.hosts import DEFAULT_HOSTS_DIR, HOSTS_DIR_ENV, load_hosts, use_hosts_dir
 from rafs.oci import parse_image_ref
 
 
@@ -98,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--creds", metavar="USER:PASS",
                    help="registry credentials (default: REGISTRY_AUTH_FILE or "
                    "~/.docker/config.json)")
+    add_hosts_dir_argument(p)
     p.set_defaults(func=_cmd_mount)
 
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
@@ -121,6 +123,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=_cmd_trace)
+
+
+def add_hosts_dir_argument(p: argparse.ArgumentParser) -> None:
+    """``--hosts-dir``: registry mirrors, containerd's hosts.toml layout (``rafs.hosts``)."""
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors and TLS settings in containerd's layout "
+                   "(DIR/HOST[:PORT]/hosts.toml; default $" + HOSTS_DIR_ENV + " or "
+                   + DEFAULT_HOSTS_DIR + ")")
 
 
 # -- mount --------------------------------------------------------------------
@@ -160,9 +170,12 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                            metrics_address=args.metrics_address,
                            insecure=True if args.insecure else None, creds=parse_creds(args.creds),
                            mode=args.mode, cache_max=args.cache_max,
-                           cache_min_free=args.cache_min_free)
+                           cache_min_free=args.cache_min_free,
+                           hosts_dir=use_hosts_dir(args.hosts_dir) if args.hosts_dir else None)
     if args.foreground:
         from .daemon import run
+
+        _check_hosts(image, options)
 
         if options.mode == "kernel":
             resolve_mode("kernel")
@@ -193,6 +206,7 @@ class MountOptions:
     mode: str = "auto"  # auto | fuse | kernel
     cache_max: str | None = None  # over the host config (fused.cacheconf)
     cache_min_free: str | None = None
+    hosts_dir: str | None = None  # None: rafs.hosts' default ($RAFS_HOSTS_DIR, certs.d)
 
     def daemon_args(self) -> list[str]:
         args = ["--amplify-bytes", str(self.amplify_bytes), "--mode", self.mode,
@@ -207,6 +221,8 @@ class MountOptions:
             args += ["--metrics-address", self.metrics_address]
         if self.insecure:
             args.append("--insecure")
+        if self.hosts_dir:
+            args += ["--hosts-dir", self.hosts_dir]
         return args
 
     def daemon_config(self, image: str, mountpoint: str, cache_dir: str) -> DaemonConfig:
@@ -218,7 +234,16 @@ class MountOptions:
                             metrics_address=self.metrics_address, mode=self.mode,
                             cache_max=self.cache_max, cache_min_free=self.cache_min_free,
                             backend=BackendOptions(insecure=self.insecure, creds=self.creds,
-                                                   timeout=self.fetch_timeout))
+                                                   timeout=self.fetch_timeout,
+                                                   hosts_dir=self.hosts_dir))
+
+
+def _check_hosts(image: str, options: MountOptions) -> None:
+    """A registry image's hosts.toml is read here first, so that a bad one is one
+    error line (naming the file) before any daemon starts."""
+    ref = parse_image_ref(image)
+    if ref.transport == "docker":
+        load_hosts(ref.registry, options.hosts_dir, insecure=options.insecure)
 
 
 def mount_background(
@@ -236,6 +261,7 @@ def mount_background(
     cache_dir = os.path.abspath(cache_dir) if cache_dir else str(config.dir)
     if options.mode == "kernel":
         resolve_mode("kernel")  # fail here, at once, with the reason (the daemon checks too)
+    _check_hosts(image, options)
     mp = canonical(mountpoint)
     paths = paths_for(mp)
     ensure_run_dir()

@@ -536,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     parser.add_argument("--metrics-address")
     parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--hosts-dir")
     parser.add_argument("--mode", choices=MODES, default="auto")
     parser.add_argument("--cache-max")
     parser.add_argument("--cache-min-free")
@@ -556,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                        mode=args.mode, cache_max=args.cache_max,
                        cache_min_free=args.cache_min_free,
                        backend=BackendOptions(insecure=True if args.insecure else None,
-                                              creds=creds, timeout=args.fetch_timeout))
+                                              creds=creds, timeout=args.fetch_timeout,
+                                              hosts_dir=args.hosts_dir))
     try:
         run(cfg, _pipe_reporter(args.ready_fd))
     except RafsError as e:
