@@ -41,10 +41,11 @@ Parents
   the root, ``..`` stops at the root, more than 40 links is refused (ELOOP in
   both). The last component of a name is never followed.
 - Missing parents, also those a dangling symlink points to, are created as
-  directories 0755, owned by root, mtime 0 (containerd: 0755 and the time of
-  the unpack; umoci: 0777 minus the umask, and the time of the unpack; a fixed
-  time keeps the output reproducible). A later entry for the directory sets
-  its metadata.
+  directories 0755, owned by root, mtime 0, as mkdir(2) makes them: below a
+  setgid directory they take its group and its setgid bit (umoci: 0777 minus
+  the umask; containerd: 0755, then a chmod that clears the setgid bit; both
+  use the time of the unpack, a fixed time keeps the output reproducible). A
+  later entry for the directory sets its metadata.
 - A parent that exists and is neither a directory nor a symlink to one is
   refused (``BadTarError``), as containerd's ``mkparent`` (ENOTDIR) and
   umoci 0.4.7's ``MkdirAll`` do (umoci 0.5 replaces it with a directory).
@@ -202,6 +203,15 @@ def new_root() -> Node:
     return Node.directory(IMPLIED_DIR_MODE)
 
 
+def _implied_dir(parent: Node) -> Node:
+    """A directory no entry named (yet), created in ``parent`` as mkdir(2) would."""
+    node = Node.directory(IMPLIED_DIR_MODE)
+    if parent.mode & stat.S_ISGID:
+        node.mode |= stat.S_ISGID
+        node.gid = parent.gid
+    return node
+
+
 def directories(root: Node) -> Iterator[tuple[RealPath, Node]]:
     """Every directory of the tree with its real path, parents before children."""
     stack: list[tuple[RealPath, Node]] = [((), root)]
@@ -288,7 +298,7 @@ class Layer:
             if child is None:
                 if create is None:
                     return None
-                child = Node.directory(IMPLIED_DIR_MODE)
+                child = _implied_dir(cur)
                 cur.children[part] = child
                 create.append(Create((*real, part), child))
             if stat.S_ISLNK(child.mode):

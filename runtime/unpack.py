@@ -44,7 +44,7 @@ from .errors import UnpackError
 from .image import ResolvedImage, registry_client
 from .paths import rootfs_cache_dir
 
-__all__ = ["Unpacker", "ensure_rootfs"]
+__all__ = ["Unpacker", "ensure_rootfs", "unpack_into"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def ensure_rootfs(image: ResolvedImage) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix="unpack-", dir=base))
         try:
             started = time.monotonic()
-            nbytes = _unpack(image, tmp)
+            nbytes = unpack_into(image, tmp)
             os.rename(tmp, done)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -79,7 +79,9 @@ def ensure_rootfs(image: ResolvedImage) -> Path:
     return done
 
 
-def _unpack(image: ResolvedImage, root: Path) -> int:
+def unpack_into(image: ResolvedImage, root: Path) -> int:
+    """Unpack every layer of ``image`` into the empty directory ``root``; returns the
+    layers' uncompressed size."""
     total = 0
     with contextlib.ExitStack() as stack:
         client = (stack.enter_context(registry_client(image.ref))
