@@ -67,13 +67,14 @@ Entries
   header says, and both unpackers ignore the header's mode for them.
 - A hardlink shares its target's node. The target's parent is resolved like any
   parent, its last component is not followed (a hardlink to a symlink links
-  the symlink, as containerd's ``hardlinkRootPath`` and umoci do). A missing
-  target, a directory, or a target at or below the link's own path (an
-  unpacker removes that path before linking) is refused (``LinkTargetError``;
-  link(2) fails in both). The link entry's own metadata is ignored (umoci;
-  containerd applies it to the shared inode; image builders write the same
-  metadata for every name of an inode). Replacing or removing one name later
-  leaves the others, content and all.
+  the symlink, as containerd's ``hardlinkRootPath`` and umoci do), and it is
+  looked up after what is at the link's own path has been removed, as both
+  do: a target at, below or reached through that path is missing. A missing
+  target or a directory is refused (``LinkTargetError``; link(2) fails in
+  both). The link entry's own metadata is ignored (umoci; containerd applies
+  it to the shared inode; image builders write the same metadata for every
+  name of an inode). Replacing or removing one name later leaves the others,
+  content and all.
 
 Whiteouts
 
@@ -256,7 +257,7 @@ class Layer:
             self._set_meta(existing, entry)
         else:
             if entry.kind == HARDLINK:
-                node, target = self._link_target(entry, real)
+                node, target = self._link_target(entry, parent, base)
                 op: Op = Link(real, target)
             else:
                 node = self._make(entry)
@@ -369,25 +370,33 @@ class Layer:
             node.rdev = entry.rdev
         return node
 
-    def _link_target(self, entry: Entry, real: RealPath) -> tuple[Node, RealPath]:
+    def _link_target(self, entry: Entry, parent: Node, base: bytes) -> tuple[Node, RealPath]:
+        """The node a hardlink entry in ``parent`` names, and its real path.
+
+        Looked up as an unpacker does, after what is at the link's own path has
+        been removed: a target at, below or reached through that path is missing.
+        """
         parts = normalise(entry.linkname, self.what)
         if not parts:
             raise LinkTargetError(f"{self.what}: {_show(entry.name)!r}: hardlink to the root")
-        found = self._walk(parts[:-1], entry.linkname, None)
-        target: Node | None = None
-        path: RealPath = ()
-        if found is not None:
+        assert parent.children is not None
+        existing = parent.children.pop(base, None)
+        try:
+            found = self._walk(parts[:-1], entry.linkname, None)
+        finally:
+            if existing is not None:
+                parent.children[base] = existing
+        target = None
+        if found is not None and (found[0] is not parent or parts[-1] != base):
             assert found[0].children is not None
-            path = (*found[1], parts[-1])
-            if path[: len(real)] != real:  # else it is removed before the link is made
-                target = found[0].children.get(parts[-1])
-        if target is None:
+            target = found[0].children.get(parts[-1])
+        if found is None or target is None:
             raise LinkTargetError(f"{self.what}: {_show(entry.name)!r}: hardlink target "
                                   f"{_show(entry.linkname)!r} does not exist")
         if target.is_dir:
             raise LinkTargetError(f"{self.what}: {_show(entry.name)!r}: hardlink target "
                                   f"{_show(entry.linkname)!r} is a directory")
-        return target, path
+        return target, (*found[1], parts[-1])
 
     # -- whiteouts ------------------------------------------------------------
 
