@@ -86,8 +86,10 @@ class PeerUnavailable(PeerError):
 
 
 def peer_dir() -> Path:
-    """Where built peers and converted images are cached: ``$RAFS_CACHE/peers``."""
-    return corpus.default_cache_dir() / "peers"
+    """Where built peers and converted images are cached: ``$RAFS_PEER_CACHE``, else
+    ``$RAFS_CACHE/peers`` (``/var/cache/rafs/peers``)."""
+    override = os.environ.get("RAFS_PEER_CACHE")
+    return Path(override) if override else corpus.default_cache_dir() / "peers"
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,8 +97,11 @@ def peer_dir() -> Path:
 
 
 def _package_version(name: str) -> str | None:
-    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Status} ${Version}", name],
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["dpkg-query", "-W", "-f", "${Status} ${Version}", name],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     words = proc.stdout.split()
     return words[-1] if proc.returncode == 0 and "installed" in words[:3] else None
 
@@ -157,8 +162,8 @@ def build_peer(*, install: bool = True) -> Path:
         return binary
     if _build_key() is None or shutil.which("go") is None:
         if not install:
-            raise PeerUnavailable(f"cannot build the eStargz peer: {' '.join(APT_PACKAGES)} "
-                                  "not installed")
+            raise PeerUnavailable("cannot build the eStargz peer: no Go toolchain (go) or "
+                                  f"not all of {' '.join(APT_PACKAGES)} installed")
         _install_packages()
     key = _build_key()
     if key is None or shutil.which("go") is None or not (LIBRARY / "service").is_dir():
@@ -349,3 +354,18 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _progress(message: str) -> None:
     print(f"bench: {message}", flush=True, file=sys.stderr)
+
+
+def main() -> int:
+    """``python -m bench.peers.estargz``: install the packages, build the peer, print
+    its path (what ``make bench-deps`` does)."""
+    try:
+        print(build_peer())
+    except PeerError as e:
+        print(f"rafs: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
