@@ -118,6 +118,7 @@ PHASES = ("pull_s", "create_s", "run_s")
 SUMMARY_KEYS = (*PHASES, "total_s", "link_bytes", "image_pct", "requests", "blob_requests",
                 "connections")
 ROUND_TRIPS = 4  # connect; manifest; config + metadata; all data ranges at once
+SOCKET_PATH_MAX = 104  # containerd's limit for its socket paths
 
 
 class BenchError(RafsError):
@@ -131,7 +132,7 @@ class BenchConfig:
     samples: int = 3
     mode: str = "auto"
     out: Path = Path("results")
-    work: Path | None = None
+    work: Path | None = None  # the scratch dir goes below it (default /var/tmp)
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
     peer_build: bool = True  # build (and apt install) the peer if it is not cached
 
@@ -649,8 +650,15 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = _progress) -> 
         "profiles": cfg.profiles, "scenarios": scenarios, "skipped": peers.skipped,
         "images": {},
     }
-    work = cfg.work or Path(tempfile.mkdtemp(prefix="rafs-coldstart-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
+    if cfg.work is not None:
+        # the longest unix socket below it must fit sun_path (107 bytes)
+        longest = len(str(cfg.work.resolve())) + len(
+            "/rafs-coldstart-12345678/s-9/containerd/containerd.sock.ttrpc")
+        if longest > SOCKET_PATH_MAX:
+            raise BenchError(f"--work {cfg.work}: too long a path for the unix sockets "
+                             f"below it ({longest - SOCKET_PATH_MAX} characters over)")
+        cfg.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="rafs-coldstart-", dir=cfg.work or "/var/tmp"))
     try:
         with RegistryServer() as registry:
             prepared = [prepare(name, registry, work, cfg.mode, forms) for name in cfg.images]
@@ -669,8 +677,13 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = _progress) -> 
                         for i in range(cfg.samples):
                             order = scenarios if i % 2 == 0 else list(reversed(scenarios))
                             for scenario in order:
-                                r = sample(scenario, image, link.host,
-                                           work / f"s-{scenario}", cfg.mode, meter, peers)
+                                # short: containerd's sockets go below it
+                                base = work / f"s-{ALL_SCENARIOS.index(scenario)}"
+                                try:
+                                    r = sample(scenario, image, link.host, base, cfg.mode,
+                                               meter, peers)
+                                except AssertionError as e:  # a daemon did not start
+                                    raise BenchError(f"{scenario}: {e}") from None
                                 runs[scenario].append(r)
                                 progress(f"{image.name} {profile} {scenario} #{i + 1}: "
                                          f"{r['total_s']:.2f}s, "
@@ -851,6 +864,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use a peer only if it is built already (never apt-get or go build)")
     p.add_argument("--out", type=Path, default=Path("results"),
                    help="where coldstart.json/.md/.png go (default %(default)s)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="make the scratch directory (registry, containerd and rafs roots) "
+                   "below this one (default /var/tmp); it is removed at the end")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -869,7 +885,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         scenarios = [s for s, info in SCENARIO_INFO.items()
                      if info.peer is None or info.peer in against]
     return BenchConfig(images=images, profiles=profiles, samples=samples, mode=args.mode,
-                       out=args.out, scenarios=scenarios,
+                       out=args.out, work=getattr(args, "work", None), scenarios=scenarios,
                        peer_build=not getattr(args, "no_peer_build", False))
 
 
