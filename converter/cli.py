@@ -7,6 +7,8 @@ import logging
 
 from rafs import sizes
 from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL
+from rafs.prefetchlist import Entry, PrefetchListError
+from rafs.prefetchlist import parse as parse_prefetch_list
 
 from .chunker import DEFAULT_CHUNK_SIZE
 from .errors import OptionError
@@ -41,8 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--jobs", "-j", type=int, default=None,
                    help="threads hashing and compressing chunks (default: min(4, CPUs))")
     p.add_argument("--prefetch-list", "--prefetch", dest="prefetch", metavar="FILE",
-                   help="absolute paths to prefetch, one per line (`rafs trace` output): "
-                   "stored in the bootstrap, and those files are laid out first in the blobs")
+                   help="what a start-up reads, in order (`rafs trace` output): absolute "
+                   "paths, or 'OFFSET LENGTH PATH' ranges (`rafs trace --ranges`), one per "
+                   "line, or `rafs trace --json`; those chunks are laid out first in the "
+                   "blobs, in that order, and prefetched at mount")
+    p.add_argument("--startup-level", type=int, default=None,
+                   help="zstd level for the chunks of the prefetch list (default: --level)")
+    p.add_argument("--dictionary", action=argparse.BooleanOptionalAction, default=False,
+                   help="compress the small chunks of the prefetch list with a zstd "
+                   "dictionary trained on them, one per blob, stored in the bootstrap")
     p.add_argument("--chunk-dict", metavar="IMAGE",
                    help="an earlier RAFS image (oci:, docker://): chunks it already has are "
                    "referenced in its blobs instead of being stored again")
@@ -60,15 +69,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
-def _read_prefetch(path: str | None) -> list[bytes]:
+def _read_prefetch(path: str | None) -> list[Entry]:
     if path is None:
         return []
     try:
         with open(path, "rb") as f:
-            lines = f.read().splitlines()
+            data = f.read()
     except OSError as e:
         raise OptionError(f"{path}: {e.strerror}") from None
-    return [line.strip() for line in lines if line.strip() and not line.startswith(b"#")]
+    try:
+        return parse_prefetch_list(data, path)
+    except PrefetchListError as e:
+        raise OptionError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = ConvertOptions(
         chunk_size=args.chunk_size, compression=args.compression, level=args.level,
-        bootstrap_level=args.bootstrap_level, workers=args.jobs,
+        bootstrap_level=args.bootstrap_level, startup_level=args.startup_level,
+        dictionary=args.dictionary,
+        workers=args.jobs,
         prefetch=_read_prefetch(args.prefetch), progress=args.progress,
         chunk_dict=args.chunk_dict, creds=parse_creds(args.creds),
         insecure=True if args.insecure else None)

@@ -148,11 +148,12 @@ class BlobFs:
         positions = self.chunks_in(blob, offset, end)
         first = self.blobs[blob].chunk_start
         indices = [first + k for k in positions]
-        trace = self.trace
-        for index in indices:
-            trace.touch(index)
-        await self.fetcher.ensure(indices)
         offsets, sizes = self._chunks(blob)
+        trace = self.trace
+        for k in positions:
+            trace.read(first + k, max(offset, offsets[k]) - offsets[k],
+                       min(end, offsets[k] + sizes[k]) - offsets[k])
+        await self.fetcher.ensure(indices)
         cache = self.cache
         if len(positions) == 1:  # the common case: one chunk covers it all, one pread
             k = positions[0]

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .daemon import DaemonConfig
 
 __all__ = ["CREDS_ENV", "MountOptions", "mount_background", "register", "stats", "trace",
-           "umount"]
+           "trace_report", "umount"]
 
 CREDS_ENV = "RAFS_REGISTRY_CREDS"
 
@@ -119,9 +119,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "trace", help="print the files a mount has served, in first-access order",
         description="Print every file opened (or symlink read) through MOUNTPOINT since it "
         "was mounted, once, in the order of first access: a prefetch list for "
-        "`rafs convert --prefetch-list`.",
+        "`rafs convert --prefetch-list`. --ranges prints the byte ranges read instead "
+        "(OFFSET LENGTH PATH per line), --json both as one JSON object.",
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--ranges", action="store_true",
+                      help="the byte ranges read, in first-access order of their chunks")
+    form.add_argument("--json", action="store_true",
+                      help="paths and ranges as JSON (also a prefetch list)")
     p.set_defaults(func=_cmd_trace)
 
 
@@ -467,6 +473,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def trace(mountpoint: str) -> list[str]:
     """The paths a mount has served, in first-access order."""
+    return list(trace_report(mountpoint)["paths"])
+
+
+def trace_report(mountpoint: str) -> dict[str, Any]:
+    """A mount's whole trace (``fused.trace``: paths, ranges, chunk size, truncated)."""
     mp = _rafs_mount(mountpoint)
     try:
         reply = request(paths_for(mp).socket, {"cmd": "trace"}, timeout=120)
@@ -475,14 +486,23 @@ def trace(mountpoint: str) -> list[str]:
     if not reply.get("ok"):
         raise ControlError(f"trace of {mp}: {reply.get('error', 'unknown error')}")
     if reply.get("truncated"):
-        log.warning("the trace of %s is truncated: the daemon keeps the first %d files",
+        log.warning("the trace of %s is truncated: the daemon keeps the first %d entries",
                     mp, len(reply["paths"]))
-    return list(reply["paths"])
+    reply.pop("ok", None)
+    return reply
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
+    from rafs.prefetchlist import format_paths, format_ranges
+
+    report = trace_report(args.mountpoint)
     out = sys.stdout.buffer
-    for path in trace(args.mountpoint):
-        out.write(os.fsencode(path) + b"\n")
+    if args.json:
+        out.write(json.dumps(report, sort_keys=True).encode() + b"\n")
+    elif args.ranges:
+        out.write(format_ranges([(os.fsencode(r["path"]), r["offset"], r["length"])
+                                 for r in report.get("ranges", [])]))
+    else:
+        out.write(format_paths([os.fsencode(p) for p in report["paths"]]))
     out.flush()
     return 0

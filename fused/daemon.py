@@ -200,7 +200,7 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
         await nursery.start(cache.run)
         fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests,
                           amplify_bytes=cfg.amplify_bytes, timeout=cfg.fetch_timeout,
-                          retries=cfg.retries)
+                          retries=cfg.retries, dictionaries=bootstrap.dictionary)
         await stack.enter_async_context(fetcher.running())
         vfs = Vfs(bootstrap, fetcher, stats)
         ops: pyfuse3.Operations
@@ -290,7 +290,7 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
                 ready(None)
 
             nursery.start_soon(_announce, cfg, mountpoint, paths.state, mode, kernel, announced)
-            if cfg.prefetch and bootstrap.prefetch:
+            if cfg.prefetch and (bootstrap.prefetch or bootstrap.prefetch_ranges):
                 nursery.start_soon(_prefetch, fetcher, vfs, bootstrap.prefetch, stats)
             serving[0] = True
             try:
@@ -412,16 +412,20 @@ async def _watch_signals(terminate: Callable[[], None]) -> None:
 
 
 async def _prefetch(fetcher: Fetcher, vfs: Vfs, nids: list[int], stats: Stats) -> None:
-    """Fetch the prefetch list in the background; cancelled (cleanly) by unmount."""
+    """Fetch the start-up set in the background (its chunk ranges; for images without
+    them, the files of the prefetch list); cancelled (cleanly) by unmount."""
+    ranges = vfs.bootstrap.prefetch_ranges
     try:
-        chunks = await trio.to_thread.run_sync(lambda: list(vfs.chunks_of_nids(nids)))
+        chunks = (vfs.bootstrap.prefetch_chunks() if ranges else
+                  await trio.to_thread.run_sync(lambda: list(vfs.chunks_of_nids(nids))))
     except RafsError as e:  # a corrupt bootstrap entry: reads will report it too
         log.warning("prefetch skipped: %s", e)
         stats.prefetch_state = "stopped"
         return
     stats.prefetch_planned = len(chunks)
     stats.prefetch_state = "running"
-    log.info("prefetching %d entries of the prefetch list (%d chunks)", len(nids), len(chunks))
+    log.info("prefetching %d chunks (%s)", len(chunks),
+             f"{len(ranges)} ranges" if ranges else f"{len(nids)} files of the prefetch list")
     try:
         done = await fetcher.prefetch(chunks)
     except RafsError as e:

@@ -85,7 +85,7 @@ class Vfs:
     def __init__(self, bootstrap: Bootstrap, fetcher: Fetcher, stats: Stats | None = None,
                  trace: AccessTrace | None = None) -> None:
         self.bootstrap = bootstrap
-        self.trace = trace if trace is not None else AccessTrace()
+        self.trace = trace if trace is not None else AccessTrace(chunk_size=bootstrap.chunk_size)
         self.fetcher = fetcher
         self.cache: ChunkCache = fetcher.cache
         self.stats = stats if stats is not None else fetcher.stats
@@ -240,6 +240,7 @@ class Vfs:
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
+        self.trace.read(node.nid, offset, end)
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
         table = self._file_chunks(node.nid)

@@ -169,6 +169,7 @@ def check(image: LocalImage | RemoteImage,
         if blob.digest not in layer_digests:
             raise ImageError(f"blob {index} ({blob.digest}) is not a layer of the manifest")
         whole = hashlib.sha256()
+        dictionary = boot.dictionary(index)
         with image.open_blob(blob.digest) as f:
             pos = 0
             for i in range(blob.chunk_start, blob.chunk_start + blob.chunk_count):
@@ -181,7 +182,7 @@ def check(image: LocalImage | RemoteImage,
                 whole.update(payload)
                 pos = chunk.compressed_offset + len(payload)
                 try:
-                    codec.decode_chunk(chunk, payload)
+                    codec.decode_chunk(chunk, payload, dictionary)
                 except DigestError as e:
                     raise DigestError(f"blob {blob.digest}: {e}") from None
                 checked += 1

@@ -92,6 +92,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--net", choices=("host", "none"), default="host")
     p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES",
                    help="chunk size of DST (default: the converter's)")
+    p.add_argument("--mode", choices=("auto", "kernel", "fuse"), default="auto",
+                   help="mount mode of the traced run (default auto: as `rafs run` mounts)")
+    p.add_argument("--whole-files", action="store_true",
+                   help="prefetch every file the workload read, whole, not only the "
+                   "byte ranges it read")
     p.set_defaults(func=_cmd_optimize)
 
     p = sub.add_parser(
@@ -155,7 +160,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     return optimize(args.src, args.dst, cmd, env=args.env, user=args.user,
-                    workdir=args.workdir, net=args.net, chunk_size=args.chunk_size)
+                    workdir=args.workdir, net=args.net, chunk_size=args.chunk_size,
+                    mode=args.mode, whole_files=args.whole_files)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

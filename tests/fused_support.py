@@ -119,6 +119,7 @@ async def open_stack(
     """
     fetcher_kw.setdefault("amplify", False)
     bootstrap = Bootstrap.from_bytes(image.bootstrap)
+    fetcher_kw.setdefault("dictionaries", bootstrap.dictionary)
     counting = CountingBackend(backend or LocalBackend(image.layout))
     stats = Stats()
     cache = ChunkCache(cache_dir, bootstrap.blobs, bootstrap.chunk, stats)
