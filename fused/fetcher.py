@@ -254,10 +254,10 @@ class Fetcher:
         slots = trio.CapacityLimiter(self._depth())
         async with trio.open_nursery() as pieces:
             for piece in self._prefetch_pieces(todo):
-                await self._readers_first()
                 slots.total_tokens = self._depth()  # the link may have been measured
                 token = object()
                 await slots.acquire_on_behalf_of(token)
+                await self._readers_first()  # after the wait for a slot: readers came meanwhile
                 pieces.start_soon(self._prefetch_batch, piece, slots, token, fetched)
         self.stats.prefetch_chunks += fetched[0]
         return fetched[0]
