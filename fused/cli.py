@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rafs.credentials import parse_creds
+from rafs.hosts import DEFAULT_HOSTS_DIR, HOSTS_DIR_ENV, load_hosts, use_hosts_dir
 from rafs.oci import parse_image_ref
 
 
@@ -88,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--creds", metavar="USER:PASS",
                    help="registry credentials (default: REGISTRY_AUTH_FILE or "
                    "~/.docker/config.json)")
+    add_hosts_dir_argument(p)
     p.set_defaults(func=_cmd_mount)
 
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
@@ -111,6 +113,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=_cmd_trace)
+
+
+def add_hosts_dir_argument(p: argparse.ArgumentParser) -> None:
+    """``--hosts-dir``: registry mirrors, containerd's hosts.toml layout (``rafs.hosts``)."""
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors and TLS settings in containerd's layout "
+                   "(DIR/HOST[:PORT]/hosts.toml; default $" + HOSTS_DIR_ENV + " or "
+                   + DEFAULT_HOSTS_DIR + ")")
 
 
 # -- mount --------------------------------------------------------------------
@@ -152,9 +162,12 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                            fetch_timeout=args.fetch_timeout, retries=args.retries,
                            metrics_address=args.metrics_address,
                            insecure=True if args.insecure else None, creds=parse_creds(args.creds),
-                           mode=args.mode)
+                           mode=args.mode,
+                           hosts_dir=use_hosts_dir(args.hosts_dir) if args.hosts_dir else None)
     if args.foreground:
         from .daemon import run
+
+        _check_hosts(image, options)
 
         if options.mode == "kernel":
             resolve_mode("kernel")
@@ -183,6 +196,7 @@ class MountOptions:
     insecure: bool | None = None
     creds: tuple[str, str] | None = None
     mode: str = "auto"  # auto | fuse | kernel
+    hosts_dir: str | None = None  # None: rafs.hosts' default ($RAFS_HOSTS_DIR, certs.d)
 
     def daemon_args(self) -> list[str]:
         args = ["--amplify-bytes", str(self.amplify_bytes), "--mode", self.mode,
@@ -193,6 +207,8 @@ class MountOptions:
             args += ["--metrics-address", self.metrics_address]
         if self.insecure:
             args.append("--insecure")
+        if self.hosts_dir:
+            args += ["--hosts-dir", self.hosts_dir]
         return args
 
     def daemon_config(self, image: str, mountpoint: str, cache_dir: str) -> DaemonConfig:
@@ -203,7 +219,16 @@ class MountOptions:
                             fetch_timeout=self.fetch_timeout, retries=self.retries,
                             metrics_address=self.metrics_address, mode=self.mode,
                             backend=BackendOptions(insecure=self.insecure, creds=self.creds,
-                                                   timeout=self.fetch_timeout))
+                                                   timeout=self.fetch_timeout,
+                                                   hosts_dir=self.hosts_dir))
+
+
+def _check_hosts(image: str, options: MountOptions) -> None:
+    """A registry image's hosts.toml is read here first, so that a bad one is one
+    error line (naming the file) before any daemon starts."""
+    ref = parse_image_ref(image)
+    if ref.transport == "docker":
+        load_hosts(ref.registry, options.hosts_dir, insecure=options.insecure)
 
 
 def mount_background(
@@ -215,6 +240,7 @@ def mount_background(
         options = MountOptions(prefetch=prefetch)
     if options.mode == "kernel":
         resolve_mode("kernel")  # fail here, at once, with the reason (the daemon checks too)
+    _check_hosts(image, options)
     mp = canonical(mountpoint)
     paths = paths_for(mp)
     ensure_run_dir()
