@@ -283,7 +283,7 @@ def build_bootstrap(
     for path in prefetch:
         node = _resolve(root, path)
         if node is None:
-            log.warning("prefetch path %r is not in the image", path)
+            log.warning("prefetch path %s is not in the image", os.fsdecode(path))
         elif id(node) in index_of:
             prefetch_nids.append(nid(node))
     tables = bytearray()

@@ -1,4 +1,5 @@
-"""The OCI distribution API client, shared by the converter and the daemon.
+"""The OCI distribution API client of every part of rafs (converter, runtime, snapshotter,
+daemon).
 
 This module owns how rafs talks to a registry (on httpx):
 

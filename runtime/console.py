@@ -8,7 +8,9 @@ This module owns the promises every command keeps without doing anything:
 - ``add_verbosity``: ``-v``/``-vv``/``-vvv`` accepted after the subcommand
   too (``rafs inspect -v IMG``), on every subcommand at every depth.
 - ``setup_logging``: default: warnings and errors only, as
-  ``rafs: warning: ...`` lines; ``-v`` progress (timestamped log lines);
+  ``rafs: warning: ...`` lines, and not the retries of a request (the outcome
+  is what counts: a command that fails says so in its one error line); ``-v``
+  progress and retries (timestamped log lines);
   ``-vv`` debug and one line per HTTP request (httpx); ``-vvv`` httpcore's
   connection internals too.
 - ``run_command``: runs the command and turns what it raises into one line on
@@ -24,6 +26,7 @@ This module owns the promises every command keeps without doing anything:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import select
@@ -33,10 +36,12 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from rafs.errors import RafsError, UsageError
+from rafs.retry import RETRY_RECORD
 
 from .errors import EXIT_CLOSED_STDOUT, exit_status
 
-__all__ = ["Parser", "add_verbosity", "one_line", "run_command", "setup_logging", "verbosity"]
+__all__ = ["Parser", "add_verbosity", "error", "one_line", "run_command", "setup_logging",
+           "verbosity"]
 
 _VERBOSE_AFTER = "verbose_after_command"
 
@@ -64,17 +69,19 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
     todo = _subparsers(parser)
     while todo:
         sub = todo.pop()
-        try:
+        with contextlib.suppress(argparse.ArgumentError):  # a command's own -v wins
             sub.add_argument("-v", "--verbose", dest=_VERBOSE_AFTER, action="count",
                              default=argparse.SUPPRESS, help="more logging (as `rafs -v`)")
-        except argparse.ArgumentError:  # the command has a -v of its own
-            pass
         todo.extend(_subparsers(sub))
 
 
 def verbosity(args: argparse.Namespace) -> int:
     """How many ``-v`` were given, before and after the subcommand."""
     return int(getattr(args, "verbose", 0) or 0) + int(getattr(args, _VERBOSE_AFTER, 0) or 0)
+
+
+def _not_a_retry(record: logging.LogRecord) -> bool:
+    return not hasattr(record, RETRY_RECORD)
 
 
 class _UserFormatter(logging.Formatter):
@@ -89,6 +96,7 @@ def setup_logging(verbose: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if verbose == 0:
         handler.setFormatter(_UserFormatter())
+        handler.addFilter(_not_a_retry)
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
