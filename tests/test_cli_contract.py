@@ -356,3 +356,41 @@ def test_version_is_the_package_version() -> None:
     res = subprocess.run([sys.executable, "-m", "runtime.cli", "--version"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True)
     assert res.stdout.strip() == f"rafs {version('rafs')}" == f"rafs {rafs.version()}"
+
+
+# -- the mechanism itself, in process ---------------------------------------------------
+
+
+def test_a_bug_is_one_line_and_its_traceback_needs_v(capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.console import run_command
+
+    def broken() -> int:
+        raise ValueError("a bug")
+
+    assert run_command(broken, "inspect", 0) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("rafs: error: internal error: ValueError: a bug") and err.count("\n") == 1
+    assert run_command(broken, "run", 1) == EXIT_RUNTIME
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("rafs: error: internal")
+
+
+def test_an_os_error_names_its_path(capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.console import run_command
+
+    def denied() -> int:
+        raise PermissionError(13, "Permission denied", "/var/lib/rafs/containers")
+
+    assert run_command(denied, "ps", 0) == EXIT_ERROR
+    assert capsys.readouterr().err == "rafs: error: /var/lib/rafs/containers: Permission denied\n"
+
+
+def test_a_multi_line_message_is_printed_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from rafs.errors import RafsError
+    from runtime.console import run_command
+
+    def failing() -> int:
+        raise RafsError("it failed; log tail:\nline one\n\nline two\n")
+
+    assert run_command(failing, "convert", 0) == EXIT_ERROR
+    assert capsys.readouterr().err == "rafs: error: it failed; log tail: | line one | line two\n"
