@@ -48,7 +48,9 @@ __all__ = [
     "rafs_cmd",
     "run",
     "snapshotter_process",
+    "stop_process",
     "unmount_under",
+    "wait_for_path",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +109,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.rafs]
   type = "snapshot"
   address = "{snapshotter}"
+"""
+
+PROXY_PLUGIN = """
+[proxy_plugins.{name}]
+  type = "snapshot"
+  address = "{address}"
 """
 
 
@@ -183,8 +191,10 @@ def unmount_under(path: str | os.PathLike[str]) -> None:
             subprocess.run(cmd, check=False, capture_output=True)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: str,
-              log: Path) -> None:
+def wait_for_path(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: str,
+                  log: Path) -> None:
+    """Wait until ``path`` (a daemon's socket) exists; raise with the log tail if the
+    daemon exits or ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
@@ -195,7 +205,8 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: s
         time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM, ``grace`` seconds, then SIGKILL."""
     if proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
@@ -222,15 +233,16 @@ class SnapshotterProcess:
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 rafs_cmd("-vv", "snapshotter", "--address", self.address, "--root", self.root,
+                         "--cache-dir", self.root / "cache",  # private: never the host's
                          *self.extra),
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                 env=_env(),
             )
-        _wait_for(self.address, self.proc, 60, "rafs snapshotter", self.log)
+        wait_for_path(self.address, self.proc, 60, "rafs snapshotter", self.log)
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
 
 
 @contextlib.contextmanager
@@ -305,18 +317,24 @@ def _kill_shims(address: Path) -> None:
 @contextlib.contextmanager
 def containerd_daemon(base: Path, snapshotter_address: Path,
                       namespace: str = "rafs-test",
-                      cri: CriSettings | None = None) -> Iterator[Containerd]:
-    """A private containerd under ``base`` using the snapshotter at ``snapshotter_address``;
-    with ``cri``, its CRI plugin serves on the same socket (use namespace ``k8s.io``,
-    CRI's own, so that ``ctr`` and the teardown see the pods' tasks)."""
+                      cri: CriSettings | None = None,
+                      proxies: dict[str, Path] | None = None) -> Iterator[Containerd]:
+    """A private containerd under ``base`` using the rafs snapshotter at
+    ``snapshotter_address``; with ``cri``, its CRI plugin serves on the same socket
+    (use namespace ``k8s.io``, CRI's own, so that ``ctr`` and the teardown see the
+    pods' tasks); ``proxies`` adds further proxy snapshotters (name -> socket), e.g.
+    the eStargz peer of ``bench.peers``."""
     base.mkdir(parents=True, exist_ok=True)
     address = base / "containerd.sock"
     config = base / "config.toml"
     if cri is not None:
-        config.write_text(cri_config(base, address, snapshotter_address, cri))
+        text = cri_config(base, address, snapshotter_address, cri)
     else:
-        config.write_text(CONFIG.format(root=base / "root", state=base / "state",
-                                        address=address, snapshotter=snapshotter_address))
+        text = CONFIG.format(root=base / "root", state=base / "state", address=address,
+                             snapshotter=snapshotter_address)
+    for name, sock in (proxies or {}).items():
+        text += PROXY_PLUGIN.format(name=name, address=sock)
+    config.write_text(text)
     log = base / "containerd.log"
     with open(log, "ab") as logf:
         proc = subprocess.Popen(["containerd", "--config", str(config)],
@@ -324,7 +342,7 @@ def containerd_daemon(base: Path, snapshotter_address: Path,
                                 start_new_session=True)
     cd = Containerd(base, address, namespace, proc, log)
     try:
-        _wait_for(address, proc, 60, "containerd", log)
+        wait_for_path(address, proc, 60, "containerd", log)
         yield cd
     finally:
         with contextlib.suppress(Exception):
@@ -335,6 +353,6 @@ def containerd_daemon(base: Path, snapshotter_address: Path,
                 for task in tasks:
                     cd.ctr("task", "rm", "-f", task, check=False, timeout=30)
         _kill_shims(address)
-        _stop(proc)
+        stop_process(proc)
         _kill_shims(address)
         unmount_under(base)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 from typing import TYPE_CHECKING, Any
 
-from rafs import transports
+from rafs import sizes, transports
 from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL
 from rafs.output import add_json_flag, print_json
 
@@ -25,15 +24,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
 def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``1M``, ``1MiB`` -> bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    """``4096``, ``64K``, ``1M``, ``1MiB`` -> bytes (``rafs.sizes``, for argparse)."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -53,7 +53,8 @@ from rafs.trust import bootstrap_layer, raw_bootstrap_digest, verify_bootstrap
 
 from .backend import Backend, BackendOptions, open_backend
 from .cli import CREDS_ENV
-from .cache import ChunkCache, cached_bootstrap, store_bootstrap
+from .cache import cached_bootstrap, store_bootstrap
+from .cachehost import held_bootstrap, open_cache, resolve_config
 from .control import ensure_run_dir, paths_for
 from .control_server import serve as serve_control
 from .errors import MountError
@@ -89,6 +90,8 @@ class DaemonConfig:
     metrics_address: str | None = None
     backend: BackendOptions = field(default_factory=BackendOptions)
     mode: str = "auto"  # auto | fuse | kernel (see fused.kernelmount)
+    cache_max: str | None = None  # over the host config's cache.max (fused.cacheconf)
+    cache_min_free: str | None = None  # over its cache.min_free
 
 
 # -- the image ----------------------------------------------------------------
@@ -184,11 +187,15 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
     async with AsyncExitStack() as stack:
         backend = await stack.enter_async_context(open_backend(ref, cfg.backend))
         backend.stats = stats
-        boot_path = await load_bootstrap(backend, cfg.cache_dir)
+        # -- the chunk cache (fused.cachehost): bootstrap held in use, index, evictor --
+        boot_path, held = await held_bootstrap(lambda: load_bootstrap(backend, cfg.cache_dir))
+        stack.callback(os.close, held)
         bootstrap = Bootstrap.open(boot_path)
         stack.callback(bootstrap.close)
-        cache = ChunkCache(cfg.cache_dir, bootstrap.blobs, bootstrap.chunk, stats)
+        cache = open_cache(cfg.cache_dir, bootstrap, boot_path, stats,
+                           resolve_config(cfg.cache_max, cfg.cache_min_free), cfg.image)
         stack.callback(cache.close)
+        # -- end of the chunk cache --
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(cache.run)
         fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests,
@@ -531,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--hosts-dir")
     parser.add_argument("--mode", choices=MODES, default="auto")
+    parser.add_argument("--cache-max")
+    parser.add_argument("--cache-min-free")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -545,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                        readahead_kb=args.readahead_kb, prefetch=not args.no_prefetch,
                        amplify_bytes=args.amplify_bytes, fetch_timeout=args.fetch_timeout,
                        retries=args.retries, metrics_address=args.metrics_address,
-                       mode=args.mode,
+                       mode=args.mode, cache_max=args.cache_max,
+                       cache_min_free=args.cache_min_free,
                        backend=BackendOptions(insecure=True if args.insecure else None,
                                               creds=creds, timeout=args.fetch_timeout,
                                               hosts_dir=args.hosts_dir))

@@ -55,6 +55,7 @@ from .errors import ChunkError
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
+READ_ATTEMPTS = 4  # a chunk lost from the cache this often in one read: EIO
 # Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
 READER_RETRY = RetryPolicy(retry_after_cap=10.0)
 
@@ -146,6 +147,29 @@ class Fetcher:
             await pending.done.wait()
             if pending.error is not None:
                 raise ChunkError(pending.error)
+
+    async def read(self, index: int, offset: int, size: int) -> bytes:
+        """The verified bytes [offset, offset+size) of a chunk, fetched (again) as needed.
+
+        A cached chunk that fails its read check (``fused.cache`` rule 5: evicted
+        under the reader, or changed on disk) is settled and made ready again.
+        """
+        for _attempt in range(READ_ATTEMPTS):
+            await self.cache.settle(index)
+            await self.ensure((index,))
+            data = self.cache.read(index, offset, size)
+            if data is not None:
+                return data
+        raise ChunkError(f"chunk {index}: lost from the cache {READ_ATTEMPTS} times in a row")
+
+    async def readinto(self, index: int, offset: int, view: memoryview) -> None:
+        """``read`` into a buffer."""
+        for _attempt in range(READ_ATTEMPTS):
+            await self.cache.settle(index)
+            await self.ensure((index,))
+            if self.cache.readinto(index, offset, view):
+                return
+        raise ChunkError(f"chunk {index}: lost from the cache {READ_ATTEMPTS} times in a row")
 
     # -- background prefetch -------------------------------------------------
 
@@ -267,7 +291,8 @@ class Fetcher:
             return run
         while True:
             index = self._successor(last_index)
-            if index is None or index in self._inflight or self.cache.is_ready(index):
+            if (index is None or index in self._inflight or self.cache.is_ready(index)
+                    or self.cache.maybe_local(index)):  # on this host already: no refetch
                 return run
             c = self.cache.chunk(index)
             if c.compressed_offset + c.compressed_size - start > self.amplify_bytes:

@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "container using it has exited; stderr's last line names the mount "
                    "point to `rafs umount` later")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="chunk cache of lazily mounted images (default <root>/cache)")
+                   help="chunk cache of lazily mounted images (default: the host's, as for "
+                   "`rafs mount`)")
     p.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT,
                    metavar="SECONDS", help="after a SIGTERM, kill a container still "
                    "running after this long (default %(default)g)")
@@ -259,6 +260,7 @@ def _no_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from converter import cli as converter_cli
+    from fused import cachecli as fused_cachecli
     from fused import cli as fused_cli
     from rafs import cli as rafs_cli
     from snapshotter import cli as snapshotter_cli
@@ -268,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     converter_cli.register(sub)
     fused_cli.register(sub)
+    fused_cachecli.register(sub)
     rafs_cli.register(sub)
     register(sub)
     snapshotter_cli.register(sub)

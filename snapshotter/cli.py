@@ -44,8 +44,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--address", default=DEFAULT_ADDRESS,
                    help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
     p.add_argument("--root", default=DEFAULT_ROOT,
-                   help=f"snapshots, metadata and chunk cache (default {DEFAULT_ROOT})")
-    p.add_argument("--cache-dir", help="fused chunk cache (default ROOT/cache)")
+                   help=f"snapshots and metadata (default {DEFAULT_ROOT})")
+    p.add_argument("--cache-dir", help="fused chunk cache (default: the host's, as for "
+                   "`rafs mount`)")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP to every registry (localhost always uses it)")
     p.add_argument("--hosts-dir", metavar="DIR",
@@ -69,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fused.cacheconf import default_cache_dir
     from fused.cli import MountOptions
     from rafs.hosts import use_hosts_dir
 
@@ -82,7 +84,7 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None,
                            mode=args.mode, hosts_dir=hosts_dir)
     keychain = Keychain()
-    remote = FusedRemote(args.cache_dir or root / "cache", options, keychain=keychain)
+    remote = FusedRemote(args.cache_dir or default_cache_dir(), options, keychain=keychain)
     try:
         snapshotter = Snapshotter(root, remote)
     except (OSError, sqlite3.Error) as e:
