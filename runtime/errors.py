@@ -22,6 +22,7 @@
 0      success
 1      an error (one ``rafs: error: ...`` line); ``rafs rm`` of several: any failed
 2      a usage error: an unknown option, a bad value (``rafs COMMAND --help``)
+3      ``rafs cache verify`` found (and dropped) bad chunks (``fused.cachecli``)
 125    ``rafs run``/``rafs optimize``: rafs itself failed, usage errors included
        (as docker and podman do: their other statuses are the container's)
 126    ``rafs run``/``optimize``: the command is in the image but cannot be executed

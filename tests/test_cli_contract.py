@@ -184,6 +184,15 @@ CASES = [
     Case("convert | closed", lambda w: ["convert", "--json", w.plain, f"oci:{w.dir}/q1:v1"],
          EXIT_CLOSED_STDOUT, stdout="closed"),
     Case("--help | closed", lambda w: ["convert", "--help"], EXIT_OK, stdout="closed"),
+    # -- the chunk cache --
+    Case("cache: no cache there", lambda w: ["cache", "status", "--cache-dir",
+                                             str(w.missing("cache"))],
+         EXIT_ERROR, "no cache at"),
+    Case("cache: unknown subcommand", lambda w: ["cache", "bogus"], EXIT_USAGE,
+         "invalid choice: 'bogus'"),
+    Case("cache status | closed", lambda w: ["cache", "status", "--json", "--cache-dir",
+                                             str(w.dir / "cache")],
+         EXIT_CLOSED_STDOUT, stdout="closed"),
     # -- fused commands on what is not a mount --
     Case("stats: not a mount", lambda w: ["stats", str(w.dir)], EXIT_ERROR,
          "is not a rafs mount"),
