@@ -9,8 +9,9 @@ the image, absolute, with an optional byte range of that file:
   ``OFFSET`` (decimal; the path is the rest of the line, so it may hold blanks).
 
 One entry per line, in first-access order; blank lines and lines starting with
-``#`` are ignored. Hand-written lists are usually paths only; ``rafs trace
---ranges`` prints ranges. ``rafs trace --json`` prints the same as one JSON
+``#`` are ignored. Paths are absolute and have no ``..`` component (a relative
+or escaping path is an error naming its line). Hand-written lists are usually
+paths only; ``rafs trace --ranges`` prints ranges. ``rafs trace --json`` prints the same as one JSON
 object, which ``parse`` also takes::
 
     {"chunk_size": 1048576, "truncated": false,
@@ -48,12 +49,21 @@ class Entry:
         return self.length is None
 
 
-def _absolute(path: bytes) -> bytes:
-    return path if path.startswith(b"/") else b"/" + path
+def _check_path(path: bytes, where: str) -> bytes:
+    """``path`` if it is an absolute path inside the image, else PrefetchListError."""
+    shown = os.fsdecode(path)
+    if not path.startswith(b"/"):
+        raise PrefetchListError(f"{where}: {shown!r} is not an absolute path (a prefetch list "
+                                "names paths in the image: /usr/bin/python3)")
+    if b"/../" in path + b"/" or b"\0" in path:
+        raise PrefetchListError(f"{where}: {shown!r}: '..' has no place in a prefetch list "
+                                "path")
+    return path
 
 
 def parse(data: bytes, what: str = "prefetch list") -> list[Entry]:
-    """The entries of a prefetch list in any of its forms (text or ``--json``)."""
+    """The entries of a prefetch list in any of its forms (text or ``--json``); a bad
+    entry is a PrefetchListError naming ``what`` and the line (``what:LINE: ...``)."""
     if data.lstrip()[:1] == b"{":
         return _parse_json(data, what)
     entries = []
@@ -61,14 +71,16 @@ def parse(data: bytes, what: str = "prefetch list") -> list[Entry]:
         line = raw.strip()
         if not line or line.startswith(b"#"):
             continue
+        where = f"{what}:{number}"
         if line[:1].isdigit():
             fields = line.split(None, 2)
             if len(fields) != 3 or not fields[0].isdigit() or not fields[1].isdigit():
-                raise PrefetchListError(f"{what}, line {number}: expected a path or "
-                                        f"'OFFSET LENGTH PATH', got {raw[:80]!r}")
-            entries.append(Entry(_absolute(fields[2]), int(fields[0]), int(fields[1])))
+                raise PrefetchListError(f"{where}: expected a path or 'OFFSET LENGTH PATH', "
+                                        f"got {os.fsdecode(line[:80])!r}")
+            entries.append(Entry(_check_path(fields[2], where), int(fields[0]),
+                                 int(fields[1])))
         else:
-            entries.append(Entry(_absolute(line)))
+            entries.append(Entry(_check_path(line, where)))
     return entries
 
 
@@ -89,12 +101,14 @@ def _parse_json(data: bytes, what: str) -> list[Entry]:
                     and _natural(r.get("offset")) and _natural(r.get("length"))):
                 raise PrefetchListError(f"{what}: ranges[{n}] is not "
                                         "{path: str, offset: int, length: int}")
-            entries.append(Entry(_absolute(os.fsencode(r["path"])), r["offset"], r["length"]))
+            path = _check_path(os.fsencode(r["path"]), f"{what}: ranges[{n}]")
+            entries.append(Entry(path, r["offset"], r["length"]))
         return entries
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise PrefetchListError(f"{what}: a JSON prefetch list needs 'ranges' or 'paths' "
                                 "(a list of strings)")
-    return [Entry(_absolute(os.fsencode(p))) for p in paths]
+    return [Entry(_check_path(os.fsencode(p), f"{what}: paths[{n}]"))
+            for n, p in enumerate(paths)]
 
 
 def _natural(value: object) -> bool:

@@ -25,7 +25,7 @@ CS = 64 << 10
 
 
 def test_a_path_list_parses_as_whole_files() -> None:
-    text = b"# a comment\n/usr/bin/python3\n\n  etc/hostname  \n/dir with blanks/x\n"
+    text = b"# a comment\n/usr/bin/python3\n\n  /etc/hostname  \n/dir with blanks/x\n"
     assert parse(text) == [Entry(b"/usr/bin/python3"), Entry(b"/etc/hostname"),
                            Entry(b"/dir with blanks/x")]
 
@@ -36,10 +36,11 @@ def test_ranges_and_paths_mix_and_keep_their_order() -> None:
                            Entry(b"/a b/c d", 1048576, 8192)]
 
 
-@pytest.mark.parametrize("line", [b"12 /x", b"1 2", b"1x 2 /p", b"1 -2 /p"])
-def test_a_bad_range_line_names_its_line(line: bytes) -> None:
-    with pytest.raises(PrefetchListError, match="line 2"):
-        parse(b"/ok\n" + line + b"\n")
+@pytest.mark.parametrize("line", [b"12 /x", b"1 2", b"1x 2 /p", b"1 -2 /p", b"0 1 rel/p",
+                                  b"rel/p", b"/a/../../etc/passwd", b"0 1 /a/.."])
+def test_a_bad_line_names_its_line(line: bytes) -> None:
+    with pytest.raises(PrefetchListError, match=r"^list\.txt:2: "):
+        parse(b"/ok\n" + line + b"\n", "list.txt")
 
 
 def test_the_json_form_gives_ranges_or_else_paths() -> None:
@@ -49,7 +50,8 @@ def test_the_json_form_gives_ranges_or_else_paths() -> None:
     del doc["ranges"]
     assert parse(json.dumps(doc).encode()) == [Entry(b"/a"), Entry(b"/b")]
     for bad in (b"{", b'{"ranges": [{"path": "/a", "offset": -1, "length": 1}]}',
-                b'{"paths": [1]}', b'{"ranges": 3}'):
+                b'{"paths": [1]}', b'{"ranges": 3}', b'{"paths": ["rel"]}',
+                b'{"ranges": [{"path": "/../x", "offset": 0, "length": 1}]}'):
         with pytest.raises(PrefetchListError):
             parse(bad)
 
