@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from rafs import sizes, transports
-from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL
+from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL, STARTUP_LEVEL
 from rafs.output import add_json_flag, print_json
 from rafs.prefetchlist import Entry, PrefetchListError
 from rafs.prefetchlist import parse as parse_prefetch_list
@@ -58,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    "paths, or 'OFFSET LENGTH PATH' ranges (`rafs trace --ranges`), one per "
                    "line, or `rafs trace --json`; those chunks are laid out first in the "
                    "blobs, in that order, and prefetched at mount")
-    p.add_argument("--startup-level", type=int, default=None,
-                   help="zstd level for the chunks of the prefetch list (default: --level)")
+    p.add_argument("--startup-level", type=int, default=STARTUP_LEVEL,
+                   help="zstd level for the chunks of the prefetch list, the start-up set "
+                   f"(default {STARTUP_LEVEL})")
     p.add_argument("--dictionary", action=argparse.BooleanOptionalAction, default=False,
                    help="compress the small chunks of the prefetch list with a zstd "
                    "dictionary trained on them, one per blob, stored in the bootstrap")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import zstandard
 
 from rafs import oci
-from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL
+from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL, STARTUP_LEVEL
 from rafs.errors import ImageError
 from rafs.model import Node
 from rafs.oci import Descriptor, ImageRef, Manifest, OCILayout, canonical_json
@@ -65,7 +65,7 @@ class ConvertOptions:
     bootstrap_level: int = BOOTSTRAP_LEVEL
     # the start-up order (``rafs.prefetchlist``: paths, or byte ranges of files)
     prefetch: list[Entry | bytes] = field(default_factory=list)
-    startup_level: int | None = None  # zstd level of the start-up set (None: ``level``)
+    startup_level: int | None = STARTUP_LEVEL  # zstd level of the start-up set (None: ``level``)
     dictionary: bool = False  # small start-up chunks with a dictionary trained per blob
     chunk_dict: str | None = None  # a RAFS image whose chunks are reused, not stored again
     progress: bool | None = None  # None: when stderr is a terminal

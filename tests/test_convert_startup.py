@@ -185,7 +185,7 @@ def test_dictionary_chunks_decode_with_their_blobs_dictionary_only(
     dictionary = boot.dictionary(1)
     assert dictionary is not None and 0 < len(dictionary) <= 112 << 10
     with_dict = [i for i in boot.prefetch_chunks() if boot.chunk(i).flags & CHUNK_DICT]
-    assert len(with_dict) >= len(SMALL) // 2
+    assert len(with_dict) >= len(SMALL) // 10  # where the dictionary made them smaller
     assert all(boot.chunk(i).blob_index == 1 for i in with_dict)
 
     def startup_bytes(b: Bootstrap) -> int:
