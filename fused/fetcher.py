@@ -288,8 +288,16 @@ class Fetcher:
             if not run:
                 return
             pending = {i: self._inflight.setdefault(i, _Pending()) for i in run}
-            for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):
-                await self._fetch_run(piece, "prefetch")
+            try:
+                for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):
+                    await self._fetch_run(piece, "prefetch")  # finishes what it claims
+            finally:  # stopped or failed between pieces: release the claims not yet fetched
+                for i, p in pending.items():
+                    if not p.done.is_set():
+                        if self._inflight.get(i) is p:
+                            del self._inflight[i]
+                        p.error = f"chunk {i}: prefetch stopped"
+                        p.done.set()
             for i, p in pending.items():
                 if p.error is None:
                     fetched[0] += 1
