@@ -294,6 +294,8 @@ def prepare(name: str, registry: RegistryServer, work: Path, mode: str,
                                              registry.host, work)
         for form, peer_tag in (("estargz", estargz.ESTARGZ_TAG),
                                ("estargz-optimized", estargz.OPTIMIZED_TAG)):
+            if form not in forms:  # --scenarios left it out
+                continue
             _run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
                   f"oci:{peer_layout}:{peer_tag}", ref(form)], f"skopeo copy {name} {form}")
             layers[form] = _manifest_layers(ref(form))
