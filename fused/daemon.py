@@ -65,6 +65,7 @@ from .fuseops import MOUNT_OPTIONS, Operations
 from .kernelmount import MODES, mount_erofs, resolve_mode
 from .kernelmount import umount as kernel_umount
 from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
+from .readahead import FileMap
 from .stats import Stats
 from .trace import AccessTrace, ChunkTrace
 from .vfs import ROOT_INO, Vfs
@@ -200,7 +201,11 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
         await nursery.start(cache.run)
         fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests,
                           amplify_bytes=cfg.amplify_bytes, timeout=cfg.fetch_timeout,
-                          retries=cfg.retries)
+                          retries=cfg.retries,
+                          # read-ahead follows the reader (fused.readahead); across files
+                          # only in blobs laid out by observed access (a prefetch list)
+                          files=functools.partial(FileMap.from_bootstrap, bootstrap),
+                          placed_by_access=bool(bootstrap.prefetch))
         await stack.enter_async_context(fetcher.running())
         vfs = Vfs(bootstrap, fetcher, stats)
         ops: pyfuse3.Operations

@@ -7,11 +7,14 @@ indices it covers. For each chunk:
 - being fetched by someone else: wait for that fetch (in-flight dedup: one
   ``_Pending`` with a ``trio.Event`` per chunk, shared by every waiter);
 - missing: the chunk joins a fetch. Missing chunks of one blob that lie back
-  to back in the compressed blob are merged into one backend read, and the
-  read is *amplified*: it goes on with the chunks that follow in the blob
-  (neither cached nor in flight) until it holds ``amplify_bytes``. The
-  converter lays files out in access order, so the neighbours are what a
-  starting program reads next; one Range request then serves many files.
+  to back in the compressed blob are merged into one backend read. Which
+  other chunks come along is the read-ahead policy's call when the fetcher
+  has one (``files``, the daemon's case; ``fused.readahead``): within the file
+  being read as it is read sequentially, small files of a directory being
+  read, and the chunks that follow in the blob only for images laid out by
+  observed access. Without a policy the read is *amplified* in blob order: it
+  goes on with the chunks that follow in the blob (neither cached nor in
+  flight) until it holds ``amplify_bytes``.
 
 ``prefetch(indices)`` fetches chunks ahead of readers (the bootstrap's
 prefetch list), one backend read at a time (merged up to ``prefetch_merge``
@@ -37,7 +40,7 @@ import dataclasses
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -52,9 +55,11 @@ from .backend import Backend
 from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
 from .cache import ChunkCache
 from .errors import ChunkError
+from .readahead import FileMap, ReadAhead, ReadAheadConfig
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
+ONDEMAND_MERGE = 8 << 20  # the largest on-demand read when a read-ahead policy plans it
 READ_ATTEMPTS = 4  # a chunk lost from the cache this often in one read: EIO
 # Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
 READER_RETRY = RetryPolicy(retry_after_cap=10.0)
@@ -89,6 +94,8 @@ class Fetcher:
         retries: int = DEFAULT_RETRIES,
         retry: RetryPolicy | None = None,
         timeout: float = DEFAULT_FETCH_TIMEOUT,
+        files: Callable[[], FileMap] | None = None,
+        placed_by_access: bool = False,
     ) -> None:
         self.cache = cache
         self.blobs: list[Blob] = cache.blobs
@@ -104,17 +111,39 @@ class Fetcher:
         self._limiter = trio.CapacityLimiter(max_requests)
         self._inflight: dict[int, _Pending] = {}
         self._nursery: trio.Nursery | None = None
+        # With ``files`` (the bootstrap's file map, built when the fetcher starts) a
+        # fetch follows the reader (fused.readahead); without, tar-order amplification.
+        self._files = files
+        self.readahead: ReadAhead | None = None
+        if files is not None:
+            self.readahead = ReadAhead(
+                cache.chunk, self._successor,
+                ReadAheadConfig(amplify_bytes=amplify_bytes, placed_by_access=placed_by_access))
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Fetcher]:
         """Open the nursery that owns every fetch; cancel them all on exit."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.readahead is not None and not self.readahead.config.placed_by_access:
+                nursery.start_soon(self._build_file_map)
             try:
                 yield self
             finally:
                 self._nursery = None
                 nursery.cancel_scope.cancel()
+
+    async def _build_file_map(self) -> None:
+        """Build the read-ahead policy's file map off the read path; until it is there,
+        misses fetch only themselves."""
+        assert self._files is not None and self.readahead is not None
+        try:
+            files = await trio.to_thread.run_sync(self._files)
+        except RafsError as e:
+            log.warning("no file map for read-ahead (fetching only what is read): %s", e)
+            return
+        self.readahead.files = files
+        log.debug("read-ahead file map: %d files", len(files))
 
     # -- the read path ------------------------------------------------------
 
@@ -230,8 +259,21 @@ class Fetcher:
             for index in missing:
                 self._finish(index, err)
             raise ChunkError(err)
-        for run in self._plan(missing, self.amplify_bytes):
-            self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
+        if self.readahead is None:
+            for run in self._plan(missing, self.amplify_bytes):
+                self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
+            return
+        extra = self.readahead.extra(missing, self._available) if self.amplify else []
+        for index in extra:  # claimed like requested ones: a reader of one waits for us
+            self._inflight[index] = _Pending()
+        self.stats.readahead_chunks += len(extra)
+        for run in self._plan(missing + extra, max(ONDEMAND_MERGE, self.amplify_bytes)):
+            self._nursery.start_soon(self._fetch_run, run, "ondemand")
+
+    def _available(self, index: int) -> bool:
+        """May chunk ``index`` join a fetch: not cached, in flight, or on this host."""
+        return not (index in self._inflight or self.cache.is_ready(index)
+                    or self.cache.maybe_local(index))
 
     def _plan(self, missing: list[int], limit: int,
               max_gap: int = 0) -> list[list[tuple[int, Chunk]]]:
@@ -433,6 +475,7 @@ class Fetcher:
             except RafsError as e:
                 self._finish(index, f"chunk {index}: {e}")
                 return
+        self.stats.coverage.fetched(index, c.uncompressed_size)
         self._finish(index, None)
 
     async def _read_one(self, blob: Blob, c: Chunk, kind: str) -> bytes:
