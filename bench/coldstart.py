@@ -385,6 +385,8 @@ def _stats_fields(reply: dict[str, Any]) -> dict[str, Any]:
     return {"mode": reply.get("mode"), "daemon_ready_s": reply.get("ready_seconds"),
             "fetched_bytes": s["backend_bytes"],
             "read_bytes": s["read_bytes"], "backend_requests": s["backend_requests"],
+            "readahead_chunks": s.get("readahead_chunks"),
+            "fraction_read": (s.get("coverage") or {}).get("fraction_read"),
             "fuse_requests_by_op": s.get("fuse_requests_by_op", {}),
             "prefetch_state": s["prefetch"]["state"]}
 

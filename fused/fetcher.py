@@ -263,7 +263,9 @@ class Fetcher:
             for run in self._plan(missing, self.amplify_bytes):
                 self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
             return
-        extra = self.readahead.extra(missing, self._available) if self.amplify else []
+        # amplify off, or --amplify-bytes 0: only what readers asked for
+        wanted = self.amplify and self.amplify_bytes > 0
+        extra = self.readahead.extra(missing, self._available) if wanted else []
         for index in extra:  # claimed like requested ones: a reader of one waits for us
             self._inflight[index] = _Pending()
         self.stats.readahead_chunks += len(extra)
