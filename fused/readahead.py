@@ -14,10 +14,11 @@ them costs bytes a start-up rarely reads. The policy follows the reader instead:
   file up to the window come along. A miss elsewhere in a file (a random read,
   a page fault in a mapped library) resets the window and fetches only itself.
 - **small files of one directory**: the first read of a small file (one chunk)
-  in a directory where another small file was first read shortly before (the
-  last ``dir_memory`` such reads) takes along the small files of that
-  directory stored right after it in the blob, up to ``dir_batch_bytes`` of
-  compressed data: an interpreter importing a package reads many of them.
+  takes along the small files of its directory stored right after it in the
+  blob, up to ``first_batch_bytes`` of compressed data, or up to
+  ``dir_batch_bytes`` where another small file of the directory was first
+  read shortly before (the last ``dir_memory`` directories read): an
+  interpreter importing a package reads many of them.
 - **other files**: never, unless the image was laid out by observed access
   (``placed_by_access``: the converter wrote a prefetch list, so the blob is in
   the recorded order); then the old rule holds, the chunks that follow in the
@@ -49,7 +50,8 @@ Available = Callable[[int], bool]  # chunk index -> neither cached, in flight no
 @dataclass(frozen=True, slots=True)
 class ReadAheadConfig:
     window_bytes: int = 4 << 20  # uncompressed: the largest per-file window
-    dir_batch_bytes: int = 256 << 10  # compressed: small files of a directory per miss
+    dir_batch_bytes: int = 256 << 10  # compressed: small files of a hot directory per miss
+    first_batch_bytes: int = 64 << 10  # compressed: the same in a directory not read lately
     dir_memory: int = 4  # directories whose small files were first read lately
     amplify_bytes: int = 1 << 20  # compressed: images laid out by access only
     placed_by_access: bool = False
@@ -184,9 +186,7 @@ class ReadAhead:
         dirs.move_to_end(directory)
         while len(dirs) > self.config.dir_memory:
             dirs.popitem(last=False)
-        if not hot:
-            return
-        budget = self.config.dir_batch_bytes
+        budget = self.config.dir_batch_bytes if hot else self.config.first_batch_bytes
         current = index
         while True:
             nxt = self.successor(current)

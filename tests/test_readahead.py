@@ -63,7 +63,7 @@ class Layout:
 
 def test_a_first_read_and_a_random_read_fetch_only_themselves():
     lay = Layout([(1, 10, 8, 400_000), (2, 10, 3, 400_000)])
-    ra = lay.policy()
+    ra = lay.policy(first_batch_bytes=0)
     assert lay.miss(ra, *lay.of(1, 0)) == []
     assert lay.miss(ra, *lay.of(1, 5)) == []  # random: 4 was never read
     assert lay.miss(ra, *lay.of(2, 2)) == []
@@ -94,7 +94,7 @@ def test_the_window_is_capped_by_window_bytes_and_reset_by_a_random_read():
 def test_first_reads_of_small_files_of_one_directory_batch_their_neighbours():
     files = [(n, 10, 1, 20_000) for n in range(1, 21)] + [(99, 11, 1, 20_000)]
     lay = Layout(files)
-    ra = lay.policy(dir_batch_bytes=100_000)
+    ra = lay.policy(dir_batch_bytes=100_000, first_batch_bytes=0)
     assert lay.miss(ra, *lay.of(3, 0)) == []  # one file of the directory: no batch yet
     # the second small file of the directory: its next neighbours, within 100 kB
     assert lay.miss(ra, *lay.of(7, 0)) == [lay.of(n, 0)[0] for n in range(8, 13)]
@@ -102,11 +102,18 @@ def test_first_reads_of_small_files_of_one_directory_batch_their_neighbours():
     assert lay.miss(ra, *lay.of(18, 0)) == [lay.of(n, 0)[0] for n in (19, 20)]
 
 
+def test_a_first_read_in_a_directory_takes_a_smaller_batch():
+    lay = Layout([(n, 10, 1, 20_000) for n in range(1, 21)])
+    ra = lay.policy(dir_batch_bytes=100_000, first_batch_bytes=45_000)
+    assert lay.miss(ra, *lay.of(3, 0)) == lay.of(4, 0) + lay.of(5, 0)  # 40 kB of 45
+    assert lay.miss(ra, *lay.of(9, 0)) == [lay.of(n, 0)[0] for n in range(10, 15)]
+
+
 def test_a_directory_batch_stops_at_a_big_file_and_at_a_cached_chunk():
     lay = Layout([(1, 10, 1, 10_000), (2, 10, 1, 10_000), (3, 10, 1, 10_000),
                   (4, 10, 3, 10_000), (5, 10, 1, 10_000), (6, 10, 1, 10_000),
                   (7, 10, 1, 10_000)])
-    ra = lay.policy()
+    ra = lay.policy(first_batch_bytes=0)
     lay.miss(ra, *lay.of(1, 0))
     assert lay.miss(ra, *lay.of(2, 0)) == lay.of(3, 0)  # file 4 has three chunks
     lay.cached.update(lay.of(7, 0))
@@ -116,7 +123,7 @@ def test_a_directory_batch_stops_at_a_big_file_and_at_a_cached_chunk():
 def test_directories_are_forgotten_after_dir_memory_others():
     files = [(d * 100 + n, d, 1, 10_000) for d in range(1, 5) for n in range(5)]
     lay = Layout(files)
-    ra = lay.policy(dir_memory=2)
+    ra = lay.policy(dir_memory=2, first_batch_bytes=0)
     lay.miss(ra, *lay.of(100, 0))  # directory 1
     lay.miss(ra, *lay.of(200, 0))  # 2
     lay.miss(ra, *lay.of(300, 0))  # 3: directory 1 is forgotten
@@ -151,9 +158,9 @@ def test_extras_stay_in_the_files_and_directories_being_read(spec, reads, data):
     files = [(n, d, count, csize) for n, (d, count, csize) in enumerate(spec)]
     lay = Layout(files)
     ra = lay.policy(dir_batch_bytes=data.draw(st.integers(0, 1_000_000)),
+                    first_batch_bytes=data.draw(st.integers(0, 100_000)),
                     window_bytes=data.draw(st.integers(0, 8 * CS)))
     total = len(lay.chunks)
-    dirs_read: set[int] = set()
     for r in reads:
         index = r % total
         missing = [] if index in lay.cached else [index]
@@ -169,13 +176,8 @@ def test_extras_stay_in_the_files_and_directories_being_read(spec, reads, data):
                 same_file = file == own and pos > own_pos
                 small_sibling = (pos == 0 and len(lay.file_chunks[file]) == 1
                                  and len(lay.file_chunks[own]) == 1
-                                 and lay.map.directory(file) == lay.map.directory(own)
-                                 and lay.map.directory(own) in dirs_read)
+                                 and lay.map.directory(file) == lay.map.directory(own))
                 assert same_file or small_sibling, (e, index)
-        if missing:
-            own, _ = lay.map.owner(index)  # type: ignore[misc]
-            if len(lay.file_chunks[own]) == 1:
-                dirs_read.add(lay.map.directory(own))
 
 
 # -- recorded workloads --------------------------------------------------------------
