@@ -114,6 +114,7 @@ class Fetcher:
         # With ``files`` (the bootstrap's file map, built when the fetcher starts) a
         # fetch follows the reader (fused.readahead); without, tar-order amplification.
         self._files = files
+        self._map_started = False  # the file map is built from the first miss on
         self.readahead: ReadAhead | None = None
         if files is not None:
             self.readahead = ReadAhead(
@@ -125,8 +126,6 @@ class Fetcher:
         """Open the nursery that owns every fetch; cancel them all on exit."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self.readahead is not None and not self.readahead.config.placed_by_access:
-                nursery.start_soon(self._build_file_map)
             try:
                 yield self
             finally:
@@ -134,8 +133,9 @@ class Fetcher:
                 nursery.cancel_scope.cancel()
 
     async def _build_file_map(self) -> None:
-        """Build the read-ahead policy's file map off the read path; until it is there,
-        misses fetch only themselves."""
+        """Build the read-ahead policy's file map in a worker thread, from the first miss
+        on (not at mount: a mount is ready sooner); until it is there, misses fetch
+        only themselves."""
         assert self._files is not None and self.readahead is not None
         try:
             files = await trio.to_thread.run_sync(self._files)
@@ -259,6 +259,10 @@ class Fetcher:
             for index in missing:
                 self._finish(index, err)
             raise ChunkError(err)
+        if (self.readahead is not None and not self._map_started
+                and not self.readahead.config.placed_by_access):
+            self._map_started = True
+            self._nursery.start_soon(self._build_file_map)
         if self.readahead is None:
             for run in self._plan(missing, self.amplify_bytes):
                 self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
