@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from bench.readsim import Model, load, policy, replay
 from fused.readahead import FileMap, ReadAhead, ReadAheadConfig
+from fused.stats import COVERAGE_BUCKETS, Coverage
 from rafs.model import Chunk
 
 CS = 1 << 20
@@ -178,6 +179,34 @@ def test_extras_stay_in_the_files_and_directories_being_read(spec, reads, data):
                                  and len(lay.file_chunks[own]) == 1
                                  and lay.map.directory(file) == lay.map.directory(own))
                 assert same_file or small_sibling, (e, index)
+
+
+def test_coverage_counts_pages_read_of_fetched_chunks_only():
+    cov = Coverage()
+    cov.fetched(1, CS)
+    cov.fetched(2, 10_000)
+    cov.read(1, 0, 1)  # one page
+    cov.read(1, 4095, 2)  # pages 0 and 1
+    cov.read(3, 0, CS)  # not fetched here: not followed
+    cov.read(2, 0, 10_000)  # all of it (3 pages, clamped to its size)
+    snap = cov.snapshot()
+    assert snap["chunks"] == 2 and snap["fetched_bytes"] == CS + 10_000
+    assert snap["read_bytes"] == 2 * 4096 + 10_000
+    counts = dict(zip(COVERAGE_BUCKETS, snap["counts"], strict=True))  # type: ignore[arg-type]
+    assert counts[0.1] == 1 and counts[1.0] == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, CS - 1), st.integers(1, CS)), max_size=30))
+def test_coverage_read_bytes_are_the_union_of_the_pages_read(reads):
+    cov = Coverage()
+    cov.fetched(0, CS)
+    pages: set[int] = set()
+    for off, n in reads:
+        n = min(n, CS - off)
+        cov.read(0, off, n)
+        pages.update(range(off // 4096, (off + n - 1) // 4096 + 1))
+    assert cov.snapshot()["read_bytes"] == len(pages) * 4096
 
 
 # -- recorded workloads --------------------------------------------------------------

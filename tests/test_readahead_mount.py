@@ -16,7 +16,7 @@ import pytest
 from bench.registry import RegistryServer
 from rafs.bootstrap import Bootstrap
 from rafs.image import open_local_image
-from tests.helpers.mounts import mounted
+from tests.helpers.mounts import mounted, read_stats
 from tests.helpers.ocibuild import build_oci_image, dir_entry, file_entry
 
 MODES = ("fuse", "kernel")
@@ -98,8 +98,12 @@ def test_reading_one_big_file_through_fetches_no_byte_of_its_neighbours(
     with mounted(ref, tmp_path / "mnt", tmp_path / "cache", mode=mode) as mp:
         assert (mp / "data/a-big.bin").read_bytes() == files["data/a-big.bin"]
         gets = _data_gets(registry, boot)
+        coverage = read_stats(mp)["stats"]["coverage"]  # type: ignore[index]
     assert gets
     assert sum(n for _, n in gets) <= limit, (gets, limit)
+    # every byte of the three chunks fetched was read
+    assert coverage["chunks"] == 3 and coverage["fraction_read"] == 1.0, coverage
+    assert coverage["fetched_bytes"] == len(files["data/a-big.bin"]), coverage
 
 
 @pytest.mark.parametrize("mode", MODES)
