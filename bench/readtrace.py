@@ -15,6 +15,9 @@ added), pushes it to a local ``docker-registry``, runs its workload cold with
   (reads of files); each in the order the daemon received them.
 
 No link emulation (the order of reads, not their timing, is what is kept).
+``--readahead-kb N`` records with the kernel's read-ahead on the mounts set to
+N KiB instead of the daemon's 4 MiB (``RAFS_READAHEAD_KB``), for studies of
+granularity.
 Needs root (mounts, runc) and the corpus images (``bench.corpus``).
 """
 
@@ -48,7 +51,8 @@ def _read_log(path: Path) -> list[list[int]]:
     return out
 
 
-def record(name: str, registry: RegistryServer, work: Path) -> dict[str, Any]:
+def record(name: str, registry: RegistryServer, work: Path,
+           readahead_kb: int | None = None) -> dict[str, Any]:
     import subprocess
 
     spec = corpus.IMAGES[name]
@@ -65,6 +69,8 @@ def record(name: str, registry: RegistryServer, work: Path) -> dict[str, Any]:
         log_path = work / f"{name}-{mode}.jsonl"
         with _rafs_home(work / f"home-{name}-{mode}") as env:
             env[READ_LOG_ENV] = str(log_path)
+            if readahead_kb is not None:
+                env["RAFS_READAHEAD_KB"] = str(readahead_kb)
             proc = subprocess.run(_rafs_argv("run", "--rm", "--mode", mode, ref, *spec.workload),
                                   env=env, text=True, capture_output=True,
                                   stdin=subprocess.DEVNULL, timeout=1800)
@@ -72,7 +78,8 @@ def record(name: str, registry: RegistryServer, work: Path) -> dict[str, Any]:
             _ready(spec, proc.stdout)  # type: ignore[arg-type]
         traces[mode] = _read_log(log_path)
         print(f"readtrace: {name} {mode}: {len(traces[mode])} reads", file=sys.stderr)
-    return {"image": name, "workload": list(spec.workload), "model": model, "traces": traces}
+    return {"image": name, "workload": list(spec.workload), "model": model, "traces": traces,
+            "readahead_kb": readahead_kb}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", choices=list(corpus.IMAGES))
     p.add_argument("--out", type=Path, default=Path("tests/data/readtrace"))
+    p.add_argument("--readahead-kb", type=int, default=None,
+                   help="the kernel's read-ahead on the mounts (default: the daemon's, "
+                   "4096); the file is then NAME-raN.json.gz")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("readtrace: error: needs root (mounts, runc)", file=sys.stderr)
@@ -88,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rafs-readtrace-", dir="/var/tmp") as tmp, \
             RegistryServer() as registry:
         for name in args.images:
-            data = record(name, registry, Path(tmp))
-            path = args.out / f"{name}.json.gz"
+            data = record(name, registry, Path(tmp), args.readahead_kb)
+            suffix = "" if args.readahead_kb is None else f"-ra{args.readahead_kb}"
+            path = args.out / f"{name}{suffix}.json.gz"
             with gzip.open(path, "wt", compresslevel=9) as f:
                 json.dump(data, f, separators=(",", ":"))
             print(f"readtrace: {path}: {path.stat().st_size} bytes", file=sys.stderr)

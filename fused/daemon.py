@@ -533,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint")
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
+    # RAFS_READAHEAD_KB: a knob for studies of reads (bench.readtrace --readahead-kb)
+    parser.add_argument("--readahead-kb", type=int,
+                        default=int(os.environ.get("RAFS_READAHEAD_KB", DEFAULT_READAHEAD_KB)))
     parser.add_argument("--no-prefetch", action="store_true",
                         help="do not fetch the image's prefetch list in the background")
     parser.add_argument("--amplify-bytes", type=int, default=DEFAULT_AMPLIFY)
