@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             model = Model.from_json(data["model"])
             for mode, trace in data["traces"].items():
                 cells = [granularity(model, trace, mode, g) for g in GRAINS]
-                print(f"| {data['image']} | {mode} | {data.get('readahead_kb') or 4096} | "
+                print(f"| {data['image']} | {mode} | {data.get('readahead_kb') or 'default'} | "
                       + " | ".join(f"{c['bytes'] / 1e6:.1f} ({c['pieces']})" for c in cells)
                       + " |")
         return 0

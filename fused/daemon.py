@@ -74,7 +74,7 @@ __all__ = ["DaemonConfig", "load_bootstrap", "main", "run", "serve"]
 
 log = logging.getLogger("fused.daemon")  # also when run as __main__
 
-DEFAULT_READAHEAD_KB = 4096
+DEFAULT_READAHEAD_KB = 1024  # the kernel's read-ahead on the mounts: one chunk (bench.readsim)
 
 
 @dataclass(slots=True)
