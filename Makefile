@@ -88,6 +88,11 @@ protos: setup
 	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	rm -f snapshotter/api/containerd/types/mount_pb2_grpc.py
 
+# $(DEMO_WORK): what `python -m bench.demo --keep` (and a demo killed midway) leaves.
+DEMO_WORK := /var/tmp/rafs-demo
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	@if grep -q " $(DEMO_WORK)/" /proc/self/mountinfo; then \
+		echo "clean: something is mounted under $(DEMO_WORK); unmount it first" >&2; exit 1; fi
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis $(DEMO_WORK)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

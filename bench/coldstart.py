@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
 import re
@@ -76,7 +77,7 @@ from bench.containerd_env import (
     snapshotter_process,
     unmount_under,
 )
-from bench.registry import RegistryServer
+from bench.registry import RegistryError, RegistryServer
 from bench.tools import REPO, drop_caches
 from rafs.errors import RafsError
 
@@ -546,7 +547,9 @@ def sample(scenario: str, image: Prepared, host: str, base: Path, mode: str,
 
 
 def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    """A progress line: on a terminal, or with -v (quiet when piped, as every command)."""
+    if sys.stderr.isatty() or logging.getLogger().isEnabledFor(logging.INFO):
+        print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -893,11 +896,32 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        peer_build=not getattr(args, "no_peer_build", False))
 
 
+def _failure_line(e: BaseException, out: Path) -> str:
+    """One line for a failed benchmark; the whole story (log tails) goes to a file."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    text = str(e) or type(e).__name__
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    if "\n" not in text.strip():
+        return first
+    path = out / "coldstart-error.log"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    except OSError:
+        return first
+    return f"{first} (details: {path})"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise BenchError("rafs bench needs root (containerd, runc, mounts, drop_caches)")
     cfg = config_from_args(args)
-    result = run_bench(cfg)
+    try:
+        result = run_bench(cfg)
+    except (BenchError, corpus.CorpusError, RegistryError, RuntimeError, AssertionError,
+            subprocess.SubprocessError, OSError) as e:
+        raise BenchError(_failure_line(e, cfg.out)) from None
     paths = write_outputs(result, cfg.out)
     print(markdown(result))
     for kind, path in paths.items():

@@ -323,7 +323,7 @@ def _prefetch_nids(root: Node, layout: _Layout, prefetch: Iterable[bytes]) -> li
     for path in prefetch:
         node = _resolve(root, path)
         if node is None:
-            log.warning("prefetch path %r is not in the image", path)
+            log.warning("prefetch path %s is not in the image", os.fsdecode(path))
         elif id(node) in layout.index_of:
             nids.append(layout.nid(node))
     return list(dict.fromkeys(nids))

@@ -1,35 +1,37 @@
-"""`rafs inspect` and `rafs check`: look at and verify a RAFS image."""
+"""`rafs inspect` and `rafs check`: look at and verify a RAFS image (``--json`` for both)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import json
-import sys
 
 from . import image as images
+from . import transports
 from .credentials import parse_creds
+from .output import add_json_flag, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("inspect", help="show layers, files, what is stored and what dedup saves")
-    _image_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_inspect)
+    _image_args(p, transports.INSPECT_IMAGE)
+    add_json_flag(p, "the summary")
+    p.set_defaults(func=cmd_inspect, image_arg=transports.INSPECT_IMAGE)
     p = sub.add_parser("check", help="verify the bootstrap structure and every digest")
-    _image_args(p)
-    p.set_defaults(func=cmd_check)
+    _image_args(p, transports.CHECK_IMAGE)
+    add_json_flag(p, "what was verified")
+    p.set_defaults(func=cmd_check, image_arg=transports.CHECK_IMAGE)
 
 
-def _image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", help="oci:DIR[:TAG] or docker://HOST/REPO[:TAG|@DIGEST]")
+def _image_args(p: argparse.ArgumentParser, image: transports.ImageArg) -> None:
+    image.add_argument(p, "image")
     p.add_argument("--creds", metavar="USER:PASS", help="registry credentials")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
 
 
 def _open(args: argparse.Namespace) -> contextlib.AbstractContextManager[
         images.LocalImage | images.RemoteImage]:
+    args.image_arg.parse(args.image)
     return images.open_image(args.image, creds=parse_creds(args.creds),
                              insecure=True if args.insecure else None)
 
@@ -51,8 +53,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         s = images.summarize(img)
     if args.json:
         out = dataclasses.asdict(s) | {"manifest_digest": img.manifest.digest}
-        json.dump(out, sys.stdout, indent=2, sort_keys=True)
-        print()
+        print_json(out)
         return 0
     print(f"image      {args.image}  ({img.manifest.digest})")
     for layer in s.layers:
@@ -80,5 +81,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     with _open(args) as img:
         count = images.check(img)
-    print(f"ok: bootstrap and {count} chunks in {len(img.manifest.layers) - 1} blobs verified")
+    blobs = len(img.manifest.layers) - 1
+    if args.json:
+        print_json({"image": args.image, "manifest_digest": img.manifest.digest, "ok": True,
+                    "chunks": count, "blobs": blobs})
+        return 0
+    print(f"ok: bootstrap and {count} chunks in {blobs} blobs verified")
     return 0

@@ -55,7 +55,7 @@ def open_local_image(ref: str) -> LocalImage:
     """Resolve ``oci:DIR[:TAG]`` to a RAFS image with its bootstrap verified."""
     parsed = parse_image_ref(ref)
     if parsed.transport != "oci":
-        raise ImageError(f"{ref}: only oci:DIR[:TAG] images can be used here so far")
+        raise ImageError(f"{ref}: not an OCI image layout reference (oci:DIR[:TAG])")
     layout = OCILayout(parsed.path)
     manifest = layout.resolve(parsed.tag)
     desc = bootstrap_layer(manifest, ref)
