@@ -134,9 +134,19 @@ class Model:
         return out
 
 
+class TraceError(Exception):
+    """A trace file that cannot be read; the message says which and why."""
+
+
 def load(path: Path) -> dict[str, Any]:
-    with gzip.open(path, "rt") as f:
-        return json.load(f)
+    try:
+        with gzip.open(path, "rt") as f:
+            data = json.load(f)
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise TraceError(f"{path}: not a readable trace ({e})") from None
+    if not isinstance(data, dict) or not {"model", "traces"} <= data.keys():
+        raise TraceError(f"{path}: not a trace of bench.readtrace (no model and traces)")
+    return data
 
 
 def policy(model: Model, name: str) -> ReadAhead:
@@ -215,6 +225,14 @@ def granularity(model: Model, trace: list[list[int]], mode: str, grain: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except TraceError as e:
+        print(f"readsim: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.readsim", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("traces", nargs="+", type=Path)
@@ -222,12 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--granularity", action="store_true",
                    help="instead: bytes and pieces of exactly what was read, per fetch unit")
     args = p.parse_args(argv)
+    traces = [load(path) for path in args.traces]
     if args.granularity:
         print("| Image | Mode | Read-ahead KiB | " + " | ".join(
             f"{g >> 10} KiB units: MB (pieces)" for g in GRAINS) + " |")
         print("|---|---|---:|" + "---:|" * len(GRAINS))
-        for path in args.traces:
-            data = load(path)
+        for data in traces:
             model = Model.from_json(data["model"])
             for mode, trace in data["traces"].items():
                 cells = [granularity(model, trace, mode, g) for g in GRAINS]
@@ -238,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| Image | Mode | Policy | Fetched MB | Requests | Reads that waited "
           "| Fraction of fetched bytes read |")
     print("|---|---|---|---:|---:|---:|---:|")
-    for path in args.traces:
-        data = load(path)
+    for data in traces:
         model = Model.from_json(data["model"])
         for mode, trace in data["traces"].items():
             for name in args.policies:
