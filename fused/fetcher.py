@@ -139,7 +139,7 @@ class Fetcher:
         assert self._files is not None and self.readahead is not None
         try:
             files = await trio.to_thread.run_sync(self._files)
-        except RafsError as e:
+        except Exception as e:  # the map is optional: a bootstrap it cannot walk costs only it
             log.warning("no file map for read-ahead (fetching only what is read): %s", e)
             return
         self.readahead.files = files
