@@ -19,6 +19,8 @@ them costs bytes a start-up rarely reads. The policy follows the reader instead:
   ``dir_batch_bytes`` where another small file of the directory was first
   read shortly before (the last ``dir_memory`` directories read): an
   interpreter importing a package reads many of them.
+- **at most** ``amplify_bytes`` of compressed data per fetch, the missing
+  chunks included (``--amplify-bytes``), whatever the rule.
 - **other files**: never, unless the image was laid out by observed access
   (``placed_by_access``: the converter wrote a prefetch list, so the blob is in
   the recorded order); then the old rule holds, the chunks that follow in the
@@ -53,7 +55,9 @@ class ReadAheadConfig:
     dir_batch_bytes: int = 256 << 10  # compressed: small files of a hot directory per miss
     first_batch_bytes: int = 64 << 10  # compressed: the same in a directory not read lately
     dir_memory: int = 4  # directories whose small files were first read lately
-    amplify_bytes: int = 1 << 20  # compressed: images laid out by access only
+    # compressed: the most one fetch holds with its extras (missing chunks included),
+    # whatever the rule; in images laid out by access, the blob-order amplification
+    amplify_bytes: int = 1 << 20
     placed_by_access: bool = False
 
 
@@ -129,8 +133,22 @@ class ReadAhead:
         none of them in ``missing``; ``available(i)`` says a chunk may be fetched."""
         taken = set(missing)
         out: list[int] = []
+        # the most one fetch holds, missing chunks included (as the blob-order rule)
+        budget = [self.config.amplify_bytes
+                  - sum(self.chunk(i).compressed_size for i in missing)]
 
         def take(index: int) -> bool:
+            if index in taken or not available(index):
+                return False
+            size = self.chunk(index).compressed_size
+            if size > budget[0]:
+                return False
+            budget[0] -= size
+            taken.add(index)
+            out.append(index)
+            return True
+
+        def take_run(index: int) -> bool:  # blob order: each run has its own limit
             if index in taken or not available(index):
                 return False
             taken.add(index)
@@ -139,7 +157,7 @@ class ReadAhead:
 
         if self.config.placed_by_access:
             for start, last in self._runs(missing):
-                self._amplify(start, last, take)
+                self._amplify(start, last, take_run)
             return out
         files = self.files
         if files is None:

@@ -72,7 +72,7 @@ def test_a_first_read_and_a_random_read_fetch_only_themselves():
 
 def test_sequential_reads_grow_a_window_within_the_file_and_never_past_it():
     lay = Layout([(1, 10, 12, 300_000), (2, 10, 4, 300_000)])
-    ra = lay.policy()
+    ra = lay.policy(amplify_bytes=8 * CS)
     assert lay.miss(ra, *lay.of(1, 0)) == []
     assert lay.miss(ra, *lay.of(1, 1)) == lay.of(1, 2)  # window 1
     assert lay.miss(ra, *lay.of(1, 3)) == lay.of(1, 4, 5)  # 2
@@ -83,13 +83,23 @@ def test_sequential_reads_grow_a_window_within_the_file_and_never_past_it():
 
 def test_the_window_is_capped_by_window_bytes_and_reset_by_a_random_read():
     lay = Layout([(1, 10, 40, 300_000)])
-    ra = lay.policy(window_bytes=2 * CS)
+    ra = lay.policy(window_bytes=2 * CS, amplify_bytes=8 * CS)
     lay.miss(ra, *lay.of(1, 0))
     assert lay.miss(ra, *lay.of(1, 1)) == lay.of(1, 2)
     assert lay.miss(ra, *lay.of(1, 3)) == lay.of(1, 4, 5)
     assert lay.miss(ra, *lay.of(1, 6)) == lay.of(1, 7, 8)  # capped at 2
     assert lay.miss(ra, *lay.of(1, 20)) == []  # random: the window starts again
     assert lay.miss(ra, *lay.of(1, 21)) == lay.of(1, 22)
+
+
+def test_no_fetch_grows_past_amplify_bytes_whatever_the_rule():
+    lay = Layout([(1, 10, 12, 300_000)] + [(n, 11, 1, 100_000) for n in range(2, 12)])
+    ra = lay.policy(amplify_bytes=1_000_000, dir_batch_bytes=10**9, first_batch_bytes=10**9)
+    lay.miss(ra, *lay.of(1, 0))
+    assert lay.miss(ra, *lay.of(1, 1)) == lay.of(1, 2)
+    assert lay.miss(ra, *lay.of(1, 3)) == lay.of(1, 4, 5)  # 900 kB with the missing one
+    assert lay.miss(ra, *lay.of(1, 6)) == lay.of(1, 7, 8)  # window 4, budget 3
+    assert lay.miss(ra, *lay.of(2, 0)) == [lay.of(n, 0)[0] for n in range(3, 12)]  # 1 MB
 
 
 def test_first_reads_of_small_files_of_one_directory_batch_their_neighbours():
@@ -158,9 +168,10 @@ layouts = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1
 def test_extras_stay_in_the_files_and_directories_being_read(spec, reads, data):
     files = [(n, d, count, csize) for n, (d, count, csize) in enumerate(spec)]
     lay = Layout(files)
+    limit = data.draw(st.integers(0, 4_000_000))
     ra = lay.policy(dir_batch_bytes=data.draw(st.integers(0, 1_000_000)),
                     first_batch_bytes=data.draw(st.integers(0, 100_000)),
-                    window_bytes=data.draw(st.integers(0, 8 * CS)))
+                    window_bytes=data.draw(st.integers(0, 8 * CS)), amplify_bytes=limit)
     total = len(lay.chunks)
     for r in reads:
         index = r % total
@@ -170,6 +181,9 @@ def test_extras_stay_in_the_files_and_directories_being_read(spec, reads, data):
         assert len(extra) == len(set(extra)), "a chunk planned twice"
         assert not set(extra) & before, "a cached chunk planned"
         assert index not in extra
+        if extra:
+            fetch = [*missing, *extra]
+            assert sum(lay.chunks[i].compressed_size for i in fetch) <= limit
         for e in extra:
             file, pos = lay.map.owner(e)  # type: ignore[misc]
             if missing:
