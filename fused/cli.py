@@ -80,8 +80,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="fetch the files of the image's prefetch list in the background, "
                    "below on-demand reads (default: on)")
     p.add_argument("--amplify-bytes", type=_size, default=DEFAULT_AMPLIFY, metavar="BYTES",
-                   help="grow an on-demand fetch with the chunks that follow it in the blob "
-                   "up to this many bytes (default 1M; 0: fetch only what is read)")
+                   help="the most an on-demand fetch holds with its read-ahead (within "
+                   "the file being read, small files of its directory; in images laid out "
+                   "by access, the chunks that follow), compressed (default 1M; 0: fetch "
+                   "only what is read)")
     p.add_argument("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT,
                    metavar="SECONDS", help="a fetch that receives nothing for this long fails "
                    f"and is retried (default {DEFAULT_FETCH_TIMEOUT:g})")

@@ -65,6 +65,7 @@ from .fuseops import MOUNT_OPTIONS, Operations
 from .kernelmount import MODES, mount_erofs, resolve_mode
 from .kernelmount import umount as kernel_umount
 from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
+from .readahead import FileMap
 from .stats import Stats
 from .trace import AccessTrace, ChunkTrace
 from .vfs import ROOT_INO, Vfs
@@ -73,7 +74,7 @@ __all__ = ["DaemonConfig", "load_bootstrap", "main", "run", "serve"]
 
 log = logging.getLogger("fused.daemon")  # also when run as __main__
 
-DEFAULT_READAHEAD_KB = 4096
+DEFAULT_READAHEAD_KB = 1024  # the kernel's read-ahead on the mounts: one chunk (bench.readsim)
 
 
 @dataclass(slots=True)
@@ -200,7 +201,11 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
         await nursery.start(cache.run)
         fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests,
                           amplify_bytes=cfg.amplify_bytes, timeout=cfg.fetch_timeout,
-                          retries=cfg.retries, dictionaries=bootstrap.dictionary)
+                          retries=cfg.retries, dictionaries=bootstrap.dictionary,
+                          # read-ahead follows the reader (fused.readahead); across files
+                          # only in blobs laid out by observed access (a start-up set)
+                          files=functools.partial(FileMap.from_bootstrap, bootstrap),
+                          placed_by_access=bool(bootstrap.prefetch or bootstrap.prefetch_ranges))
         await stack.enter_async_context(fetcher.running())
         vfs = Vfs(bootstrap, fetcher, stats)
         ops: pyfuse3.Operations
@@ -532,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint")
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
+    # RAFS_READAHEAD_KB: a knob for studies of reads (bench.readtrace --readahead-kb)
+    parser.add_argument("--readahead-kb", type=int,
+                        default=int(os.environ.get("RAFS_READAHEAD_KB", DEFAULT_READAHEAD_KB)))
     parser.add_argument("--no-prefetch", action="store_true",
                         help="do not fetch the image's prefetch list in the background")
     parser.add_argument("--amplify-bytes", type=int, default=DEFAULT_AMPLIFY)

@@ -7,11 +7,14 @@ indices it covers. For each chunk:
 - being fetched by someone else: wait for that fetch (in-flight dedup: one
   ``_Pending`` with a ``trio.Event`` per chunk, shared by every waiter);
 - missing: the chunk joins a fetch. Missing chunks of one blob that lie back
-  to back in the compressed blob are merged into one backend read, and the
-  read is *amplified*: it goes on with the chunks that follow in the blob
-  (neither cached nor in flight) until it holds ``amplify_bytes``. The
-  converter lays files out in access order, so the neighbours are what a
-  starting program reads next; one Range request then serves many files.
+  to back in the compressed blob are merged into one backend read. Which
+  other chunks come along is the read-ahead policy's call when the fetcher
+  has one (``files``, the daemon's case; ``fused.readahead``): within the file
+  being read as it is read sequentially, small files of a directory being
+  read, and the chunks that follow in the blob only for images laid out by
+  observed access. Without a policy the read is *amplified* in blob order: it
+  goes on with the chunks that follow in the blob (neither cached nor in
+  flight) until it holds ``amplify_bytes``.
 
 ``prefetch(indices)`` fetches chunks ahead of readers (the image's start-up
 set, in first-access order): merged into pieces of up to ``prefetch_merge``
@@ -58,12 +61,14 @@ from .backend import Backend
 from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
 from .cache import ChunkCache
 from .errors import ChunkError
+from .readahead import FileMap, ReadAhead, ReadAheadConfig
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
 PREFETCH_MERGE = 4 << 20  # bytes per prefetch request
 MIN_PREFETCH_DEPTH = 2  # prefetch requests in flight before the link is measured, and at least
 RATE_SAMPLE = 256 << 10  # responses this large measure the link's rate
+ONDEMAND_MERGE = 8 << 20  # the largest on-demand read when a read-ahead policy plans it
 READ_ATTEMPTS = 4  # a chunk lost from the cache this often in one read: EIO
 # Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
 READER_RETRY = RetryPolicy(retry_after_cap=10.0)
@@ -136,6 +141,8 @@ class Fetcher:
         retry: RetryPolicy | None = None,
         timeout: float = DEFAULT_FETCH_TIMEOUT,
         dictionaries: Callable[[int], Dictionary | None] | None = None,
+        files: Callable[[], FileMap] | None = None,
+        placed_by_access: bool = False,
     ) -> None:
         self.cache = cache
         self.dictionaries = dictionaries  # blob -> its zstd dictionary (Bootstrap.dictionary)
@@ -158,6 +165,15 @@ class Fetcher:
         self._inflight: dict[int, _Pending] = {}
         self._dicts: dict[int, Dictionary | None] = {}  # blob -> its zstd dictionary
         self._nursery: trio.Nursery | None = None
+        # With ``files`` (the bootstrap's file map, built when the fetcher starts) a
+        # fetch follows the reader (fused.readahead); without, tar-order amplification.
+        self._files = files
+        self._map_started = False  # the file map is built from the first miss on
+        self.readahead: ReadAhead | None = None
+        if files is not None:
+            self.readahead = ReadAhead(
+                cache.chunk, self._successor,
+                ReadAheadConfig(amplify_bytes=amplify_bytes, placed_by_access=placed_by_access))
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Fetcher]:
@@ -169,6 +185,19 @@ class Fetcher:
             finally:
                 self._nursery = None
                 nursery.cancel_scope.cancel()
+
+    async def _build_file_map(self) -> None:
+        """Build the read-ahead policy's file map in a worker thread, from the first miss
+        on (not at mount: a mount is ready sooner); until it is there, misses fetch
+        only themselves."""
+        assert self._files is not None and self.readahead is not None
+        try:
+            files = await trio.to_thread.run_sync(self._files)
+        except Exception as e:  # the map is optional: a bootstrap it cannot walk costs only it
+            log.warning("no file map for read-ahead (fetching only what is read): %s", e)
+            return
+        self.readahead.files = files
+        log.debug("read-ahead file map: %d files", len(files))
 
     # -- the read path ------------------------------------------------------
 
@@ -312,9 +341,29 @@ class Fetcher:
             for index in missing:
                 self._finish(index, err)
             raise ChunkError(err)
-        for run in self._plan(missing, self.amplify_bytes):
+        if (self.readahead is not None and not self._map_started
+                and not self.readahead.config.placed_by_access):
+            self._map_started = True
+            self._nursery.start_soon(self._build_file_map)
+        if self.readahead is None:
+            for run in self._plan(missing, self.amplify_bytes):
+                self._ondemand_started()  # prefetch waits while readers fetch
+                self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
+            return
+        # amplify off, or --amplify-bytes 0: only what readers asked for
+        wanted = self.amplify and self.amplify_bytes > 0
+        extra = self.readahead.extra(missing, self._available) if wanted else []
+        for index in extra:  # claimed like requested ones: a reader of one waits for us
+            self._inflight[index] = _Pending()
+        self.stats.readahead_chunks += len(extra)
+        for run in self._plan(missing + extra, max(ONDEMAND_MERGE, self.amplify_bytes)):
             self._ondemand_started()
-            self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
+            self._nursery.start_soon(self._fetch_run, run, "ondemand")
+
+    def _available(self, index: int) -> bool:
+        """May chunk ``index`` join a fetch: not cached, in flight, or on this host."""
+        return not (index in self._inflight or self.cache.is_ready(index)
+                    or self.cache.maybe_local(index))
 
     def _ondemand_started(self) -> None:
         if not self._ondemand:
@@ -543,6 +592,7 @@ class Fetcher:
             except RafsError as e:
                 self._finish(index, f"chunk {index}: {e}")
                 return
+        self.stats.coverage.fetched(index, c.uncompressed_size)
         self._finish(index, None)
 
     async def _read_one(self, blob: Blob, c: Chunk, kind: str) -> bytes:

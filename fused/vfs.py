@@ -41,6 +41,7 @@ from .errors import (
     NotDirectoryError,
 )
 from .fetcher import Fetcher
+from .readlog import ReadLog
 from .stats import Stats
 from .trace import AccessTrace
 
@@ -94,6 +95,7 @@ class Vfs:
         self._inode = functools.lru_cache(maxsize=1 << 16)(bootstrap.inode)
         self._file_chunks = functools.lru_cache(maxsize=1 << 12)(self._load_chunks)
         self._xattrs = functools.lru_cache(maxsize=1 << 12)(self._load_xattrs)
+        self.readlog = ReadLog.from_env()  # RAFS_READ_LOG: a debug log of every read
 
     # -- inode numbers ------------------------------------------------------
 
@@ -237,6 +239,8 @@ class Vfs:
         node = self.inode(ino)
         if not stat.S_ISREG(node.mode):
             raise NoEntryError(f"inode {ino} is not a regular file")
+        if self.readlog is not None:
+            self.readlog.file_read(node.nid, offset, size)
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
@@ -254,6 +258,7 @@ class Vfs:
                     got = await self.fetcher.read(index, offset - first * cs, end - offset)
                 else:
                     stats.cache_hits += 1
+                stats.coverage.read(index, offset - first * cs, end - offset)
                 data = got
             stats.read_bytes += len(data)
             return data
@@ -270,6 +275,7 @@ class Vfs:
                 part = view[pos - offset : stop - offset]
                 if not self.cache.readinto(index, pos - k * cs, part):
                     await self.fetcher.readinto(index, pos - k * cs, part)
+                stats.coverage.read(index, pos - k * cs, stop - pos)
             pos = stop
         stats.read_bytes += len(buf)
         return buf
