@@ -509,15 +509,22 @@ class ChunkCache:
         """
         c = self.chunk(index)
         ev = self.evictor
-        if ev is not None and ev.over_cap():
-            await ev.make_room(self)
+        if ev is not None:
+            await ev.admit(self, c.uncompressed_size)
         try:
             f: BlobCache | None = self.blob_file(c.blob_index)
         except CacheError as e:
             log.warning("%s", e)
             f = None
-        raw, sums, gen, err = await trio.to_thread.run_sync(self._write, f, c, data)
+        try:
+            raw, sums, gen, err = await trio.to_thread.run_sync(self._write, f, c, data)
+        except BaseException:  # bad data (digest) or cancelled: nothing was stored
+            if ev is not None:
+                ev.release(c.uncompressed_size)
+            raise
         if err is not None:
+            if ev is not None:
+                ev.release(c.uncompressed_size)
             self._remember(index, raw)
             if err in _NO_SPACE:
                 self.stats.cache_enospc += 1
