@@ -4,9 +4,10 @@ both always stopped.
 Owns:
 
 - ``snapshotter_process`` — ``rafs snapshotter --address SOCK --root DIR`` in a
-  subprocess, ready once its socket exists; stopped with SIGTERM (then SIGKILL)
-  in ``finally``. It does not unmount its rafs mounts (they outlive it on
-  purpose); ``unmount_under`` does that at the end of a test module.
+  subprocess, ready once its socket accepts connections; stopped with SIGTERM
+  (then SIGKILL) in ``finally``, or ``kill``ed on purpose. It does not unmount
+  its rafs mounts (they outlive it on purpose); ``unmount_under`` does that at
+  the end of a test module.
 - ``containerd_daemon`` — Debian's containerd with root, state, sockets and a
   generated ``config.toml`` under a temp dir, CRI disabled, and
   ``[proxy_plugins.rafs]`` pointing at the snapshotter. In ``finally``: every
@@ -16,8 +17,9 @@ Owns:
 - ``Containerd.ctr`` / ``ctr_remote`` — run ``ctr`` / ``ctr-remote`` against
   it, in a private namespace.
 
-It does not import rafs, converter or fused: it drives the command line
-exactly as a user would. ``tests.helpers.containerd`` re-exports it for tests.
+It drives the command line exactly as a user would, except for teardown,
+which calls ``fused.client`` (the API every rafs component tears mounts down
+with). ``tests.helpers.containerd`` re-exports it for tests.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,22 +121,34 @@ def mounts_under(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
 
 def unmount_under(path: str | os.PathLike[str]) -> None:
     """Unmount everything below ``path``: rafs mounts (FUSE, or EROFS in kernel mode)
-    through ``rafs umount``, which also ends their daemons and blob mounts; the rest
-    (overlay, bind) with ``umount -l``; nothing is left mounted."""
+    through ``fused.client`` (plainly, then by force), which also ends their daemons
+    and blob mounts; the rest (overlay, bind) with ``umount -l``; nothing is left
+    mounted."""
+    from fused import client
+
+    with contextlib.suppress(Exception):
+        if client.unmount_all(under=path):
+            client.unmount_all(under=path, force=True)
     for mp, fstype in mounts_under(path):
-        if fstype in RAFS_FSTYPES:
-            with contextlib.suppress(Exception):
-                run(rafs_cmd("umount", mp), timeout=60)
-        if any(m == mp for m, _ in mounts_under(path)):
-            cmd = ["fusermount3", "-u", "-z", mp] if fstype.startswith("fuse") else \
-                ["umount", "-l", mp]
-            subprocess.run(cmd, check=False, capture_output=True)
+        cmd = ["fusermount3", "-u", "-z", mp] if fstype.startswith("fuse") else \
+            ["umount", "-l", mp]
+        subprocess.run(cmd, check=False, capture_output=True)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: str,
               log: Path) -> None:
+    """Until the unix socket ``path`` accepts connections (a stale file does not count)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not _accepts(path):
         if proc.poll() is not None:
             raise AssertionError(f"{what} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
@@ -157,15 +172,14 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
 
 class SnapshotterProcess:
     """``rafs -vv snapshotter`` in a subprocess; ``stop``/``start`` restart it on the
-    same root. Its rafs mounts outlive it on purpose (``unmount_under`` ends them)."""
+    same root, ``kill`` SIGKILLs it. Its rafs mounts outlive it on purpose
+    (``unmount_under`` ends them)."""
 
     def __init__(self, address: Path, root: Path, log: Path, extra: tuple[str, ...] = ()):
         self.address, self.root, self.log, self.extra = address, root, log, extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.address.unlink()
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 rafs_cmd("-vv", "snapshotter", "--address", self.address, "--root", self.root,
@@ -178,6 +192,11 @@ class SnapshotterProcess:
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ Durable state lives under the runtime root: ``$RAFS_ROOT`` if set, else
     <root>/rootfs/<digest>/   unpacked plain (non-RAFS) images, one per manifest digest
     <root>/cache/             the chunk cache of lazily mounted images (default)
 
-What dies with a reboot lives in the run directory of ``fused.control.run_dir``
+What dies with a reboot lives in the run directory of ``fused.runstate.run_dir``
 (``$RAFS_RUN_DIR``, ``/run/rafs``, ...):
 
     <run>/images/<digest>/mnt    the shared rafs mount of one image
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fused.control import run_dir
+from fused.runstate import run_dir
 
 __all__ = ["cache_dir", "containers_dir", "images_run_dir", "rootfs_cache_dir",
            "runc_root", "runtime_root"]

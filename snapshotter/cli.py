@@ -8,7 +8,10 @@ containerd is pointed at it with::
 
 The process serves until SIGTERM/SIGINT; the fused daemons it started keep
 running (and keep serving running containers) after it exits, and a new
-snapshotter on the same root picks up its metadata and mounts.
+snapshotter on the same root picks up its metadata and mounts: at startup it
+adopts the mounts of its bootstrap snapshots whose daemons serve and tears
+down every other rafs mount under its root. A second snapshotter on the same
+root or address is refused while the first one lives.
 """
 
 from __future__ import annotations
@@ -53,21 +56,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fused.cli import MountOptions
+    from fused.options import MountOptions
 
     from .remote import FusedRemote
-    from .service import serve
-    from .snapshots import Snapshotter
+    from .service import claim, serve
+    from .snapshots import ROLE_BOOTSTRAP, Snapshotter
 
     root = Path(args.root)
-    options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None,
-                           mode=args.mode)
-    remote = FusedRemote(args.cache_dir or root / "cache", options)
+    claimed = claim(root, Path(args.address))
     try:
-        snapshotter = Snapshotter(root, remote)
-    except (OSError, sqlite3.Error) as e:
-        raise SnapshotterError(f"cannot use root {root}: {_reason(e)}") from None
-    serve(snapshotter, args.address)
+        options = MountOptions(args.cache_dir or str(root / "cache"),
+                               prefetch=not args.no_prefetch, insecure=args.insecure or None,
+                               mode=args.mode)
+        remote = FusedRemote(options)
+        try:
+            snapshotter = Snapshotter(root, remote)
+        except (OSError, sqlite3.Error) as e:
+            raise SnapshotterError(f"cannot use root {root}: {_reason(e)}") from None
+        keep = {snapshotter.fs_dir(s) for s in snapshotter.walk()
+                if s.remote is not None and s.remote.get("role") == ROLE_BOOTSTRAP}
+        remote.reconcile(snapshotter.root / "snapshots", keep)
+        serve(snapshotter, claimed)
+    finally:
+        claimed.release()
     return 0
 
 

@@ -169,12 +169,14 @@ def test_a_killed_daemon_is_mounted_again_for_the_next_container(
 def test_removing_containers_and_images_leaves_no_mounts(
     stack: Stack, rafs_image: str, plain_image: str
 ) -> None:
-    from fused.control import paths_for
+    from fused.client import find
 
     cd = stack.cd
     [mp] = stack.rafs_mounts()
     pid = read_stats(mp)["pid"]
-    blobs = str(paths_for(mp).blobs)  # the daemon's blob mount in kernel mode
+    info = find(mp)
+    assert info is not None and info.instance is not None
+    blobs = str(info.instance.blobs)  # the daemon's blob mount in kernel mode
     assert cd.ctr("container", "ls", "-q").stdout.split() == []
     cd.ctr("image", "rm", "--sync", rafs_image, plain_image)
     assert stack.snapshots() == []
