@@ -601,7 +601,7 @@ def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False, force: bo
 
 def _shutdown(inst: Instance, mp: str, *, lazy: bool, timeout: float) -> None:
     try:
-        reply = request(inst.socket, {"cmd": "shutdown", "lazy": lazy}, timeout=timeout + 30)
+        reply = request(inst.socket, {"cmd": "shutdown", "lazy": lazy}, timeout=timeout + 15)
     except (OSError, ControlError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise MountError(f"the daemon of {mp} does not answer ({reason}); "

@@ -111,7 +111,7 @@ __all__ = ["Daemon", "load_bootstrap", "main", "run"]
 log = logging.getLogger("fused.daemon")  # also when run as __main__
 
 UNMOUNT_GRACE = 5.0  # seconds for reads in flight before their connection is aborted
-EXIT_DEADLINE = 20.0  # seconds from the end of serving to the end of the process, at most
+EXIT_DEADLINE = 10.0  # seconds from the end of serving to the end of the process, at most
 WATCH_PERIOD = 5.0  # the mount table is also checked this often without an event
 
 
