@@ -15,7 +15,10 @@ Owns:
   argument) are killed with their children, containerd is stopped, and every
   mount under its directory is unmounted.
 - ``Containerd.ctr`` / ``ctr_remote`` — run ``ctr`` / ``ctr-remote`` against
-  it, in a private namespace.
+  it, in a private namespace; ``kill`` (SIGKILL: what a crash does, its shims
+  live on), ``start`` (again, on the same state) and ``wipe`` (kill it and its
+  shims, undo their mounts, remove its root and state: a node whose containerd
+  lost everything) for tests that break it on purpose.
 
 It drives the command line exactly as a user would, except for teardown,
 which calls ``fused.client`` (the API every rafs component tears mounts down
@@ -216,8 +219,30 @@ class Containerd:
     dir: Path
     address: Path
     namespace: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None
     log: Path
+
+    def start(self) -> None:
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(["containerd", "--config", str(self.dir / "config.toml")],
+                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                         start_new_session=True)
+        _wait_for(self.address, self.proc, 60, "containerd", self.log)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def wipe(self) -> None:
+        self.kill()
+        _kill_shims(self.address)
+        for sub in ("root", "state"):
+            for mp, fstype in mounts_under(self.dir / sub):
+                cmd = ["umount", "-l", mp] if not fstype.startswith("fuse") else \
+                    ["fusermount3", "-u", "-z", mp]
+                subprocess.run(cmd, check=False, capture_output=True)
+            subprocess.run(["rm", "-rf", "--one-file-system", str(self.dir / sub)], check=False)
 
     def ctr(self, *args: str, timeout: float = 300, check: bool = True,
             tool: str = "ctr") -> subprocess.CompletedProcess[str]:
@@ -277,24 +302,20 @@ def containerd_daemon(base: Path, snapshotter_address: Path,
     config = base / "config.toml"
     config.write_text(CONFIG.format(root=base / "root", state=base / "state", address=address,
                                     snapshotter=snapshotter_address))
-    log = base / "containerd.log"
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(["containerd", "--config", str(config)],
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True)
-    cd = Containerd(base, address, namespace, proc, log)
+    cd = Containerd(base, address, namespace, None, base / "containerd.log")
     try:
-        _wait_for(address, proc, 60, "containerd", log)
+        cd.start()
         yield cd
     finally:
         with contextlib.suppress(Exception):
-            if proc.poll() is None:
+            if cd.proc is not None and cd.proc.poll() is None:
                 tasks = cd.ctr("task", "ls", "-q", check=False, timeout=30).stdout.split()
                 for task in tasks:
                     cd.ctr("task", "kill", "-s", "KILL", task, check=False, timeout=30)
                 for task in tasks:
                     cd.ctr("task", "rm", "-f", task, check=False, timeout=30)
         _kill_shims(address)
-        _stop(proc)
+        if cd.proc is not None:
+            _stop(cd.proc)
         _kill_shims(address)
         unmount_under(base)

@@ -97,6 +97,7 @@ from .mounts import (
     abort_connection,
     canonical,
     find_mount,
+    read_mounts,
     umount2,
     unmount,
 )
@@ -408,12 +409,15 @@ class _Mode:
                 umount2(self.fuse_dir, lazy=True)
 
     def abort(self) -> None:
-        """Fail every request of our FUSE connection now (fusectl), quietly."""
-        if self.fuse_dev is not None:
-            try:
-                abort_connection(self.fuse_dev)
-            except MountError as e:
-                log.warning("%s", e)
+        """Fail every request of our FUSE connection now (fusectl), quietly. Only while
+        our mount is in the table: once it is gone its device number may be another
+        mount's (closing /dev/fuse at exit ends a connection that has no mount left)."""
+        if not any(e.is_same(self.fuse_mount) for e in read_mounts()):
+            return
+        try:
+            abort_connection(str(self.fuse_dev))
+        except MountError as e:
+            log.warning("%s", e)
 
     async def after_fuse_mount(self) -> None:
         _tune_readahead(self.fuse_dev, self.d.options.readahead_kb)

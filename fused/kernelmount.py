@@ -202,8 +202,8 @@ class KernelMounts:
                  self.mountpoint, len(self.devices))
 
     def erofs_present(self) -> bool:
-        """Whether our EROFS mount is still in the mount table (anywhere: identity,
-        not path, so a mount someone else put on the same path is not taken for it)."""
+        """Whether our EROFS mount is still in the mount table (by identity, not path,
+        so a mount someone else put on the same path is not taken for it)."""
         return self.erofs is not None and any(e.is_same(self.erofs) for e in read_mounts())
 
     def unmount_erofs(self, *, lazy: bool) -> None:

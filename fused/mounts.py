@@ -76,12 +76,15 @@ class MountEntry:
 
     @property
     def identity(self) -> dict[str, object]:
-        """What a state file records to recognise this very mount later."""
-        return {"id": self.mount_id, "dev": self.major_minor}
+        """What a state file records to recognise this very mount later. Mount ids and
+        device numbers are reused as soon as a mount goes, so the type, place and
+        source count too: a FUSE mount of rafs has a source no other mount has (its
+        daemon instance's directory)."""
+        return {"id": self.mount_id, "dev": self.major_minor, "fstype": self.fstype,
+                "mountpoint": self.mountpoint, "source": self.source}
 
     def is_same(self, identity: object) -> bool:
-        return (isinstance(identity, dict) and identity.get("id") == self.mount_id
-                and identity.get("dev") == self.major_minor)
+        return isinstance(identity, dict) and bool(identity) and identity == self.identity
 
 
 def canonical(path: str | os.PathLike[str]) -> str:

@@ -242,21 +242,32 @@ def claim(root: str | Path, address: str | Path) -> Claim:
 
 
 def start_server(snapshotter: Snapshotter, address: str | Path, workers: int = 8) -> grpc.Server:
-    """Listen on the unix socket ``address``, which must not exist (see ``claim``)."""
+    """Listen on the unix socket ``address``, which must not exist (see ``claim``).
+
+    gRPC binds a private name next to it, which is then linked into place: gRPC
+    removes the path it bound when it stops, and must never remove ``address``,
+    which by then may be someone else's."""
     path = Path(address)
-    if path.exists() or path.is_symlink():
-        raise SnapshotterError(f"cannot listen on {path}: it exists")
+    private = path.with_name(f".{path.name}.{os.getpid()}")
+    private.unlink(missing_ok=True)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="snapshots"))
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
     try:
-        port = server.add_insecure_port(f"unix:{path}")
+        port = server.add_insecure_port(f"unix:{private}")
     except RuntimeError:  # newer grpcio raises where older ones returned 0
         port = 0
     if not port:
         raise SnapshotterError(f"cannot listen on {path}")
     server.start()
-    os.chmod(path, 0o600)
+    try:
+        os.chmod(private, 0o600)
+        os.link(private, path)  # never replaces what is there
+    except OSError as e:
+        server.stop(grace=None)
+        raise SnapshotterError(f"cannot listen on {path}: {e.strerror}") from None
+    finally:
+        private.unlink(missing_ok=True)
     return server
 
 
