@@ -19,6 +19,7 @@ The tests run in file order; the last one cleans everything up.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -39,7 +40,7 @@ from tests.helpers.containerd import (
     snapshotter_process,
     unmount_under,
 )
-from tests.helpers.mounts import read_stats
+from tests.helpers.mounts import rafs_cmd, read_stats
 
 NUMPY = ["python3", "-c", "import numpy; print(numpy.__version__)"]
 
@@ -107,6 +108,11 @@ def test_rpull_then_run_imports_numpy_lazily(stack: Stack, rafs_image: str) -> N
     layers = image_layers(rafs_image)
     assert not set(content) & {d for d, _ in layers}, "rpull downloaded a layer"
     assert len(stack.rafs_mounts()) == 1
+    listed = [m for m in json.loads(subprocess.run(
+        rafs_cmd("ls", "--json"), capture_output=True, text=True, check=True).stdout)
+        if m["mountpoint"] == stack.rafs_mounts()[0]]  # `rafs ls` sees the snapshotter's
+    assert [(m["state"], m["mode"], m["mounted"]) for m in listed] == \
+        [("serving", "kernel", True)], listed
 
     res = stack.cd.ctr("run", "--rm", "--snapshotter", "rafs", rafs_image, "numpy-1", *NUMPY)
     assert re.fullmatch(r"\d+\.\d+\.\d+\s*", res.stdout), res.stdout
