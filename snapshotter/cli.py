@@ -6,6 +6,10 @@ containerd is pointed at it with::
       type = "snapshot"
       address = "/run/rafs/snapshotter.sock"
 
+With ``--cri-image-service SOCK`` it also serves CRI's image service on SOCK for
+the kubelet (``--image-service-endpoint``), passed on to containerd's CRI
+plugin, so that pull credentials reach the snapshotter (``snapshotter.imageproxy``).
+
 The process serves until SIGTERM/SIGINT; the fused daemons it started keep
 running (and keep serving running containers) after it exits, and a new
 snapshotter on the same root picks up its metadata and mounts: at startup it
@@ -17,6 +21,7 @@ root or address is refused while the first one lives.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sqlite3
 
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "/run/rafs/snapshotter.sock"
 DEFAULT_ROOT = "/var/lib/rafs/snapshotter"
+DEFAULT_CRI_RUNTIME = "/run/containerd/containerd.sock"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--mode", choices=("auto", "fuse", "kernel"), default="auto",
                    help="how RAFS images are mounted, as for `rafs mount` (default auto: "
                    "the kernel mounts the bootstrap as EROFS where it can)")
+    p.add_argument("--cri-image-service", metavar="SOCK",
+                   help="also serve CRI's image service on SOCK, passed on to containerd's "
+                   "CRI plugin, and keep the pull credentials the kubelet sends (point the "
+                   "kubelet's --image-service-endpoint here)")
+    p.add_argument("--cri-runtime-endpoint", metavar="SOCK", default=DEFAULT_CRI_RUNTIME,
+                   help=f"containerd's CRI socket (default {DEFAULT_CRI_RUNTIME})")
     p.set_defaults(func=_cmd_snapshotter)
 
 
@@ -58,6 +70,7 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
 
     from fused.options import MountOptions
 
+    from .keychain import Keychain
     from .remote import FusedRemote
     from .service import claim, serve
     from .snapshots import ROLE_BOOTSTRAP, Snapshotter
@@ -68,7 +81,8 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
         options = MountOptions(args.cache_dir or str(root / "cache"),
                                prefetch=not args.no_prefetch, insecure=args.insecure or None,
                                mode=args.mode)
-        remote = FusedRemote(options)
+        keychain = Keychain()
+        remote = FusedRemote(options, keychain=keychain)
         try:
             snapshotter = Snapshotter(root, remote)
         except (OSError, sqlite3.Error) as e:
@@ -76,7 +90,14 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
         keep = {snapshotter.fs_dir(s) for s in snapshotter.walk()
                 if s.remote is not None and s.remote.get("role") == ROLE_BOOTSTRAP}
         remote.reconcile(snapshotter.root / "snapshots", keep)
-        serve(snapshotter, claimed)
+        with contextlib.ExitStack() as stack:
+            if args.cri_image_service:
+                from .imageproxy import ImageProxy
+
+                proxy = ImageProxy(args.cri_image_service, args.cri_runtime_endpoint, keychain)
+                proxy.start()
+                stack.callback(proxy.stop)
+            serve(snapshotter, claimed)
     finally:
         claimed.release()
     return 0
