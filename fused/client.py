@@ -65,11 +65,10 @@ from typing import Any
 
 from rafs.oci import parse_image_ref
 
-from . import wire
+from . import mounts, wire
 from .control import request
 from .errors import ControlError, MountError, NotMountedError
 from .kernelmount import resolve_mode
-from . import mounts
 from .mounts import BLOB_FSTYPE, MountEntry, abort_connection, canonical, read_mounts
 from .options import MountOptions
 from .runstate import (
@@ -538,9 +537,7 @@ def _undo_if_dead(inst: Instance) -> bool:
 
 def _kill(inst: Instance, timeout: float) -> None:
     """SIGKILL the instance's processes; wait until its lock is free."""
-    state = _state(inst)
-    pids = sorted({p for p in (state.get("owner_pid"), state.get("worker_pid"))
-                   if isinstance(p, int) and p > 0 and p != os.getpid()})
+    pids = _pids(_state(inst))
     if inst.owner_alive():
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -599,7 +596,13 @@ def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False, force: bo
         raise NotMountedError(f"{mp} is not a rafs mount")
 
 
+def _pids(state: dict[str, Any]) -> list[int]:
+    return sorted({p for p in (state.get("owner_pid"), state.get("worker_pid"))
+                   if isinstance(p, int) and p > 0 and p != os.getpid()})
+
+
 def _shutdown(inst: Instance, mp: str, *, lazy: bool, timeout: float) -> None:
+    pids = _pids(_state(inst))
     try:
         reply = request(inst.socket, {"cmd": "shutdown", "lazy": lazy}, timeout=timeout + 15)
     except (OSError, ControlError) as e:
@@ -619,6 +622,8 @@ def _shutdown(inst: Instance, mp: str, *, lazy: bool, timeout: float) -> None:
             _force(inst, EXIT_TIMEOUT)
             break
         time.sleep(0.02)
+    # The lock goes a moment before the process: wait for that too.
+    wait_pids_gone(pids, max(1.0, deadline - time.monotonic()))
     _undo_if_dead(inst)  # it died halfway through its own teardown
     top = next((e for e in reversed(read_mounts()) if e.mountpoint == mp), None)
     if top is not None and top.is_same(_state(inst).get("mount")):

@@ -142,9 +142,15 @@ class _Image:
     fetcher: Fetcher
     vfs: Vfs
 
+    async def start(self, stack: AsyncExitStack, nursery: trio.Nursery) -> None:
+        """Start the cache committer and the fetcher in ``nursery``; both end before
+        the files they use are closed (the stack closes those after the nursery)."""
+        await nursery.start(self.cache.run)
+        await stack.enter_async_context(self.fetcher.running())
 
-async def _open_image(stack: AsyncExitStack, nursery: trio.Nursery, ref: ImageRef,
-                      options: MountOptions, stats: Stats) -> _Image:
+
+async def _open_image(stack: AsyncExitStack, ref: ImageRef, options: MountOptions,
+                      stats: Stats) -> _Image:
     backend = await stack.enter_async_context(open_backend(ref, options.backend()))
     backend.stats = stats
     boot_path = await load_bootstrap(backend, options.cache_dir)
@@ -152,11 +158,9 @@ async def _open_image(stack: AsyncExitStack, nursery: trio.Nursery, ref: ImageRe
     stack.callback(bootstrap.close)
     cache = ChunkCache(options.cache_dir, bootstrap.blobs, bootstrap.chunk, stats)
     stack.callback(cache.close)
-    await nursery.start(cache.run)
     fetcher = Fetcher(cache, backend, stats, max_requests=options.max_requests,
                       amplify_bytes=options.amplify_bytes, timeout=options.fetch_timeout,
                       retries=options.retries)
-    await stack.enter_async_context(fetcher.running())
     return _Image(boot_path, bootstrap, cache, fetcher, Vfs(bootstrap, fetcher, stats))
 
 
@@ -190,8 +194,9 @@ class Daemon:
         log.info("%s mode: %s", mode, why)
         self.owner.write_state(**self._identity(mode), phase="starting")
         async with AsyncExitStack() as stack:
+            self.image = await _open_image(stack, ref, self.options, self.stats)
             self.nursery = await stack.enter_async_context(trio.open_nursery())
-            self.image = await _open_image(stack, self.nursery, ref, self.options, self.stats)
+            await self.image.start(stack, self.nursery)
             self.mode: _Mode = (_KernelMode if mode == "kernel" else _FuseMode)(self)
             self._serve_metrics()
             self.mode.mount_fuse()

@@ -221,16 +221,17 @@ class KernelMounts:
         """Unmount the blob filesystem; the EROFS driver may hold it for a moment
         (its device files are released after its unmount returns)."""
         for _attempt in range(50):
-            if not self.blobs_busy():
+            if not self.blobs_busy() or find_mount(self.blob_dir, resolve=False) is None:
                 return
             time.sleep(0.02)
         log.warning("blob mount %s stays busy; detaching it", self.blob_dir)
         umount2(self.blob_dir, lazy=True)
 
     def blobs_busy(self) -> bool:
-        """Try to unmount the blob filesystem: True while something still uses it."""
+        """Try to unmount the blob filesystem: True while something still uses it, and
+        also when it is no longer there to try (someone detached it: then only the end
+        of the FUSE session tells that the kernel let go of it)."""
         try:
-            umount2(self.blob_dir)  # root only, like kernel mode itself
+            return not umount2(self.blob_dir)  # root only, like kernel mode itself
         except MountError:
             return True
-        return False

@@ -93,9 +93,12 @@ def _force_unmount(mountpoint: str | os.PathLike[str]) -> None:
             subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
 
 
-def blob_mounts() -> list[str]:
-    """Kernel mode's blob filesystems (``fuse.rafs-blobs``) still mounted."""
-    return [mp for mp, t in fuse_mounts().items() if t == "fuse.rafs-blobs"]
+def blob_mounts(run_dir: str | None = None) -> list[str]:
+    """Kernel mode's blob filesystems (``fuse.rafs-blobs``) still mounted in the run
+    directory ``run_dir`` (default ``$RAFS_RUN_DIR``): never other test runs' ones."""
+    base = run_dir or os.environ.get("RAFS_RUN_DIR", "/run/rafs")
+    return [mp for mp, t in fuse_mounts().items()
+            if t == "fuse.rafs-blobs" and mp.startswith(base.rstrip("/") + "/")]
 
 
 def read_stats(
@@ -136,7 +139,8 @@ def mounted(
     """
     mp = Path(mountpoint)
     mp.mkdir(parents=True, exist_ok=True)
-    blobs_before = set(blob_mounts())
+    run_dir = (env or {}).get("RAFS_RUN_DIR")
+    blobs_before = set(blob_mounts(run_dir))
     res = run(
         rafs_cmd("mount", image_ref, mp, "--cache-dir", cache_dir, "--mode", mode, *extra_args),
         env=_env(env), timeout=timeout,
@@ -156,7 +160,7 @@ def mounted(
             if run(rafs_cmd("umount", mp), env=_env(env), timeout=90).returncode != 0:
                 run(rafs_cmd("umount", "--force", mp), env=_env(env), timeout=90)
         _force_unmount(mp)
-        for leftover in set(blob_mounts()) - blobs_before:
+        for leftover in set(blob_mounts(run_dir)) - blobs_before:
             subprocess.run(["fusermount3", "-u", "-z", leftover], check=False)
         if pid is not None:
             deadline = time.monotonic() + 10
