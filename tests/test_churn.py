@@ -49,7 +49,7 @@ def minbase_ref(registry, corpus_cache: Path) -> str:  # type: ignore[no-untyped
     from converter.convert import ConvertOptions, convert
 
     src, tag = corpus.debian_minbase_image(corpus_cache)
-    ref = registry.ref("rafs/minbase", "churn")
+    ref = registry.ref("churn/minbase", "rafs")
     convert(f"oci:{src}:{tag}", ref, ConvertOptions(progress=False))
     return ref.removeprefix("docker://")
 
@@ -137,6 +137,62 @@ def daemons_of(snroot: Path) -> list[int]:
     return [int(p) for p in res.stdout.split()]
 
 
+def pull_during_kill(node: Node, image: str, victim: str, delay: float
+                     ) -> tuple[subprocess.CompletedProcess[str], bool]:
+    """Pull while ``victim`` is SIGKILLed after ``delay``; start what died, and pull
+    once more if our kill broke the pull. (result, whether it was retried)"""
+    def kill() -> None:
+        if victim in ("snapshotter", "both"):
+            node.sn.kill()
+        if victim in ("containerd", "both"):
+            node.cd.kill()
+
+    timer = threading.Timer(delay, kill)
+    timer.start()
+    res = node.pull(image)
+    timer.join()
+    for proc, start_it in ((node.sn.proc, node.sn.start), (node.cd.proc, node.cd.start)):
+        if proc is None or proc.poll() is not None:
+            start_it()
+    node.reconnected()
+    if res.returncode == 0:
+        return res, False
+    return node.pull(image), True
+
+
+def one_cycle(node: Node, image: str, cycle: int, rng: random.Random) -> tuple[list[str], bool]:
+    """Pull, run, remove, with a kill at one random place; (failures, pull retried)."""
+    wipe = cycle % 2 == 1
+    place, victim = rng.choice(PLACES), rng.choice(VICTIMS)
+    node.events.append(f"{cycle}: wipe={wipe} kill {victim} {place}")
+    if wipe:
+        node.wipe()
+    if place == "before-pull":
+        node.restart(victim)
+    retried = False
+    if place == "during-pull":
+        res, retried = pull_during_kill(node, image, victim, rng.uniform(0.0, 1.0))
+    else:
+        res = node.pull(image)
+    if res.returncode != 0:
+        return [f"cycle {cycle} pull: {res.stderr.strip()[-300:]}"], retried
+    failed = []
+    if place == "after-pull":
+        node.restart(victim)
+    run = node.cd.ctr("run", "--rm", "--snapshotter", "rafs", image, f"churn-{cycle}",
+                      "sh", "-c", "echo ran", check=False, timeout=180)
+    if run.returncode != 0 or run.stdout.strip() != "ran":
+        failed.append(f"cycle {cycle} run: {run.stderr.strip()[-300:]}")
+    if place == "after-run":
+        node.restart(victim)
+    rm = node.cd.ctr("image", "rm", "--sync", image, check=False, timeout=180)
+    if rm.returncode != 0:
+        failed.append(f"cycle {cycle} rm: {rm.stderr.strip()[-300:]}")
+    if place == "after-remove":
+        node.restart(victim)
+    return failed, retried
+
+
 def test_churn_with_kills_and_wipes_leaks_nothing(node: Node, minbase_ref: str) -> None:
     rng = random.Random(SEED)
     snroot = node.base / "snroot"
@@ -144,45 +200,9 @@ def test_churn_with_kills_and_wipes_leaks_nothing(node: Node, minbase_ref: str) 
     retried = 0
     start = time.monotonic()
     for cycle in range(CYCLES):
-        wipe = cycle % 2 == 1
-        place, victim = rng.choice(PLACES), rng.choice(VICTIMS)
-        node.events.append(f"{cycle}: wipe={wipe} kill {victim} {place}")
-        if wipe:
-            node.wipe()
-        if place == "before-pull":
-            node.restart(victim)
-        if place == "during-pull":
-            timer = threading.Timer(rng.uniform(0.0, 1.0), lambda v=victim: (  # type: ignore[misc]
-                node.sn.kill() if v in ("snapshotter", "both") else None,
-                node.cd.kill() if v in ("containerd", "both") else None))
-            timer.start()
-            res = node.pull(minbase_ref)
-            timer.join()
-            for proc, start_it in ((node.sn.proc, node.sn.start), (node.cd.proc, node.cd.start)):
-                if proc is None or proc.poll() is not None:
-                    start_it()
-            node.reconnected()
-            if res.returncode != 0:
-                retried += 1
-                res = node.pull(minbase_ref)
-        else:
-            res = node.pull(minbase_ref)
-        if res.returncode != 0:
-            failed.append(f"cycle {cycle} pull: {res.stderr.strip()[-300:]}")
-            continue
-        if place == "after-pull":
-            node.restart(victim)
-        run = node.cd.ctr("run", "--rm", "--snapshotter", "rafs", minbase_ref, f"churn-{cycle}",
-                          "sh", "-c", "echo ran", check=False, timeout=180)
-        if run.returncode != 0 or run.stdout.strip() != "ran":
-            failed.append(f"cycle {cycle} run: {run.stderr.strip()[-300:]}")
-        if place == "after-run":
-            node.restart(victim)
-        rm = node.cd.ctr("image", "rm", "--sync", minbase_ref, check=False, timeout=180)
-        if rm.returncode != 0:
-            failed.append(f"cycle {cycle} rm: {rm.stderr.strip()[-300:]}")
-        if place == "after-remove":
-            node.restart(victim)
+        errors, again = one_cycle(node, minbase_ref, cycle, rng)
+        failed += errors
+        retried += again
     took = time.monotonic() - start
     # What a killed containerd forgot, its garbage collector removes on the next pass.
     node.cd.ctr("image", "rm", "--sync", minbase_ref, check=False)
