@@ -54,7 +54,9 @@ __all__ = [
     "rafs_cmd",
     "run",
     "snapshotter_process",
+    "stop_process",
     "unmount_under",
+    "wait_for_path",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +115,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.rafs]
   type = "snapshot"
   address = "{snapshotter}"
+"""
+
+PROXY_PLUGIN = """
+[proxy_plugins.{name}]
+  type = "snapshot"
+  address = "{address}"
 """
 
 
@@ -200,9 +208,11 @@ def _accepts(path: Path) -> bool:
     return True
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: str,
-              log: Path) -> None:
-    """Until the unix socket ``path`` accepts connections (a stale file does not count)."""
+def wait_for_path(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: str,
+                  log: Path) -> None:
+    """Wait until the unix socket ``path`` of a daemon accepts connections (a stale file
+    left by a killed one does not count); raise with the log tail if the daemon exits
+    or ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     while not _accepts(path):
         if proc.poll() is not None:
@@ -213,7 +223,8 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: s
         time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM, ``grace`` seconds, then SIGKILL."""
     if proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
@@ -239,15 +250,16 @@ class SnapshotterProcess:
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 rafs_cmd("-vv", "snapshotter", "--address", self.address, "--root", self.root,
+                         "--cache-dir", self.root / "cache",  # private: never the host's
                          *self.extra),
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                 env=_env(),
             )
-        _wait_for(self.address, self.proc, 60, "rafs snapshotter", self.log)
+        wait_for_path(self.address, self.proc, 60, "rafs snapshotter", self.log)
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -280,7 +292,7 @@ class Containerd:
             self.proc = subprocess.Popen(["containerd", "--config", str(self.dir / "config.toml")],
                                          stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                          start_new_session=True)
-        _wait_for(self.address, self.proc, 60, "containerd", self.log)
+        wait_for_path(self.address, self.proc, 60, "containerd", self.log)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -349,18 +361,24 @@ def _kill_shims(address: Path) -> None:
 @contextlib.contextmanager
 def containerd_daemon(base: Path, snapshotter_address: Path,
                       namespace: str = "rafs-test",
-                      cri: CriSettings | None = None) -> Iterator[Containerd]:
-    """A private containerd under ``base`` using the snapshotter at ``snapshotter_address``;
-    with ``cri``, its CRI plugin serves on the same socket (use namespace ``k8s.io``,
-    CRI's own, so that ``ctr`` and the teardown see the pods' tasks)."""
+                      cri: CriSettings | None = None,
+                      proxies: dict[str, Path] | None = None) -> Iterator[Containerd]:
+    """A private containerd under ``base`` using the rafs snapshotter at
+    ``snapshotter_address``; with ``cri``, its CRI plugin serves on the same socket
+    (use namespace ``k8s.io``, CRI's own, so that ``ctr`` and the teardown see the
+    pods' tasks); ``proxies`` adds further proxy snapshotters (name -> socket), e.g.
+    the eStargz peer of ``bench.peers``."""
     base.mkdir(parents=True, exist_ok=True)
     address = base / "containerd.sock"
     config = base / "config.toml"
     if cri is not None:
-        config.write_text(cri_config(base, address, snapshotter_address, cri))
+        text = cri_config(base, address, snapshotter_address, cri)
     else:
-        config.write_text(CONFIG.format(root=base / "root", state=base / "state",
-                                        address=address, snapshotter=snapshotter_address))
+        text = CONFIG.format(root=base / "root", state=base / "state", address=address,
+                             snapshotter=snapshotter_address)
+    for name, sock in (proxies or {}).items():
+        text += PROXY_PLUGIN.format(name=name, address=sock)
+    config.write_text(text)
     cd = Containerd(base, address, namespace, None, base / "containerd.log")
     try:
         cd.start()
@@ -375,6 +393,6 @@ def containerd_daemon(base: Path, snapshotter_address: Path,
                     cd.ctr("task", "rm", "-f", task, check=False, timeout=30)
         _kill_shims(address)
         if cd.proc is not None:
-            _stop(cd.proc)
+            stop_process(cd.proc)
         _kill_shims(address)
         unmount_under(base)

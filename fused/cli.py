@@ -12,13 +12,15 @@ import logging
 import os
 import sys
 
+from rafs import sizes
 from rafs.credentials import parse_creds
+from rafs.hosts import DEFAULT_HOSTS_DIR, HOSTS_DIR_ENV, use_hosts_dir
 
 from . import client
 from .errors import MountError
 from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES, MODES, MountOptions
 
-__all__ = ["register"]
+__all__ = ["add_hosts_dir_argument", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--cache-dir", required=True, metavar="DIR",
-                   help="chunk cache, shared by every mount on the host")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="chunk cache, shared by every mount on the host (default: the "
+                   "host's, $RAFS_CACHE_DIR or /var/lib/rafs/cache for root; see `rafs cache`)")
+    p.add_argument("--cache-max", metavar="SIZE",
+                   help="cap of the cache, e.g. 20G or 15%% of its file system (default: "
+                   "cache.max of the host config file, else none); least recently used "
+                   "chunks are evicted past it")
+    p.add_argument("--cache-min-free", metavar="SIZE",
+                   help="evict while the cache's file system has less free than this "
+                   "(default: cache.min_free of the host config file, else 5%%)")
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process until unmounted")
     p.add_argument("--timeout", type=float, default=client.DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -60,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--creds", metavar="USER:PASS",
                    help="registry credentials (default: REGISTRY_AUTH_FILE or "
                    "~/.docker/config.json)")
+    add_hosts_dir_argument(p)
     p.set_defaults(func=_cmd_mount)
 
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
@@ -101,16 +112,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=_cmd_trace)
 
 
+def add_hosts_dir_argument(p: argparse.ArgumentParser) -> None:
+    """``--hosts-dir``: registry mirrors, containerd's hosts.toml layout (``rafs.hosts``)."""
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors and TLS settings in containerd's layout "
+                   "(DIR/HOST[:PORT]/hosts.toml; default $" + HOSTS_DIR_ENV + " or "
+                   + DEFAULT_HOSTS_DIR + ")")
+
+
 def _size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
-        n = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (say 512K, 1M, 4194304)") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    return n
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
@@ -118,7 +132,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                            amplify_bytes=args.amplify_bytes, fetch_timeout=args.fetch_timeout,
                            retries=args.retries, metrics_address=args.metrics_address,
                            insecure=True if args.insecure else None,
-                           creds=parse_creds(args.creds))
+                           creds=parse_creds(args.creds), cache_max=args.cache_max,
+                           cache_min_free=args.cache_min_free,
+                           hosts_dir=use_hosts_dir(args.hosts_dir) if args.hosts_dir else None)
     if args.foreground:
         client.serve_foreground(args.image, args.mountpoint, options, on_ready=lambda: log.info(
             "mounted %s on %s", args.image, os.path.abspath(args.mountpoint)))

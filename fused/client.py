@@ -59,13 +59,15 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rafs.hosts import load_hosts
 from rafs.oci import parse_image_ref
 
 from . import mounts, wire
+from .cacheconf import load_config
 from .control import request
 from .errors import ControlError, MountError, NotMountedError
 from .kernelmount import resolve_mode
@@ -307,6 +309,23 @@ def _absolute_ref(image: str) -> str:
     return image
 
 
+def _prepared(image: str, options: MountOptions) -> tuple[str, MountOptions]:
+    """The image reference and options as the daemon gets them, checked here first so
+    that what is wrong is one line before any daemon starts: kernel mode's host
+    check, the cache settings (and the host's cache directory when none is given),
+    a registry image's hosts.toml."""
+    if options.mode == "kernel":
+        resolve_mode("kernel")
+    image = _absolute_ref(image)
+    config = load_config().with_flags(options.cache_max, options.cache_min_free)
+    if options.cache_dir is None:
+        options = replace(options, cache_dir=str(config.dir))
+    ref = parse_image_ref(image)
+    if ref.transport == "docker":
+        load_hosts(ref.registry, options.hosts_dir, insecure=options.insecure)
+    return image, options
+
+
 def _log_level() -> str:
     return logging.getLevelName(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
 
@@ -334,9 +353,8 @@ def _prepare_mountpoint(mp: str) -> None:
 def mount(image: str, mountpoint: str | os.PathLike[str], options: MountOptions, *,
           timeout: float = DEFAULT_TIMEOUT) -> MountInfo:
     """Start a detached daemon serving ``image`` on ``mountpoint``; return once ready."""
-    if options.mode == "kernel":
-        resolve_mode("kernel")  # fail here, at once, with the reason (the daemon checks too)
-    image = _absolute_ref(image)
+    image, options = _prepared(image, options)
+    assert options.cache_dir is not None
     mp = canonical(mountpoint)
     ensure_run_dir()
     prune()
@@ -455,9 +473,7 @@ def serve_foreground(image: str, mountpoint: str | os.PathLike[str], options: Mo
     """Serve in this process until unmounted (``rafs mount --foreground``)."""
     from . import daemon  # trio and pyfuse3: only now
 
-    if options.mode == "kernel":
-        resolve_mode("kernel")
-    image = _absolute_ref(image)
+    image, options = _prepared(image, options)
     mp = canonical(mountpoint)
     ensure_run_dir()
     lock = MountpointLock(mp)

@@ -80,6 +80,7 @@ from .backend import Backend, open_backend
 from .blobfs import BlobFs, blob_file_name
 from .blobops import BLOB_MOUNT_OPTIONS, BlobOperations
 from .cache import ChunkCache, cached_bootstrap, store_bootstrap
+from .cachehost import held_bootstrap, open_cache, resolve_config
 from .control_server import serve as serve_control
 from .errors import MountError
 from .fetcher import Fetcher
@@ -149,15 +150,20 @@ class _Image:
         await stack.enter_async_context(self.fetcher.running())
 
 
-async def _open_image(stack: AsyncExitStack, ref: ImageRef, options: MountOptions,
-                      stats: Stats) -> _Image:
+async def _open_image(stack: AsyncExitStack, ref: ImageRef, image: str,
+                      options: MountOptions, stats: Stats) -> _Image:
     backend = await stack.enter_async_context(open_backend(ref, options.backend()))
     backend.stats = stats
-    boot_path = await load_bootstrap(backend, options.cache_dir)
+    cache_dir = str(options.cache_dir)
+    # -- the chunk cache (fused.cachehost): bootstrap held in use, index, evictor --
+    boot_path, held = await held_bootstrap(lambda: load_bootstrap(backend, cache_dir))
+    stack.callback(os.close, held)
     bootstrap = Bootstrap.open(boot_path)
     stack.callback(bootstrap.close)
-    cache = ChunkCache(options.cache_dir, bootstrap.blobs, bootstrap.chunk, stats)
+    cache = open_cache(cache_dir, bootstrap, boot_path, stats,
+                       resolve_config(options.cache_max, options.cache_min_free), image)
     stack.callback(cache.close)
+    # -- end of the chunk cache --
     fetcher = Fetcher(cache, backend, stats, max_requests=options.max_requests,
                       amplify_bytes=options.amplify_bytes, timeout=options.fetch_timeout,
                       retries=options.retries)
@@ -194,7 +200,8 @@ class Daemon:
         log.info("%s mode: %s", mode, why)
         self.owner.write_state(**self._identity(mode), phase="starting")
         async with AsyncExitStack() as stack:
-            self.image = await _open_image(stack, ref, self.options, self.stats)
+            self.image = await _open_image(stack, ref, self.image_ref, self.options,
+                                           self.stats)
             self.nursery = await stack.enter_async_context(trio.open_nursery())
             await self.image.start(stack, self.nursery)
             self.mode: _Mode = (_KernelMode if mode == "kernel" else _FuseMode)(self)
@@ -315,9 +322,13 @@ class Daemon:
                 "cache_bytes": cache_bytes, "version": state.get("rafs_version")}
 
     def _cache_bytes(self) -> int:
-        cache = self.image.cache
-        return sum(os.fstat(cache.blob_file(k).data_fd).st_blocks * 512
-                   for k in range(len(self.image.bootstrap.blobs)))
+        """Disk space of this image's blobs in the cache (shared with other images)."""
+        total = 0
+        for k in range(len(self.image.bootstrap.blobs)):
+            with contextlib.suppress(OSError, RafsError):
+                fd = self.image.cache.blob_file(k).data_fd
+                total += os.fstat(fd).st_blocks * 512 if fd >= 0 else 0
+        return total
 
     async def on_stats(self, _: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "pid": os.getpid(), "mountpoint": self.mountpoint,

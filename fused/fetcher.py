@@ -24,10 +24,11 @@ transient backend errors are retried under ``rafs.retry.RetryPolicy``
 (exponential backoff with jitter; a ``retry_after`` the server sent is
 honoured up to the policy's cap).
 Each chunk is decompressed and sha256-verified in a worker thread
-(``rafs.codec.decode_chunk``); a mismatch is fetched once more on its own,
-and if it fails again the readers get ``ChunkError`` (EIO), the failure is
-logged and counted, and nothing is written to the cache. Wrong bytes never
-reach the cache or a reader.
+(``rafs.codec.decode_chunk``); a mismatch is fetched again on its own, once
+per source of the backend (``Backend.distrust`` first: a registry's mirror that
+sent it is passed over), and if it fails every time the readers get
+``ChunkError`` (EIO), the failure is logged and counted, and nothing is
+written to the cache. Wrong bytes never reach the cache or a reader.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from .errors import ChunkError
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
+READ_ATTEMPTS = 4  # a chunk lost from the cache this often in one read: EIO
 # Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
 READER_RETRY = RetryPolicy(retry_after_cap=10.0)
 
@@ -145,6 +147,29 @@ class Fetcher:
             await pending.done.wait()
             if pending.error is not None:
                 raise ChunkError(pending.error)
+
+    async def read(self, index: int, offset: int, size: int) -> bytes:
+        """The verified bytes [offset, offset+size) of a chunk, fetched (again) as needed.
+
+        A cached chunk that fails its read check (``fused.cache`` rule 5: evicted
+        under the reader, or changed on disk) is settled and made ready again.
+        """
+        for _attempt in range(READ_ATTEMPTS):
+            await self.cache.settle(index)
+            await self.ensure((index,))
+            data = self.cache.read(index, offset, size)
+            if data is not None:
+                return data
+        raise ChunkError(f"chunk {index}: lost from the cache {READ_ATTEMPTS} times in a row")
+
+    async def readinto(self, index: int, offset: int, view: memoryview) -> None:
+        """``read`` into a buffer."""
+        for _attempt in range(READ_ATTEMPTS):
+            await self.cache.settle(index)
+            await self.ensure((index,))
+            if self.cache.readinto(index, offset, view):
+                return
+        raise ChunkError(f"chunk {index}: lost from the cache {READ_ATTEMPTS} times in a row")
 
     # -- background prefetch -------------------------------------------------
 
@@ -266,7 +291,8 @@ class Fetcher:
             return run
         while True:
             index = self._successor(last_index)
-            if index is None or index in self._inflight or self.cache.is_ready(index):
+            if (index is None or index in self._inflight or self.cache.is_ready(index)
+                    or self.cache.maybe_local(index)):  # on this host already: no refetch
                 return run
             c = self.cache.chunk(index)
             if c.compressed_offset + c.compressed_size - start > self.amplify_bytes:
@@ -376,8 +402,11 @@ class Fetcher:
 
     async def _verify_and_store(self, blob: Blob, index: int, c: Chunk, payload: bytes,
                                 kind: str) -> None:
-        """Decode, verify and cache one chunk; a digest mismatch is fetched once more."""
-        for attempt in (1, 2):
+        """Decode, verify and cache one chunk; a digest mismatch is fetched again, once
+        per source of the backend (a registry's mirrors and the registry), each time
+        after telling the backend, so that the refetch comes from the next source."""
+        attempts = 1 + self.backend.sources
+        for attempt in range(1, attempts + 1):
             try:
                 # One worker thread decodes, verifies and writes: zstd, sha256 and
                 # pwrite all release the GIL. DigestError means nothing was written.
@@ -386,10 +415,11 @@ class Fetcher:
             except DigestError as e:
                 self.stats.digest_failures += 1
                 self.stats.error_classes["digest"] += 1
-                if attempt == 2:
+                self.backend.distrust(blob.digest, c.compressed_offset, c.compressed_size)
+                if attempt == attempts:
                     log.error(
-                        "chunk %d of blob %s failed verification twice, giving up: %s",
-                        index, blob.digest, e,
+                        "chunk %d of blob %s failed verification %d times, giving up: %s",
+                        index, blob.digest, attempts, e,
                     )
                     self._finish(index, f"chunk {index} of blob {blob.digest}: {e}")
                     return

@@ -48,13 +48,14 @@ class BackendOptions:
     creds: tuple[str, str] | None = None
     timeout: float = 30.0
     max_connections: int = 8
+    hosts_dir: str | None = None  # containerd's hosts.toml layout (None: rafs.hosts' default)
 
 
 @dataclass(frozen=True)
 class MountOptions:
     """Everything a daemon is told besides the image and the mount point."""
 
-    cache_dir: str  # chunk cache, shared by every mount on the host
+    cache_dir: str | None = None  # chunk cache (None: the host's, fused.cacheconf)
     mode: str = "auto"  # auto | fuse | kernel (see fused.kernelmount)
     prefetch: bool = True  # fetch the image's prefetch list in the background
     amplify_bytes: int = DEFAULT_AMPLIFY
@@ -65,21 +66,24 @@ class MountOptions:
     metrics_address: str | None = None  # HOST:PORT for Prometheus over HTTP
     insecure: bool | None = None  # plain HTTP to the registry (None: localhost only)
     creds: tuple[str, str] | None = dataclasses.field(default=None, repr=False)
+    hosts_dir: str | None = None  # registry mirrors, hosts.toml (None: rafs.hosts' default)
+    cache_max: str | None = None  # over the host config's cache.max (fused.cacheconf)
+    cache_min_free: str | None = None  # over its cache.min_free
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise MountError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
-        if not self.cache_dir:
-            raise MountError("no cache directory given")
         if self.fetch_timeout <= 0 or self.retries < 0:
             raise MountError("the fetch timeout must be positive and retries not negative")
         if self.amplify_bytes < 0 or self.max_requests < 1:
             raise MountError("amplify bytes must not be negative and max requests positive")
-        object.__setattr__(self, "cache_dir", os.path.abspath(self.cache_dir))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.path.abspath(self.cache_dir))
 
     def backend(self) -> BackendOptions:
         return BackendOptions(insecure=self.insecure, creds=self.creds,
-                              timeout=self.fetch_timeout, max_connections=self.max_requests)
+                              timeout=self.fetch_timeout, max_connections=self.max_requests,
+                              hosts_dir=self.hosts_dir)
 
     def to_wire(self) -> dict[str, Any]:
         """A plain map for ``fused.wire`` (credentials included: send it privately)."""

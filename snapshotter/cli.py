@@ -47,10 +47,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--address", default=DEFAULT_ADDRESS,
                    help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
     p.add_argument("--root", default=DEFAULT_ROOT,
-                   help=f"snapshots, metadata and chunk cache (default {DEFAULT_ROOT})")
-    p.add_argument("--cache-dir", help="fused chunk cache (default ROOT/cache)")
+                   help=f"snapshots and metadata (default {DEFAULT_ROOT})")
+    p.add_argument("--cache-dir", help="fused chunk cache (default: the host's, as for "
+                   "`rafs mount`)")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP to every registry (localhost always uses it)")
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors, containerd's layout (DIR/HOST[:PORT]/hosts.toml; "
+                   "default $RAFS_HOSTS_DIR or /etc/containerd/certs.d): use containerd's "
+                   "own config_path")
     p.add_argument("--no-prefetch", action="store_true",
                    help="mount RAFS images without background prefetch")
     p.add_argument("--mode", choices=("auto", "fuse", "kernel"), default="auto",
@@ -68,7 +73,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fused.cacheconf import default_cache_dir
     from fused.options import MountOptions
+    from rafs.hosts import use_hosts_dir
 
     from .keychain import Keychain
     from .remote import FusedRemote
@@ -78,9 +85,10 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     root = Path(args.root)
     claimed = claim(root, Path(args.address))
     try:
-        options = MountOptions(args.cache_dir or str(root / "cache"),
+        hosts_dir = use_hosts_dir(args.hosts_dir) if args.hosts_dir else None
+        options = MountOptions(str(args.cache_dir or default_cache_dir()),
                                prefetch=not args.no_prefetch, insecure=args.insecure or None,
-                               mode=args.mode)
+                               mode=args.mode, hosts_dir=hosts_dir)
         keychain = Keychain()
         remote = FusedRemote(options, keychain=keychain)
         try:

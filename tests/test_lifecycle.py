@@ -143,9 +143,14 @@ def _key(mnt: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """fused modules a module imports, at any level (lazy imports included)."""
+    """fused modules a module imports, at any level (lazy imports included; imports for
+    type checkers only, under ``if TYPE_CHECKING:``, are not imports at run time)."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level == 1:
                 names = [node.module] if node.module else [a.name for a in node.names]

@@ -94,11 +94,10 @@ def _force_unmount(mountpoint: str | os.PathLike[str]) -> None:
 
 
 def blob_mounts(run_dir: str | None = None) -> list[str]:
-    """Kernel mode's blob filesystems (``fuse.rafs-blobs``) still mounted in the run
-    directory ``run_dir`` (default ``$RAFS_RUN_DIR``): never other test runs' ones."""
-    base = run_dir or os.environ.get("RAFS_RUN_DIR", "/run/rafs")
-    return [mp for mp, t in fuse_mounts().items()
-            if t == "fuse.rafs-blobs" and mp.startswith(base.rstrip("/") + "/")]
+    """Kernel mode's blob filesystems (``fuse.rafs-blobs``) still mounted; with
+    ``run_dir``, only those below it (other processes' daemons are not ours)."""
+    return [mp for mp, t in fuse_mounts().items() if t == "fuse.rafs-blobs"
+            and (run_dir is None or mp.startswith(run_dir.rstrip("/") + "/"))]
 
 
 def read_stats(
@@ -139,7 +138,9 @@ def mounted(
     """
     mp = Path(mountpoint)
     mp.mkdir(parents=True, exist_ok=True)
-    run_dir = (env or {}).get("RAFS_RUN_DIR")
+    # The daemons of other tests and benchmarks on this machine have other run
+    # directories: never clean up their blob mounts.
+    run_dir = {**os.environ, **(env or {})}.get("RAFS_RUN_DIR")
     blobs_before = set(blob_mounts(run_dir))
     res = run(
         rafs_cmd("mount", image_ref, mp, "--cache-dir", cache_dir, "--mode", mode, *extra_args),
