@@ -9,7 +9,7 @@
 3. Mount it privately in fuse mode (its own daemon, so the trace holds this
    workload only, every file in first-open order),
    run CMD in a container on it (``run.run_container``), and read the access
-   trace (``fused.cli.trace``) before unmounting.
+   trace (``fused.client.trace``) before unmounting.
 4. Convert the original into DST with the trace as the prefetch list (the
    converter puts those files first in each blob).
 
@@ -30,9 +30,9 @@ from pathlib import Path
 
 from converter.convert import ConvertOptions, ConvertResult, convert
 from converter.push import check_push_target
-from fused.cli import MountOptions, mount_background, trace, umount
-from fused.errors import MountError
-from fused.mounts import find_mount, fusermount_unmount
+from fused import client
+from fused.errors import ControlError, MountError
+from fused.options import MountOptions
 from rafs.oci import (
     ANNOTATION_RAFS_SOURCE_DIGEST,
     ANNOTATION_REF_NAME,
@@ -68,8 +68,8 @@ def find_original(image: ResolvedImage) -> ImageRef:
                 return ImageRef("oci", ref.path, tag)
     elif ref.transport == "docker":
         pinned = ImageRef("docker", ref.path, None, digest)
-        with contextlib.suppress(Exception), registry_client(pinned) as client:
-            client.resolve(pinned)
+        with contextlib.suppress(Exception), registry_client(pinned) as registry:
+            registry.resolve(pinned)
             return pinned
     raise OptimizeError(f"the original of {ref} ({digest}) is not tagged in the same "
                         "layout or repository: give the plain image as SRC")
@@ -119,17 +119,15 @@ def _trace(image: ResolvedImage, mnt: Path, cmd: list[str],
     mnt.mkdir()
     # fuse mode: the daemon sees every open, so the trace lists files in first-open order
     # (kernel mode only sees page-cache misses of blob data)
-    mount_background(image.pinned, str(mnt), str(default_cache_dir()),
-                     options=MountOptions(prefetch=False, mode="fuse"))
+    client.mount(image.pinned, mnt, MountOptions(str(default_cache_dir()), prefetch=False,
+                                                 mode="fuse"))
     try:
         status = run_container(opts, image=image, lower=mnt)
-        paths = trace(str(mnt))
+        paths = client.trace(mnt)
     finally:
         try:
-            umount(str(mnt))
-        except MountError as e:
-            log.warning("unmounting %s: %s", mnt, e)
-            entry = find_mount(mnt)
-            if entry is not None and entry.is_rafs:
-                fusermount_unmount(mnt, lazy=True)
+            client.unmount(mnt)
+        except (MountError, ControlError) as e:
+            log.warning("unmounting %s: %s; ending its daemon", mnt, e)
+            client.unmount(mnt, force=True)
     return paths, status
