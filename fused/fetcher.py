@@ -27,6 +27,21 @@ Each chunk is decompressed and sha256-verified in a worker thread
 and if it fails again the readers get ``ChunkError`` (EIO), the failure is
 logged and counted, and nothing is written to the cache. Wrong bytes never
 reach the cache or a reader.
+
+Every request gets an answer, in bounded time. Two rules make it so:
+
+- *Every claim has an owner.* A chunk claimed in ``_inflight`` (by ``ensure``,
+  amplification or prefetch) is finished by whoever claimed it until a fetch
+  task takes it over, and by that task's ``finally`` after: an exception
+  anywhere (a bad record, a bug, a cancellation) still wakes every waiter with
+  an error, never leaves one waiting on an event nobody will set.
+- *Every wait has a deadline.* A fetch run (all attempts, backoff, queueing
+  for a request slot, verification) is cancelled after ``fetch_deadline`` =
+  ``timeout × (retries + 1) + max_backoff × retries`` seconds (190 s with the
+  defaults), failing its chunks; a reader waits at most ``answer_bound`` =
+  ``fetch_deadline + ANSWER_GRACE`` for a chunk and then gets ``ChunkError``
+  (EIO), counted in ``internal_errors``: it can only fire when the first rule
+  was broken, and it retires the stuck claim so the next reader fetches again.
 """
 
 from __future__ import annotations
@@ -52,8 +67,16 @@ from .errors import ChunkError
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
+ANSWER_GRACE = 5.0  # seconds a reader waits past fetch_deadline (cancellation, worker threads)
 
-__all__ = ["DEFAULT_AMPLIFY", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_RETRIES", "Fetcher", "error_class"]
+__all__ = [
+    "ANSWER_GRACE",
+    "DEFAULT_AMPLIFY",
+    "DEFAULT_FETCH_TIMEOUT",
+    "DEFAULT_RETRIES",
+    "Fetcher",
+    "error_class",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +124,16 @@ class Fetcher:
         self._inflight: dict[int, _Pending] = {}
         self._nursery: trio.Nursery | None = None
 
+    @property
+    def fetch_deadline(self) -> float:
+        """Seconds after which a fetch run is given up, whatever it is waiting for."""
+        return self.timeout * (self.retries + 1) + self.max_backoff * self.retries
+
+    @property
+    def answer_bound(self) -> float:
+        """The longest a reader ever waits for a chunk before it gets an answer."""
+        return self.fetch_deadline + ANSWER_GRACE
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Fetcher]:
         """Open the nursery that owns every fetch; cancel them all on exit."""
@@ -117,32 +150,53 @@ class Fetcher:
     async def ensure(self, indices: Sequence[int]) -> None:
         """Return once every chunk in ``indices`` can be read from the cache.
 
-        Raises ``ChunkError`` if one of them could not be fetched and verified.
+        Raises ``ChunkError`` if one of them could not be fetched and verified,
+        or got no answer within ``answer_bound`` seconds.
         """
         cache, stats = self.cache, self.stats
-        waits: list[_Pending] = []
+        waits: list[tuple[int, _Pending]] = []
         missing: list[int] = []
-        for index in indices:
-            if cache.is_ready(index):
-                stats.cache_hits += 1
-                continue
-            pending = self._inflight.get(index)
-            if pending is None:
-                if await cache.probe(index):
+        claimed: set[int] = set()  # ours to finish until a fetch task takes them over
+        try:
+            for index in indices:
+                if cache.is_ready(index):
                     stats.cache_hits += 1
                     continue
-                pending = self._inflight.get(index)  # someone may have started meanwhile
+                pending = self._inflight.get(index)
                 if pending is None:
-                    pending = self._inflight[index] = _Pending()
-                    missing.append(index)
-            stats.cache_misses += 1
-            waits.append(pending)
-        if missing:
-            self._start(missing)
-        for pending in waits:
-            await pending.done.wait()
-            if pending.error is not None:
-                raise ChunkError(pending.error)
+                    if await cache.probe(index):
+                        stats.cache_hits += 1
+                        continue
+                    pending = self._inflight.get(index)  # someone may have started meanwhile
+                    if pending is None:
+                        pending = self._inflight[index] = _Pending()
+                        claimed.add(index)
+                        missing.append(index)
+                stats.cache_misses += 1
+                waits.append((index, pending))
+            if missing:
+                self._start(missing, claimed)
+        except BaseException as e:
+            for index in claimed:
+                self._finish(index, f"chunk {index}: {e or type(e).__name__}")
+            raise
+        await self._wait(waits)
+
+    async def _wait(self, waits: list[tuple[int, _Pending]]) -> None:
+        bound = self.answer_bound
+        with trio.move_on_after(bound):
+            for _index, pending in waits:
+                await pending.done.wait()
+                if pending.error is not None:
+                    raise ChunkError(pending.error)
+            return
+        stuck = [(i, p) for i, p in waits if not p.done.is_set()]
+        self.stats.internal_errors += 1
+        log.error("chunks %s got no answer within %.0fs; retiring their fetches",
+                  [i for i, _ in stuck][:8], bound)
+        for index, pending in stuck:
+            self._finish(index, f"chunk {index}: no answer within {bound:.0f}s", pending)
+        raise ChunkError(f"chunk {stuck[0][0]}: no answer within {bound:.0f}s")
 
     # -- background prefetch -------------------------------------------------
 
@@ -187,8 +241,13 @@ class Fetcher:
             if not run:
                 continue
             pending = {i: self._inflight.setdefault(i, _Pending()) for i in run}
-            for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):  # readers took some
-                await self._fetch_run(piece, "prefetch")
+            try:
+                for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):
+                    await self._fetch_run(piece, "prefetch")  # finishes what it claims
+            finally:  # stopped or failed between pieces: release the claims not yet fetched
+                for i, p in pending.items():
+                    if not p.done.is_set():
+                        self._finish(i, f"chunk {i}: prefetch stopped", p)
             for i, p in pending.items():
                 if p.error is None:
                     ok += 1
@@ -197,14 +256,15 @@ class Fetcher:
         self.stats.prefetch_chunks += ok
         return ok
 
-    def _start(self, missing: list[int]) -> None:
+    def _start(self, missing: list[int], claimed: set[int]) -> None:
+        """Hand the claimed chunks ``missing`` to fetch tasks, amplified; each index
+        leaves ``claimed`` once a task owns it (the caller finishes the rest on error)."""
         if self._nursery is None:
-            err = "the fetcher is not running"
-            for index in missing:
-                self._finish(index, err)
-            raise ChunkError(err)
+            raise ChunkError("the fetcher is not running")
         for run in self._plan(missing, self.amplify_bytes):
-            self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
+            run = self._amplify(run, claimed)
+            self._nursery.start_soon(self._fetch_run, run, "ondemand")
+            claimed.difference_update(i for i, _ in run)
 
     def _plan(self, missing: list[int], limit: int,
               max_gap: int = 0) -> list[list[tuple[int, Chunk]]]:
@@ -239,22 +299,28 @@ class Fetcher:
         blob_index = self.cache.chunk(index).blob_index
         table = self._next.get(blob_index)
         if table is None:
+            table = self._next[blob_index] = {}
             blob = self.blobs[blob_index]
             chunk = self.cache.chunk
-            order = sorted(range(blob.chunk_start, blob.chunk_start + blob.chunk_count),
-                           key=lambda i: chunk(i).compressed_offset)
-            table = self._next[blob_index] = {}
-            for a, b in itertools.pairwise(order):
-                ca, cb = chunk(a), chunk(b)
-                if cb.compressed_offset == ca.compressed_offset + ca.compressed_size:
-                    table[a] = b
+            try:
+                order = sorted(range(blob.chunk_start, blob.chunk_start + blob.chunk_count),
+                               key=lambda i: chunk(i).compressed_offset)
+                for a, b in itertools.pairwise(order):
+                    ca, cb = chunk(a), chunk(b)
+                    if cb.compressed_offset == ca.compressed_offset + ca.compressed_size:
+                        table[a] = b
+            except RafsError as e:  # a bad record: readers of it get the error, not amplification
+                log.warning("blob %d: no read amplification: %s", blob_index, e)
+                table.clear()
         return table.get(index)
 
-    def _amplify(self, run: list[tuple[int, Chunk]]) -> list[tuple[int, Chunk]]:
+    def _amplify(self, run: list[tuple[int, Chunk]],
+                 claimed: set[int]) -> list[tuple[int, Chunk]]:
         """Extend ``run`` with the chunks that follow it while it is below amplify_bytes.
 
-        Each added chunk is claimed in ``_inflight`` like a requested one, so a
-        reader that wants it meanwhile waits for this fetch.
+        Each added chunk is claimed in ``_inflight`` (and in ``claimed``) like a
+        requested one, so a reader that wants it meanwhile waits for this fetch.
+        Amplification is an optimisation: any error stops it, never the read.
         """
         start = run[0][1].compressed_offset
         last_index, last = run[-1]
@@ -263,21 +329,32 @@ class Fetcher:
         if last.compressed_offset + last.compressed_size - start >= self.amplify_bytes:
             return run
         while True:
-            index = self._successor(last_index)
-            if index is None or index in self._inflight or self.cache.is_ready(index):
+            try:
+                index = self._successor(last_index)
+                if index is None or index in self._inflight or self.cache.is_ready(index):
+                    return run
+                c = self.cache.chunk(index)
+            except RafsError as e:
+                log.warning("read amplification stopped: %s", e)
                 return run
-            c = self.cache.chunk(index)
             if c.compressed_offset + c.compressed_size - start > self.amplify_bytes:
                 return run
             self._inflight[index] = _Pending()
+            claimed.add(index)
             run.append((index, c))
             last_index = index
 
-    def _finish(self, index: int, error: str | None) -> None:
-        pending = self._inflight.pop(index, None)
-        if pending is not None:
-            pending.error = error
-            pending.done.set()
+    def _finish(self, index: int, error: str | None, pending: _Pending | None = None) -> None:
+        """Wake the waiters of chunk ``index`` (of ``pending``, if given) with ``error``."""
+        current = self._inflight.get(index)
+        if pending is None:
+            pending = current
+        if pending is None:
+            return
+        if current is pending:
+            del self._inflight[index]
+        pending.error = error
+        pending.done.set()
 
     # -- fetching -----------------------------------------------------------
 
@@ -286,33 +363,46 @@ class Fetcher:
 
         A transient failure part way keeps the chunks already received and asks
         again for the rest, with backoff; a permanent one (or running out of
-        retries) fails the chunks not yet received.
+        retries, or ``fetch_deadline``) fails the chunks not yet received.
+        Whatever happens, every chunk of the run is finished when this returns.
         """
-        blob = self.blobs[run[0][1].blob_index]
         claimed = [(i, self._inflight.get(i)) for i, _ in run]
         todo = list(run)
-        attempt = 0
         try:
-            async with trio.open_nursery() as verifiers:
-                while todo:
-                    attempt += 1
-                    try:
-                        await self._stream_run(blob, todo, kind, verifiers)
-                    except (TransientError, trio.TooSlowError) as e:
-                        self.stats.failed(error_class(e))
-                        if attempt > self.retries:
-                            self._fail(todo, f"blob {blob.digest}: giving up after {attempt} "
-                                       f"attempts: {e or 'timed out'}")
-                            return
-                        await self._backoff(blob, todo, attempt, e)
-                    except RafsError as e:
-                        self.stats.failed(error_class(e))
-                        self._fail(todo, str(e))
-                        return
+            blob = self.blobs[run[0][1].blob_index]
+            with trio.move_on_after(self.fetch_deadline) as deadline:
+                await self._attempts(blob, todo, kind)
+            if deadline.cancelled_caught:
+                self.stats.failed("deadline")
+                self._fail(todo, f"blob {blob.digest}: no complete answer within "
+                           f"{self.fetch_deadline:.0f}s")
+        except Exception as e:  # a bug or a record nothing checked: fail the run, not the daemon
+            log.exception("fetching chunks %s failed unexpectedly", [i for i, _ in run][:8])
+            self.stats.internal_errors += 1
+            self._fail(todo, f"internal error: {type(e).__name__}: {e}")
         finally:  # cancelled or crashed: never leave a waiter hanging
             for index, pending in claimed:
                 if pending is not None and not pending.done.is_set():
-                    self._finish(index, f"chunk {index}: fetch abandoned")
+                    self._finish(index, f"chunk {index}: fetch abandoned", pending)
+
+    async def _attempts(self, blob: Blob, todo: list[tuple[int, Chunk]], kind: str) -> None:
+        attempt = 0
+        async with trio.open_nursery() as verifiers:
+            while todo:
+                attempt += 1
+                try:
+                    await self._stream_run(blob, todo, kind, verifiers)
+                except (TransientError, trio.TooSlowError) as e:
+                    self.stats.failed(error_class(e))
+                    if attempt > self.retries:
+                        self._fail(todo, f"blob {blob.digest}: giving up after {attempt} "
+                                   f"attempts: {e or 'timed out'}")
+                        return
+                    await self._backoff(blob, todo, attempt, e)
+                except RafsError as e:
+                    self.stats.failed(error_class(e))
+                    self._fail(todo, str(e))
+                    return
 
     async def _stream_run(self, blob: Blob, todo: list[tuple[int, Chunk]], kind: str,
                           verifiers: trio.Nursery) -> None:
@@ -359,9 +449,11 @@ class Fetcher:
                                  f"{end - start} bytes")
 
     def _fail(self, todo: list[tuple[int, Chunk]], message: str) -> None:
-        log.error("%s", message)
+        if todo:
+            log.error("%s", message)
         for index, _ in todo:
             self._finish(index, f"chunk {index}: {message}")
+        todo.clear()
 
     async def _backoff(self, blob: Blob, todo: list[tuple[int, Chunk]], attempt: int,
                        e: BaseException) -> None:
@@ -400,10 +492,22 @@ class Fetcher:
                 log.error("chunk %d of blob %s: %s", index, blob.digest, e)
                 self._finish(index, f"chunk {index}: {e}")
                 return
+            except Exception as e:  # never let one chunk take the run (and the daemon) down
+                log.exception("chunk %d of blob %s: storing it failed unexpectedly",
+                              index, blob.digest)
+                self.stats.internal_errors += 1
+                self._finish(index, f"chunk {index}: internal error: {type(e).__name__}: {e}")
+                return
             try:
                 payload = await self._read_one(blob, c, kind)
             except RafsError as e:
                 self._finish(index, f"chunk {index}: {e}")
+                return
+            except Exception as e:
+                log.exception("chunk %d of blob %s: refetch failed unexpectedly",
+                              index, blob.digest)
+                self.stats.internal_errors += 1
+                self._finish(index, f"chunk {index}: internal error: {type(e).__name__}: {e}")
                 return
         self._finish(index, None)
 

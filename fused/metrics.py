@@ -24,7 +24,8 @@ from .stats import HELP, KINDS, LATENCY_BUCKETS, Stats
 __all__ = ["StatsCollector", "new_registry", "parse_address", "render", "serve_http"]
 
 _PLAIN = ("read_requests", "read_bytes", "cache_hits", "cache_misses", "cache_corrupt",
-          "retries", "range_ignored", "prefetch_chunks", "digest_failures", "errors")
+          "retries", "range_ignored", "prefetch_chunks", "digest_failures", "errors",
+          "internal_errors")
 
 
 class StatsCollector(Collector):
