@@ -212,7 +212,7 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
         backend = await stack.enter_async_context(open_backend(ref, cfg.backend))
         backend.stats = stats
         boot_path = await load_bootstrap(backend, cfg.cache_dir)
-        bootstrap = Bootstrap.open(boot_path)
+        bootstrap = Bootstrap.open(boot_path, stamp=True, fsck=mode == "kernel")  # validated
         stack.callback(bootstrap.close)
         cache = ChunkCache(cfg.cache_dir, bootstrap.blobs, bootstrap.chunk, stats)
         stack.callback(cache.close)
