@@ -38,6 +38,7 @@ from .model import Blob, Chunk
 log = logging.getLogger(__name__)
 
 STAMP_SUFFIX = ".validated"
+DIR_BLOCKS = 4096  # decoded directory blocks kept per bootstrap
 
 BS = erofs.BLOCK_SIZE
 
@@ -72,6 +73,7 @@ class Bootstrap:
         self._mmap = _owner
         self.buf = memoryview(buf)
         self.validated: validator.Validated | None = None
+        self._blocks: dict[tuple[int, int], list[tuple[bytes, int, int]]] = {}
         try:
             if validate:
                 self.validated = validator.validate(self.buf)
@@ -220,9 +222,19 @@ class Bootstrap:
     # --- directories ----------------------------------------------------------------
 
     def _dir_block(self, ino: Inode, index: int) -> list[tuple[bytes, int, int]]:
-        start = index * BS
-        length = min(BS, ino.size - start)
-        return erofs.unpack_dir_block(self._data(ino, start, length), start)
+        """The decoded entries of one directory block (the last ``DIR_BLOCKS`` are kept:
+        a lookup's binary search decodes the same few blocks again and again)."""
+        key = (ino.nid, index)
+        entries = self._blocks.get(key)
+        if entries is None:
+            start = index * BS
+            length = min(BS, ino.size - start)
+            entries = erofs.unpack_dir_block(self._data(ino, start, length), start)
+            if len(self._blocks) >= DIR_BLOCKS:  # oldest first; a racing thread may win
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    del self._blocks[next(iter(self._blocks))]
+            self._blocks[key] = entries
+        return entries
 
     def _dir_blocks(self, ino: Inode) -> int:
         if not ino.is_dir:
