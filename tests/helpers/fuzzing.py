@@ -48,7 +48,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -658,18 +658,24 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float
-         ) -> tuple[int | None, str, str]:
-    """(exit status or None on timeout, stdout, stderr); the process group dies on timeout."""
+def _run(cmd: list[str], env: dict[str, str], timeout: float,
+         on_timeout: Callable[[], object] | None = None) -> tuple[int | None, str, str]:
+    """(exit status or None on timeout, stdout, stderr). On timeout ``on_timeout`` runs
+    first (abort the FUSE connections a reader may be stuck on), then the group dies."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True, stdin=subprocess.DEVNULL)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         return proc.returncode, stdout, stderr
     except subprocess.TimeoutExpired:
+        if on_timeout is not None:
+            on_timeout()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = "", "unkillable even after the abort"
         return None, stdout, stderr
 
 
@@ -680,8 +686,13 @@ def _clean_line(stderr: str) -> str | None:
     return None
 
 
-def run_mounted(seed: Seed, case: Case, root: Path, mode: str) -> Outcome:
-    """``rafs mount`` ``case`` in ``mode``, read the whole tree, tear down; nothing left."""
+def run_mounted(seed: Seed, case: Case, root: Path, mode: str, *,
+                freeze_daemon: bool = False) -> Outcome:
+    """``rafs mount`` ``case`` in ``mode``, read the whole tree, tear down; nothing left.
+
+    ``freeze_daemon`` stops the daemon (SIGSTOP) before the read, so the case must
+    end as a hang that the teardown still cleans up (the fuzzer checking itself).
+    """
     out = Outcome(case.number, case.target, mode, case.description)
     work = root / f"case{case.number}-{mode}"
     run_dir, mnt, cache = work / "run", work / "mnt", work / "cache"
@@ -711,7 +722,15 @@ def run_mounted(seed: Seed, case: Case, root: Path, mode: str) -> Outcome:
             out.refused = line
             return out
         out.validated = True
+        if freeze_daemon:  # the fuzzer's own check: a daemon that never answers
+            for pid in _daemon_pids(run_dir):
+                os.kill(pid, signal.SIGSTOP)
         _read_mounted(mnt, env, case, chunks, out)
+        out.read = not out.hang
+        if not out.hang:
+            code, stdout, _e = _run(rafs_cmd("stats", mnt), env, 60)
+            if code == 0 and json.loads(stdout)["stats"].get("internal_errors"):
+                out.traceback.append("the daemon counted internal errors")
     finally:
         _teardown(work, run_dir, mnt, env, out)
     return out
@@ -719,8 +738,14 @@ def run_mounted(seed: Seed, case: Case, root: Path, mode: str) -> Outcome:
 
 def _read_mounted(mnt: Path, env: dict[str, str], case: Case, chunks: dict[bytes, bytes],
                   out: Outcome) -> None:
+    run_dir = Path(env["RAFS_RUN_DIR"])
+
+    def abort() -> None:
+        abort_fuse_under(str(mnt))
+        abort_fuse_under(str(run_dir))
+
     code, stdout, stderr = _run([sys.executable, "-m", "tests.helpers.treeread", str(mnt)],
-                                env, READ_LIMIT)
+                                env, READ_LIMIT, abort)
     if code is None:
         out.hang.append(f"reading the tree took over {READ_LIMIT:.0f}s")
     elif code != 0:
@@ -760,7 +785,12 @@ def _expected_tree(case: Case, chunks: dict[bytes, bytes]) -> dict[bytes, list[b
 
 def _teardown(work: Path, run_dir: Path, mnt: Path, env: dict[str, str], out: Outcome) -> None:
     prefixes = [str(mnt), str(run_dir)]
-    if _mounts_under(prefixes):
+    if out.hang:  # it did not answer once: do not wait for it again, take it down
+        for pid in _daemon_pids(run_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+    elif _mounts_under(prefixes):
         code, _o, _err = _run(rafs_cmd("umount", mnt), env, 60)
         if code is None:
             out.hang.append("rafs umount did not return")
@@ -778,6 +808,14 @@ def _teardown(work: Path, run_dir: Path, mnt: Path, env: dict[str, str], out: Ou
             out.hang.append(f"daemon {pid} still running after unmount")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 15
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    for log_file in run_dir.glob("*.log"):
+        with contextlib.suppress(OSError):
+            if "Traceback" in log_file.read_text(errors="replace"):
+                out.traceback.append(f"traceback in the daemon log {log_file.name}")
     left = _mounts_under(prefixes)
     if left:
         out.hang.append(f"mounts left behind: {left}")
