@@ -351,6 +351,9 @@ class _Validator:
             for name, child, ftype, where in self._entries(nid):
                 dirents += 1
                 if name == b"." or name == b"..":
+                    if ftype != ft_dir:
+                        raise _bad(f"{name.decode()!r} of directory nid {nid} has file type "
+                                   f"{ftype}", where + 10)
                     if child != (nid if name == b"." else parent):
                         raise _bad(f"{name.decode()!r} of directory nid {nid} names nid "
                                    f"{child}, not {nid if name == b'.' else parent}", where)
