@@ -11,6 +11,8 @@ across restarts)::
                                  when every block it covers has its bit set
     bootstraps/<alg>/<hex>       verified raw bootstraps, named by the digest of
                                  their uncompressed bytes
+    bootstraps/<alg>/<hex>.validated  written by ``rafs.bootstrap``: this file
+                                 passed the bootstrap validator (and fsck.erofs)
 
 The bitmap is indexed by block of the blob's own address space, not by chunk
 table index: chunk tables are per bootstrap and two images sharing a blob (a

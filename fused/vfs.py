@@ -4,7 +4,7 @@
 (attributes, lookup, readdir, readlink, xattrs, statfs, read) in terms of
 inode numbers, and raises ``FusedError`` subclasses (which carry their errno).
 It can be driven from tests inside ``trio.run`` without a kernel; the FUSE
-adapter (``fused.fuseops``) only translates types.
+adapter (``fused.fuseops`` on ``fused.adapter``) only translates types.
 
 Inode numbers are derived from EROFS nids so they are stable across mounts and
 daemons: FUSE requires the root to be inode 1, so
