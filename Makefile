@@ -11,7 +11,8 @@ STAMP := $(VENV)/.rafs-installed
 PYTEST_ARGS ?=
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc erofs-utils umoci skopeo debootstrap \
-	runc containerd docker-registry zstd ca-certificates stargz-snapshotter
+	runc containerd docker-registry zstd ca-certificates stargz-snapshotter \
+	tinyproxy-bin
 # python3-dev only when the interpreter we build the venv from has no headers.
 PY_HAS_HEADERS := $(shell $(PYTHON) -c 'import os, sysconfig; \
 	print(int(os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))))' \
@@ -25,7 +26,7 @@ ifneq ($(PY_HAS_ENSUREPIP),1)
 APT_PACKAGES += python3-venv
 endif
 
-.PHONY: setup apt-packages fuse-device test demo bench lint clean protos
+.PHONY: setup apt-packages fuse-device test demo bench bench-deps lint clean protos
 
 setup: apt-packages fuse-device $(STAMP)
 
@@ -68,12 +69,21 @@ demo: setup
 bench: setup
 	$(VPY) -m runtime.cli bench --out results
 
+# Only for `rafs bench --against estargz` (which does this itself on first use):
+# apt-get install golang-go golang-github-containerd-stargz-snapshotter-dev and build
+# the eStargz peer into /var/cache/rafs/peers/.
+bench-deps: setup
+	$(VPY) -m bench.peers.estargz
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# The containerd snapshots API stubs (committed; run after editing a .proto).
+# The gRPC stubs (committed; run after editing a .proto): containerd's snapshots API,
+# and CRI's (k8s.io/cri-api runtime/v1: the snapshotter's image-service proxy, the
+# tests' CRI client).
 PROTOS := snapshotter/api/containerd/types/mount.proto \
-	snapshotter/api/containerd/services/snapshots/v1/snapshots.proto
+	snapshotter/api/containerd/services/snapshots/v1/snapshots.proto \
+	snapshotter/api/k8s/runtime/v1/api.proto
 protos: setup
 	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	rm -f snapshotter/api/containerd/types/mount_pb2_grpc.py

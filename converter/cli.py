@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 
+from rafs import sizes
 from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL
 
 from .chunker import DEFAULT_CHUNK_SIZE
@@ -13,15 +13,12 @@ from .errors import OptionError
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
 def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``1M``, ``1MiB`` -> bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    """``4096``, ``64K``, ``1M``, ``1MiB`` -> bytes (``rafs.sizes``, for argparse)."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -54,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    "REGISTRY_AUTH_FILE or ~/.docker/config.json)")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP to registries even if they are not on localhost")
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors for docker:// pulls, containerd's layout "
+                   "(DIR/HOST[:PORT]/hosts.toml; default $RAFS_HOSTS_DIR or "
+                   "/etc/containerd/certs.d); pushes go to the registry")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress (default: when stderr is a terminal)")
     p.set_defaults(func=run)
@@ -72,8 +73,12 @@ def _read_prefetch(path: str | None) -> list[bytes]:
 
 def run(args: argparse.Namespace) -> int:
     from rafs.credentials import parse_creds
+    from rafs.hosts import use_hosts_dir
 
     from .convert import ConvertOptions, convert  # heavy: only when converting
+
+    if args.hosts_dir:
+        use_hosts_dir(args.hosts_dir)  # every registry client of this process reads it
 
     options = ConvertOptions(
         chunk_size=args.chunk_size, compression=args.compression, level=args.level,

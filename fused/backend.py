@@ -8,7 +8,14 @@ release each chunk of a long range as soon as it has arrived). Backends
 never verify chunks: the fetcher does, against the sha256 in the bootstrap.
 
 A backend also knows where its image lives: ``resolve()`` returns the image's
-manifest (the root of the trust chain).
+manifest (the root of the trust chain, ``rafs.trust``), and ``read_blob`` a
+whole small blob (the bootstrap layer), retried where the backend can fail
+transiently; ``name`` is the image as messages name it.
+
+A backend may have several sources for the same bytes (a registry's mirrors
+and the registry itself): ``sources`` says how many, and ``distrust(blob,
+offset, length)`` is the fetcher telling it that the bytes it sent there did
+not verify, so that the next read of them comes from another source.
 
 ``BACKENDS`` maps an image-reference transport (``oci``, ``docker``) to the
 backend class that serves it; ``open_backend(ref, options)`` is the only
@@ -21,18 +28,23 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import trio
 
 from rafs.errors import BackendError, ImageError, TransientError
-from rafs.oci import ImageRef, Manifest, OCILayout, is_rafs
+from rafs.oci import ImageRef, Manifest, OCILayout
 
 from .options import BackendOptions
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from rafs.registry import Endpoint
 
 __all__ = ["BACKENDS", "Backend", "BackendOptions", "LocalBackend", "RegistryBackend",
            "open_backend"]
@@ -44,6 +56,7 @@ class Backend(ABC):
     """Reads byte ranges of blobs addressed by their OCI digest."""
 
     scheme: ClassVar[str]
+    name: str = "the image"  # the image, as messages name it
     stats: Stats | None = None  # set by the daemon: backends count protocol oddities here
 
     @classmethod
@@ -51,8 +64,13 @@ class Backend(ABC):
         raise NotImplementedError
 
     async def resolve(self) -> Manifest:
-        """The manifest of the RAFS image this backend serves (ImageError if it is not one)."""
+        """The manifest of the image this backend serves (``rafs.trust`` checks that it
+        is a RAFS image)."""
         raise ImageError(f"{self.scheme} backends cannot resolve an image")
+
+    async def read_blob(self, blob_digest: str, size: int) -> bytes:
+        """A whole blob of ``size`` bytes (the bootstrap layer); the caller verifies it."""
+        return await self.read(blob_digest, 0, size)
 
     @abstractmethod
     async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
@@ -62,6 +80,17 @@ class Backend(ABC):
         """The same bytes as ``read``, in pieces as they arrive (a short stream is
         a truncated response: the fetcher asks again for the rest)."""
         yield await self.read(blob_digest, offset, length)
+
+    @property
+    def sources(self) -> int:
+        """How many independent sources can serve a byte range (a refetch of bytes
+        that did not verify is worth this many tries)."""
+        return 1
+
+    def distrust(self, blob_digest: str, offset: int, length: int) -> None:
+        """The bytes ``[offset, offset+length)`` of the blob, as last read, did not
+        match their digest: read them from elsewhere next time, if there is a choice."""
+        return None
 
     async def aclose(self) -> None:
         """Release connections and file descriptors."""
@@ -91,6 +120,7 @@ class LocalBackend(Backend):
     def __init__(self, layout_path: str | os.PathLike[str], tag: str | None = None) -> None:
         self.layout = OCILayout(Path(layout_path))  # ImageError if it is not a layout
         self.tag = tag
+        self.name = f"oci:{self.layout.path}" + (f":{tag}" if tag else "")
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()  # _fds is touched from worker threads
 
@@ -99,11 +129,7 @@ class LocalBackend(Backend):
         return cls(ref.path, ref.tag)
 
     async def resolve(self) -> Manifest:
-        manifest = await trio.to_thread.run_sync(self.layout.resolve, self.tag)
-        if not is_rafs(manifest):
-            raise ImageError(f"oci:{self.layout.path}:{self.tag or ''} is not a RAFS image "
-                             "(convert it with `rafs convert`)")
-        return manifest
+        return await trio.to_thread.run_sync(self.layout.resolve, self.tag)
 
     def blob_path(self, blob_digest: str) -> Path:
         return self.layout.blob_path(blob_digest)
@@ -146,29 +172,62 @@ class RegistryBackend(Backend):
     """Blobs of an image in an OCI registry, read with HTTP Range requests on a
     keep-alive connection pool (``rafs.registry.AsyncRegistryClient``).
 
-    One attempt per call: the fetcher owns retries, and learns from the
-    ``TransientError`` raised here whether (and after how long) to retry.
+    ``read`` and ``stream`` are one attempt per call on each endpoint of the
+    registry (mirrors, then the registry: ``rafs.hosts``): the fetcher owns
+    their retries, and learns from the ``TransientError`` raised here whether
+    (and after how long) to retry. ``resolve`` and ``read_blob`` are retried by
+    the client, under its ``rafs.retry.RetryPolicy``. Which endpoint sent which
+    bytes is remembered for the last ``SERVED`` ranges, so that ``distrust``
+    blames the right one. The endpoints' counters and states are in ``stats``
+    (``rafs stats``: ``endpoints``).
     """
 
     scheme = "docker"
+    SERVED = 1024
 
     def __init__(self, ref: ImageRef, options: BackendOptions) -> None:
         from rafs.registry import AsyncRegistryClient
 
         self.ref = ref
+        self.name = str(ref)
         self.client = AsyncRegistryClient.for_ref(
             ref, insecure=options.insecure, creds=options.creds, timeout=options.timeout,
-            max_connections=options.max_connections)
+            max_connections=options.max_connections, hosts_dir=options.hosts_dir)
+        # (blob digest, start, end, endpoint) of the ranges read lately
+        self._served: deque[tuple[str, int, int, Endpoint]] = deque(maxlen=self.SERVED)
+        self._stats: Stats | None = None
+
+    @property  # type: ignore[override]
+    def stats(self) -> Stats | None:
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: Stats | None) -> None:
+        self._stats = stats
+        if stats is not None:
+            stats.endpoints = {e.name: self.client.health[e] for e in self.client.endpoints}
+
+    @property
+    def sources(self) -> int:
+        return len(self.client.pull_endpoints)
+
+    def distrust(self, blob_digest: str, offset: int, length: int) -> None:
+        end = offset + length
+        blamed = {e for digest, start, stop, e in self._served
+                  if digest == blob_digest and start < end and offset < stop}
+        for e in blamed:
+            self.client.distrust(e, f"blob {blob_digest} bytes {offset}-{end - 1} did not "
+                                 "match their digest")
 
     @classmethod
     def from_ref(cls, ref: ImageRef, options: BackendOptions) -> Self:
         return cls(ref, options)
 
     async def resolve(self) -> Manifest:
-        manifest = await self.client.resolve(self.ref)
-        if not is_rafs(manifest):
-            raise ImageError(f"{self.ref} is not a RAFS image (convert it with `rafs convert`)")
-        return manifest
+        return await self.client.resolve(self.ref)
+
+    async def read_blob(self, blob_digest: str, size: int) -> bytes:
+        return await self.client.get_blob(self.ref.repository, blob_digest, size)
 
     async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
         pieces = [piece async for piece in self.stream(blob_digest, offset, length)]
@@ -180,11 +239,17 @@ class RegistryBackend(Backend):
 
     async def stream(self, blob_digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
         ignored = self.client.counters.range_ignored
+        sources: list[tuple[int, Endpoint]] = []
         try:
-            async for piece in self.client.stream_range(self.ref.repository, blob_digest,
-                                                        offset, length):
-                yield piece
+            async with aclosing(self.client.stream_range(self.ref.repository, blob_digest,
+                                                         offset, length,
+                                                         sources=sources)) as pieces:
+                async for piece in pieces:
+                    yield piece
         finally:
+            ends = [start for start, _ in sources[1:]] + [offset + length]
+            for (start, endpoint), stop in zip(sources, ends[:len(sources)], strict=True):
+                self._served.append((blob_digest, start, stop, endpoint))
             if self.stats is not None:
                 self.stats.range_ignored += self.client.counters.range_ignored - ignored
 

@@ -28,10 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rafs import sizes
 from rafs.credentials import parse_creds
+from rafs.hosts import DEFAULT_HOSTS_DIR, HOSTS_DIR_ENV, load_hosts, use_hosts_dir
 from rafs.oci import parse_image_ref
 
 
+from .cacheconf import load_config
 from .control import ensure_run_dir, paths_for, request
 from .errors import ControlError, MountError, NotMountedError
 from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES, BackendOptions
@@ -59,8 +62,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--cache-dir", required=True, metavar="DIR",
-                   help="chunk cache, shared by every mount on the host")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="chunk cache, shared by every mount on the host (default: the "
+                   "host's, $RAFS_CACHE_DIR or /var/lib/rafs/cache for root; see `rafs cache`)")
+    p.add_argument("--cache-max", metavar="SIZE",
+                   help="cap of the cache, e.g. 20G or 15%% of its file system (default: "
+                   "cache.max of the host config file, else none); least recently used "
+                   "chunks are evicted past it")
+    p.add_argument("--cache-min-free", metavar="SIZE",
+                   help="evict while the cache's file system has less free than this "
+                   "(default: cache.min_free of the host config file, else 5%%)")
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process until unmounted")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -88,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--creds", metavar="USER:PASS",
                    help="registry credentials (default: REGISTRY_AUTH_FILE or "
                    "~/.docker/config.json)")
+    add_hosts_dir_argument(p)
     p.set_defaults(func=_cmd_mount)
 
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
@@ -113,6 +125,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=_cmd_trace)
 
 
+def add_hosts_dir_argument(p: argparse.ArgumentParser) -> None:
+    """``--hosts-dir``: registry mirrors, containerd's hosts.toml layout (``rafs.hosts``)."""
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors and TLS settings in containerd's layout "
+                   "(DIR/HOST[:PORT]/hosts.toml; default $" + HOSTS_DIR_ENV + " or "
+                   + DEFAULT_HOSTS_DIR + ")")
+
+
 # -- mount --------------------------------------------------------------------
 
 
@@ -132,29 +152,30 @@ def _log_level() -> str:
 
 
 def _size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
-        n = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (say 512K, 1M, 4194304)") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    return n
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
     image = _absolute_ref(args.image)
-    cache_dir = os.path.abspath(args.cache_dir)
+    # -- the cache (fused.cacheconf): a bad SIZE or config file is one line, here --
+    config = load_config().with_flags(args.cache_max, args.cache_min_free)
+    cache_dir = os.path.abspath(args.cache_dir) if args.cache_dir else str(config.dir)
     if args.fetch_timeout <= 0 or args.retries < 0:
         raise MountError("--fetch-timeout must be positive and --retries not negative")
     options = MountOptions(prefetch=args.prefetch, amplify_bytes=args.amplify_bytes,
                            fetch_timeout=args.fetch_timeout, retries=args.retries,
                            metrics_address=args.metrics_address,
                            insecure=True if args.insecure else None, creds=parse_creds(args.creds),
-                           mode=args.mode)
+                           mode=args.mode, cache_max=args.cache_max,
+                           cache_min_free=args.cache_min_free,
+                           hosts_dir=use_hosts_dir(args.hosts_dir) if args.hosts_dir else None)
     if args.foreground:
         from .daemon import run
+
+        _check_hosts(image, options)
 
         if options.mode == "kernel":
             resolve_mode("kernel")
@@ -183,16 +204,25 @@ class MountOptions:
     insecure: bool | None = None
     creds: tuple[str, str] | None = None
     mode: str = "auto"  # auto | fuse | kernel
+    cache_max: str | None = None  # over the host config (fused.cacheconf)
+    cache_min_free: str | None = None
+    hosts_dir: str | None = None  # None: rafs.hosts' default ($RAFS_HOSTS_DIR, certs.d)
 
     def daemon_args(self) -> list[str]:
         args = ["--amplify-bytes", str(self.amplify_bytes), "--mode", self.mode,
                 "--fetch-timeout", str(self.fetch_timeout), "--retries", str(self.retries)]
+        if self.cache_max is not None:
+            args += ["--cache-max", self.cache_max]
+        if self.cache_min_free is not None:
+            args += ["--cache-min-free", self.cache_min_free]
         if not self.prefetch:
             args.append("--no-prefetch")
         if self.metrics_address:
             args += ["--metrics-address", self.metrics_address]
         if self.insecure:
             args.append("--insecure")
+        if self.hosts_dir:
+            args += ["--hosts-dir", self.hosts_dir]
         return args
 
     def daemon_config(self, image: str, mountpoint: str, cache_dir: str) -> DaemonConfig:
@@ -202,19 +232,36 @@ class MountOptions:
                             amplify_bytes=self.amplify_bytes,
                             fetch_timeout=self.fetch_timeout, retries=self.retries,
                             metrics_address=self.metrics_address, mode=self.mode,
+                            cache_max=self.cache_max, cache_min_free=self.cache_min_free,
                             backend=BackendOptions(insecure=self.insecure, creds=self.creds,
-                                                   timeout=self.fetch_timeout))
+                                                   timeout=self.fetch_timeout,
+                                                   hosts_dir=self.hosts_dir))
+
+
+def _check_hosts(image: str, options: MountOptions) -> None:
+    """A registry image's hosts.toml is read here first, so that a bad one is one
+    error line (naming the file) before any daemon starts."""
+    ref = parse_image_ref(image)
+    if ref.transport == "docker":
+        load_hosts(ref.registry, options.hosts_dir, insecure=options.insecure)
 
 
 def mount_background(
-    image: str, mountpoint: str, cache_dir: str, *, timeout: float = DEFAULT_TIMEOUT,
-    prefetch: bool = True, options: MountOptions | None = None,
+    image: str, mountpoint: str, cache_dir: str | None = None, *,
+    timeout: float = DEFAULT_TIMEOUT, prefetch: bool = True,
+    options: MountOptions | None = None,
 ) -> int:
-    """Start a detached daemon and return its pid once the mount is ready."""
+    """Start a detached daemon and return its pid once the mount is ready.
+
+    ``cache_dir`` None: the host's cache (``fused.cacheconf.default_cache_dir``)."""
     if options is None:
         options = MountOptions(prefetch=prefetch)
+    # The daemon parses these too; a bad one is one line here, before anything starts.
+    config = load_config().with_flags(options.cache_max, options.cache_min_free)
+    cache_dir = os.path.abspath(cache_dir) if cache_dir else str(config.dir)
     if options.mode == "kernel":
         resolve_mode("kernel")  # fail here, at once, with the reason (the daemon checks too)
+    _check_hosts(image, options)
     mp = canonical(mountpoint)
     paths = paths_for(mp)
     ensure_run_dir()

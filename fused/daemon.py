@@ -29,7 +29,7 @@ Run as ``python -m fused.daemon IMAGE MOUNTPOINT --cache-dir DIR``.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import functools
 import json
 import logging
 import os
@@ -46,19 +46,15 @@ from typing import Any
 import pyfuse3
 import trio
 
-from rafs import codec
 from rafs.bootstrap import Bootstrap
-from rafs.errors import DigestError, ImageError, RafsError, TransientError
-from rafs.oci import (
-    ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
-    bootstrap_descriptor,
-    parse_image_ref,
-    sha256_digest,
-)
+from rafs.errors import RafsError
+from rafs.oci import parse_image_ref
+from rafs.trust import bootstrap_layer, raw_bootstrap_digest, verify_bootstrap
 
 from .backend import Backend, BackendOptions, open_backend
 from .cli import CREDS_ENV
-from .cache import ChunkCache, cached_bootstrap, store_bootstrap
+from .cache import cached_bootstrap, store_bootstrap
+from .cachehost import held_bootstrap, open_cache, resolve_config
 from .control import ensure_run_dir, paths_for
 from .control_server import serve as serve_control
 from .errors import MountError
@@ -94,6 +90,8 @@ class DaemonConfig:
     metrics_address: str | None = None
     backend: BackendOptions = field(default_factory=BackendOptions)
     mode: str = "auto"  # auto | fuse | kernel (see fused.kernelmount)
+    cache_max: str | None = None  # over the host config's cache.max (fused.cacheconf)
+    cache_min_free: str | None = None  # over its cache.min_free
 
 
 # -- the image ----------------------------------------------------------------
@@ -101,43 +99,21 @@ class DaemonConfig:
 
 async def load_bootstrap(backend: Backend, cache_dir: str) -> Path:
     """Path of the verified raw bootstrap of the backend's image, fetched into the cache
-    if needed: manifest digest → bootstrap layer digest → uncompressed digest."""
+    if needed (the chain of digests is ``rafs.trust``'s; the backend retries)."""
     manifest = await backend.resolve()
-    desc = bootstrap_descriptor(manifest)
-    expected = desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST)
+    desc = bootstrap_layer(manifest, backend.name)
+    expected = raw_bootstrap_digest(desc)
     if expected is not None:
         path = await trio.to_thread.run_sync(cached_bootstrap, cache_dir, expected)
         if path is not None:
             log.info("using cached bootstrap %s", path)
             return path
-    if desc.size > codec.MAX_BOOTSTRAP:
-        raise ImageError(f"bootstrap layer of {desc.size} bytes is too large")
-    payload = await _read_retrying(backend, desc.digest, desc.size)
-
-    def verify() -> tuple[str, bytes]:
-        if sha256_digest(payload) != desc.digest:
-            raise DigestError(f"bootstrap layer {desc.digest} does not match its digest")
-        raw = codec.decode_bootstrap(payload, expected)
-        return "sha256:" + hashlib.sha256(raw).hexdigest(), raw
-
-    digest, raw = await trio.to_thread.run_sync(verify)
-    path = await trio.to_thread.run_sync(store_bootstrap, cache_dir, digest, raw)
-    log.info("bootstrap %s stored at %s", digest, path)
+    payload = await backend.read_blob(desc.digest, desc.size)
+    boot = await trio.to_thread.run_sync(
+        functools.partial(verify_bootstrap, manifest, payload, name=backend.name))
+    path = await trio.to_thread.run_sync(store_bootstrap, cache_dir, boot.digest, boot.raw)
+    log.info("bootstrap %s stored at %s", boot.digest, path)
     return path
-
-
-async def _read_retrying(backend: Backend, digest: str, size: int, attempts: int = 5) -> bytes:
-    """A whole blob (the bootstrap), retrying transient failures with backoff."""
-    for attempt in range(attempts):
-        try:
-            return await backend.read(digest, 0, size)
-        except TransientError as e:
-            if attempt == attempts - 1:
-                raise
-            delay = max(min(8.0, 0.25 * 2 ** attempt), min(e.retry_after or 0.0, 30.0))
-            log.info("%s; retrying in %.1fs", e, delay)
-            await trio.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 # -- serving ------------------------------------------------------------------
@@ -211,11 +187,15 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
     async with AsyncExitStack() as stack:
         backend = await stack.enter_async_context(open_backend(ref, cfg.backend))
         backend.stats = stats
-        boot_path = await load_bootstrap(backend, cfg.cache_dir)
+        # -- the chunk cache (fused.cachehost): bootstrap held in use, index, evictor --
+        boot_path, held = await held_bootstrap(lambda: load_bootstrap(backend, cfg.cache_dir))
+        stack.callback(os.close, held)
         bootstrap = Bootstrap.open(boot_path, stamp=True, fsck=mode == "kernel")  # validated
         stack.callback(bootstrap.close)
-        cache = ChunkCache(cfg.cache_dir, bootstrap.blobs, bootstrap.chunk, stats)
+        cache = open_cache(cfg.cache_dir, bootstrap, boot_path, stats,
+                           resolve_config(cfg.cache_max, cfg.cache_min_free), cfg.image)
         stack.callback(cache.close)
+        # -- end of the chunk cache --
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(cache.run)
         fetcher = Fetcher(cache, backend, stats, max_requests=cfg.max_requests,
@@ -556,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     parser.add_argument("--metrics-address")
     parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--hosts-dir")
     parser.add_argument("--mode", choices=MODES, default="auto")
+    parser.add_argument("--cache-max")
+    parser.add_argument("--cache-min-free")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -571,9 +554,11 @@ def main(argv: list[str] | None = None) -> int:
                        readahead_kb=args.readahead_kb, prefetch=not args.no_prefetch,
                        amplify_bytes=args.amplify_bytes, fetch_timeout=args.fetch_timeout,
                        retries=args.retries, metrics_address=args.metrics_address,
-                       mode=args.mode,
+                       mode=args.mode, cache_max=args.cache_max,
+                       cache_min_free=args.cache_min_free,
                        backend=BackendOptions(insecure=True if args.insecure else None,
-                                              creds=creds, timeout=args.fetch_timeout))
+                                              creds=creds, timeout=args.fetch_timeout,
+                                              hosts_dir=args.hosts_dir))
     try:
         run(cfg, _pipe_reporter(args.ready_fd))
     except RafsError as e:

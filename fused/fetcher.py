@@ -20,13 +20,15 @@ bytes, across holes of up to ``PREFETCH_GAP`` bytes) so readers always come firs
 Fetches run in the fetcher's own nursery (``async with fetcher.running()``),
 never in a reader's task, so a reader that goes away does not abort a fetch
 others wait for. Backend reads are bounded by a ``trio.CapacityLimiter``;
-transient backend errors are retried with exponential backoff and jitter
-(a ``retry_after`` the server sent is honoured, capped by ``max_backoff``).
+transient backend errors are retried under ``rafs.retry.RetryPolicy``
+(exponential backoff with jitter; a ``retry_after`` the server sent is
+honoured up to the policy's cap).
 Each chunk is decompressed and sha256-verified in a worker thread
-(``rafs.codec.decode_chunk``); a mismatch is fetched once more on its own,
-and if it fails again the readers get ``ChunkError`` (EIO), the failure is
-logged and counted, and nothing is written to the cache. Wrong bytes never
-reach the cache or a reader.
+(``rafs.codec.decode_chunk``); a mismatch is fetched again on its own, once
+per source of the backend (``Backend.distrust`` first: a registry's mirror that
+sent it is passed over), and if it fails every time the readers get
+``ChunkError`` (EIO), the failure is logged and counted, and nothing is
+written to the cache. Wrong bytes never reach the cache or a reader.
 
 Every request gets an answer, in bounded time. Two rules make it so:
 
@@ -36,20 +38,30 @@ Every request gets an answer, in bounded time. Two rules make it so:
   anywhere (a bad record, a bug, a cancellation) still wakes every waiter with
   an error, never leaves one waiting on an event nobody will set.
 - *Every wait has a deadline.* A fetch run (all attempts, backoff, queueing
-  for a request slot, verification) is cancelled after ``fetch_deadline`` =
-  ``timeout × (retries + 1) + max_backoff × retries`` seconds (190 s with the
-  defaults), failing its chunks; a reader waits at most ``answer_bound`` =
-  ``fetch_deadline + ANSWER_GRACE`` for a chunk and then gets ``ChunkError``
-  (EIO), counted in ``internal_errors``: it can only fire when the first rule
-  was broken, and it retires the stuck claim so the next reader fetches again.
+  for a request slot, verification, the refetches of a chunk that failed its
+  digest) is cancelled after ``fetch_deadline`` =
+  ``RetryPolicy.longest_wait(timeout)`` = ``timeout × (retries + 1)`` plus the
+  longest backoff sleeps (each at most ``max(cap, retry_after_cap)``): 190 s
+  with the defaults (30 s × 5 + 10 s × 4), failing its chunks. A read
+  (``ensure``, ``read``, ``readinto``; ``Vfs.read`` and ``BlobFs.read`` give all
+  their calls for one request one ``deadline``) waits at most ``answer_bound``
+  = ``fetch_deadline + ANSWER_GRACE`` (195 s) in all, then gets ``ChunkError``
+  (EIO). A wait that ends this way is counted in ``internal_errors``: it can
+  only happen when the first rule was broken or a worker thread is stuck, and
+  it retires the stuck claim so the next reader fetches again.
+
+What the bound does not cover: the local disk. Cache reads are ``pread`` in
+the trio thread (``fused.cache``; cheaper than a worker thread per read) and
+worker threads (decode, write, probe) cannot be cancelled; a cache disk that
+never answers stalls the daemon, as it would any local filesystem.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
-import random
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -59,6 +71,7 @@ import trio
 from rafs.codec import decode_chunk
 from rafs.errors import BackendError, DigestError, RafsError, TransientError
 from rafs.model import Blob, Chunk
+from rafs.retry import Backoff, RetryPolicy
 
 from .backend import Backend
 from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
@@ -68,6 +81,9 @@ from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
 ANSWER_GRACE = 5.0  # seconds a reader waits past fetch_deadline (cancellation, worker threads)
+READ_ATTEMPTS = 4  # a chunk lost from the cache this often in one read: EIO
+# Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
+READER_RETRY = RetryPolicy(retry_after_cap=10.0)
 
 __all__ = [
     "ANSWER_GRACE",
@@ -79,7 +95,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(slots=True)
@@ -104,8 +119,7 @@ class Fetcher:
         amplify: bool = True,
         prefetch_merge: int = 16 << 20,
         retries: int = DEFAULT_RETRIES,
-        backoff: float = 0.2,
-        max_backoff: float = 10.0,
+        retry: RetryPolicy | None = None,
         timeout: float = DEFAULT_FETCH_TIMEOUT,
     ) -> None:
         self.cache = cache
@@ -115,9 +129,8 @@ class Fetcher:
         self.amplify_bytes = amplify_bytes
         self.amplify = amplify  # False: fetch only what readers asked for
         self.prefetch_merge = prefetch_merge
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        # ``retries`` says how many; ``retry`` the shape of the backoff between them
+        self.retry = dataclasses.replace(retry or READER_RETRY, retries=retries)
         self.timeout = timeout
         self._next: dict[int, dict[int, int]] = {}  # blob -> chunk -> the chunk stored after it
         self._limiter = trio.CapacityLimiter(max_requests)
@@ -126,13 +139,18 @@ class Fetcher:
 
     @property
     def fetch_deadline(self) -> float:
-        """Seconds after which a fetch run is given up, whatever it is waiting for."""
-        return self.timeout * (self.retries + 1) + self.max_backoff * self.retries
+        """Seconds after which a fetch run is given up, whatever it is waiting for: every
+        attempt taking ``timeout`` and every backoff sleeping as long as the policy allows."""
+        return self.retry.longest_wait(self.timeout)
 
     @property
     def answer_bound(self) -> float:
-        """The longest a reader ever waits for a chunk before it gets an answer."""
+        """The longest one read (one FUSE request) waits for its chunks before an answer."""
         return self.fetch_deadline + ANSWER_GRACE
+
+    def deadline(self) -> float:
+        """The trio clock time by which a read that starts now is answered."""
+        return trio.current_time() + self.answer_bound
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Fetcher]:
@@ -147,11 +165,12 @@ class Fetcher:
 
     # -- the read path ------------------------------------------------------
 
-    async def ensure(self, indices: Sequence[int]) -> None:
+    async def ensure(self, indices: Sequence[int], deadline: float | None = None) -> None:
         """Return once every chunk in ``indices`` can be read from the cache.
 
         Raises ``ChunkError`` if one of them could not be fetched and verified,
-        or got no answer within ``answer_bound`` seconds.
+        or got no answer by ``deadline`` (trio clock; default ``answer_bound``
+        seconds from now).
         """
         cache, stats = self.cache, self.stats
         waits: list[tuple[int, _Pending]] = []
@@ -180,23 +199,52 @@ class Fetcher:
             for index in claimed:
                 self._finish(index, f"chunk {index}: {e or type(e).__name__}")
             raise
-        await self._wait(waits)
+        if waits:
+            await self._wait(waits, self.deadline() if deadline is None else deadline)
 
-    async def _wait(self, waits: list[tuple[int, _Pending]]) -> None:
-        bound = self.answer_bound
-        with trio.move_on_after(bound):
+    async def _wait(self, waits: list[tuple[int, _Pending]], deadline: float) -> None:
+        with trio.move_on_at(deadline):
             for _index, pending in waits:
                 await pending.done.wait()
                 if pending.error is not None:
                     raise ChunkError(pending.error)
             return
         stuck = [(i, p) for i, p in waits if not p.done.is_set()]
+        bound = self.answer_bound
         self.stats.internal_errors += 1
         log.error("chunks %s got no answer within %.0fs; retiring their fetches",
                   [i for i, _ in stuck][:8], bound)
         for index, pending in stuck:
             self._finish(index, f"chunk {index}: no answer within {bound:.0f}s", pending)
         raise ChunkError(f"chunk {stuck[0][0]}: no answer within {bound:.0f}s")
+
+    async def read(self, index: int, offset: int, size: int,
+                   deadline: float | None = None) -> bytes:
+        """The verified bytes [offset, offset+size) of a chunk, fetched (again) as needed.
+
+        A cached chunk that fails its read check (``fused.cache`` rule 5: evicted
+        under the reader, or changed on disk) is settled and made ready again.
+        Every attempt shares one ``deadline`` (as ``ensure``).
+        """
+        deadline = self.deadline() if deadline is None else deadline
+        for _attempt in range(READ_ATTEMPTS):
+            await self.cache.settle(index)
+            await self.ensure((index,), deadline)
+            data = self.cache.read(index, offset, size)
+            if data is not None:
+                return data
+        raise ChunkError(f"chunk {index}: lost from the cache {READ_ATTEMPTS} times in a row")
+
+    async def readinto(self, index: int, offset: int, view: memoryview,
+                       deadline: float | None = None) -> None:
+        """``read`` into a buffer."""
+        deadline = self.deadline() if deadline is None else deadline
+        for _attempt in range(READ_ATTEMPTS):
+            await self.cache.settle(index)
+            await self.ensure((index,), deadline)
+            if self.cache.readinto(index, offset, view):
+                return
+        raise ChunkError(f"chunk {index}: lost from the cache {READ_ATTEMPTS} times in a row")
 
     # -- background prefetch -------------------------------------------------
 
@@ -240,14 +288,17 @@ class Fetcher:
             run = [i for i, _ in planned if i not in self._inflight and not self.cache.is_ready(i)]
             if not run:
                 continue
-            pending = {i: self._inflight.setdefault(i, _Pending()) for i in run}
-            try:
-                for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):
-                    await self._fetch_run(piece, "prefetch")  # finishes what it claims
-            finally:  # stopped or failed between pieces: release the claims not yet fetched
-                for i, p in pending.items():
-                    if not p.done.is_set():
-                        self._finish(i, f"chunk {i}: prefetch stopped", p)
+            pending: dict[int, _Pending] = {}
+            for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):
+                # Each piece is claimed as it starts: a reader never waits behind more
+                # than one fetch_deadline; pieces a reader took meanwhile are skipped.
+                piece = [(i, c) for i, c in piece
+                         if i not in self._inflight and not self.cache.is_ready(i)]
+                if not piece:
+                    continue
+                for i, _ in piece:
+                    pending[i] = self._inflight[i] = _Pending()
+                await self._fetch_run(piece, "prefetch")  # finishes every chunk it claims
             for i, p in pending.items():
                 if p.error is None:
                     ok += 1
@@ -331,7 +382,8 @@ class Fetcher:
         while True:
             try:
                 index = self._successor(last_index)
-                if index is None or index in self._inflight or self.cache.is_ready(index):
+                if (index is None or index in self._inflight or self.cache.is_ready(index)
+                        or self.cache.maybe_local(index)):  # on this host already: no refetch
                     return run
                 c = self.cache.chunk(index)
             except RafsError as e:
@@ -366,46 +418,49 @@ class Fetcher:
         retries, or ``fetch_deadline``) fails the chunks not yet received.
         Whatever happens, every chunk of the run is finished when this returns.
         """
-        claimed = [(i, self._inflight.get(i)) for i, _ in run]
+        # The claims this run finishes: only these (a claim a reader retired after
+        # answer_bound may have a successor, which is another run's to finish).
+        mine = {i: self._inflight.get(i) for i, _ in run}
         todo = list(run)
         try:
             blob = self.blobs[run[0][1].blob_index]
             with trio.move_on_after(self.fetch_deadline) as deadline:
-                await self._attempts(blob, todo, kind)
+                await self._attempts(blob, todo, kind, mine)
             if deadline.cancelled_caught:
                 self.stats.failed("deadline")
                 self._fail(todo, f"blob {blob.digest}: no complete answer within "
-                           f"{self.fetch_deadline:.0f}s")
+                           f"{self.fetch_deadline:.0f}s", mine)
         except Exception as e:  # a bug or a record nothing checked: fail the run, not the daemon
             log.exception("fetching chunks %s failed unexpectedly", [i for i, _ in run][:8])
             self.stats.internal_errors += 1
-            self._fail(todo, f"internal error: {type(e).__name__}: {e}")
+            self._fail(todo, f"internal error: {type(e).__name__}: {e}", mine)
         finally:  # cancelled or crashed: never leave a waiter hanging
-            for index, pending in claimed:
+            for index, pending in mine.items():
                 if pending is not None and not pending.done.is_set():
                     self._finish(index, f"chunk {index}: fetch abandoned", pending)
 
-    async def _attempts(self, blob: Blob, todo: list[tuple[int, Chunk]], kind: str) -> None:
-        attempt = 0
+    async def _attempts(self, blob: Blob, todo: list[tuple[int, Chunk]], kind: str,
+                        mine: dict[int, _Pending | None]) -> None:
+        backoff = self.retry.start(log)
         async with trio.open_nursery() as verifiers:
             while todo:
-                attempt += 1
                 try:
-                    await self._stream_run(blob, todo, kind, verifiers)
+                    await self._stream_run(blob, todo, kind, verifiers, mine)
                 except (TransientError, trio.TooSlowError) as e:
                     self.stats.failed(error_class(e))
-                    if attempt > self.retries:
-                        self._fail(todo, f"blob {blob.digest}: giving up after {attempt} "
-                                   f"attempts: {e or 'timed out'}")
+                    if not await self._backoff(backoff, e, f"blob {blob.digest}: "
+                                               f"{len(todo)} chunks from "
+                                               f"{todo[0][1].compressed_offset}"):
+                        self._fail(todo, f"blob {blob.digest}: giving up after "
+                                   f"{backoff.attempts} attempts: {e or 'timed out'}", mine)
                         return
-                    await self._backoff(blob, todo, attempt, e)
                 except RafsError as e:
                     self.stats.failed(error_class(e))
-                    self._fail(todo, str(e))
+                    self._fail(todo, str(e), mine)
                     return
 
     async def _stream_run(self, blob: Blob, todo: list[tuple[int, Chunk]], kind: str,
-                          verifiers: trio.Nursery) -> None:
+                          verifiers: trio.Nursery, mine: dict[int, _Pending | None]) -> None:
         """One backend request for ``todo``; the chunks received are removed from it."""
         start = todo[0][1].compressed_offset
         end = todo[-1][1].compressed_offset + todo[-1][1].compressed_size
@@ -430,7 +485,8 @@ class Fetcher:
                         if len(buf) < a + c.compressed_size:
                             break
                         verifiers.start_soon(self._verify_and_store, blob, index, c,
-                                             bytes(buf[a : a + c.compressed_size]), kind)
+                                             bytes(buf[a : a + c.compressed_size]), kind,
+                                             mine.get(index))
                         k += 1
                     if k and todo[k - 1][1].compressed_offset - base > 1 << 20:
                         done = todo[k - 1][1].compressed_offset - base  # keep what is unsent
@@ -446,32 +502,32 @@ class Fetcher:
                                f"of {end - start}")
         if todo:
             raise TransientError(f"blob {blob.digest}: response ended after {received} of "
-                                 f"{end - start} bytes")
+                                 f"{end - start} bytes", error_class="truncated")
 
-    def _fail(self, todo: list[tuple[int, Chunk]], message: str) -> None:
+    def _fail(self, todo: list[tuple[int, Chunk]], message: str,
+              mine: dict[int, _Pending | None]) -> None:
         if todo:
             log.error("%s", message)
         for index, _ in todo:
-            self._finish(index, f"chunk {index}: {message}")
+            self._finish(index, f"chunk {index}: {message}", mine.get(index))
         todo.clear()
 
-    async def _backoff(self, blob: Blob, todo: list[tuple[int, Chunk]], attempt: int,
-                       e: BaseException) -> None:
-        delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
-        retry_after = getattr(e, "retry_after", None)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        delay = min(delay, self.max_backoff)
+    async def _backoff(self, backoff: Backoff, e: BaseException, context: str) -> bool:
+        """Sleep before the next attempt after ``e``; False when the retries are spent."""
+        delay = backoff.next(e, context)
+        if delay is None:
+            return False
         self.stats.retries += 1
-        level = logging.INFO if attempt == 1 else logging.WARNING
-        log.log(level, "blob %s: %d chunks from %d: %s; retrying in %.2fs", blob.digest,
-                len(todo), todo[0][1].compressed_offset, e or "timed out", delay)
         await trio.sleep(delay)
+        return True
 
     async def _verify_and_store(self, blob: Blob, index: int, c: Chunk, payload: bytes,
-                                kind: str) -> None:
-        """Decode, verify and cache one chunk; a digest mismatch is fetched once more."""
-        for attempt in (1, 2):
+                                kind: str, pending: _Pending | None = None) -> None:
+        """Decode, verify and cache one chunk; a digest mismatch is fetched again, once
+        per source of the backend (a registry's mirrors and the registry), each time
+        after telling the backend, so that the refetch comes from the next source."""
+        attempts = 1 + self.backend.sources
+        for attempt in range(1, attempts + 1):
             try:
                 # One worker thread decodes, verifies and writes: zstd, sha256 and
                 # pwrite all release the GIL. DigestError means nothing was written.
@@ -480,42 +536,44 @@ class Fetcher:
             except DigestError as e:
                 self.stats.digest_failures += 1
                 self.stats.error_classes["digest"] += 1
-                if attempt == 2:
+                self.backend.distrust(blob.digest, c.compressed_offset, c.compressed_size)
+                if attempt == attempts:
                     log.error(
-                        "chunk %d of blob %s failed verification twice, giving up: %s",
-                        index, blob.digest, e,
+                        "chunk %d of blob %s failed verification %d times, giving up: %s",
+                        index, blob.digest, attempts, e,
                     )
-                    self._finish(index, f"chunk {index} of blob {blob.digest}: {e}")
+                    self._finish(index, f"chunk {index} of blob {blob.digest}: {e}", pending)
                     return
                 log.warning("chunk %d of blob %s: %s; fetching it again", index, blob.digest, e)
             except RafsError as e:
                 log.error("chunk %d of blob %s: %s", index, blob.digest, e)
-                self._finish(index, f"chunk {index}: {e}")
+                self._finish(index, f"chunk {index}: {e}", pending)
                 return
             except Exception as e:  # never let one chunk take the run (and the daemon) down
                 log.exception("chunk %d of blob %s: storing it failed unexpectedly",
                               index, blob.digest)
                 self.stats.internal_errors += 1
-                self._finish(index, f"chunk {index}: internal error: {type(e).__name__}: {e}")
+                self._finish(index, f"chunk {index}: internal error: {type(e).__name__}: {e}",
+                             pending)
                 return
             try:
                 payload = await self._read_one(blob, c, kind)
             except RafsError as e:
-                self._finish(index, f"chunk {index}: {e}")
+                self._finish(index, f"chunk {index}: {e}", pending)
                 return
             except Exception as e:
                 log.exception("chunk %d of blob %s: refetch failed unexpectedly",
                               index, blob.digest)
                 self.stats.internal_errors += 1
-                self._finish(index, f"chunk {index}: internal error: {type(e).__name__}: {e}")
+                self._finish(index, f"chunk {index}: internal error: {type(e).__name__}: {e}",
+                             pending)
                 return
-        self._finish(index, None)
+        self._finish(index, None, pending)
 
     async def _read_one(self, blob: Blob, c: Chunk, kind: str) -> bytes:
         """The compressed bytes of one chunk, fetched on their own with retries."""
-        attempt = 0
+        backoff = self.retry.start(log)
         while True:
-            attempt += 1
             try:
                 async with self._limiter:
                     with trio.fail_after(self.timeout):
@@ -526,10 +584,10 @@ class Fetcher:
                                          f"{c.compressed_size}")
             except (TransientError, trio.TooSlowError) as e:
                 self.stats.failed(error_class(e))
-                if attempt > self.retries:
-                    raise BackendError(f"blob {blob.digest} at {c.compressed_offset}: giving "
-                                       f"up after {attempt} attempts: {e or 'timed out'}") from None
-                await self._backoff(blob, [(-1, c)], attempt, e)
+                where = f"blob {blob.digest} at {c.compressed_offset}"
+                if not await self._backoff(backoff, e, where):
+                    raise BackendError(f"{where}: giving up after {backoff.attempts} attempts: "
+                                       f"{e or 'timed out'}") from None
                 continue
             except BackendError as e:
                 self.stats.failed(error_class(e))

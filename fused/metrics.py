@@ -24,6 +24,8 @@ from .stats import HELP, KINDS, LATENCY_BUCKETS, Stats
 __all__ = ["StatsCollector", "new_registry", "parse_address", "render", "serve_http"]
 
 _PLAIN = ("read_requests", "read_bytes", "cache_hits", "cache_misses", "cache_corrupt",
+          "cache_lost", "cache_refetched", "cache_enospc", "cache_write_errors",
+          "cache_evictions", "cache_evicted_bytes", "dedup_hits", "dedup_bytes",
           "retries", "range_ignored", "prefetch_chunks", "digest_failures", "errors",
           "internal_errors")
 
@@ -61,6 +63,15 @@ class StatsCollector(Collector):
         for op, n in sorted(s.fuse_requests.items()):
             family.add_metric([*self.values, op], n)
         yield family
+        for name, value, doc in (
+            ("rafs_cache_bytes", s.cache_bytes, "size of the chunk cache directory on disk, "
+             "last measured"),
+            ("rafs_cache_cap_bytes", s.cache_cap, "the cache's cap in force (0: none)"),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=self.names)
+            gauge.add_metric(self.values, value)
+            yield gauge
+        yield from self._endpoints()
         gauge = GaugeMetricFamily("rafs_prefetch_planned_chunks",
                                   "chunks on the image's prefetch list", labels=self.names)
         gauge.add_metric(self.values, s.prefetch_planned)
@@ -74,6 +85,26 @@ class StatsCollector(Collector):
                                      "time to answer a read request", labels=self.names)
         hist.add_metric(self.values, buckets, s.latency_sum)
         yield hist
+
+
+    def _endpoints(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Per registry endpoint (mirrors and the registry): state and counters."""
+        endpoints = self.stats.endpoints
+        up = GaugeMetricFamily("rafs_endpoint_up", "1 while requests go to the registry "
+                               "endpoint, 0 while it is down", labels=[*self.names, "endpoint"])
+        for name, e in endpoints.items():
+            up.add_metric([*self.values, name], 1 if e.up else 0)
+        yield up
+        for attr, doc in (("requests", "requests sent to the registry endpoint"),
+                          ("errors", "failed requests to the registry endpoint"),
+                          ("bytes", "bytes received from the registry endpoint"),
+                          ("digest_errors", "ranges from the registry endpoint that did not "
+                           "match their digest"),
+                          ("stalls", "requests to the registry endpoint given up as stalled")):
+            family = self._counter(f"endpoint_{attr}", doc, ("endpoint",))
+            for name, e in endpoints.items():
+                family.add_metric([*self.values, name], getattr(e, attr))
+            yield family
 
 
 def new_registry(stats: Stats, labels: dict[str, str]) -> CollectorRegistry:

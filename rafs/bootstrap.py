@@ -5,7 +5,7 @@ constructor runs the validator (O(size), every structural rule the readers
 and the kernel rely on) unless told the bytes were validated already.
 ``Bootstrap.open(path, stamp=True)`` is the daemon's load: a bootstrap in the
 cache that passed this validator version carries a stamp file beside it
-(``<path>.validated``: validator version, the file's identity, whether
+(``.<name>.validated``: validator version, the file's identity, whether
 ``fsck.erofs`` passed too), so later mounts skip the walk and open in the same
 time for ten files or a million. With ``fsck=True`` (kernel mode, before the
 kernel's EROFS driver ever sees the file) ``rafs.fsck`` runs as well.
@@ -121,7 +121,7 @@ class Bootstrap:
              fsck: bool = False) -> Bootstrap:
         """Map and validate the bootstrap at ``path``.
 
-        ``stamp``: skip the validation when ``<path>.validated`` says this file
+        ``stamp``: skip the validation when the stamp (``stamp_path_of``) says this file
         passed this validator version, and write that stamp after a pass (for
         the daemon's cache of verified bootstraps). ``fsck``: also require
         ``fsck.erofs`` to accept the file (kernel mode; stamped the same way).
@@ -131,7 +131,7 @@ class Bootstrap:
             if st.st_size == 0:
                 raise FormatError("empty bootstrap file", 0)
             m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        stamp_path = Path(os.fspath(path) + STAMP_SUFFIX)
+        stamp_path = stamp_path_of(path)
         trusted = stamp and _stamp_covers(stamp_path, st, fsck)
         try:
             boot = cls(m, _owner=m, validate=not trusted)
@@ -378,6 +378,13 @@ class Bootstrap:
 
 
 # --- validation stamps ---------------------------------------------------------------
+
+
+def stamp_path_of(path: str | os.PathLike[str]) -> Path:
+    """Where the validation stamp of the bootstrap at ``path`` lives: ``.<name>.validated``
+    beside it (a dot file, so listings of cached bootstraps pass it over)."""
+    p = Path(path)
+    return p.with_name(f".{p.name}{STAMP_SUFFIX}")
 
 
 def _stamp_text(st: os.stat_result, fsck: bool) -> str:

@@ -13,7 +13,7 @@ from .credentials import parse_creds
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("inspect", help="show layers, file and chunk counts, dedup and sizes")
+    p = sub.add_parser("inspect", help="show layers, files, what is stored and what dedup saves")
     _image_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
@@ -35,15 +35,22 @@ def _open(args: argparse.Namespace) -> contextlib.AbstractContextManager[
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+    """``n`` bytes in the largest binary unit that keeps a digit before the point."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "0%"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     with _open(args) as img:
         s = images.summarize(img)
     if args.json:
-        out = dataclasses.asdict(s) | {"dedup_ratio": round(s.dedup_ratio, 4),
-                                       "manifest_digest": img.manifest.digest}
+        out = dataclasses.asdict(s) | {"manifest_digest": img.manifest.digest}
         json.dump(out, sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
@@ -53,10 +60,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"layer      {layer['digest']}  {size:>11}  {layer['media_type']}")
     print(f"inodes     {s.inodes}  ({s.files} files, {s.directories} directories, "
           f"{s.other} other)")
-    print(f"chunks     {s.chunks} unique of {s.chunk_refs} referenced, "
-          f"chunk size {s.chunk_size // 1024} KiB")
-    print(f"data       {_mib(s.file_bytes)} in files, {_mib(s.unique_bytes)} unique "
-          f"(dedup ratio {s.dedup_ratio:.2f}), {_mib(s.blob_bytes)} in blobs")
+    print(f"files      {_mib(s.file_bytes)} of data in the merged tree (a hardlinked file "
+          "counted once)")
+    print(f"           = {_mib(s.referenced_chunk_bytes)} in {s.referenced_chunks} chunks"
+          f" + {_mib(s.dedup_saved_bytes)} ({_share(s.dedup_saved_bytes, s.file_bytes)})"
+          f" saved by dedup + {_mib(s.hole_bytes)} of holes")
+    print(f"stored     {_mib(s.stored_chunk_bytes)} in {s.chunks} chunks = those "
+          f"{_mib(s.referenced_chunk_bytes)} + {_mib(s.unreferenced_chunk_bytes)} that no file "
+          "of the merged tree uses")
+    print("           (files that upper layers replace or delete); "
+          f"{_mib(s.blob_bytes)} compressed in blobs")
+    print(f"chunks     chunk size {s.chunk_size // 1024} KiB, {s.chunk_refs} references "
+          "from files")
     print(f"bootstrap  {_mib(s.bootstrap_bytes)} ({_mib(s.bootstrap_layer_bytes)} compressed), "
           f"{s.prefetch_files} prefetch entries")
     return 0

@@ -1,10 +1,8 @@
 """A RAFS image as a whole: its manifest, verified bootstrap and blobs, in an OCI
 layout (``LocalImage``) or a registry (``RemoteImage``); ``open_image`` opens either.
 
-The trust chain starts here: the manifest digest vouches for the bootstrap
-layer's digest (checked by ``OCILayout.read_blob``), which vouches for the
-uncompressed bootstrap (checked by ``codec.decode_bootstrap``), whose chunk
-table vouches for every chunk.
+Opening an image walks the trust chain (``rafs.trust``) down to the verified
+uncompressed bootstrap; ``check`` goes on to every blob and every chunk.
 """
 
 from __future__ import annotations
@@ -23,14 +21,13 @@ from .bootstrap import Bootstrap
 from .errors import DigestError, ImageError
 from .fsck import fsck_erofs
 from .oci import (
-    ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
+    ImageRef,
     Manifest,
     OCILayout,
     bootstrap_descriptor,
-    is_rafs,
-    ImageRef,
     parse_image_ref,
 )
+from .trust import bootstrap_layer, verify_bootstrap
 
 if TYPE_CHECKING:
     from .registry import RegistryClient
@@ -57,25 +54,16 @@ class RemoteImage:
         return self.client.open_blob(self.ref.repository, digest)
 
 
-def resolve_local(ref: str) -> tuple[OCILayout, Manifest]:
-    """The layout and manifest of the RAFS image ``oci:DIR[:TAG]``."""
+def open_local_image(ref: str) -> LocalImage:
+    """Resolve ``oci:DIR[:TAG]`` to a RAFS image with its bootstrap verified."""
     parsed = parse_image_ref(ref)
     if parsed.transport != "oci":
         raise ImageError(f"{ref}: only oci:DIR[:TAG] images can be used here so far")
     layout = OCILayout(parsed.path)
     manifest = layout.resolve(parsed.tag)
-    if not is_rafs(manifest):
-        raise ImageError(f"{ref} is not a RAFS image (convert it with `rafs convert`)")
-    return layout, manifest
-
-
-def open_local_image(ref: str) -> LocalImage:
-    """Resolve ``oci:DIR[:TAG]`` to a RAFS image with its bootstrap verified."""
-    layout, manifest = resolve_local(ref)
-    desc = bootstrap_descriptor(manifest)
-    payload = layout.read_blob(desc.digest, max_size=codec.MAX_BOOTSTRAP)
-    raw = codec.decode_bootstrap(payload, desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST))
-    return LocalImage(layout, manifest, raw)
+    desc = bootstrap_layer(manifest, ref)
+    payload = layout.read_blob(desc.digest, max_size=desc.size)
+    return LocalImage(layout, manifest, verify_bootstrap(manifest, payload, name=ref).raw)
 
 
 @contextlib.contextmanager
@@ -95,26 +83,37 @@ def open_image(ref: str, *, creds: tuple[str, str] | None = None,
 
 @dataclass
 class Summary:
-    """What `rafs inspect` reports."""
+    """What `rafs inspect` reports.
+
+    Byte counts are uncompressed unless named ``blob``. ``file_bytes`` counts each
+    regular file of the merged tree (the image as mounted) once, however many
+    names it has; it is ``hole_bytes`` (all-zero chunks, not stored) plus
+    ``dedup_saved_bytes`` (chunks stored once for several files or places) plus
+    ``referenced_chunk_bytes``. The chunk table may hold more than the merged
+    tree uses: ``unreferenced_chunk_bytes`` is the data of files that upper
+    layers replace or delete (and unused chunks of a chunk dictionary's blobs),
+    kept because each blob is a source layer's.
+    """
 
     layers: list[dict[str, object]] = field(default_factory=list)
     files: int = 0
     directories: int = 0
     other: int = 0
     inodes: int = 0
-    chunks: int = 0
-    chunk_refs: int = 0
+    chunks: int = 0  # in the chunk table
+    chunk_refs: int = 0  # chunk indexes of the merged tree's files, holes excluded
+    referenced_chunks: int = 0  # distinct chunks the merged tree's files use
     file_bytes: int = 0
-    unique_bytes: int = 0
-    blob_bytes: int = 0
+    hole_bytes: int = 0
+    dedup_saved_bytes: int = 0
+    referenced_chunk_bytes: int = 0
+    unreferenced_chunk_bytes: int = 0
+    stored_chunk_bytes: int = 0  # every chunk of the table
+    blob_bytes: int = 0  # compressed, as stored in the registry
     bootstrap_bytes: int = 0
     bootstrap_layer_bytes: int = 0
     chunk_size: int = 0
     prefetch_files: int = 0
-
-    @property
-    def dedup_ratio(self) -> float:
-        return self.file_bytes / self.unique_bytes if self.unique_bytes else 1.0
 
 
 def summarize(image: LocalImage | RemoteImage) -> Summary:
@@ -124,6 +123,7 @@ def summarize(image: LocalImage | RemoteImage) -> Summary:
     for desc in image.manifest.layers:
         s.layers.append({"digest": desc.digest, "size": desc.size, "media_type": desc.media_type})
     seen: set[int] = set()
+    used: set[int] = set()
     for _path, ino in boot.walk():
         if ino.nid in seen:
             continue
@@ -131,13 +131,24 @@ def summarize(image: LocalImage | RemoteImage) -> Summary:
         if stat.S_ISREG(ino.mode):
             s.files += 1
             s.file_bytes += ino.size
-            s.chunk_refs += sum(1 for c in boot.file_chunks(ino) if c is not None)
+            for i, ref in enumerate(boot.file_chunks(ino)):
+                if ref is None:
+                    s.hole_bytes += min(boot.chunk_size, ino.size - i * boot.chunk_size)
+                else:
+                    s.chunk_refs += 1
+                    used.add(ref)
         elif ino.is_dir:
             s.directories += 1
         else:
             s.other += 1
     s.chunks = boot.header.chunk_count
-    s.unique_bytes = sum(c.uncompressed_size for c in boot.chunks())
+    s.referenced_chunks = len(used)
+    for i, chunk in enumerate(boot.chunks()):
+        s.stored_chunk_bytes += chunk.uncompressed_size
+        if i in used:
+            s.referenced_chunk_bytes += chunk.uncompressed_size
+    s.unreferenced_chunk_bytes = s.stored_chunk_bytes - s.referenced_chunk_bytes
+    s.dedup_saved_bytes = s.file_bytes - s.hole_bytes - s.referenced_chunk_bytes
     s.blob_bytes = sum(b.compressed_size for b in boot.blobs)
     s.bootstrap_layer_bytes = bootstrap_descriptor(image.manifest).size
     return s

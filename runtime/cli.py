@@ -51,12 +51,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="keep the image mounted (and its daemon running) after the last "
                    "container using it has exited; `rafs umount` it later")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="chunk cache of lazily mounted images (default <root>/cache)")
+                   help="chunk cache of lazily mounted images (default: the host's, as for "
+                   "`rafs mount`)")
     p.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT,
                    metavar="SECONDS", help="after a SIGTERM, kill a container still "
                    "running after this long (default %(default)g)")
     p.add_argument("-t", "--tty", action=argparse.BooleanOptionalAction, default=None,
                    help="give the container a terminal (default: when stdin is one)")
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors, containerd's layout (DIR/HOST[:PORT]/hosts.toml; "
+                   "default $RAFS_HOSTS_DIR or /etc/containerd/certs.d), for the pull and "
+                   "the image's daemon")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
     p.set_defaults(func=_cmd_run)
@@ -106,8 +111,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from rafs.hosts import use_hosts_dir
+
     from .run import RunOptions, run_container
 
+    if args.hosts_dir:
+        use_hosts_dir(args.hosts_dir)  # this process's pulls and the daemons it starts
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     return run_container(RunOptions(
         image=args.image, cmd=cmd, name=args.name, rm=args.rm, env=args.env,
@@ -161,6 +170,7 @@ def _no_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from converter import cli as converter_cli
+    from fused import cachecli as fused_cachecli
     from fused import cli as fused_cli
     from rafs import cli as rafs_cli
     from snapshotter import cli as snapshotter_cli
@@ -172,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     converter_cli.register(sub)
     fused_cli.register(sub)
+    fused_cachecli.register(sub)
     rafs_cli.register(sub)
     register(sub)
     snapshotter_cli.register(sub)

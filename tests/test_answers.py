@@ -48,6 +48,7 @@ from fused.vfs import Attr, StatFs
 from rafs import section
 from rafs.errors import FormatError, RafsError
 from rafs.model import Node
+from rafs.retry import RetryPolicy
 from tests.fused_support import WrittenImage, open_stack, write_rafs_image
 from tests.helpers.faultproxy import Fault, FaultProxy, Request
 from tests.helpers.images import ImageParts
@@ -56,7 +57,8 @@ from tests.helpers.ocibuild import build_oci_image, file_entry
 from tests.helpers.procs import assert_clean_error, run
 
 CS = 64 << 10
-FAST = {"timeout": 0.3, "retries": 1, "max_backoff": 0.1}  # fetch_deadline 0.7 s
+# fetch_deadline 0.7 s: two attempts of 0.3 s, one backoff of at most 0.1 s
+FAST = {"timeout": 0.3, "retries": 1, "retry": RetryPolicy(cap=0.1, retry_after_cap=0.1)}
 
 
 @pytest.fixture

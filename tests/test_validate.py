@@ -15,7 +15,7 @@ import pytest
 
 from rafs import erofs, section
 from rafs import validate as validator
-from rafs.bootstrap import STAMP_SUFFIX, Bootstrap
+from rafs.bootstrap import Bootstrap, stamp_path_of
 from rafs.errors import FormatError
 from rafs.fsck import fsck_erofs
 from tests.helpers import fuzzing, mutate
@@ -201,7 +201,8 @@ def test_a_stamp_skips_the_walk_until_the_file_changes(seed, tmp_path, monkeypat
     path = tmp_path / "boot"
     path.write_bytes(seed.bootstrap)
     Bootstrap.open(path, stamp=True).close()
-    stamp = Path(str(path) + STAMP_SUFFIX)
+    stamp = stamp_path_of(path)
+    assert stamp.name == ".boot.validated"
     assert stamp.read_text().startswith(f"rafs-validate {validator.VERSION} ")
     calls = []
     real = validator.validate

@@ -70,6 +70,7 @@ from rafs.codec import decode_chunk
 from rafs.errors import RafsError
 from rafs.image import check, open_local_image
 from rafs.oci import OCILayout
+from rafs.retry import RetryPolicy
 from tests.helpers import mutate
 from tests.helpers.mounts import REPO_ROOT, rafs_cmd
 from tests.helpers.ocibuild import Entry, build_oci_image, dir_entry, file_entry, symlink_entry
@@ -81,7 +82,8 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("bootstrap", "manifest", "config", "tar")
 CHUNK_SIZE = 16 << 10
-FETCH = {"timeout": 1.0, "retries": 1, "max_backoff": 0.2}  # fetch_deadline 2.2 s
+# fetch_deadline 2.2 s: two attempts of 1 s, one backoff of at most 0.2 s
+FETCH = {"timeout": 1.0, "retries": 1, "retry": RetryPolicy(cap=0.2, retry_after_cap=0.2)}
 OP_LIMIT = 30.0  # an in-process operation taking longer is a hang (answer_bound is 7.2 s)
 READ_LIMIT = 90.0  # a mounted tree read taking longer is a hang
 MOUNT_ARGS = ("--fetch-timeout", "1", "--retries", "1")

@@ -92,9 +92,11 @@ def _force_unmount(mountpoint: str | os.PathLike[str]) -> None:
             subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
 
 
-def blob_mounts() -> list[str]:
-    """Kernel mode's blob filesystems (``fuse.rafs-blobs``) still mounted."""
-    return [mp for mp, t in fuse_mounts().items() if t == "fuse.rafs-blobs"]
+def blob_mounts(run_dir: str | None = None) -> list[str]:
+    """Kernel mode's blob filesystems (``fuse.rafs-blobs``) still mounted; with
+    ``run_dir``, only those below it (other processes' daemons are not ours)."""
+    return [mp for mp, t in fuse_mounts().items() if t == "fuse.rafs-blobs"
+            and (run_dir is None or mp.startswith(run_dir.rstrip("/") + "/"))]
 
 
 def read_stats(
@@ -135,7 +137,10 @@ def mounted(
     """
     mp = Path(mountpoint)
     mp.mkdir(parents=True, exist_ok=True)
-    blobs_before = set(blob_mounts())
+    # The daemons of other tests and benchmarks on this machine have other run
+    # directories: never clean up their blob mounts.
+    run_dir = {**os.environ, **(env or {})}.get("RAFS_RUN_DIR")
+    blobs_before = set(blob_mounts(run_dir))
     res = run(
         rafs_cmd("mount", image_ref, mp, "--cache-dir", cache_dir, "--mode", mode, *extra_args),
         env=_env(env), timeout=timeout,
@@ -154,7 +159,7 @@ def mounted(
         with contextlib.suppress(Exception):
             run(rafs_cmd("umount", mp), env=_env(env), timeout=90)
         _force_unmount(mp)
-        for leftover in set(blob_mounts()) - blobs_before:
+        for leftover in set(blob_mounts(run_dir)) - blobs_before:
             subprocess.run(["fusermount3", "-u", "-z", leftover], check=False)
         if pid is not None:
             deadline = time.monotonic() + 10
