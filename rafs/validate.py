@@ -21,7 +21,8 @@ writes, nothing else; a bit we do not write is refused, never interpreted):
   flags, reserved fields and the rest of the first KiB zero; the blob, chunk
   and prefetch tables back to back from the end of the EROFS area to the end
   of the file.
-- **superblock**: magic, 4 KiB blocks, no checksum, no compat features,
+- **superblock**: magic, 4 KiB blocks, no checksum, no compat features, a
+  build time (every compact inode's mtime) representable in ns,
   exactly the incompat features ``chunked_file | device_table``, no
   superblock extensions, shared xattrs, long xattr prefixes, packed inode or
   directory block size of its own; ``blocks`` covers the EROFS area, the meta
@@ -81,7 +82,7 @@ from .model import CHUNK_COMPRESSED
 __all__ = ["VERSION", "Validated", "validate"]
 
 #: bumped whenever a rule changes: bootstraps stamped by an older validator are checked again
-VERSION = 1
+VERSION = 2
 
 BS = erofs.BLOCK_SIZE
 SB = erofs.SUPER_OFFSET
@@ -183,8 +184,10 @@ class _Validator:
         self.root_nid, self.inos = f[5], f[6]
         self.build_time, self.build_nsec = f[7], f[8]
         blocks, meta = f[9], f[10]
-        if self.build_nsec >= 1_000_000_000:
-            raise _bad(f"build time nanoseconds {self.build_nsec}", SB + 32)
+        if (self.build_nsec >= 1_000_000_000
+                or self.build_time * 1_000_000_000 + self.build_nsec >= NS_LIMIT):
+            raise _bad(f"build time {self.build_time}.{self.build_nsec} is out of range (the "
+                       "mtime of every compact inode)", SB + 24)
         if blocks * BS != hdr.blob_off:
             raise _bad(f"EROFS area of {blocks} blocks does not end where the RAFS section "
                        f"starts ({hdr.blob_off:#x})", SB + 36)

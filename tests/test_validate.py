@@ -92,6 +92,8 @@ RULES = [
     ("a dirent to nid 0", "dirent.nid", None, 0, "'.' of directory"),
     ("a prefetch entry to no file", "prefetch.nid", None, 3, "prefetch entry 0"),
     ("a miscounted superblock", "super.inos", None, 1, "superblock counts"),
+    ("a build time no mtime can hold", "super.build_time", None, (1 << 64) - 1,
+     "build time"),
     ("a name filter", "xattr.name_filter", None, 1, "name filter"),
 ]
 
