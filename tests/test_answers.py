@@ -66,9 +66,12 @@ def image(tmp_path) -> WrittenImage:
     parts = ImageParts(Node.directory(), chunk_size=CS)
     parts.new_blob()
     assert parts.root.children is not None
-    parts.root.children[b"a"] = parts.file(os.urandom(3 * CS + 100))  # chunks 0-3
-    parts.root.children[b"b"] = parts.file(os.urandom(2 * CS))  # chunks 4-5
-    return write_rafs_image(parts, tmp_path / "img")
+    files = {b"a": os.urandom(3 * CS + 100), b"b": os.urandom(2 * CS)}  # chunks 0-3, 4-5
+    for name, data in files.items():
+        parts.root.children[name] = parts.file(data)
+    img = write_rafs_image(parts, tmp_path / "img")
+    img.files = files  # type: ignore[attr-defined]
+    return img
 
 
 def with_record(img: WrittenImage, index: int, field: int, fmt: str, value: int) -> WrittenImage:
@@ -129,8 +132,10 @@ class Faulty(Backend):
     """A real local backend whose streams misbehave on demand (fault injection)."""
 
     inner: LocalBackend
-    mode: str = "ok"  # ok | raise | trickle | stuck
+    mode: str = "ok"  # ok | raise | trickle | stuck | slow | gated
     release: threading.Event | None = None
+    delay: float = 0.0  # slow: seconds before the bytes
+    gate: trio.Event | None = None  # gated: the bytes once it is set
 
     async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
         return await self.inner.read(blob_digest, offset, length)
@@ -145,6 +150,11 @@ class Faulty(Backend):
         if self.mode == "stuck":  # a worker thread that cancellation cannot reach
             assert self.release is not None
             await trio.to_thread.run_sync(self.release.wait)
+        if self.mode == "slow":
+            await trio.sleep(self.delay)
+        if self.mode == "gated":
+            assert self.gate is not None
+            await self.gate.wait()
         yield await self.inner.read(blob_digest, offset, length)
 
 
@@ -189,6 +199,75 @@ def test_a_wait_nobody_can_end_is_answered_at_the_answer_bound(image, tmp_path, 
                 assert s.stats.internal_errors == 1
             finally:
                 release.set()  # let the worker thread go so the fetcher can end
+
+    trio.run(main)
+
+
+def test_a_read_whose_chunk_keeps_being_lost_shares_one_answer_bound(image, tmp_path,
+                                                                     monkeypatch):
+    """The read path fetches a chunk lost from the cache under the reader again, up to
+    READ_ATTEMPTS times: the attempts share the request's deadline, they do not each
+    get one."""
+    monkeypatch.setattr("fused.fetcher.ANSWER_GRACE", 0.2)
+
+    async def never(index: int) -> bool:
+        return False
+
+    async def main() -> None:
+        backend = Faulty(LocalBackend(image.layout), "slow", delay=0.6)
+        async with open_stack(image, tmp_path / "cache", backend, timeout=1.0,
+                              retries=0) as s:
+            assert s.fetcher.answer_bound == pytest.approx(1.2)  # under two fetches
+            # A cache that loses every chunk at once: each attempt fetches again.
+            monkeypatch.setattr(s.cache, "read", lambda *_a: None)
+            monkeypatch.setattr(s.cache, "is_ready", lambda _i: False)
+            monkeypatch.setattr(s.cache, "probe", never)
+            attr = s.vfs.lookup(1, b"a")
+            with trio.fail_after(30), pytest.raises(ChunkError, match="no answer within"):
+                await s.vfs.read(attr.ino, 0, CS)  # not "lost from the cache 4 times"
+            assert len(s.backend.reads) <= 2
+            assert s.stats.internal_errors == 1
+
+    trio.run(main)
+
+
+def test_a_retired_fetch_that_fails_later_leaves_the_next_fetch_alone(image, tmp_path,
+                                                                      monkeypatch):
+    """A fetch stuck past answer_bound has its claim retired and a reader starts a new
+    one; when the stuck fetch finally fails it finishes only its own claim."""
+    monkeypatch.setattr("fused.fetcher.ANSWER_GRACE", 0.5)
+    release = threading.Event()
+
+    async def main() -> None:
+        backend = Faulty(LocalBackend(image.layout), "stuck", release, gate=trio.Event())
+        async with open_stack(image, tmp_path / "cache", backend, timeout=3.0,
+                              retries=0) as s:
+            attr = s.vfs.lookup(1, b"a")
+            try:
+                with trio.fail_after(30), pytest.raises(ChunkError, match="no answer"):
+                    await s.vfs.read(attr.ino, 0, CS)  # chunk 0, retired at the bound
+                backend.mode = "gated"
+                got: list[bytes] = []
+
+                async def second_reader() -> None:
+                    got.append(bytes(await s.vfs.read(attr.ino, 0, CS)))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(second_reader)
+                    with trio.fail_after(30):
+                        while 0 not in s.fetcher._inflight:
+                            await trio.sleep(0.01)
+                    successor = s.fetcher._inflight[0]
+                    release.set()  # the stuck fetch returns and fails (its deadline passed)
+                    with trio.fail_after(30):
+                        while not s.stats.error_classes["deadline"]:
+                            await trio.sleep(0.01)
+                    assert not successor.done.is_set()  # the old fetch left it alone
+                    assert backend.gate is not None
+                    backend.gate.set()
+                assert got == [image.files[b"a"][:CS]]
+            finally:
+                release.set()
 
     trio.run(main)
 
