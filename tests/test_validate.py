@@ -249,3 +249,20 @@ def test_fsck_erofs_refusing_is_one_line(tmp_path):
 def test_the_chunk_table_layout_is_what_the_section_says(seed):
     hdr = section.Header.unpack(seed.bootstrap)
     assert hdr.prefetch_off + 8 * hdr.prefetch_count == len(seed.bootstrap)
+
+
+def test_the_cache_lists_no_stamp_as_a_bootstrap_and_removes_it_with_its_bootstrap(seed,
+                                                                                 tmp_path):
+    import hashlib
+
+    from fused.evict import bootstrap_files, remove_bootstrap
+
+    digest = hashlib.sha256(seed.bootstrap).hexdigest()
+    path = tmp_path / "bootstraps" / "sha256" / digest
+    path.parent.mkdir(parents=True)
+    path.write_bytes(seed.bootstrap)
+    Bootstrap.open(path, stamp=True).close()
+    assert stamp_path_of(path).exists()
+    assert [d for d, _p, _m in bootstrap_files(tmp_path)] == [f"sha256:{digest}"]
+    assert remove_bootstrap(tmp_path, f"sha256:{digest}", path, None) > 0
+    assert not path.exists() and not stamp_path_of(path).exists()
