@@ -151,7 +151,8 @@ class BlobFs:
         trace = self.trace
         for index in indices:
             trace.touch(index)
-        await self.fetcher.ensure(indices)
+        deadline = self.fetcher.deadline()  # one for the whole request (fused.fetcher)
+        await self.fetcher.ensure(indices, deadline)
         offsets, sizes = self._chunks(blob)
         cache = self.cache
         if len(positions) == 1:  # the common case: one chunk covers it all, one pread
@@ -160,7 +161,8 @@ class BlobFs:
                 index = first + k  # verified reads (fused.cache rule 5)
                 data = cache.read(index, offset - offsets[k], end - offset)
                 if data is None:
-                    data = await self.fetcher.read(index, offset - offsets[k], end - offset)
+                    data = await self.fetcher.read(index, offset - offsets[k], end - offset,
+                                                   deadline)
                 stats.read_bytes += len(data)
                 return data
         # What no chunk covers stays zero: gaps, block padding, other images' chunks.
@@ -174,6 +176,6 @@ class BlobFs:
                 continue
             part = view[a - offset:b - offset]
             if not cache.readinto(first + k, a - offsets[k], part):
-                await self.fetcher.readinto(first + k, a - offsets[k], part)
+                await self.fetcher.readinto(first + k, a - offsets[k], part, deadline)
         stats.read_bytes += len(buf)
         return buf

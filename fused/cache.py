@@ -13,6 +13,8 @@ Layout under the cache directory (one per host by default, see
                                  its bit set (``fused.blobcache``)
     bootstraps/<alg>/<hex>       verified raw bootstraps, named by the digest of
                                  their uncompressed bytes
+    bootstraps/<alg>/.<hex>.validated  written by ``rafs.bootstrap``: that file
+                                 passed the bootstrap validator (and fsck.erofs)
     index.db                     the host-wide index (``fused.cacheindex``): where
                                  each chunk (by sha256) lives, when it was last
                                  used, the bytes held; a hint, rebuilt if lost

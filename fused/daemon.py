@@ -151,14 +151,14 @@ class _Image:
 
 
 async def _open_image(stack: AsyncExitStack, ref: ImageRef, image: str,
-                      options: MountOptions, stats: Stats) -> _Image:
+                      options: MountOptions, stats: Stats, *, kernel: bool) -> _Image:
     backend = await stack.enter_async_context(open_backend(ref, options.backend()))
     backend.stats = stats
     cache_dir = str(options.cache_dir)
     # -- the chunk cache (fused.cachehost): bootstrap held in use, index, evictor --
     boot_path, held = await held_bootstrap(lambda: load_bootstrap(backend, cache_dir))
     stack.callback(os.close, held)
-    bootstrap = Bootstrap.open(boot_path)
+    bootstrap = Bootstrap.open(boot_path, stamp=True, fsck=kernel)  # validated
     stack.callback(bootstrap.close)
     cache = open_cache(cache_dir, bootstrap, boot_path, stats,
                        resolve_config(options.cache_max, options.cache_min_free), image)
@@ -201,7 +201,7 @@ class Daemon:
         self.owner.write_state(**self._identity(mode), phase="starting")
         async with AsyncExitStack() as stack:
             self.image = await _open_image(stack, ref, self.image_ref, self.options,
-                                           self.stats)
+                                           self.stats, kernel=mode == "kernel")
             self.nursery = await stack.enter_async_context(trio.open_nursery())
             await self.image.start(stack, self.nursery)
             self.mode: _Mode = (_KernelMode if mode == "kernel" else _FuseMode)(self)

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from rafs.bootstrap import stamp_path_of
+
 from .blobcache import BlobCache, blob_base, blob_digests, block_end
 from .cacheconf import CacheConfig
 from .cacheindex import CacheIndex, ChunkRow
@@ -209,6 +211,7 @@ def remove_bootstrap(root: Path, digest: str, path: Path, index: CacheIndex | No
             return 0
         size = os.fstat(fd).st_blocks * 512
         path.unlink(missing_ok=True)
+        stamp_path_of(path).unlink(missing_ok=True)  # its validation stamp (rafs.bootstrap)
         if index is not None:
             index.forget_image(digest)
     finally:

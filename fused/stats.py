@@ -55,6 +55,8 @@ HELP = {
     "prefetch_chunks": "chunks fetched ahead of readers by the prefetch list",
     "digest_failures": "fetched chunks whose sha256 did not match",
     "errors": "read requests answered with an error",
+    "internal_errors": "requests answered EIO because of an unexpected exception or a missed "
+                       "deadline (a bug or a bad image the validator let through)",
     "fuse_requests": "FUSE requests the daemon answered, by operation",
 }
 
@@ -89,6 +91,7 @@ class Stats:
     prefetch_chunks: int = 0
     digest_failures: int = 0
     errors: int = 0
+    internal_errors: int = 0
     requests: dict[str, int] = field(default_factory=_kinds)
     bytes: dict[str, int] = field(default_factory=_kinds)
     chunks: dict[str, int] = field(default_factory=_kinds)
@@ -159,6 +162,7 @@ class Stats:
             "prefetch_chunks": self.prefetch_chunks,
             "digest_failures": self.digest_failures,
             "errors": self.errors,
+            "internal_errors": self.internal_errors,
             "requests": dict(self.requests),
             "bytes": dict(self.bytes),
             "chunks": dict(self.chunks),
