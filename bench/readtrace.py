@@ -16,7 +16,7 @@ added), pushes it to a local ``docker-registry``, runs its workload cold with
 
 No link emulation (the order of reads, not their timing, is what is kept).
 ``--readahead-kb N`` records with the kernel's read-ahead on the mounts set to
-N KiB instead of the daemon's 4 MiB (``RAFS_READAHEAD_KB``), for studies of
+N KiB instead of the daemon's 1 MiB (``RAFS_READAHEAD_KB``), for studies of
 granularity.
 Needs root (mounts, runc) and the corpus images (``bench.corpus``).
 """

@@ -95,7 +95,7 @@ class ImageSource:
 def _parse_config(raw: bytes, digest: str, layer_count: int) -> dict[str, Any]:
     try:
         config = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting
         raise ImageError(f"config {digest} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise ImageError(f"config {digest} is not a JSON object")
@@ -202,7 +202,7 @@ def _open_docker_archive(ref: ImageRef) -> Iterator[ImageSource]:
 
         try:
             images = json.loads(read("manifest.json"))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting
             raise ImageError(f"{ref.path}: manifest.json is not valid JSON: {e}") from None
         if not isinstance(images, list) or not all(isinstance(i, dict) for i in images):
             raise ImageError(f"{ref.path}: manifest.json is not a list of images")

@@ -157,7 +157,8 @@ class BlobFs:
         for k in positions:
             trace.read(first + k, max(offset, offsets[k]) - offsets[k],
                        min(end, offsets[k] + sizes[k]) - offsets[k])
-        await self.fetcher.ensure(indices)
+        deadline = self.fetcher.deadline()  # one for the whole request (fused.fetcher)
+        await self.fetcher.ensure(indices, deadline)
         cache = self.cache
         if len(positions) == 1:  # the common case: one chunk covers it all, one pread
             k = positions[0]
@@ -165,7 +166,8 @@ class BlobFs:
                 index = first + k  # verified reads (fused.cache rule 5)
                 data = cache.read(index, offset - offsets[k], end - offset)
                 if data is None:
-                    data = await self.fetcher.read(index, offset - offsets[k], end - offset)
+                    data = await self.fetcher.read(index, offset - offsets[k], end - offset,
+                                                   deadline)
                 stats.coverage.read(index, offset - offsets[k], end - offset)
                 stats.read_bytes += len(data)
                 return data
@@ -180,7 +182,7 @@ class BlobFs:
                 continue
             part = view[a - offset:b - offset]
             if not cache.readinto(first + k, a - offsets[k], part):
-                await self.fetcher.readinto(first + k, a - offsets[k], part)
+                await self.fetcher.readinto(first + k, a - offsets[k], part, deadline)
             stats.coverage.read(first + k, a - offsets[k], b - a)
         stats.read_bytes += len(buf)
         return buf

@@ -13,6 +13,8 @@ Layout under the cache directory (one per host by default, see
                                  its bit set (``fused.blobcache``)
     bootstraps/<alg>/<hex>       verified raw bootstraps, named by the digest of
                                  their uncompressed bytes
+    bootstraps/<alg>/.<hex>.validated  written by ``rafs.bootstrap``: that file
+                                 passed the bootstrap validator (and fsck.erofs)
     index.db                     the host-wide index (``fused.cacheindex``): where
                                  each chunk (by sha256) lives, when it was last
                                  used, the bytes held; a hint, rebuilt if lost
@@ -509,15 +511,22 @@ class ChunkCache:
         """
         c = self.chunk(index)
         ev = self.evictor
-        if ev is not None and ev.over_cap():
-            await ev.make_room(self)
+        if ev is not None:
+            await ev.admit(self, c.uncompressed_size)
         try:
             f: BlobCache | None = self.blob_file(c.blob_index)
         except CacheError as e:
             log.warning("%s", e)
             f = None
-        raw, sums, gen, err = await trio.to_thread.run_sync(self._write, f, c, data)
+        try:
+            raw, sums, gen, err = await trio.to_thread.run_sync(self._write, f, c, data)
+        except BaseException:  # bad data (digest) or cancelled: nothing was stored
+            if ev is not None:
+                ev.release(c.uncompressed_size)
+            raise
         if err is not None:
+            if ev is not None:
+                ev.release(c.uncompressed_size)
             self._remember(index, raw)
             if err in _NO_SPACE:
                 self.stats.cache_enospc += 1

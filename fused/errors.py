@@ -16,7 +16,7 @@
         └── ControlError           EIO      the control socket did not answer
 
 The errno of any exception is computed by ``rafs.errors.to_errno``; the FUSE
-adapter (``fused.fuseops``) calls it in exactly one place.
+adapter base (``fused.adapter``) calls it in exactly one place.
 """
 
 from __future__ import annotations

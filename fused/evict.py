@@ -25,9 +25,11 @@ verify``).
 ``Evictor`` is the daemon's side: an estimate of the cache size kept from its
 own stores and the index's byte count (shared by every daemon, so one daemon
 sees the others' stores at each commit), a watch task that measures the
-directory every ``WATCH_SECONDS`` or when kicked, and ``make_room``, which a
-store awaits while the estimate is over the cap: so the cache passes its cap
-by at most the chunks being written at that moment.
+directory every ``WATCH_SECONDS`` or when kicked, and ``admit``, which a store
+awaits before it writes: it counts the store first and makes room while the
+cache would pass its cap (committing pending stores so that they can be
+evicted), so the cache passes its cap by at most one chunk per daemon, unless
+everything in it is in use.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
+
+from rafs.bootstrap import stamp_path_of
 
 from .blobcache import BlobCache, blob_base, blob_digests, block_end
 from .cacheconf import CacheConfig
@@ -207,6 +211,7 @@ def remove_bootstrap(root: Path, digest: str, path: Path, index: CacheIndex | No
             return 0
         size = os.fstat(fd).st_blocks * 512
         path.unlink(missing_ok=True)
+        stamp_path_of(path).unlink(missing_ok=True)  # its validation stamp (rafs.bootstrap)
         if index is not None:
             index.forget_image(digest)
     finally:
@@ -353,7 +358,9 @@ class Evictor:
         self._cap: int | None = None
         self._measured = 0  # usage at the last measurement
         self._indexed_at = 0  # the index's byte count then
-        self._estimate = 0
+        self._estimate = 0  # usage at the last measurement plus what was written since
+        self._admitted = 0  # stores admitted and not yet written (not on disk yet)
+        self._written = 0  # bytes this daemon has written, ever (stores racing a measure)
         self._kicked = trio.Event()
         self._no_space = False
         self._pass: trio.Event | None = None
@@ -368,8 +375,35 @@ class Evictor:
     def over_cap(self) -> bool:
         return self._cap is not None and self._stuck is None and self._estimate > self._cap
 
+    async def admit(self, cache: ChunkCache, nbytes: int) -> None:
+        """Count a store of ``nbytes`` before it is written, once the cache has room.
+
+        The store is counted before its write, so stores in flight at the same time
+        see each other and the cap is passed by at most the chunk being admitted.
+        While the store would pass the cap, a pass evicts; when a pass cannot get
+        under (what is left is written but not committed, so not evictable yet), the
+        pending stores are committed and one more pass runs. If that cannot get under
+        either (everything left is in use), the store goes on: a read never waits on
+        a cap it cannot meet.
+        """
+        for attempt in range(3):
+            if self._cap is None or self._estimate + self._admitted + nbytes <= self._cap:
+                break
+            if attempt or self._stuck is not None:
+                await cache.commit()  # committed chunks are evictable
+                self._stuck = None
+            await self.make_room(cache, self._admitted + nbytes)
+        self._admitted += nbytes
+
+    def release(self, nbytes: int) -> None:
+        """A store admitted by ``admit`` wrote nothing."""
+        self._admitted = max(0, self._admitted - nbytes)
+
     def note_stored(self, nbytes: int) -> None:
+        """A store admitted by ``admit`` was written."""
+        self.release(nbytes)
         self._estimate += nbytes
+        self._written += nbytes
         if self.over_cap():
             self._kicked.set()
 
@@ -386,12 +420,12 @@ class Evictor:
         self._no_space = True
         self._kicked.set()
 
-    async def make_room(self, cache: ChunkCache) -> None:
+    async def make_room(self, cache: ChunkCache, room: int = 0) -> None:
         """Return once an eviction pass (this one, or one already running) has ended."""
         if self._pass is not None:
             await self._pass.wait()
             return
-        await self._evict(cache)
+        await self._evict(cache, room)
 
     # -- the watch task ----------------------------------------------------------------
 
@@ -413,30 +447,34 @@ class Evictor:
             indexed = self.index.bytes()
             return budget(self.root, self.config), indexed
 
+        written = self._written
         try:
             b, indexed = await trio.to_thread.run_sync(run)
         except (OSError, CacheError) as e:
             log.warning("measuring the cache: %s", e)
             return
-        self._set(b, indexed)
+        self._set(b, indexed, written)
 
-    def _set(self, b: Budget, indexed: int) -> None:
+    def _set(self, b: Budget, indexed: int, written: int) -> None:
+        """A measurement taken from when this daemon had written ``written`` bytes: what it
+        wrote since may be missing from it, so it is added (at worst counted twice)."""
         self._cap, self._measured, self._indexed_at = b.cap, b.usage, indexed
-        self._estimate = b.usage
+        self._estimate = b.usage + self._written - written
         self.stats.cache_bytes = b.usage
         self.stats.cache_cap = b.cap or 0
 
-    async def _evict(self, cache: ChunkCache) -> None:
+    async def _evict(self, cache: ChunkCache, room: int = 0) -> None:
         self._pass = done = trio.Event()
         try:
             await cache.flush()  # this daemon's recency first, so it is not evicted blind
             no_space, self._no_space = self._no_space, False
+            written = self._written
             try:
-                report, b, indexed = await trio.to_thread.run_sync(self._evict_sync, no_space)
+                report, b, indexed = await trio.to_thread.run_sync(self._evict_sync, no_space, room)
             except (OSError, CacheError) as e:
                 log.error("evicting from the cache: %s", e)
                 return
-            self._set(b, indexed)
+            self._set(b, indexed, written)
             if b.over:
                 self._stuck = indexed
                 level = logging.WARNING if indexed == 0 else logging.DEBUG
@@ -459,14 +497,20 @@ class Evictor:
         except CacheError as e:
             log.warning("%s", e)
 
-    def _evict_sync(self, no_space: bool) -> tuple[EvictReport | None, Budget, int]:
+    def _evict_sync(self, no_space: bool, room: int = 0
+                    ) -> tuple[EvictReport | None, Budget, int]:
+        """One pass: down to the target when the cache, plus ``room`` bytes about to be
+        written, passes its cap (or the disk is full)."""
         with eviction_lock(self.root):
             b = budget(self.root, self.config)  # another evictor may have done the work
             target = b.target
+            if target is not None and b.cap is not None:
+                target = max(0, min(target, b.cap - room))  # room for what is about to land
             if no_space:  # the disk is full whatever the cap says: give back a tenth
                 target = min(target if target is not None else b.usage, int(b.usage * TARGET))
             report = None
-            if target is not None and (b.over or no_space):
+            wanted = b.cap is not None and b.usage + room > b.cap
+            if target is not None and (wanted or no_space):
                 log.info("cache %s holds %d bytes (cap %s): evicting down to %d", self.root,
                          b.usage, b.cap, target)
                 report = evict_to(self.root, self.index, target, b.usage)

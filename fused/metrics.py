@@ -27,7 +27,7 @@ _PLAIN = ("read_requests", "read_bytes", "cache_hits", "cache_misses", "cache_co
           "cache_lost", "cache_refetched", "cache_enospc", "cache_write_errors",
           "cache_evictions", "cache_evicted_bytes", "dedup_hits", "dedup_bytes",
           "retries", "range_ignored", "prefetch_chunks", "readahead_chunks", "digest_failures",
-          "errors")
+          "errors", "internal_errors")
 
 
 class StatsCollector(Collector):

@@ -110,6 +110,8 @@ HELP = {
     "readahead_chunks": "chunks the read-ahead policy fetched along with a reader's misses",
     "digest_failures": "fetched chunks whose sha256 did not match",
     "errors": "read requests answered with an error",
+    "internal_errors": "requests answered EIO because of an unexpected exception or a missed "
+                       "deadline (a bug or a bad image the validator let through)",
     "fuse_requests": "FUSE requests the daemon answered, by operation",
 }
 
@@ -145,6 +147,7 @@ class Stats:
     readahead_chunks: int = 0
     digest_failures: int = 0
     errors: int = 0
+    internal_errors: int = 0
     requests: dict[str, int] = field(default_factory=_kinds)
     bytes: dict[str, int] = field(default_factory=_kinds)
     chunks: dict[str, int] = field(default_factory=_kinds)
@@ -217,6 +220,7 @@ class Stats:
             "readahead_chunks": self.readahead_chunks,
             "digest_failures": self.digest_failures,
             "errors": self.errors,
+            "internal_errors": self.internal_errors,
             "requests": dict(self.requests),
             "bytes": dict(self.bytes),
             "chunks": dict(self.chunks),

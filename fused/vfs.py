@@ -4,7 +4,7 @@
 (attributes, lookup, readdir, readlink, xattrs, statfs, read) in terms of
 inode numbers, and raises ``FusedError`` subclasses (which carry their errno).
 It can be driven from tests inside ``trio.run`` without a kernel; the FUSE
-adapter (``fused.fuseops``) only translates types.
+adapter (``fused.fuseops`` on ``fused.adapter``) only translates types.
 
 Inode numbers are derived from EROFS nids so they are stable across mounts and
 daemons: FUSE requires the root to be inode 1, so
@@ -254,7 +254,7 @@ class Vfs:
                 data: bytes | bytearray = bytes(end - offset)
             else:  # verified reads (fused.cache rule 5); None: not ready, or it went bad
                 got = self.cache.read(index, offset - first * cs, end - offset)
-                if got is None:
+                if got is None:  # within answer_bound, whatever it takes
                     got = await self.fetcher.read(index, offset - first * cs, end - offset)
                 else:
                     stats.cache_hits += 1
@@ -263,7 +263,8 @@ class Vfs:
             stats.read_bytes += len(data)
             return data
         indices = [i for i in table[first : last + 1] if i is not None]
-        await self.fetcher.ensure(indices)
+        deadline = self.fetcher.deadline()  # one for the whole request (fused.fetcher)
+        await self.fetcher.ensure(indices, deadline)
         buf = bytearray(end - offset)
         view = memoryview(buf)
         pos = offset
@@ -274,7 +275,7 @@ class Vfs:
             if index is not None:  # holes stay zero
                 part = view[pos - offset : stop - offset]
                 if not self.cache.readinto(index, pos - k * cs, part):
-                    await self.fetcher.readinto(index, pos - k * cs, part)
+                    await self.fetcher.readinto(index, pos - k * cs, part, deadline)
                 stats.coverage.read(index, pos - k * cs, stop - pos)
             pos = stop
         stats.read_bytes += len(buf)

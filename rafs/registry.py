@@ -184,7 +184,7 @@ def _registry_message(response: httpx.Response, body: bytes) -> str:
     try:
         first = json.loads(body).get("errors")[0]
         text = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
-    except (ValueError, AttributeError, IndexError, KeyError, TypeError):
+    except (ValueError, AttributeError, IndexError, KeyError, TypeError, RecursionError):
         text = ""
     return text[:200] or response.reason_phrase or f"HTTP {response.status_code}"
 
@@ -276,7 +276,7 @@ def _is_index(raw: bytes, content_type: str) -> bool:
         return True
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting
         return False
     return isinstance(value, dict) and (value.get("mediaType") in INDEX_TYPES
                                         or ("manifests" in value and "layers" not in value))

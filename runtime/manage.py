@@ -17,6 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from fused.runstate import pid_alive
+
 from . import imagemount, overlay, store
 from .errors import ContainerRunningError, RunError
 from .runc import Runc
@@ -47,7 +49,7 @@ class Row:
 
 
 def _owner_alive(c: store.Container) -> bool:
-    return imagemount._alive(c.owner_pid)
+    return pid_alive(c.owner_pid)
 
 
 def _status(c: store.Container, runc: Runc | None) -> tuple[str, int | None]:

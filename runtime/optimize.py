@@ -9,7 +9,7 @@
 3. Mount it privately (its own daemon without prefetch, so the trace holds this
    workload only; in the mode ``rafs run`` would use, ``--mode auto``, so the
    reads traced are the reads a start will make), run CMD in a container on it
-   (``run.run_container``), and read the access trace (``fused.cli.trace_report``:
+   (``run.run_container``), and read the access trace (``fused.client.trace_report``:
    the byte ranges read, in first-access order of their chunks) before
    unmounting.
 4. Convert the original into DST with the ranges as the prefetch list: the
@@ -36,9 +36,9 @@ from typing import Any
 
 from converter.convert import ConvertOptions, ConvertResult, convert
 from converter.push import check_push_target
-from fused.cli import MountOptions, mount_background, trace_report, umount
-from fused.errors import MountError
-from fused.mounts import find_mount, fusermount_unmount
+from fused import client
+from fused.errors import ControlError, MountError
+from fused.options import MountOptions
 from rafs.oci import (
     ANNOTATION_RAFS_SOURCE_DIGEST,
     ANNOTATION_REF_NAME,
@@ -75,8 +75,8 @@ def find_original(image: ResolvedImage) -> ImageRef:
                 return ImageRef("oci", ref.path, tag)
     elif ref.transport == "docker":
         pinned = ImageRef("docker", ref.path, None, digest)
-        with contextlib.suppress(Exception), registry_client(pinned) as client:
-            client.resolve(pinned)
+        with contextlib.suppress(Exception), registry_client(pinned) as registry:
+            registry.resolve(pinned)
             return pinned
     raise OptimizeError(f"the original of {ref} ({digest}) is not tagged in the same "
                         "layout or repository: give the plain image as SRC")
@@ -138,17 +138,15 @@ def _trace(image: ResolvedImage, mnt: Path, cmd: list[str],
     mnt.mkdir()
     # Both modes trace the ranges read; in kernel mode the kernel's own readahead of
     # blob data is part of them, as it will be when the image starts.
-    mount_background(image.pinned, str(mnt), str(default_cache_dir()),
-                     options=MountOptions(prefetch=False, mode=mode))
+    client.mount(image.pinned, mnt, MountOptions(str(default_cache_dir()), prefetch=False,
+                                                 mode=mode))
     try:
         status = run_container(opts, image=image, lower=mnt)
-        report = trace_report(str(mnt))
+        report = client.trace_report(mnt)
     finally:
         try:
-            umount(str(mnt))
-        except MountError as e:
-            log.warning("unmounting %s: %s", mnt, e)
-            entry = find_mount(mnt)
-            if entry is not None and entry.is_rafs:
-                fusermount_unmount(mnt, lazy=True)
+            client.unmount(mnt)
+        except (MountError, ControlError) as e:
+            log.warning("unmounting %s: %s; ending its daemon", mnt, e)
+            client.unmount(mnt, force=True)
     return report, status

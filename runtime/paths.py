@@ -10,7 +10,7 @@ Durable state lives under the runtime root: ``$RAFS_ROOT`` if set, else
     <root>/cache/             the chunk cache of lazily mounted images, when $RAFS_ROOT
                               is set (else the host's: ``fused.cacheconf``)
 
-What dies with a reboot lives in the run directory of ``fused.control.run_dir``
+What dies with a reboot lives in the run directory of ``fused.runstate.run_dir``
 (``$RAFS_RUN_DIR``, ``/run/rafs``, ...):
 
     <run>/images/<digest>/mnt    the shared rafs mount of one image
@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from fused.cacheconf import default_cache_dir
-from fused.control import run_dir
+from fused.runstate import run_dir
 
 __all__ = ["cache_dir", "containers_dir", "images_run_dir", "rootfs_cache_dir",
            "runc_root", "runtime_root"]

@@ -12,7 +12,10 @@ plugin, so that pull credentials reach the snapshotter (``snapshotter.imageproxy
 
 The process serves until SIGTERM/SIGINT; the fused daemons it started keep
 running (and keep serving running containers) after it exits, and a new
-snapshotter on the same root picks up its metadata and mounts.
+snapshotter on the same root picks up its metadata and mounts: at startup it
+adopts the mounts of its bootstrap snapshots whose daemons serve and tears
+down every other rafs mount under its root. A second snapshotter on the same
+root or address is refused while the first one lives.
 """
 
 from __future__ import annotations
@@ -71,32 +74,40 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fused.cacheconf import default_cache_dir
-    from fused.cli import MountOptions
+    from fused.options import MountOptions
     from rafs.hosts import use_hosts_dir
 
     from .keychain import Keychain
     from .remote import FusedRemote
-    from .service import serve
-    from .snapshots import Snapshotter
+    from .service import claim, serve
+    from .snapshots import ROLE_BOOTSTRAP, Snapshotter
 
     root = Path(args.root)
-    hosts_dir = use_hosts_dir(args.hosts_dir) if args.hosts_dir else None  # manifest lookups
-    options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None,
-                           mode=args.mode, hosts_dir=hosts_dir)
-    keychain = Keychain()
-    remote = FusedRemote(args.cache_dir or default_cache_dir(), options, keychain=keychain)
+    claimed = claim(root, Path(args.address))
     try:
-        snapshotter = Snapshotter(root, remote)
-    except (OSError, sqlite3.Error) as e:
-        raise SnapshotterError(f"cannot use root {root}: {_reason(e)}") from None
-    with contextlib.ExitStack() as stack:
-        if args.cri_image_service:
-            from .imageproxy import ImageProxy
+        hosts_dir = use_hosts_dir(args.hosts_dir) if args.hosts_dir else None
+        options = MountOptions(str(args.cache_dir or default_cache_dir()),
+                               prefetch=not args.no_prefetch, insecure=args.insecure or None,
+                               mode=args.mode, hosts_dir=hosts_dir)
+        keychain = Keychain()
+        remote = FusedRemote(options, keychain=keychain)
+        try:
+            snapshotter = Snapshotter(root, remote)
+        except (OSError, sqlite3.Error) as e:
+            raise SnapshotterError(f"cannot use root {root}: {_reason(e)}") from None
+        keep = {snapshotter.fs_dir(s) for s in snapshotter.walk()
+                if s.remote is not None and s.remote.get("role") == ROLE_BOOTSTRAP}
+        remote.reconcile(snapshotter.root / "snapshots", keep)
+        with contextlib.ExitStack() as stack:
+            if args.cri_image_service:
+                from .imageproxy import ImageProxy
 
-            proxy = ImageProxy(args.cri_image_service, args.cri_runtime_endpoint, keychain)
-            proxy.start()
-            stack.callback(proxy.stop)
-        serve(snapshotter, args.address)
+                proxy = ImageProxy(args.cri_image_service, args.cri_runtime_endpoint, keychain)
+                proxy.start()
+                stack.callback(proxy.stop)
+            serve(snapshotter, claimed)
+    finally:
+        claimed.release()
     return 0
 
 

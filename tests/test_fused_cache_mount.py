@@ -234,7 +234,9 @@ def test_a_full_disk_does_not_fail_reads_of_a_mount(tmp_path: Path, registry: Re
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
     try:
         cache = small / "cache"
-        with mounted(ref, tmp_path / "mnt", cache, extra_args=["--no-prefetch"]) as mnt:
+        # No free-space floor: the disk itself must fill (the floor would evict first).
+        with mounted(ref, tmp_path / "mnt", cache,
+                     extra_args=["--no-prefetch", "--cache-min-free", "off"]) as mnt:
             for k in range(2):
                 assert read_and_check(mnt, files, random.Random(k)) == (0, 0)
             stats = read_stats(mnt)["stats"]

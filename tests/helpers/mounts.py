@@ -2,8 +2,9 @@
 
 Owns: ``mounted`` (mount through the real CLI in a subprocess, yield the mount
 point, and in ``finally`` always unmount: ``rafs umount``, then
-``umount -l`` / ``fusermount3 -u -z`` of whatever is left, kernel mode's blob
-mount included, then SIGKILL for a daemon that is still alive), ``is_mounted``,
+``rafs umount --force``, then ``umount -l`` / ``fusermount3 -u -z`` of whatever
+is left, kernel mode's blob mount included, then SIGKILL for a daemon that is
+still alive), ``is_mounted``,
 ``fuse_mounts`` and ``rafs_mounts`` (read ``/proc/self/mountinfo``, for
 asserting that nothing leaked).
 
@@ -157,7 +158,8 @@ def mounted(
         yield mp
     finally:
         with contextlib.suppress(Exception):
-            run(rafs_cmd("umount", mp), env=_env(env), timeout=90)
+            if run(rafs_cmd("umount", mp), env=_env(env), timeout=90).returncode != 0:
+                run(rafs_cmd("umount", "--force", mp), env=_env(env), timeout=90)
         _force_unmount(mp)
         for leftover in set(blob_mounts(run_dir)) - blobs_before:
             subprocess.run(["fusermount3", "-u", "-z", leftover], check=False)
