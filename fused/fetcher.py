@@ -428,7 +428,12 @@ class Fetcher:
             return
         # amplify off, or --amplify-bytes 0: only what readers asked for
         wanted = self.amplify and self.amplify_bytes > 0
-        extra = self.readahead.extra(missing, self._available) if wanted else []
+        extra: list[int] = []
+        if wanted:
+            try:
+                extra = self.readahead.extra(missing, self._available)
+            except RafsError as e:  # read-ahead is an optimisation: never fail the read
+                log.warning("read-ahead stopped: %s", e)
         for index in extra:  # claimed like requested ones: a reader of one waits for us
             self._inflight[index] = _Pending()
             claimed.add(index)

@@ -12,7 +12,7 @@ from fused.backend import Backend, LocalBackend
 from fused.errors import ChunkError
 from fused.readahead import FileMap
 from rafs.bootstrap import Bootstrap
-from rafs.errors import BackendError, TransientError
+from rafs.errors import BackendError, FormatError, TransientError
 from rafs.model import Node
 from rafs.retry import RetryPolicy
 from tests.fused_support import Stack, WrittenImage, open_stack, write_rafs_image
@@ -377,6 +377,28 @@ def test_a_file_map_that_cannot_be_built_leaves_reads_working(image, tmp_path):
             for name in files:
                 assert await read_file(s, name) == files[name]
             assert s.fetcher.readahead is not None and s.fetcher.readahead.files is None
+            assert s.stats.readahead_chunks == 0
+
+    trio.run(main)
+
+
+def test_read_ahead_that_trips_on_a_bad_record_leaves_the_read_working(image, tmp_path):
+    """A fault the bootstrap validator would refuse, injected into the policy's chunk
+    lookup: read-ahead stops, the read it was planned for still gets its bytes."""
+    img, files = image
+
+    async def main() -> None:
+        boot = Bootstrap.from_bytes(img.bootstrap)
+        async with open_stack(img, tmp_path / "cache", amplify=True, amplify_bytes=8 * CS,
+                              files=lambda: FileMap.from_bootstrap(boot)) as s:
+            assert s.fetcher.readahead is not None
+
+            def bad_record(index: int) -> object:
+                raise FormatError(f"chunk record {index} is broken", 0)
+
+            s.fetcher.readahead.chunk = bad_record  # type: ignore[assignment]
+            for name in files:
+                assert await read_file(s, name) == files[name]
             assert s.stats.readahead_chunks == 0
 
     trio.run(main)
