@@ -415,6 +415,7 @@ def pushed(registry, tmp_path_factory) -> str:
     return ref
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("mode", ["fuse", "kernel"])
 def test_a_registry_that_stops_answering_gives_eio_and_a_clean_unmount(mode, registry, pushed,
                                                                       tmp_path):
@@ -447,6 +448,7 @@ def recorded(image, tmp_path) -> Iterator[str]:
     yield layout.reseal_bootstrap(manifest, bad.bootstrap)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("mode", ["fuse", "kernel"])
 def test_the_recorded_image_is_refused_with_one_line_naming_offset_and_rule(mode, recorded,
                                                                             tmp_path):

@@ -37,6 +37,8 @@ from tests.helpers.mounts import REPO_ROOT, mounted, rafs_cmd, rafs_mounts
 from tests.helpers.ocibuild import build_docker_archive, build_oci_image, file_entry
 from tests.helpers.registries import READER_PASSWORD, READER_USER
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_RUNTIME, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_CLOSED_STDOUT = 125, 126, 127, 141
 

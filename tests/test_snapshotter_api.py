@@ -23,6 +23,8 @@ from snapshotter.labels import remote_request
 from snapshotter.service import claim, start_server
 from snapshotter.snapshots import ROLE_BLOB, ROLE_BOOTSTRAP, Snapshotter
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.containerd]
+
 
 class Client:
     """A snapshotter on ``root`` served on a socket, and a stub talking to it."""
