@@ -91,10 +91,12 @@ _RUN_DIR = pytest.StashKey[str]()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Remove the session's run directory, unless a test failed: then its daemon logs
-    may say why, and the terminal summary names it."""
+    """Remove the session's run directory, unless a test failed and a daemon left files
+    there: then its logs may say why, and the terminal summary names it."""
     run_dir = session.config.stash.get(_RUN_DIR, None)
-    if run_dir is None or exitstatus != 0:
+    if run_dir is None:
+        return
+    if exitstatus != 0 and any(files for _d, _s, files in os.walk(run_dir)):
         return
     mounted = Path("/proc/self/mountinfo").read_text()
     if f" {run_dir}/" in mounted:
