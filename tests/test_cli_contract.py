@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -446,6 +447,20 @@ def test_version_is_the_package_version() -> None:
     res = subprocess.run([sys.executable, "-m", "runtime.cli", "--version"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True)
     assert res.stdout.strip() == f"rafs {version('rafs')}" == f"rafs {rafs.version()}"
+
+
+def test_ls_shows_the_daemons_version_and_marks_none_of_this_rafs(ws: Workspace) -> None:
+    import rafs
+
+    env = _rafs_env(ws)
+    res = subprocess.run(rafs_cmd("ls", "--json"), env=env, capture_output=True, text=True,
+                         check=True)
+    (ours,) = [m for m in json.loads(res.stdout) if m["mountpoint"] == str(ws.mnt)]
+    assert ours["version"] == rafs.version() and ours["state"] == "serving"
+    table = subprocess.run(rafs_cmd("ls"), env=env, capture_output=True, text=True,
+                           check=True).stdout
+    (row,) = [line for line in table.splitlines() if line.startswith(f"{ws.mnt} ")]
+    assert f" {rafs.version()} " in row and "*" not in row, table
 
 
 # -- the mechanism itself, in process ---------------------------------------------------
