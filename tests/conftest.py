@@ -38,7 +38,6 @@ from bench import corpus  # noqa: E402
 from bench.registry import RegistryServer  # noqa: E402
 from tests.helpers.registries import AuthRegistry, basic_registry, token_registry  # noqa: E402
 
-
 #: Fixtures that start a real docker-registry: a test using one is marked ``registry``.
 REGISTRY_FIXTURES = frozenset({"registry", "registry_basic", "registry_token",
                                "rafs_python_ref", "rafs_numpy_ref"})

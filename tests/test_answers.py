@@ -437,9 +437,9 @@ def test_a_registry_that_stops_answering_gives_eio_and_a_clean_unmount(mode, reg
 @pytest.fixture
 def recorded(image, tmp_path) -> Iterator[str]:
     """The issue's case on a real layout: chunk 1's record is inconsistent, re-sealed."""
-    from tests.helpers.mutate import Layout
-
     import json
+
+    from tests.helpers.mutate import Layout
 
     bad = with_record(image, 1, 28, "<I", 1 << 30)
     layout = Layout(image.layout, tmp_path / "recorded")

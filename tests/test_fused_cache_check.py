@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import trio
-
 import pytest
+import trio
 
 from fused.cacheindex import CacheIndex
 from tests.cache_support import (

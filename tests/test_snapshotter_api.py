@@ -249,8 +249,8 @@ def test_rafs_layers_are_recognised_from_rpull_and_cri_labels(
     registry, rafs_python_ref: str, debian_image: tuple[Path, str]  # type: ignore[no-untyped-def]
 ) -> None:
     from fused.options import MountOptions
-    from rafs.registry import RegistryClient
     from rafs.oci import parse_image_ref
+    from rafs.registry import RegistryClient
     from snapshotter.remote import FusedRemote
 
     ref = parse_image_ref(rafs_python_ref)
