@@ -87,8 +87,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="every mount of this run directory's daemons, and the leftovers "
                    "of dead ones")
     p.add_argument("--timeout", type=float, default=client.EXIT_TIMEOUT, metavar="SECONDS",
-                   help="how long to wait for the daemon to exit before the call fails "
-                   "(default %(default)g)")
+                   help="how long to wait for the daemon to unmount and exit; past it, "
+                   "it is killed and its mounts undone, as with --force (default "
+                   "%(default)g)")
     p.set_defaults(func=_cmd_umount)
 
     p = subparsers.add_parser(

@@ -37,6 +37,12 @@ says why, in one line.
 - a dead instance (its owner's lock is free, however it died): the same
   without the kill; ``sweep`` does it for every dead instance.
 
+**Another user's mount** (a FUSE mount's ``user_id``; EROFS is root's): a
+caller who is neither root nor that user gets ``NotOwnerError`` ("MNT belongs
+to root's rafs; run as root") from ``stats``, ``metrics``, ``trace`` and
+``unmount``, and nothing is touched. A failed mount's error carries what
+libfuse printed to the daemon's log (``failed to open /dev/fuse: ...``).
+
 **States** ``list_mounts`` reports: ``serving`` (answers), ``starting``,
 ``stopping``, ``recovering`` (its owner lives, its worker does not),
 ``unresponsive`` (its owner lives but does not answer), ``dead`` (run state
