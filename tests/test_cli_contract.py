@@ -79,7 +79,7 @@ class Case:
     user: str = "root"  # or "nobody"
     stdout: str = "pipe"  # or "closed": the reader of stdout has gone
     writes: Callable[[Workspace], Path] | None = None  # must not exist afterwards
-    env: tuple[tuple[str, str], ...] = ()  # more environment
+    env: tuple[tuple[str, str], ...] = ()  # more environment ({shared}: ws.shared)
     no_fuse_device: bool = False  # /dev/fuse is root's only (0600), whatever the host has
 
 
@@ -183,7 +183,8 @@ CASES = [
     Case("image prune as nobody", lambda w: ["image", "prune"], EXIT_OK, user="nobody"),
     Case("mount as nobody", lambda w: ["mount", f"oci:{w.shared}/rafs:v1", str(w.user_mnt),
                                        "--cache-dir", str(w.user_cache)],
-         EXIT_ERROR, "/dev/fuse: Permission denied", user="nobody", no_fuse_device=True),
+         EXIT_ERROR, "/dev/fuse: Permission denied", user="nobody", no_fuse_device=True,
+         env=(("XDG_RUNTIME_DIR", "{shared}/xdg"),)),  # its run dir: <xdg>/rafs, ours
     Case("stats as nobody on root's mount", lambda w: ["stats", str(w.mnt)], EXIT_ERROR,
          "{mnt} belongs to root's rafs; run as root", user="nobody"),
     Case("trace as nobody on root's mount", lambda w: ["trace", str(w.mnt)], EXIT_ERROR,
@@ -275,7 +276,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, registry, registry_token) -> It
         token_registry=registry_token.host, mnt=base / "mnt", shared=shared,
         user_mnt=shared / "mnt", user_cache=shared / "cache")
     try:
-        for d in (w.user_mnt, w.user_cache):
+        for d in (w.user_mnt, w.user_cache, shared / "xdg"):
             d.mkdir()
             os.chmod(d, 0o777)
         subprocess.run(rafs_cmd("convert", w.plain, w.rafs, "--no-progress"),
@@ -380,11 +381,12 @@ def _argv(case: Case, ws: Workspace) -> list[str]:
 
 
 def _env(case: Case, ws: Workspace) -> dict[str, str]:
+    extra = {k: v.replace("{shared}", str(ws.shared)) for k, v in case.env}
     if case.user == "nobody":  # what a login of nobody has: no RAFS_* of ours
         path = os.pathsep.join([str(REPO_ROOT), *_python_for_nobody()[1]])
         return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent",
-                "PYTHONPATH": path, **dict(case.env)}
-    return _rafs_env(ws) | dict(case.env)
+                "PYTHONPATH": path, **extra}
+    return _rafs_env(ws) | extra
 
 
 def _run(case: Case, ws: Workspace) -> subprocess.CompletedProcess[str]:
