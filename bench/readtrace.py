@@ -34,8 +34,8 @@ from typing import Any
 
 from bench import corpus
 from bench.coldstart import _check, _rafs_argv, _rafs_home, _ready, _run
-from bench.registry import RegistryServer
 from bench.readsim import model_from_bootstrap
+from bench.registry import RegistryServer
 from fused.readlog import ENV as READ_LOG_ENV
 from rafs.bootstrap import Bootstrap
 from rafs.image import open_local_image

@@ -38,10 +38,10 @@ import hashlib
 import logging
 import os
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
 from rafs.codec import (
@@ -53,8 +53,8 @@ from rafs.codec import (
     digest_chunk,
     train_dictionary,
 )
-from rafs.section import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from rafs.model import BLOCK_SIZE, CHUNK_DICT, Blob, Chunk, Node
+from rafs.section import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 from .errors import BadTarError, OptionError
 

@@ -83,9 +83,9 @@ from rafs.model import Blob, Chunk
 from rafs.retry import Backoff, RetryPolicy
 
 from .backend import Backend
-from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
 from .cache import ChunkCache
 from .errors import ChunkError
+from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
 from .readahead import FileMap, ReadAhead, ReadAheadConfig
 from .stats import Stats
 

@@ -159,25 +159,28 @@ class ReadAhead:
             for start, last in self._runs(missing):
                 self._amplify(start, last, take_run)
             return out
-        files = self.files
-        if files is None:
+        if self.files is None:
             return out
         for index in missing:
-            owner = files.owner(index)
-            if owner is None:
-                continue
-            file, pos = owner
-            read = self._read.setdefault(file, set())
-            sequential = pos - 1 in read
-            read.add(pos)
-            chunks = files.chunks(file)
-            if sequential:
-                self._grow(file, chunks, pos, take)
-            else:
-                self._window[file] = 0
-            if len(chunks) == 1:
-                self._batch_directory(file, index, take)
+            self._follow(self.files, index, take)
         return out
+
+    def _follow(self, files: FileMap, index: int, take: Callable[[int], bool]) -> None:
+        """The within-file window and the directory batch for one missing chunk."""
+        owner = files.owner(index)
+        if owner is None:
+            return
+        file, pos = owner
+        read = self._read.setdefault(file, set())
+        sequential = pos - 1 in read
+        read.add(pos)
+        chunks = files.chunks(file)
+        if sequential:
+            self._grow(file, chunks, pos, take)
+        else:
+            self._window[file] = 0
+        if len(chunks) == 1:
+            self._batch_directory(file, index, take)
 
     def _grow(self, file: int, chunks: Sequence[int | None], pos: int,
               take: Callable[[int], bool]) -> None:

@@ -24,6 +24,8 @@ from rafs.image import open_image
 from tests.helpers.mounts import mounted, rafs_cmd, read_stats
 from tests.helpers.procs import run
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root]  # a chroot on the mount
+
 WORKLOAD = ["python3", "-c", "import numpy"]
 
 
