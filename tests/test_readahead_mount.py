@@ -19,7 +19,8 @@ from rafs.image import open_local_image
 from tests.helpers.mounts import mounted, read_stats
 from tests.helpers.ocibuild import build_oci_image, dir_entry, file_entry
 
-MODES = ("fuse", "kernel")
+pytestmark = [pytest.mark.fuse]
+MODES = ("fuse", pytest.param("kernel", marks=pytest.mark.kernel))
 SMALL = 4096
 
 
