@@ -12,14 +12,15 @@ Reads of cached data are answered from one reply buffer the adapter keeps
 (``BlobFs.read``'s ``scratch``) instead of a new 1 MiB bytes object per
 request: a warm sequential read of a large file is a stream of 1 MiB requests
 that the EROFS driver sends one at a time, each waiting for the last, so the
-daemon's time per request is the read's speed. Measured (``bench.modes``'
-1 GiB file, page cache dropped, interleaved, median of 10 on this 2-core host
-under other jobs' load): 418 MB/s and 1.75 s of daemon CPU per GiB with a new
-object per request, 933 MB/s and 0.67 s with the reused buffer (local disk
-1,114 MB/s). Reusing it is safe because pyfuse3 writes the reply
-(``fuse_reply_buf``) as soon as the handler returns, before any other task
-runs, and ``BlobFs`` fills the buffer only after its last ``await``: no two
-requests ever see it at once.
+daemon's time per request is the read's speed. Measured (README, "Kernel
+mode": the 1 GiB file of ``bench.modes``, page cache dropped, old and new
+daemon interleaved, median of 10 on this 2-core host under other jobs' load):
+287 MB/s and 1.81 s of daemon CPU per GiB with a new object per request,
+850 MB/s and 0.62 s with the reused buffer (local disk 1,277 MB/s).
+
+Reusing it is safe because pyfuse3 writes the reply (``fuse_reply_buf``) as
+soon as the handler returns, before any other task runs, and ``BlobFs`` fills
+the buffer only after its last ``await``: no two requests ever see it at once.
 """
 
 from __future__ import annotations
