@@ -14,7 +14,12 @@ Figures (every one warm, the median of ``--repeat`` runs, modes interleaved):
   chunk cache full, the page cache dropped before each run: kernel, fuse,
   local disk;
 - FUSE requests the daemon answered during each measured run (the daemon's
-  ``fuse_requests`` counter), per mode.
+  ``fuse_requests`` counter), per mode;
+- the daemon's CPU time (user + system, all its threads) during each measured
+  run: what a mode costs whatever else the host runs. On a shared host the
+  throughput of a daemon-served read falls with the load while local disk's
+  (DMA, no daemon) hardly does, so the load average before and after is
+  recorded too.
 
 Prints a Markdown table and writes the JSON to ``--out``. Needs root (mounts,
 chroot, dropping caches) and a kernel with file-backed EROFS for kernel mode.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -54,6 +60,23 @@ def fuse_requests(mnt: Path) -> int:
     return int(stats(mnt)["stats"]["fuse_requests"])  # type: ignore[index]
 
 
+def daemon_pid(mnt: Path) -> int:
+    return int(stats(mnt)["pid"])  # type: ignore[arg-type]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of process ``pid`` so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a worker thread that ended meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def converted(work: Path, src: Path, tag: str, name: str) -> str:
     dst = work / name
     if not (dst / "index.json").exists():
@@ -76,12 +99,14 @@ def measure(
     """Median seconds and FUSE requests per run of ``run`` in each mode (and on ``local``)."""
     samples: dict[str, list[float]] = {m: [] for m in MODES}
     requests: dict[str, list[int]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     mounts: dict[str, Path] = {}
     with mounted(images["kernel"], work / "mnt-kernel", cache, "--mode", "kernel",
                  "--no-prefetch") as km, \
          mounted(images["fuse"], work / "mnt-fuse", cache, "--mode", "fuse",
                  "--no-prefetch") as fm:
         mounts = {"kernel": km, "fuse": fm}
+        pids = {mode: daemon_pid(mnt) for mode, mnt in mounts.items()}
         for mode in MODES:
             warm(mounts[mode])
         if local is not None:
@@ -91,8 +116,9 @@ def measure(
             for mode in MODES:
                 if drop:
                     drop_caches()
-                before = fuse_requests(mounts[mode])
+                before, cpu0 = fuse_requests(mounts[mode]), cpu_seconds(pids[mode])
                 samples[mode].append(timed(lambda m=mode: run(mounts[m])))
+                cpu[mode].append(cpu_seconds(pids[mode]) - cpu0)
                 requests[mode].append(fuse_requests(mounts[mode]) - before)
             if local is not None:
                 if drop:
@@ -104,6 +130,8 @@ def measure(
         if key in requests:
             out[key]["fuse_requests"] = int(statistics.median(requests[key]))
             out[key]["fuse_request_samples"] = requests[key]
+            out[key]["daemon_cpu_s"] = statistics.median(cpu[key])
+            out[key]["daemon_cpu_samples"] = cpu[key]
     return out
 
 
@@ -184,6 +212,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"| find + stat | {w[k]['fuse_requests']:,} | {w[f]['fuse_requests']:,} |",
         f"| `import numpy` | {n[k]['fuse_requests']:,} | {n[f]['fuse_requests']:,} |",
         f"| sequential read | {rd[k]['fuse_requests']:,} | {rd[f]['fuse_requests']:,} |",
+        "",
+        f"Daemon CPU per sequential read: kernel {rd[k]['daemon_cpu_s']:.2f} s, fuse "
+        f"{rd[f]['daemon_cpu_s']:.2f} s; load average {r['load_before']:.1f} before, "
+        f"{r['load_after']:.1f} after (cores: {os.cpu_count()}).",
     ]
     return "\n".join(lines)
 
@@ -196,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    results: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "load_before": os.getloadavg()[0]}
     print("find + stat ...", file=sys.stderr)
     results["walk"] = bench_walk(args.work, args.repeat)
     print("import numpy ...", file=sys.stderr)
     results["numpy"] = bench_numpy(args.work, args.repeat)
     print("sequential read ...", file=sys.stderr)
     results["read"] = bench_read(args.work, args.size_mib << 20, args.repeat)
+    results["load_after"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(markdown(results))

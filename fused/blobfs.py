@@ -132,15 +132,23 @@ class BlobFs:
         hi = bisect.bisect_left(offsets, end)
         return range(lo, hi)
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
-        """Up to ``size`` bytes of a blob's address space at ``offset``."""
+    async def read(self, ino: int, offset: int, size: int,
+                   scratch: memoryview | None = None) -> bytes | bytearray | memoryview:
+        """Up to ``size`` bytes of a blob's address space at ``offset``.
+
+        ``scratch`` (at least ``size`` bytes): when the read lies in one cached chunk,
+        the bytes are read into it and a view of it is returned, instead of a new
+        1 MiB object per request (see ``fused.blobops`` for why and when that is safe).
+        It is filled only after the last ``await``, so a caller that uses the result
+        before awaiting anything else sees its own bytes."""
         started = time.perf_counter()
         try:
-            return await self._read(ino, offset, size)
+            return await self._read(ino, offset, size, scratch)
         finally:
             self.stats.read_latency(time.perf_counter() - started)
 
-    async def _read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
+    async def _read(self, ino: int, offset: int, size: int,
+                    scratch: memoryview | None) -> bytes | bytearray | memoryview:
         stats = self.stats
         stats.read_requests += 1
         blob = self._blob_index(ino)
@@ -164,7 +172,12 @@ class BlobFs:
             k = positions[0]
             if offsets[k] <= offset and end <= offsets[k] + sizes[k]:
                 index = first + k  # verified reads (fused.cache rule 5)
-                data = cache.read(index, offset - offsets[k], end - offset)
+                data: bytes | memoryview | None
+                if scratch is not None and len(scratch) >= end - offset:
+                    view = scratch[:end - offset]
+                    data = view if cache.readinto(index, offset - offsets[k], view) else None
+                else:
+                    data = cache.read(index, offset - offsets[k], end - offset)
                 if data is None:
                     data = await self.fetcher.read(index, offset - offsets[k], end - offset,
                                                    deadline)

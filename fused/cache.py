@@ -103,6 +103,7 @@ from typing import TYPE_CHECKING
 import trio
 import xxhash
 
+from rafs.bootstrap import carry_stamp
 from rafs.codec import check_xxh3
 from rafs.errors import FormatError
 from rafs.model import Blob, Chunk
@@ -780,11 +781,13 @@ def hold_bootstrap(path: str | os.PathLike[str]) -> int | None:
         raise CacheError(f"opening cached bootstrap {path}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
-        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+        before = os.fstat(fd)
+        if before.st_ino != os.stat(path).st_ino:
             os.close(fd)
             return None
         now = time.time()
         os.utime(fd, (now, now))
+        carry_stamp(path, before, os.fstat(fd))  # a new time is not a new file
     except FileNotFoundError:
         os.close(fd)
         return None

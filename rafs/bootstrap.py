@@ -444,6 +444,30 @@ def _stamp_covers(path: Path, st: os.stat_result, fsck: bool) -> bool:
     return text == _stamp_text(st, True) or (not fsck and text == _stamp_text(st, False))
 
 
+def carry_stamp(path: str | os.PathLike[str], before: os.stat_result,
+                after: os.stat_result) -> None:
+    """Keep the stamp of the bootstrap at ``path`` across a change of its times alone.
+
+    ``fused.cache`` sets a held bootstrap's mtime to its last use, which also moves
+    its ctime: without this, every mount would find its stamp stale and walk the
+    file (and run ``fsck.erofs``) again. A stamp that covered the file as
+    ``before`` is rewritten for ``after`` when both are the same file (device,
+    inode, size); any other stamp is left as it is.
+    """
+    if (before.st_dev, before.st_ino, before.st_size) != (
+            after.st_dev, after.st_ino, after.st_size):
+        return
+    stamp_path = stamp_path_of(path)
+    try:
+        text = stamp_path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return
+    for fsck in (True, False):
+        if text == _stamp_text(before, fsck):
+            _write_stamp(stamp_path, after, fsck)
+            return
+
+
 def _write_stamp(path: Path, st: os.stat_result, fsck: bool) -> None:
     """Best effort: without a stamp the next open validates again."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

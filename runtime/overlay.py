@@ -8,13 +8,12 @@ busy detaches it lazily.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
 from pathlib import Path
 
-from fused.mounts import find_mount
+from fused.mounts import find_mount, libc
 
 from .errors import RunError
 
@@ -23,7 +22,7 @@ __all__ = ["is_overlay", "mount_overlay", "unmount"]
 log = logging.getLogger(__name__)
 
 MNT_DETACH = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc  # never ctypes.util.find_library: it runs `ldconfig -p` at import
 
 
 def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:

@@ -271,6 +271,8 @@ def _say_kept(mnt: Path) -> None:
 
 
 def _delete_runc_state(runc: Runc, cid: str) -> None:
+    if not runc.may_know(cid):  # `runc run` deleted it as the container exited
+        return
     if runc.state(cid) is not None:
         runc.kill(cid, "KILL")
         runc.delete(cid)

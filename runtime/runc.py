@@ -45,6 +45,12 @@ class Runc:
         except subprocess.TimeoutExpired:
             raise RunError(f"runc {args[0]} timed out") from None
 
+    def may_know(self, container_id: str) -> bool:
+        """False when runc surely has no state of the container: runc keeps it in
+        ``ROOT/ID/``, which ``runc run`` removes as the container exits. Cheaper than
+        ``state`` (no process), so the common end of a run costs no runc call."""
+        return os.path.lexists(os.path.join(self.root, container_id))
+
     def state(self, container_id: str) -> dict[str, Any] | None:
         """runc's state of the container, None if runc does not know it."""
         res = self._call("state", container_id)

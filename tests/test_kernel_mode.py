@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -231,3 +232,34 @@ def test_umount_refuses_a_busy_kernel_mount_and_lazy_umount_serves_until_closed(
             time.sleep(0.1)
         assert not daemon_pids(tmp_path)
         assert not blob_mounts_of_this_session()
+
+
+def test_an_image_without_data_blobs_mounts_in_kernel_mode_and_reads(tmp_path):
+    """Only empty files, directories and a symlink: no blob, so the blob filesystem
+    has no files and EROFS no extra device. The mount must be ready at once (it once
+    waited for its own FUSE mount until the timeout) and serve the tree."""
+    parts = ImageParts(Node.directory(0o755, mtime=MTIME), chunk_size=CS)
+    root = parts.root
+    assert root.children is not None
+    etc = Node.directory(0o755, mtime=MTIME)
+    assert etc.children is not None
+    etc.children[b"empty.conf"] = parts.file(b"", mtime=MTIME)
+    root.children[b"etc"] = etc
+    root.children[b"marker"] = parts.file(b"", mode=0o600, mtime=MTIME)
+    root.children[b"link"] = Node(mode=stat.S_IFLNK | 0o777, target=b"etc/empty.conf",
+                                  mtime=MTIME)
+    img = write_rafs_image(parts, tmp_path / "img")
+    assert not img.blob_digests
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache", mode="kernel",
+                 extra_args=["--timeout", "20"], timeout=60) as mnt:
+        assert rafs_mounts()[str(mnt)] == "erofs"
+        assert sorted(os.listdir(mnt)) == ["etc", "link", "marker"]
+        assert read(mnt / "etc" / "empty.conf") == b""
+        assert read(mnt / "link") == b""
+        st = os.stat(mnt / "marker")
+        assert (stat.S_IMODE(st.st_mode), st.st_size, int(st.st_mtime)) == (0o600, 0, MTIME)
+        reply = read_stats(mnt)
+    assert reply["mode"] == "kernel"
+    s = reply["stats"]
+    assert isinstance(s, dict)
+    assert s["errors"] == 0 and s["backend_requests"] == 0

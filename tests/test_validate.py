@@ -351,3 +351,32 @@ def test_the_cache_lists_no_stamp_as_a_bootstrap_and_removes_it_with_its_bootstr
     assert [d for d, _p, _m in bootstrap_files(tmp_path)] == [f"sha256:{digest}"]
     assert remove_bootstrap(tmp_path, f"sha256:{digest}", path, None) > 0
     assert not path.exists() and not stamp_path_of(path).exists()
+
+
+def test_holding_a_cached_bootstrap_keeps_its_stamp_so_the_next_mount_skips_the_walk(
+        seed, tmp_path, monkeypatch):
+    """The daemon's load is hold (last use = now, which moves mtime and ctime), then
+    open with the stamp: a held file is the same file, so mount after mount skips the
+    walk and fsck.erofs; a file rewritten in place is still walked again."""
+    from fused.cache import hold_bootstrap
+
+    path = tmp_path / "boot"
+    path.write_bytes(seed.bootstrap)
+    Bootstrap.open(path, stamp=True, fsck=True).close()
+    calls = []
+    real = validator.validate
+    monkeypatch.setattr(validator, "validate", lambda buf: calls.append(1) or real(buf))
+    for _mount in range(3):
+        stamped = os.stat(path)
+        fd = hold_bootstrap(path)
+        assert fd is not None
+        try:
+            assert os.stat(path).st_ctime_ns != stamped.st_ctime_ns  # the hold moved it
+            Bootstrap.open(path, stamp=True, fsck=True).close()
+        finally:
+            os.close(fd)
+    assert calls == []
+    with open(path, "r+b") as f:  # same inode and size, other bytes
+        f.write(seed.bootstrap[:1])
+    Bootstrap.open(path, stamp=True, fsck=True).close()
+    assert calls == [1]
