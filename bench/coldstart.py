@@ -295,6 +295,8 @@ def prepare(name: str, registry: RegistryServer, work: Path, mode: str,
                                              registry.host, work)
         for form, peer_tag in (("estargz", estargz.ESTARGZ_TAG),
                                ("estargz-optimized", estargz.OPTIMIZED_TAG)):
+            if form not in forms:  # --scenarios left it out
+                continue
             _run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
                   f"oci:{peer_layout}:{peer_tag}", ref(form)], f"skopeo copy {name} {form}")
             layers[form] = _manifest_layers(ref(form))
@@ -384,6 +386,8 @@ def _stats_fields(reply: dict[str, Any]) -> dict[str, Any]:
     return {"mode": reply.get("mode"), "daemon_ready_s": reply.get("ready_seconds"),
             "fetched_bytes": s["backend_bytes"],
             "read_bytes": s["read_bytes"], "backend_requests": s["backend_requests"],
+            "readahead_chunks": s.get("readahead_chunks"),
+            "fraction_read": (s.get("coverage") or {}).get("fraction_read"),
             "fuse_requests_by_op": s.get("fuse_requests_by_op", {}),
             "prefetch_state": s["prefetch"]["state"]}
 

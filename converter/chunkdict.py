@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rafs.bootstrap import Bootstrap
+from rafs.codec import Dictionary
 from rafs.image import open_local_image
 from rafs.model import Blob, Chunk, Node
 from rafs.oci import ImageRef, parse_image_ref
@@ -40,6 +41,7 @@ class ChunkDict:
     chunk_size: int
     blobs: list[Blob]
     chunks: list[Chunk]
+    dictionaries: dict[int, Dictionary] = dataclasses.field(default_factory=dict)  # by blob
 
 
 def load_chunk_dict(ref: ImageRef | str,
@@ -59,10 +61,11 @@ def load_chunk_dict(ref: ImageRef | str,
         chunks = list(boot.chunks())
         blobs = list(boot.blobs)
         chunk_size = boot.chunk_size
+        dictionaries = {k: d for k in range(len(blobs)) if (d := boot.dictionary(k))}
     finally:
         boot.close()
     log.info("chunk dictionary %s: %d blobs, %d chunks", ref, len(blobs), len(chunks))
-    return ChunkDict(ref, chunk_size, blobs, chunks)
+    return ChunkDict(ref, chunk_size, blobs, chunks, dictionaries)
 
 
 def check_chunk_size(d: ChunkDict, chunk_size: int) -> None:

@@ -13,10 +13,15 @@ This module owns the chunk table and the data blobs of one conversion:
   new piece is compressed (zstd, or raw when that is not smaller) and appended
   to the blob's temp file. In the blob's uncompressed address space every
   chunk starts on a block boundary. A layer that adds no new chunk has no blob.
-- Access order: chunks of files on the prefetch list (``add_file(rank=...)``)
-  go to the front of the blob, ordered by their rank in the list, so that the
-  startup reads of a container are a few contiguous ranges; the other chunks
-  follow in tar order.
+- Access order: chunks with a rank (``add_file(ranks=...)``, from the
+  prefetch list by ``converter.startup``) go to the front of the blob, ordered
+  by rank (a chunk met again with an earlier rank moves up), so that the
+  start-up reads of a container are one contiguous range per blob, in the order
+  they are read; they are compressed at ``startup_level`` (the start-up set is
+  small and on every cold start's critical path), and with ``dictionary`` the
+  small ones (``rafs.codec.DICT_MAX_CHUNK``) again, at ``finish()``, with a zstd
+  dictionary trained on them (``store.dictionaries[blob]``, which goes into the
+  bootstrap). The other chunks follow in tar order.
 
 Determinism: results are consumed strictly in submission order, so the blob
 bytes and the chunk table depend only on the input and the options, never on
@@ -28,17 +33,27 @@ buffered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from rafs.codec import DEFAULT_LEVEL, compress_chunk, digest_chunk
-from rafs.model import BLOCK_SIZE, Blob, Chunk, Node
+from rafs.codec import (
+    DEFAULT_LEVEL,
+    DICT_MAX_CHUNK,
+    Dictionary,
+    compress_chunk,
+    decode_chunk,
+    digest_chunk,
+    train_dictionary,
+)
+from rafs.model import BLOCK_SIZE, CHUNK_DICT, Blob, Chunk, Node
 from rafs.section import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 from .errors import BadTarError, OptionError
@@ -88,10 +103,11 @@ class _Compressor:
         self.compression = compression
         self.level = level
 
-    def __call__(self, data: bytes) -> tuple[bytes, int]:
+    def __call__(self, data: bytes, level: int | None = None,
+                 dictionary: Dictionary | None = None) -> tuple[bytes, int]:
         if self.compression == "none":
             return data, 0
-        return compress_chunk(data, self.level)
+        return compress_chunk(data, level or self.level, dictionary)
 
 
 class ChunkStore:
@@ -104,10 +120,17 @@ class ChunkStore:
         compression: str = "zstd",
         level: int = DEFAULT_LEVEL,
         workers: int | None = None,
+        startup_level: int | None = None,
+        dictionary: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.chunk_size = check_chunk_size(chunk_size)
         self._compress = _Compressor(compression, level)
+        if startup_level is not None:
+            _Compressor(compression, startup_level)  # checks the level
+        self.startup_level = startup_level  # None: ``level``
+        self.dictionary = dictionary and compression == "zstd"  # train one per blob's start-up
+        self.dictionaries: dict[int, Dictionary] = {}  # blob index -> its dictionary
         self.chunks: list[Chunk] = []
         self.blobs: list[Blob] = []
         self.blob_files: list[Path | None] = []  # temp file of blobs[i]; None: seeded
@@ -136,10 +159,12 @@ class ChunkStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def seed(self, blobs: list[Blob], chunks: list[Chunk]) -> None:
-        """Start from another image's blobs and chunk table (a chunk dictionary):
-        chunks it has are referenced there instead of stored again."""
+    def seed(self, blobs: list[Blob], chunks: list[Chunk],
+             dictionaries: dict[int, Dictionary] | None = None) -> None:
+        """Start from another image's blobs, chunk table and zstd dictionaries (a chunk
+        dictionary): chunks it has are referenced there instead of stored again."""
         assert not self.blobs and not self.chunks, "seed() before any layer"
+        self.dictionaries.update(dictionaries or {})
         self.blobs.extend(blobs)
         self.blob_files.extend(None for _ in blobs)
         self.chunks.extend(chunks)
@@ -152,33 +177,34 @@ class ChunkStore:
         return BlobWriter(self, name)
 
     # runs in worker threads
-    def _examine(self, data: bytes) -> _Piece:
+    def _examine(self, data: bytes, level: int | None) -> _Piece:
         n = len(data)
         if data == (self._zero if n == self.chunk_size else self._zero[:n]):
             return _Piece(None, size=n)
         sha, xxh = digest_chunk(data)
         if sha in self.index:  # a racy peek: only ever saves work, never decides
             return _Piece(sha, xxh, None, 0, n)
-        payload, flags = self._compress(data)
+        payload, flags = self._compress(data, level)
         return _Piece(sha, xxh, payload, flags, n)
 
-    def _examine_all(self, pieces: list[bytes]) -> list[_Piece]:
-        return [self._examine(p) for p in pieces]
+    def _examine_all(self, pieces: list[bytes], levels: list[int | None]) -> list[_Piece]:
+        return [self._examine(p, lv) for p, lv in zip(pieces, levels, strict=True)]
 
     def _submit(self, batch: _Batch) -> None:
         if self._pool is None:
-            batch.results = self._examine_all(batch.pieces)
+            batch.results = self._examine_all(batch.pieces, batch.levels)
         else:
-            batch.future = self._pool.submit(self._examine_all, batch.pieces)
+            batch.future = self._pool.submit(self._examine_all, batch.pieces, batch.levels)
 
 
 class _Batch:
     """Chunks examined by one pool task, in order."""
 
-    __slots__ = ("future", "pieces", "results", "size")
+    __slots__ = ("future", "levels", "pieces", "results", "size")
 
     def __init__(self) -> None:
         self.pieces: list[bytes] = []
+        self.levels: list[int | None] = []  # zstd level per piece (None: the store's)
         self.size = 0
         self.future: Future[list[_Piece]] | None = None
         self.results: list[_Piece] | None = None
@@ -187,7 +213,7 @@ class _Batch:
         if self.results is None:
             assert self.future is not None
             self.results = self.future.result()
-            self.pieces = []
+            self.pieces, self.levels = [], []
         return self.results[index]
 
 
@@ -202,7 +228,9 @@ class BlobWriter:
         self._front_path = store.workdir / f"blob-{self.blob_index}.front.tmp"
         self._files: dict[bool, BinaryIO] = {}  # front? -> temp file
         self._front_size = 0
-        self._front: list[tuple[int, int, int, int]] = []  # (rank, seq, chunk, offset)
+        self._front: list[list[int]] = []  # [rank, seq, chunk, offset in the front file]
+        self._front_of: dict[int, int] = {}  # chunk -> its entry in _front
+        self._promoted: dict[int, int] = {}  # chunk in the back file -> rank it was met with
         self._sha256 = hashlib.sha256()  # of the back file; the blob's when nothing is in front
         # Blob writes and the blob hash run on one I/O thread, in order (they drop the GIL).
         self._io: ThreadPoolExecutor | None = None
@@ -210,19 +238,21 @@ class BlobWriter:
         self._compressed_size = 0
         self._uncompressed_end = 0  # block-aligned end of the address space
         self._first_chunk = len(store.chunks)
-        self._pending: deque[tuple[_Batch, int, Node, int, int | None]] = deque()
+        self._pending: deque[tuple[_Batch, int, Node, int, int | None]] = deque()  # rank last
         self._batch: _Batch | None = None  # being filled
         self._batches: deque[_Batch] = deque()  # submitted, not yet settled
         self._finished = False
 
-    def add_file(self, node: Node, data: Readable, size: int, rank: int | None = None) -> None:
+    def add_file(self, node: Node, data: Readable, size: int,
+                 ranks: Sequence[int | None] | None = None) -> None:
         """Chunk ``size`` bytes of ``data`` into ``node`` (a regular file).
 
-        ``rank``: the file's position in the prefetch list (its new chunks go
-        to the front of the blob), or None. ``node.chunks`` gets its final
-        values no later than ``finish()``.
+        ``ranks``: per chunk of the file, its place in the start-up order
+        (``converter.startup``; such chunks go to the front of the blob), or
+        None. ``node.chunks`` gets its final values no later than ``finish()``.
         """
         cs = self.store.chunk_size
+        startup_level = self.store.startup_level
         count = -(-size // cs)
         node.size = size
         node.chunks = [None] * count
@@ -236,7 +266,9 @@ class BlobWriter:
             batch = self._batch
             if batch is None:
                 batch = self._batch = _Batch()
+            rank = ranks[i] if ranks is not None else None
             batch.pieces.append(piece)
+            batch.levels.append(startup_level if rank is not None else None)
             batch.size += want
             self._pending.append((batch, len(batch.pieces) - 1, node, i, rank))
             if batch.size >= BATCH_BYTES or len(batch.pieces) >= BATCH_PIECES:
@@ -272,12 +304,19 @@ class BlobWriter:
         if known is not None:
             store.dedup_chunks += 1
             node.chunks[i] = known
+            if rank is not None:  # read earlier than where it was met first: move it up
+                front = self._front_of.get(known)
+                if front is not None:
+                    self._front[front][0] = min(rank, self._front[front][0])
+                elif known >= self._first_chunk:  # in this blob's back: promote it
+                    self._promoted[known] = min(rank, self._promoted.get(known, rank))
             return
         assert piece.payload is not None  # the index only grows: a miss now was a miss then
         if rank is not None:
             # Offsets are set when finish() lays out the front.
             self._write(piece.payload, front=True)
-            self._front.append((rank, len(self._front), len(store.chunks), self._front_size))
+            self._front_of[len(store.chunks)] = len(self._front)
+            self._front.append([rank, len(self._front), len(store.chunks), self._front_size])
             self._front_size += len(piece.payload)
             store.index[piece.sha256] = len(store.chunks)
             store.chunks.append(Chunk(self.blob_index, 0, len(piece.payload), 0, piece.size,
@@ -342,7 +381,8 @@ class BlobWriter:
         for f in self._files.values():
             f.close()
         self._files.clear()
-        digest = self._lay_out_front() if self._front else "sha256:" + self._sha256.hexdigest()
+        digest = (self._lay_out_front() if self._front or self._promoted
+                  else "sha256:" + self._sha256.hexdigest())
         with open(self.path, "rb+") as f:
             os.fsync(f.fileno())
         blob = Blob(
@@ -359,38 +399,93 @@ class BlobWriter:
         return blob
 
     def _lay_out_front(self) -> str:
-        """Rewrite the blob as front chunks by rank, then the rest; returns its digest."""
+        """Rewrite the blob as ranked chunks by rank (those written to the front file and
+        those promoted from the back file), then the rest in their order; returns its
+        digest."""
         chunks = self.store.chunks
-        front_ids = {c for _r, _s, c, _o in self._front}
-        back_ids = [c for c in range(self._first_chunk, len(chunks)) if c not in front_ids]
+        ranked = sorted([(rank, seq, c, True, off) for rank, seq, c, off in self._front] + [
+            (rank, len(self._front) + n, c, False, chunks[c].compressed_offset)
+            for n, (c, rank) in enumerate(sorted(self._promoted.items()))])
+        placed = {c for _r, _s, c, _f, _o in ranked}
+        back_ids = [c for c in range(self._first_chunk, len(chunks)) if c not in placed]
         final = self.path.with_suffix(".final")
         sha = hashlib.sha256()
         coff = uoff = 0
-        with open(final, "wb") as out:
-            with open(self._front_path, "rb") as front:
-                for _rank, _seq, c, offset in sorted(self._front):
-                    chunk = chunks[c]
-                    front.seek(offset)
-                    payload = front.read(chunk.compressed_size)
-                    out.write(payload)
-                    sha.update(payload)
-                    chunk.compressed_offset, chunk.uncompressed_offset = coff, uoff
-                    coff += chunk.compressed_size
-                    uoff = align_up(uoff + chunk.uncompressed_size)
-            if back_ids:
-                for c in back_ids:  # back chunks keep their order and relative places
-                    chunks[c].compressed_offset += coff
-                    chunks[c].uncompressed_offset += uoff
-                with open(self.path, "rb") as back:
-                    while block := back.read(1 << 20):
-                        out.write(block)
-                        sha.update(block)
-        self._compressed_size += coff
-        self._uncompressed_end += uoff
-        self._front_path.unlink()
+
+        def put(data: bytes, chunk: Chunk) -> None:
+            nonlocal coff, uoff
+            out.write(data)
+            sha.update(data)
+            chunk.compressed_offset, chunk.uncompressed_offset = coff, uoff
+            coff += chunk.compressed_size
+            uoff = align_up(uoff + chunk.uncompressed_size)
+
+        with open(final, "wb") as out, contextlib.ExitStack() as stack:
+            front = stack.enter_context(open(self._front_path, "rb")) if self._front else None
+            back = stack.enter_context(open(self.path, "rb")) if self.path.exists() else None
+            payloads = []
+            for _rank, _seq, c, in_front, offset in ranked:
+                source = front if in_front else back
+                assert source is not None
+                source.seek(offset)
+                payloads.append(source.read(chunks[c].compressed_size))
+            recoded = self._recode([chunks[c] for _r, _s, c, _f, _o in ranked], payloads,
+                                   [not in_front for _r, _s, _c, in_front, _o in ranked])
+            for (_rank, _seq, c, _f, _o), payload in zip(ranked, recoded, strict=True):
+                put(payload, chunks[c])
+            span_start = span_end = 0  # a run of back chunks still in place: copied whole
+            for c in back_ids:
+                chunk = chunks[c]
+                if chunk.compressed_offset != span_end:
+                    _copy(back, out, sha, span_start, span_end)
+                    span_start = chunk.compressed_offset
+                span_end = chunk.compressed_offset + chunk.compressed_size
+                chunk.compressed_offset, chunk.uncompressed_offset = coff, uoff
+                coff += chunk.compressed_size
+                uoff = align_up(uoff + chunk.uncompressed_size)
+            _copy(back, out, sha, span_start, span_end)
+        self._compressed_size, self._uncompressed_end = coff, uoff
+        self._front_path.unlink(missing_ok=True)
         os.replace(final, self.path)
-        log.debug("%s: %d prefetch chunks (%d bytes) in front", self.name, len(self._front), coff)
+        log.debug("%s: %d start-up chunks in front (%d promoted from the back)", self.name,
+                  len(ranked), len(self._promoted))
         return "sha256:" + sha.hexdigest()
+
+    def _recode(self, ranked: list[Chunk], payloads: list[bytes],
+                promoted: list[bool]) -> list[bytes]:
+        """The start-up chunks' payloads as they go into the blob: chunks promoted
+        from the back (compressed at the plain level) again at the start-up level,
+        and with a dictionary, the small ones with one trained on them. Updates
+        the chunks' sizes and flags; keeps a payload that would not shrink."""
+        store = self.store
+        level = store.startup_level or store._compress.level
+        redo = [k for k, c in enumerate(ranked) if promoted[k] and level != store._compress.level]
+        small = [k for k, c in enumerate(ranked) if store.dictionary
+                 and c.uncompressed_size <= DICT_MAX_CHUNK]
+        if not redo and not small:
+            return payloads
+        data = {k: decode_chunk(ranked[k], payloads[k]) for k in {*redo, *small}}
+        dictionary = train_dictionary([data[k] for k in small]) if small else None
+        if dictionary is not None:
+            store.dictionaries[self.blob_index] = dictionary
+        use = set(small) if dictionary is not None else set()
+        todo = sorted(set(redo) | use)
+
+        def encode(k: int) -> tuple[bytes, int]:
+            return store._compress(data[k], level, dictionary if k in use else None)
+
+        pool = store._pool
+        results = list(pool.map(encode, todo) if pool is not None else map(encode, todo))
+        out = list(payloads)
+        for k, (payload, flags) in zip(todo, results, strict=True):
+            if len(payload) < len(out[k]):
+                out[k] = payload
+                ranked[k].compressed_size, ranked[k].flags = len(payload), flags
+        if dictionary is not None and not any(ranked[k].flags & CHUNK_DICT for k in use):
+            del store.dictionaries[self.blob_index]  # it helped no chunk: leave it out
+        log.debug("%s: %d start-up chunks re-encoded%s", self.name, len(todo),
+                  f", {len(use)} with a {len(dictionary)}-byte dictionary" if dictionary else "")
+        return out
 
     def abort(self) -> None:
         """Drop everything of this layer (after an error)."""
@@ -410,3 +505,20 @@ class BlobWriter:
         self.path.unlink(missing_ok=True)
         self._front_path.unlink(missing_ok=True)
         self._finished = True
+
+
+def _copy(src: BinaryIO | None, dst: BinaryIO, sha: hashlib._Hash, start: int,
+          end: int) -> None:
+    """Append bytes [start, end) of ``src`` to ``dst``, hashing them."""
+    left = end - start
+    if left <= 0:
+        return
+    assert src is not None
+    src.seek(start)
+    while left > 0:
+        block = src.read(min(left, 1 << 20))
+        if not block:
+            raise OSError(f"blob temp file ends {left} bytes early")
+        dst.write(block)
+        sha.update(block)
+        left -= len(block)

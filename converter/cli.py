@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from rafs import sizes, transports
-from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL
+from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL, STARTUP_LEVEL
 from rafs.output import add_json_flag, print_json
+from rafs.prefetchlist import Entry, PrefetchListError
+from rafs.prefetchlist import parse as parse_prefetch_list
 
 from .chunker import DEFAULT_CHUNK_SIZE
 from .errors import OptionError
@@ -53,8 +54,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--jobs", "-j", type=int, default=None,
                    help="threads hashing and compressing chunks (default: min(4, CPUs))")
     p.add_argument("--prefetch-list", "--prefetch", dest="prefetch", metavar="FILE",
-                   help="absolute paths to prefetch, one per line (`rafs trace` output): "
-                   "stored in the bootstrap, and those files are laid out first in the blobs")
+                   help="what a start-up reads, in order (`rafs trace` output): absolute "
+                   "paths, or 'OFFSET LENGTH PATH' ranges (`rafs trace --ranges`), one per "
+                   "line, or `rafs trace --json`; those chunks are laid out first in the "
+                   "blobs, in that order, and prefetched at mount")
+    p.add_argument("--startup-level", type=int, default=STARTUP_LEVEL,
+                   help="zstd level for the chunks of the prefetch list, the start-up set "
+                   f"(default {STARTUP_LEVEL})")
+    p.add_argument("--dictionary", action=argparse.BooleanOptionalAction, default=False,
+                   help="compress the small chunks of the prefetch list with a zstd "
+                   "dictionary trained on them, one per blob, stored in the bootstrap")
     p.add_argument("--chunk-dict", metavar="IMAGE",
                    help="an earlier RAFS image "
                    f"({transports.CONVERT_CHUNK_DICT.syntax}): chunks it already has are "
@@ -74,31 +83,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=run)
 
 
-def _read_prefetch(path: str | None) -> list[bytes]:
-    """The paths of a prefetch list file: one absolute path per line (``rafs trace``
-    output); blank lines and ``#`` comments are skipped. OptionError names the line of
-    the first entry that is not an absolute path inside the image."""
+def _read_prefetch(path: str | None) -> list[Entry]:
+    """The entries of a prefetch list file (``rafs.prefetchlist``: paths, ranges or
+    JSON, as ``rafs trace`` prints them). OptionError names the line of the first
+    entry that is not an absolute path inside the image or not a range."""
     if path is None:
         return []
     try:
         with open(path, "rb") as f:
-            lines = f.read().splitlines()
+            data = f.read()
     except OSError as e:
         raise OptionError(f"{path}: {e.strerror}") from None
-    out = []
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith(b"#"):
-            continue
-        shown = os.fsdecode(line)
-        if not line.startswith(b"/"):
-            raise OptionError(f"{path}:{number}: {shown!r} is not an absolute path "
-                              "(a prefetch list names paths in the image: /usr/bin/python3)")
-        if b"/../" in line + b"/" or b"\0" in line:
-            raise OptionError(f"{path}:{number}: {shown!r}: '..' has no place in a "
-                              "prefetch list path")
-        out.append(line)
-    return out
+    try:
+        return parse_prefetch_list(data, path)
+    except PrefetchListError as e:
+        raise OptionError(str(e)) from None
 
 
 def describe_result(result: ConvertResult) -> dict[str, Any]:
@@ -134,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
         transports.CONVERT_CHUNK_DICT.parse(args.chunk_dict)
     options = ConvertOptions(
         chunk_size=args.chunk_size, compression=args.compression, level=args.level,
-        bootstrap_level=args.bootstrap_level, workers=args.jobs,
+        bootstrap_level=args.bootstrap_level, startup_level=args.startup_level,
+        dictionary=args.dictionary,
+        workers=args.jobs,
         prefetch=_read_prefetch(args.prefetch), progress=args.progress,
         chunk_dict=args.chunk_dict, creds=parse_creds(args.creds),
         insecure=True if args.insecure else None)

@@ -24,7 +24,6 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,19 +31,21 @@ from typing import TYPE_CHECKING, Any
 import zstandard
 
 from rafs import oci
-from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL
+from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL, STARTUP_LEVEL
 from rafs.errors import ImageError
 from rafs.model import Node
 from rafs.oci import Descriptor, ImageRef, Manifest, OCILayout, canonical_json
+from rafs.prefetchlist import Entry
 
 from . import chunker
 from .chunkdict import check_chunk_size as check_dict_chunk_size
 from .chunkdict import load_chunk_dict, prune_unused_blobs
 from .errors import ConvertError, OptionError
 from .imageconfig import rafs_config
-from .layers import LayerApplier, PrefetchRanks, new_root
+from .layers import LayerApplier, new_root
 from .progress import Progress
 from .source import ImageSource, LayerSource, open_source
+from .startup import StartupOrder
 from .tarstream import LayerStream
 
 if TYPE_CHECKING:
@@ -62,7 +63,10 @@ class ConvertOptions:
     level: int = DEFAULT_LEVEL
     workers: int | None = None  # hash/compress threads; None: min(4, cpus); 0: inline
     bootstrap_level: int = BOOTSTRAP_LEVEL
-    prefetch: list[bytes] = field(default_factory=list)  # absolute paths
+    # the start-up order (``rafs.prefetchlist``: paths, or byte ranges of files)
+    prefetch: list[Entry | bytes] = field(default_factory=list)
+    startup_level: int | None = STARTUP_LEVEL  # zstd level of the start-up set (None: ``level``)
+    dictionary: bool = False  # small start-up chunks with a dictionary trained per blob
     chunk_dict: str | None = None  # a RAFS image whose chunks are reused, not stored again
     progress: bool | None = None  # None: when stderr is a terminal
     creds: tuple[str, str] | None = None  # for docker:// images (else from auth files)
@@ -77,7 +81,9 @@ class ConvertOptions:
         chunker.check_chunk_size(self.chunk_size)
         if self.compression not in chunker.COMPRESSIONS:
             raise OptionError(f"unknown compression {self.compression!r} (use zstd or none)")
-        if not 1 <= self.level <= 22 or not 1 <= self.bootstrap_level <= 22:
+        levels = (self.level, self.bootstrap_level,
+                  self.level if self.startup_level is None else self.startup_level)
+        if not all(1 <= lv <= 22 for lv in levels):
             raise OptionError("zstd levels go from 1 to 22")
 
 
@@ -230,7 +236,7 @@ def convert(src: ImageRef | str, dst: ImageRef | str,
 def _convert(source: ImageSource, target: _Target, tag: str,
              options: ConvertOptions) -> ConvertResult:
     progress = Progress(source.total_size, enabled=options.progress)
-    prefetch = PrefetchRanks(options.prefetch)
+    prefetch = StartupOrder(options.prefetch, options.chunk_size)
     root = new_root()
     layer_has_blob: list[bool] = []
     layer_bytes = 0
@@ -240,9 +246,11 @@ def _convert(source: ImageSource, target: _Target, tag: str,
         check_dict_chunk_size(cdict, options.chunk_size)
     try:
         with chunker.ChunkStore(target.workdir, options.chunk_size, options.compression,
-                                options.level, options.workers) as store:
+                                options.level, options.workers,
+                                startup_level=options.startup_level,
+                                dictionary=options.dictionary) as store:
             if cdict is not None:
-                store.seed(cdict.blobs, cdict.chunks)
+                store.seed(cdict.blobs, cdict.chunks, cdict.dictionaries)
             for layer in source.layers:
                 progress.note(f"layer {layer.index + 1}/{len(source.layers)}")
                 before = len(store.blobs)
@@ -255,9 +263,11 @@ def _convert(source: ImageSource, target: _Target, tag: str,
         store.blobs, store.chunks, kept = prune_unused_blobs(
             root, store.blobs, store.chunks, store.seeded_blobs)
         blob_files = [blob_files[k] for k in kept]
+        store.dictionaries = {new: store.dictionaries[old] for new, old in enumerate(kept)
+                              if old in store.dictionaries}
     dict_blobs = sum(f is None for f in blob_files)
 
-    bootstrap = _build_bootstrap(root, store, options)
+    bootstrap = _build_bootstrap(root, store, prefetch)
     raw_digest = oci.sha256_digest(bootstrap)
     packed = zstandard.ZstdCompressor(level=options.bootstrap_level,
                                       write_content_size=True).compress(bootstrap)
@@ -298,7 +308,7 @@ def _convert(source: ImageSource, target: _Target, tag: str,
 
 
 def _apply_layer(layer: LayerSource, root: Node, store: chunker.ChunkStore,
-                 progress: Progress, prefetch: PrefetchRanks) -> int:
+                 progress: Progress, prefetch: StartupOrder) -> int:
     """Apply one source layer; returns its uncompressed size."""
     writer = store.begin_layer(layer.label)
     applier = LayerApplier(root, writer, layer.label, prefetch)
@@ -318,16 +328,13 @@ def _apply_layer(layer: LayerSource, root: Node, store: chunker.ChunkStore,
     return stream.uncompressed_size
 
 
-def _build_bootstrap(root: Node, store: chunker.ChunkStore, options: ConvertOptions) -> bytes:
+def _build_bootstrap(root: Node, store: chunker.ChunkStore, prefetch: StartupOrder) -> bytes:
     from rafs.builder import build_bootstrap
 
     try:
         return build_bootstrap(root, store.blobs, store.chunks, store.chunk_size,
-                               _prefetch(options.prefetch))
+                               prefetch.paths(), prefetch_chunks=prefetch.chunk_order(root),
+                               dictionaries={k: d.data for k, d in store.dictionaries.items()})
     except ValueError as e:
         raise ConvertError(f"cannot build the bootstrap: {e}") from None
-
-
-def _prefetch(paths: Iterable[bytes]) -> list[bytes]:
-    return [p if p.startswith(b"/") else b"/" + p for p in paths]
 

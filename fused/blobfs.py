@@ -28,6 +28,7 @@ from rafs.model import BLOCK_SIZE
 
 from .errors import NoAttributeError, NoEntryError, NotDirectoryError
 from .fetcher import Fetcher
+from .readlog import ReadLog
 from .stats import Stats
 from .trace import ChunkTrace
 from .vfs import NAME_MAX, ROOT_INO, Attr, StatFs
@@ -55,6 +56,7 @@ class BlobFs:
         self.trace = trace if trace is not None else ChunkTrace()
         self.mtime_ns = bootstrap.sb.build_time * 1_000_000_000 + bootstrap.sb.build_time_nsec
         self._extents: dict[int, tuple[list[int], list[int]]] = {}
+        self.readlog = ReadLog.from_env()  # RAFS_READ_LOG: a debug log of every read
 
     # -- names and attributes -------------------------------------------------
 
@@ -150,18 +152,21 @@ class BlobFs:
         stats = self.stats
         stats.read_requests += 1
         blob = self._blob_index(ino)
+        if self.readlog is not None:
+            self.readlog.blob_read(blob, offset, size)
         end = min(offset + size, self.blobs[blob].uncompressed_size)
         if offset >= end:
             return b""
         positions = self.chunks_in(blob, offset, end)
         first = self.blobs[blob].chunk_start
         indices = [first + k for k in positions]
+        offsets, sizes = self._chunks(blob)
         trace = self.trace
-        for index in indices:
-            trace.touch(index)
+        for k in positions:
+            trace.read(first + k, max(offset, offsets[k]) - offsets[k],
+                       min(end, offsets[k] + sizes[k]) - offsets[k])
         deadline = self.fetcher.deadline()  # one for the whole request (fused.fetcher)
         await self.fetcher.ensure(indices, deadline)
-        offsets, sizes = self._chunks(blob)
         cache = self.cache
         if len(positions) == 1:  # the common case: one chunk covers it all, one pread
             k = positions[0]
@@ -176,6 +181,7 @@ class BlobFs:
                 if data is None:
                     data = await self.fetcher.read(index, offset - offsets[k], end - offset,
                                                    deadline)
+                stats.coverage.read(index, offset - offsets[k], end - offset)
                 stats.read_bytes += len(data)
                 return data
         # What no chunk covers stays zero: gaps, block padding, other images' chunks.
@@ -190,5 +196,6 @@ class BlobFs:
             part = view[a - offset:b - offset]
             if not cache.readinto(first + k, a - offsets[k], part):
                 await self.fetcher.readinto(first + k, a - offsets[k], part, deadline)
+            stats.coverage.read(first + k, a - offsets[k], b - a)
         stats.read_bytes += len(buf)
         return buf

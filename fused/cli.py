@@ -53,8 +53,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="fetch the files of the image's prefetch list in the background, "
                    "below on-demand reads (default: on)")
     p.add_argument("--amplify-bytes", type=_size, default=DEFAULT_AMPLIFY, metavar="BYTES",
-                   help="grow an on-demand fetch with the chunks that follow it in the blob "
-                   "up to this many bytes (default 1M; 0: fetch only what is read)")
+                   help="the most an on-demand fetch holds with its read-ahead (within "
+                   "the file being read, small files of its directory; in images laid out "
+                   "by access, the chunks that follow), compressed (default 1M; 0: fetch "
+                   "only what is read)")
     p.add_argument("--fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT,
                    metavar="SECONDS", help="a fetch that receives nothing for this long fails "
                    f"and is retried (default {DEFAULT_FETCH_TIMEOUT:g})")
@@ -112,9 +114,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "trace", help="print the files a mount has served, in first-access order",
         description="Print every file opened (or symlink read) through MOUNTPOINT since it "
         "was mounted, once, in the order of first access: a prefetch list for "
-        "`rafs convert --prefetch-list`.",
+        "`rafs convert --prefetch-list`. --ranges prints the byte ranges read instead "
+        "(OFFSET LENGTH PATH per line), --json both as one JSON object.",
     )
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--ranges", action="store_true",
+                      help="the byte ranges read, in first-access order of their chunks")
+    form.add_argument("--json", action="store_true",
+                      help="paths and ranges as JSON (also a prefetch list)")
     p.set_defaults(func=_cmd_trace)
 
 
@@ -203,8 +211,17 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
+    from rafs.prefetchlist import format_paths, format_ranges
+
+    report = client.trace_report(args.mountpoint)
+    if args.json:
+        print_json(report)
+        return 0
     out = sys.stdout.buffer
-    for path in client.trace(args.mountpoint):
-        out.write(os.fsencode(path) + b"\n")
+    if args.ranges:
+        out.write(format_ranges([(os.fsencode(r["path"]), r["offset"], r["length"])
+                                 for r in report.get("ranges", [])]))
+    else:
+        out.write(format_paths([os.fsencode(p) for p in report["paths"]]))
     out.flush()
     return 0

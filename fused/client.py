@@ -107,6 +107,7 @@ __all__ = [
     "stats",
     "sweep",
     "trace",
+    "trace_report",
     "unmount",
     "unmount_all",
 ]
@@ -312,11 +313,17 @@ def metrics(mountpoint: str | os.PathLike[str]) -> str:
 
 def trace(mountpoint: str | os.PathLike[str]) -> list[str]:
     """The paths a mount has served, in first-access order."""
-    reply = _ask(mountpoint, "trace", timeout=120)
+    return list(trace_report(mountpoint)["paths"])
+
+
+def trace_report(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """A mount's whole trace (``fused.trace``: paths, byte ranges, chunk size, truncated)."""
+    reply = dict(_ask(mountpoint, "trace", timeout=120))
     if reply.get("truncated"):
-        log.warning("the trace of %s is truncated: the daemon keeps the first %d files",
+        log.warning("the trace of %s is truncated: the daemon keeps the first %d entries",
                     canonical(mountpoint), len(reply["paths"]))
-    return list(reply["paths"])
+    reply.pop("ok", None)
+    return reply
 
 
 # -- mounting ---------------------------------------------------------------------

@@ -98,6 +98,7 @@ from .mounts import (
     unmount,
 )
 from .options import MountOptions
+from .readahead import FileMap
 from .runstate import OwnedInstance
 from .stats import Stats
 from .trace import AccessTrace, ChunkTrace
@@ -167,7 +168,11 @@ async def _open_image(stack: AsyncExitStack, ref: ImageRef, image: str,
     # -- end of the chunk cache --
     fetcher = Fetcher(cache, backend, stats, max_requests=options.max_requests,
                       amplify_bytes=options.amplify_bytes, timeout=options.fetch_timeout,
-                      retries=options.retries)
+                      retries=options.retries, dictionaries=bootstrap.dictionary,
+                      # read-ahead follows the reader (fused.readahead); across files
+                      # only in blobs laid out by observed access (a start-up set)
+                      files=functools.partial(FileMap.from_bootstrap, bootstrap),
+                      placed_by_access=bool(bootstrap.prefetch or bootstrap.prefetch_ranges))
     return _Image(boot_path, bootstrap, cache, fetcher, Vfs(bootstrap, fetcher, stats))
 
 
@@ -213,7 +218,8 @@ class Daemon:
                                          self.handlers())
                 self.nursery.start_soon(self._watch_signals)
                 self.nursery.start_soon(self._become_ready)
-                if self.options.prefetch and self.image.bootstrap.prefetch:
+                boot = self.image.bootstrap
+                if self.options.prefetch and (boot.prefetch or boot.prefetch_ranges):
                     self.nursery.start_soon(_prefetch, self.image, self.stats)
                 await self._main_loop()
             finally:
@@ -590,17 +596,21 @@ def _tune_readahead(bdi: str | None, kb: int) -> None:
 
 
 async def _prefetch(image: _Image, stats: Stats) -> None:
-    """Fetch the prefetch list in the background; cancelled (cleanly) by unmount."""
+    """Fetch the start-up set in the background (its chunk ranges; for images without
+    them, the files of the prefetch list); cancelled (cleanly) by unmount."""
     nids = image.bootstrap.prefetch
+    ranges = image.bootstrap.prefetch_ranges
     try:
-        chunks = await trio.to_thread.run_sync(lambda: list(image.vfs.chunks_of_nids(nids)))
+        chunks = (image.bootstrap.prefetch_chunks() if ranges else
+                  await trio.to_thread.run_sync(lambda: list(image.vfs.chunks_of_nids(nids))))
     except RafsError as e:  # a corrupt bootstrap entry: reads will report it too
         log.warning("prefetch skipped: %s", e)
         stats.prefetch_state = "stopped"
         return
     stats.prefetch_planned = len(chunks)
     stats.prefetch_state = "running"
-    log.info("prefetching %d entries of the prefetch list (%d chunks)", len(nids), len(chunks))
+    log.info("prefetching %d chunks (%s)", len(chunks),
+             f"{len(ranges)} ranges" if ranges else f"{len(nids)} files of the prefetch list")
     try:
         done = await image.fetcher.prefetch(chunks)
     except RafsError as e:

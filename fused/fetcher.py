@@ -7,15 +7,23 @@ indices it covers. For each chunk:
 - being fetched by someone else: wait for that fetch (in-flight dedup: one
   ``_Pending`` with a ``trio.Event`` per chunk, shared by every waiter);
 - missing: the chunk joins a fetch. Missing chunks of one blob that lie back
-  to back in the compressed blob are merged into one backend read, and the
-  read is *amplified*: it goes on with the chunks that follow in the blob
-  (neither cached nor in flight) until it holds ``amplify_bytes``. The
-  converter lays files out in access order, so the neighbours are what a
-  starting program reads next; one Range request then serves many files.
+  to back in the compressed blob are merged into one backend read. Which
+  other chunks come along is the read-ahead policy's call when the fetcher
+  has one (``files``, the daemon's case; ``fused.readahead``): within the file
+  being read as it is read sequentially, small files of a directory being
+  read, and the chunks that follow in the blob only for images laid out by
+  observed access. Without a policy the read is *amplified* in blob order: it
+  goes on with the chunks that follow in the blob (neither cached nor in
+  flight) until it holds ``amplify_bytes``.
 
-``prefetch(indices)`` fetches chunks ahead of readers (the bootstrap's
-prefetch list), one backend read at a time (merged up to ``prefetch_merge``
-bytes, across holes of up to ``PREFETCH_GAP`` bytes) so readers always come first.
+``prefetch(indices)`` fetches chunks ahead of readers (the image's start-up
+set, in first-access order): merged into pieces of up to ``prefetch_merge``
+bytes of one blob (across holes of up to ``PREFETCH_GAP`` bytes), issued in
+the order of their first chunk, several at a time: as many as keep the link
+busy (``LinkEstimate``: the bandwidth-delay product measured on the first
+responses, over the piece size, plus one; at least ``MIN_PREFETCH_DEPTH``).
+Readers come first: a piece does not start while an on-demand fetch is in
+flight, and a reader that needs a chunk of a piece in flight waits for it.
 
 Fetches run in the fetcher's own nursery (``async with fetcher.running()``),
 never in a reader's task, so a reader that goes away does not abort a fetch
@@ -62,13 +70,14 @@ import dataclasses
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+import math
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
-from rafs.codec import decode_chunk
+from rafs.codec import Dictionary, decode_chunk
 from rafs.errors import BackendError, DigestError, RafsError, TransientError
 from rafs.model import Blob, Chunk
 from rafs.retry import Backoff, RetryPolicy
@@ -77,9 +86,14 @@ from .backend import Backend
 from .cache import ChunkCache
 from .errors import ChunkError
 from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
+from .readahead import FileMap, ReadAhead, ReadAheadConfig
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
+PREFETCH_MERGE = 4 << 20  # bytes per prefetch request
+MIN_PREFETCH_DEPTH = 2  # prefetch requests in flight before the link is measured, and at least
+RATE_SAMPLE = 256 << 10  # responses this large measure the link's rate
+ONDEMAND_MERGE = 8 << 20  # the largest on-demand read when a read-ahead policy plans it
 ANSWER_GRACE = 5.0  # seconds a reader waits past fetch_deadline (cancellation, worker threads)
 READ_ATTEMPTS = 4  # a chunk lost from the cache this often in one read: EIO
 # Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
@@ -91,6 +105,7 @@ __all__ = [
     "DEFAULT_FETCH_TIMEOUT",
     "DEFAULT_RETRIES",
     "Fetcher",
+    "LinkEstimate",
     "error_class",
 ]
 
@@ -105,6 +120,41 @@ class _Pending:
     error: str | None = None
 
 
+class LinkEstimate:
+    """The link as the backend's responses show it: round trip and rate.
+
+    ``rtt`` is the shortest time to the first byte of a response, ``rate`` the
+    highest rate over the body of a response of at least ``RATE_SAMPLE``
+    bytes; their product is the bandwidth-delay product: the bytes that must
+    be requested and not yet received to keep the link busy.
+    """
+
+    def __init__(self) -> None:
+        self.rtt: float | None = None
+        self.rate: float | None = None
+
+    def response(self, first_byte: float, body_seconds: float, received: int) -> None:
+        """One response: seconds to its first byte, then for the rest of ``received``."""
+        if self.rtt is None or first_byte < self.rtt:
+            self.rtt = first_byte
+        if received >= RATE_SAMPLE and body_seconds > 0:
+            rate = received / body_seconds
+            if self.rate is None or rate > self.rate:
+                self.rate = rate
+
+    @property
+    def bdp(self) -> float | None:
+        return None if self.rtt is None or self.rate is None else self.rtt * self.rate
+
+    def depth(self, piece_bytes: int, cap: int) -> int:
+        """Requests of ``piece_bytes`` to keep in flight: one being received, and
+        enough behind it to cover a round trip."""
+        bdp = self.bdp
+        if bdp is None:
+            return min(MIN_PREFETCH_DEPTH, cap)
+        return max(min(MIN_PREFETCH_DEPTH, cap), min(cap, 1 + math.ceil(bdp / piece_bytes)))
+
+
 class Fetcher:
     """Fetches, verifies and caches chunks on behalf of readers."""
 
@@ -117,25 +167,45 @@ class Fetcher:
         max_requests: int = 8,
         amplify_bytes: int = DEFAULT_AMPLIFY,
         amplify: bool = True,
-        prefetch_merge: int = 16 << 20,
+        prefetch_merge: int = PREFETCH_MERGE,
+        prefetch_depth: int | None = None,
         retries: int = DEFAULT_RETRIES,
         retry: RetryPolicy | None = None,
         timeout: float = DEFAULT_FETCH_TIMEOUT,
+        dictionaries: Callable[[int], Dictionary | None] | None = None,
+        files: Callable[[], FileMap] | None = None,
+        placed_by_access: bool = False,
     ) -> None:
         self.cache = cache
+        self.dictionaries = dictionaries  # blob -> its zstd dictionary (Bootstrap.dictionary)
         self.blobs: list[Blob] = cache.blobs
         self.backend = backend
         self.stats = stats if stats is not None else cache.stats
         self.amplify_bytes = amplify_bytes
         self.amplify = amplify  # False: fetch only what readers asked for
         self.prefetch_merge = prefetch_merge
+        self.prefetch_depth = prefetch_depth  # None: from the link estimate
+        self.link = LinkEstimate()
+        self._ondemand = 0  # on-demand fetch runs in flight: prefetch waits for none
+        self._ondemand_idle = trio.Event()
+        self._ondemand_idle.set()
         # ``retries`` says how many; ``retry`` the shape of the backoff between them
         self.retry = dataclasses.replace(retry or READER_RETRY, retries=retries)
         self.timeout = timeout
         self._next: dict[int, dict[int, int]] = {}  # blob -> chunk -> the chunk stored after it
         self._limiter = trio.CapacityLimiter(max_requests)
         self._inflight: dict[int, _Pending] = {}
+        self._dicts: dict[int, Dictionary | None] = {}  # blob -> its zstd dictionary
         self._nursery: trio.Nursery | None = None
+        # With ``files`` (the bootstrap's file map, built when the fetcher starts) a
+        # fetch follows the reader (fused.readahead); without, tar-order amplification.
+        self._files = files
+        self._map_started = False  # the file map is built from the first miss on
+        self.readahead: ReadAhead | None = None
+        if files is not None:
+            self.readahead = ReadAhead(
+                cache.chunk, self._successor,
+                ReadAheadConfig(amplify_bytes=amplify_bytes, placed_by_access=placed_by_access))
 
     @property
     def fetch_deadline(self) -> float:
@@ -162,6 +232,19 @@ class Fetcher:
             finally:
                 self._nursery = None
                 nursery.cancel_scope.cancel()
+
+    async def _build_file_map(self) -> None:
+        """Build the read-ahead policy's file map in a worker thread, from the first miss
+        on (not at mount: a mount is ready sooner); until it is there, misses fetch
+        only themselves."""
+        assert self._files is not None and self.readahead is not None
+        try:
+            files = await trio.to_thread.run_sync(self._files)
+        except Exception as e:  # the map is optional: a bootstrap it cannot walk costs only it
+            log.warning("no file map for read-ahead (fetching only what is read): %s", e)
+            return
+        self.readahead.files = files
+        log.debug("read-ahead file map: %d files", len(files))
 
     # -- the read path ------------------------------------------------------
 
@@ -249,19 +332,18 @@ class Fetcher:
     # -- background prefetch -------------------------------------------------
 
     async def prefetch(self, indices: Iterable[int]) -> int:
-        """Fetch the missing chunks of ``indices`` in order, at low priority.
+        """Fetch the missing chunks of ``indices`` (first-access order), ahead of readers.
 
-        Runs in the caller's task (start it in a nursery) and issues one backend
-        read at a time, so on-demand reads, which may use every slot of the
-        limiter, always overtake it. Chunks it is fetching are in-flight like any
-        other: a reader that needs one waits for it instead of fetching it again.
+        Runs in the caller's task (start it in a nursery). Pieces go out in the
+        order of their first chunk in ``indices``, up to the prefetch depth at a
+        time, and none starts while an on-demand fetch is in flight, so reads
+        always overtake prefetch. A piece claims its chunks only when it starts
+        (readers may have fetched some meanwhile); chunks it is fetching are
+        in flight like any other: a reader that needs one waits for it.
         Failures are logged and skipped. Returns the number of chunks fetched.
         """
-        fetched = 0
-        seen: set[int] = set()
         todo: list[int] = []
-        todo_bytes = 0
-        batch_bytes = 4 * self.prefetch_merge  # planned together: merged across the list
+        seen: set[int] = set()
         for n, index in enumerate(indices):
             if n % 256 == 255:
                 await trio.lowlevel.checkpoint()  # cached stretches never await otherwise
@@ -272,22 +354,43 @@ class Fetcher:
                     or await self.cache.probe(index)):
                 continue
             todo.append(index)
-            todo_bytes += self.cache.chunk(index).compressed_size
-            if todo_bytes >= batch_bytes:
-                fetched += await self._prefetch_batch(todo)
-                todo, todo_bytes = [], 0
-        if todo:
-            fetched += await self._prefetch_batch(todo)
-        return fetched
+        fetched = [0]
+        slots = trio.CapacityLimiter(self._depth())
+        async with trio.open_nursery() as pieces:
+            for piece in self._prefetch_pieces(todo):
+                slots.total_tokens = self._depth()  # the link may have been measured
+                token = object()
+                await slots.acquire_on_behalf_of(token)
+                await self._readers_first()  # after the wait for a slot: readers came meanwhile
+                pieces.start_soon(self._prefetch_batch, piece, slots, token, fetched)
+        self.stats.prefetch_chunks += fetched[0]
+        return fetched[0]
 
-    async def _prefetch_batch(self, indices: list[int]) -> int:
-        ok = 0
-        for planned in self._plan(indices, self.prefetch_merge, PREFETCH_GAP):
-            # Claim a run only when it starts, so readers never queue behind prefetch;
-            # readers may have fetched some of it meanwhile.
-            run = [i for i, _ in planned if i not in self._inflight and not self.cache.is_ready(i)]
+    def _depth(self) -> int:
+        cap = max(1, self._limiter.total_tokens - 1)  # a slot always free for a reader
+        if self.prefetch_depth is not None:
+            return max(1, min(self.prefetch_depth, cap))
+        return self.link.depth(self.prefetch_merge, cap)
+
+    def _prefetch_pieces(self, todo: list[int]) -> list[list[int]]:
+        """``todo`` as backend reads (one blob, holes ≤ PREFETCH_GAP, ≤ prefetch_merge
+        bytes), in the order of their earliest chunk in ``todo``."""
+        position = {index: n for n, index in enumerate(todo)}
+        runs = self._plan(todo, self.prefetch_merge, PREFETCH_GAP)
+        runs.sort(key=lambda run: min(position[i] for i, _ in run))
+        return [[i for i, _ in run] for run in runs]
+
+    async def _readers_first(self) -> None:
+        while self._ondemand:
+            await self._ondemand_idle.wait()
+
+    async def _prefetch_batch(self, indices: list[int], slots: trio.CapacityLimiter,
+                              token: object, fetched: list[int]) -> None:
+        """Fetch one piece (what readers have not claimed meanwhile); frees its slot."""
+        try:
+            run = [i for i in indices if i not in self._inflight and not self.cache.is_ready(i)]
             if not run:
-                continue
+                return
             pending: dict[int, _Pending] = {}
             for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):
                 # Each piece is claimed as it starts: a reader never waits behind more
@@ -301,21 +404,59 @@ class Fetcher:
                 await self._fetch_run(piece, "prefetch")  # finishes every chunk it claims
             for i, p in pending.items():
                 if p.error is None:
-                    ok += 1
+                    fetched[0] += 1
                 else:
                     log.warning("prefetch of chunk %d failed: %s", i, p.error)
-        self.stats.prefetch_chunks += ok
-        return ok
+        finally:
+            slots.release_on_behalf_of(token)
 
     def _start(self, missing: list[int], claimed: set[int]) -> None:
         """Hand the claimed chunks ``missing`` to fetch tasks, amplified; each index
         leaves ``claimed`` once a task owns it (the caller finishes the rest on error)."""
         if self._nursery is None:
             raise ChunkError("the fetcher is not running")
-        for run in self._plan(missing, self.amplify_bytes):
-            run = self._amplify(run, claimed)
+        if (self.readahead is not None and not self._map_started
+                and not self.readahead.config.placed_by_access):
+            self._map_started = True
+            self._nursery.start_soon(self._build_file_map)
+        if self.readahead is None:
+            for run in self._plan(missing, self.amplify_bytes):
+                run = self._amplify(run, claimed)
+                self._nursery.start_soon(self._fetch_run, run, "ondemand")
+                self._ondemand_started()  # prefetch waits while readers fetch
+                claimed.difference_update(i for i, _ in run)
+            return
+        # amplify off, or --amplify-bytes 0: only what readers asked for
+        wanted = self.amplify and self.amplify_bytes > 0
+        extra: list[int] = []
+        if wanted:
+            try:
+                extra = self.readahead.extra(missing, self._available)
+            except RafsError as e:  # read-ahead is an optimisation: never fail the read
+                log.warning("read-ahead stopped: %s", e)
+        for index in extra:  # claimed like requested ones: a reader of one waits for us
+            self._inflight[index] = _Pending()
+            claimed.add(index)
+        self.stats.readahead_chunks += len(extra)
+        for run in self._plan(missing + extra, max(ONDEMAND_MERGE, self.amplify_bytes)):
             self._nursery.start_soon(self._fetch_run, run, "ondemand")
+            self._ondemand_started()
             claimed.difference_update(i for i, _ in run)
+
+    def _available(self, index: int) -> bool:
+        """May chunk ``index`` join a fetch: not cached, in flight, or on this host."""
+        return not (index in self._inflight or self.cache.is_ready(index)
+                    or self.cache.maybe_local(index))
+
+    def _ondemand_started(self) -> None:
+        if not self._ondemand:
+            self._ondemand_idle = trio.Event()
+        self._ondemand += 1
+
+    def _ondemand_ended(self) -> None:
+        self._ondemand -= 1
+        if not self._ondemand:
+            self._ondemand_idle.set()
 
     def _plan(self, missing: list[int], limit: int,
               max_gap: int = 0) -> list[list[tuple[int, Chunk]]]:
@@ -396,6 +537,13 @@ class Fetcher:
             run.append((index, c))
             last_index = index
 
+    def _dictionary(self, blob_index: int) -> Dictionary | None:
+        """The blob's zstd dictionary (``dictionaries``: the bootstrap's), asked once."""
+        if blob_index not in self._dicts:
+            self._dicts[blob_index] = (self.dictionaries(blob_index)
+                                       if self.dictionaries is not None else None)
+        return self._dicts[blob_index]
+
     def _finish(self, index: int, error: str | None, pending: _Pending | None = None) -> None:
         """Wake the waiters of chunk ``index`` (of ``pending``, if given) with ``error``."""
         current = self._inflight.get(index)
@@ -435,6 +583,8 @@ class Fetcher:
             self.stats.internal_errors += 1
             self._fail(todo, f"internal error: {type(e).__name__}: {e}", mine)
         finally:  # cancelled or crashed: never leave a waiter hanging
+            if kind == "ondemand":
+                self._ondemand_ended()
             for index, pending in mine.items():
                 if pending is not None and not pending.done.is_set():
                     self._finish(index, f"chunk {index}: fetch abandoned", pending)
@@ -469,6 +619,8 @@ class Fetcher:
         received = 0
         k = 0
         async with self._limiter:
+            asked = trio.current_time()
+            first_byte: float | None = None
             pieces = self.backend.stream(blob.digest, start, end - start)
             try:
                 while True:
@@ -477,6 +629,8 @@ class Fetcher:
                             piece = await anext(pieces)
                         except StopAsyncIteration:
                             break
+                    if first_byte is None:
+                        first_byte = trio.current_time()
                     buf += piece
                     received += len(piece)
                     while k < len(todo):
@@ -496,6 +650,9 @@ class Fetcher:
                 del todo[:k]  # on any error the caller retries what is left
                 if received:
                     self.stats.fetched(kind, received, k)
+                if first_byte is not None:
+                    self.link.response(first_byte - asked, trio.current_time() - first_byte,
+                                       received)
                 await pieces.aclose()
         if received > end - start:
             raise BackendError(f"blob {blob.digest}: backend sent {received} bytes for a read "
@@ -531,7 +688,8 @@ class Fetcher:
             try:
                 # One worker thread decodes, verifies and writes: zstd, sha256 and
                 # pwrite all release the GIL. DigestError means nothing was written.
-                await self.cache.store(index, functools.partial(decode_chunk, c, payload))
+                await self.cache.store(index, functools.partial(
+                    decode_chunk, c, payload, self._dictionary(c.blob_index)))
                 break
             except DigestError as e:
                 self.stats.digest_failures += 1
@@ -568,6 +726,7 @@ class Fetcher:
                 self._finish(index, f"chunk {index}: internal error: {type(e).__name__}: {e}",
                              pending)
                 return
+        self.stats.coverage.fetched(index, c.uncompressed_size)
         self._finish(index, None, pending)
 
     async def _read_one(self, blob: Blob, c: Chunk, kind: str) -> bytes:

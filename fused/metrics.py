@@ -26,8 +26,8 @@ __all__ = ["StatsCollector", "new_registry", "parse_address", "render", "serve_h
 _PLAIN = ("read_requests", "read_bytes", "cache_hits", "cache_misses", "cache_corrupt",
           "cache_lost", "cache_refetched", "cache_enospc", "cache_write_errors",
           "cache_evictions", "cache_evicted_bytes", "dedup_hits", "dedup_bytes",
-          "retries", "range_ignored", "prefetch_chunks", "digest_failures", "errors",
-          "internal_errors")
+          "retries", "range_ignored", "prefetch_chunks", "readahead_chunks", "digest_failures",
+          "errors", "internal_errors")
 
 
 class StatsCollector(Collector):

@@ -35,7 +35,8 @@ __all__ = [
 DEFAULT_AMPLIFY = 1 << 20  # an on-demand fetch grows to this many bytes of following chunks
 DEFAULT_RETRIES = 4
 DEFAULT_FETCH_TIMEOUT = 30.0  # seconds without a byte before a fetch counts as failed
-DEFAULT_READAHEAD_KB = 4096
+DEFAULT_READAHEAD_KB = 1024  # the kernel's read-ahead on the mounts: one chunk (bench.readsim)
+READAHEAD_ENV = "RAFS_READAHEAD_KB"  # a knob for studies of reads (bench.readtrace)
 DEFAULT_MAX_REQUESTS = 8
 MODES = ("auto", "fuse", "kernel")
 
@@ -62,7 +63,8 @@ class MountOptions:
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT  # idle seconds before a fetch is retried
     retries: int = DEFAULT_RETRIES  # per backend request, then EIO
     max_requests: int = DEFAULT_MAX_REQUESTS  # backend requests in flight
-    readahead_kb: int = DEFAULT_READAHEAD_KB  # the kernel's read-ahead on the mount
+    readahead_kb: int = dataclasses.field(  # the kernel's read-ahead on the mount
+        default_factory=lambda: int(os.environ.get(READAHEAD_ENV, DEFAULT_READAHEAD_KB)))
     metrics_address: str | None = None  # HOST:PORT for Prometheus over HTTP
     insecure: bool | None = None  # plain HTTP to the registry (None: localhost only)
     creds: tuple[str, str] | None = dataclasses.field(default=None, repr=False)

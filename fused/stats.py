@@ -31,13 +31,67 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KINDS", "LATENCY_BUCKETS", "Stats"]
+__all__ = ["COVERAGE_BUCKETS", "KINDS", "LATENCY_BUCKETS", "Coverage", "Stats"]
 
 KINDS = ("ondemand", "prefetch")
 
 # Upper bounds in seconds of the read-latency histogram (the last bucket is +Inf).
 LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
+
+# Upper bounds of the fraction-read histogram of fetched chunks (the last is 1.0).
+COVERAGE_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+COVERAGE_PAGE = 4096  # coverage is kept in pages of this size
+COVERAGE_LIMIT = 1 << 18  # chunks tracked; beyond, new fetches are not followed
+
+
+class Coverage:
+    """How much of each chunk this daemon fetched was then read (granularity).
+
+    ``fetched`` marks a chunk that came from the backend (on demand, read-ahead
+    or prefetch); ``read`` records the byte range a reader got from one chunk,
+    in 4 KiB pages (a bit per page in one int per chunk). Only fetched chunks
+    are followed, at most ``COVERAGE_LIMIT`` of them. ``snapshot`` gives the
+    uncompressed bytes fetched, the part of them read, and a histogram of the
+    fraction read per chunk.
+    """
+
+    __slots__ = ("_pages", "_sizes", "truncated")
+
+    def __init__(self) -> None:
+        self._pages: dict[int, int] = {}  # chunk -> bitmap of pages read
+        self._sizes: dict[int, int] = {}  # chunk -> uncompressed size
+        self.truncated = False
+
+    def fetched(self, index: int, size: int) -> None:
+        if index in self._sizes:
+            return
+        if len(self._sizes) >= COVERAGE_LIMIT:
+            self.truncated = True
+            return
+        self._sizes[index] = size
+        self._pages[index] = 0
+
+    def read(self, index: int, offset: int, size: int) -> None:
+        pages = self._pages.get(index)
+        if pages is None or size <= 0:
+            return
+        first, last = offset // COVERAGE_PAGE, (offset + size - 1) // COVERAGE_PAGE
+        self._pages[index] = pages | (((1 << (last - first + 1)) - 1) << first)
+
+    def snapshot(self) -> dict[str, object]:
+        fetched = read = 0
+        counts = [0] * len(COVERAGE_BUCKETS)
+        for index, size in self._sizes.items():
+            got = min(size, self._pages[index].bit_count() * COVERAGE_PAGE)
+            fetched += size
+            read += got
+            counts[bisect.bisect_left(COVERAGE_BUCKETS, got / size if size else 1.0)] += 1
+        return {"chunks": len(self._sizes), "fetched_bytes": fetched, "read_bytes": read,
+                "fraction_read": round(read / fetched, 4) if fetched else None,
+                "buckets": list(COVERAGE_BUCKETS), "counts": counts,
+                "truncated": self.truncated}
+
 
 HELP = {
     "read_requests": "read requests served to users",
@@ -60,6 +114,7 @@ HELP = {
     "retries": "backend requests retried after a transient failure",
     "range_ignored": "range requests a server answered with the whole blob",
     "prefetch_chunks": "chunks fetched ahead of readers by the prefetch list",
+    "readahead_chunks": "chunks the read-ahead policy fetched along with a reader's misses",
     "digest_failures": "fetched chunks whose sha256 did not match",
     "errors": "read requests answered with an error",
     "internal_errors": "requests answered EIO because of an unexpected exception or a missed "
@@ -96,6 +151,7 @@ class Stats:
     retries: int = 0
     range_ignored: int = 0
     prefetch_chunks: int = 0
+    readahead_chunks: int = 0
     digest_failures: int = 0
     errors: int = 0
     internal_errors: int = 0
@@ -110,6 +166,7 @@ class Stats:
     latency_sum: float = 0.0
     started: float = field(default_factory=time.time)
     endpoints: dict[str, Any] = field(default_factory=dict)  # name -> EndpointHealth
+    coverage: Coverage = field(default_factory=Coverage)  # fraction read of fetched chunks
 
     # -- recording ------------------------------------------------------------
 
@@ -167,6 +224,7 @@ class Stats:
             "retries": self.retries,
             "range_ignored": self.range_ignored,
             "prefetch_chunks": self.prefetch_chunks,
+            "readahead_chunks": self.readahead_chunks,
             "digest_failures": self.digest_failures,
             "errors": self.errors,
             "internal_errors": self.internal_errors,
@@ -184,5 +242,6 @@ class Stats:
                 "sum": round(self.latency_sum, 6),
             },
             "endpoints": {name: e.snapshot() for name, e in self.endpoints.items()},
+            "coverage": self.coverage.snapshot(),
             "uptime": round(time.time() - self.started, 3),
         }

@@ -41,6 +41,7 @@ from .errors import (
     NotDirectoryError,
 )
 from .fetcher import Fetcher
+from .readlog import ReadLog
 from .stats import Stats
 from .trace import AccessTrace
 
@@ -85,7 +86,7 @@ class Vfs:
     def __init__(self, bootstrap: Bootstrap, fetcher: Fetcher, stats: Stats | None = None,
                  trace: AccessTrace | None = None) -> None:
         self.bootstrap = bootstrap
-        self.trace = trace if trace is not None else AccessTrace()
+        self.trace = trace if trace is not None else AccessTrace(chunk_size=bootstrap.chunk_size)
         self.fetcher = fetcher
         self.cache: ChunkCache = fetcher.cache
         self.stats = stats if stats is not None else fetcher.stats
@@ -94,6 +95,7 @@ class Vfs:
         self._inode = functools.lru_cache(maxsize=1 << 16)(bootstrap.inode)
         self._file_chunks = functools.lru_cache(maxsize=1 << 12)(self._load_chunks)
         self._xattrs = functools.lru_cache(maxsize=1 << 12)(self._load_xattrs)
+        self.readlog = ReadLog.from_env()  # RAFS_READ_LOG: a debug log of every read
 
     # -- inode numbers ------------------------------------------------------
 
@@ -237,9 +239,12 @@ class Vfs:
         node = self.inode(ino)
         if not stat.S_ISREG(node.mode):
             raise NoEntryError(f"inode {ino} is not a regular file")
+        if self.readlog is not None:
+            self.readlog.file_read(node.nid, offset, size)
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
+        self.trace.read(node.nid, offset, end)
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
         table = self._file_chunks(node.nid)
@@ -253,6 +258,7 @@ class Vfs:
                     got = await self.fetcher.read(index, offset - first * cs, end - offset)
                 else:
                     stats.cache_hits += 1
+                stats.coverage.read(index, offset - first * cs, end - offset)
                 data = got
             stats.read_bytes += len(data)
             return data
@@ -270,6 +276,7 @@ class Vfs:
                 part = view[pos - offset : stop - offset]
                 if not self.cache.readinto(index, pos - k * cs, part):
                     await self.fetcher.readinto(index, pos - k * cs, part, deadline)
+                stats.coverage.read(index, pos - k * cs, stop - pos)
             pos = stop
         stats.read_bytes += len(buf)
         return buf

@@ -32,6 +32,7 @@ from typing import Self
 
 from . import erofs, section
 from . import validate as validator
+from .codec import Dictionary
 from .errors import FormatError
 from .model import Blob, Chunk
 
@@ -41,6 +42,7 @@ STAMP_SUFFIX = ".validated"
 DIR_BLOCKS = 4096  # decoded directory blocks kept per bootstrap
 
 BS = erofs.BLOCK_SIZE
+HEADER_END = section.HEADER.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +114,46 @@ class Bootstrap:
                 self.buf, self.header.prefetch_off + i * section.PREFETCH_RECORD.size)[0]
             for i in range(self.header.prefetch_count)
         ]
+        self._parse_startup()
         self.root = self.inode(self.root_nid)
         if not self.root.is_dir:
             raise FormatError("root inode is not a directory", self.inode_offset(self.root_nid))
+
+    def _parse_startup(self) -> None:
+        """The version-2 tables: the start-up ranges and the blobs' dictionaries."""
+        hdr = self.header
+        #: the start-up set: (first chunk, count) runs of the chunk table, in access order
+        self.prefetch_ranges: list[tuple[int, int]] = []
+        for i in range(hdr.range_count):
+            off = hdr.range_off + i * section.RANGE_RECORD.size
+            first, count = section.RANGE_RECORD.unpack_from(self.buf, off)
+            if count == 0 or first + count > hdr.chunk_count:
+                raise FormatError(f"prefetch range {i} is outside the chunk table", off)
+            self.prefetch_ranges.append((first, count))
+        self._dicts: dict[int, section.DictRecord] = {}
+        for i in range(hdr.dict_count):
+            off = hdr.dict_off + i * section.DICT_RECORD.size
+            rec = section.unpack_dict(self.buf, off)
+            if (rec.blob_index >= len(self.blobs) or rec.blob_index in self._dicts
+                    or rec.size == 0 or rec.offset < HEADER_END
+                    or rec.offset + rec.size > len(self.buf)):
+                raise FormatError(f"dictionary record {i} is inconsistent", off)
+            self._dicts[rec.blob_index] = rec
+
+    def dictionary(self, blob_index: int) -> Dictionary | None:
+        """The zstd dictionary of blob ``blob_index``'s ``CHUNK_DICT`` chunks, checked
+        against its sha256 (the bootstrap's own digest vouches for both), or None."""
+        rec = self._dicts.get(blob_index)
+        if rec is None:
+            return None
+        found = Dictionary(self.buf[rec.offset:rec.offset + rec.size])
+        if found.key != rec.sha256:
+            raise FormatError(f"dictionary of blob {blob_index}: sha256 mismatch", rec.offset)
+        return found
+
+    def prefetch_chunks(self) -> list[int]:
+        """The chunks of the start-up set in access order (empty without a range table)."""
+        return [i for first, count in self.prefetch_ranges for i in range(first, first + count)]
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, stamp: bool = False,

@@ -9,7 +9,8 @@ Layout (4 KiB blocks):
                        followed by its inline xattrs, then its chunk indexes (regular
                        files) or its inline data (small directories and symlinks)
     after the inodes   data blocks of directories and symlinks too large to inline
-    blocks * 4096      RAFS section (blob, chunk and prefetch tables)
+    blocks * 4096      RAFS section (blob, chunk and prefetch tables; the start-up
+                       ranges and the dictionaries when there are any)
 
 Regular files are chunk-based: chunk ``i`` of a file is an index (device, block)
 where device ``k`` is blob ``k-1`` and the block is the chunk's uncompressed
@@ -18,15 +19,16 @@ offset in that blob's address space. All-zero chunks are holes (NULL_ADDR).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from . import erofs, section
-from .model import Blob, Chunk, Node
+from .model import CHUNK_COMPRESSED, CHUNK_DICT, CHUNK_FLAGS, Blob, Chunk, Node
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +152,18 @@ def build_bootstrap(
     chunks: list[Chunk],
     chunk_size: int,
     prefetch: Iterable[bytes] = (),
+    *,
+    prefetch_chunks: Iterable[int] = (),
+    dictionaries: dict[int, bytes] | None = None,
 ) -> bytes:
-    """Serialise the image model into a bootstrap (EROFS image + RAFS section)."""
+    """Serialise the image model into a bootstrap (EROFS image + RAFS section).
+
+    ``prefetch``: paths of the prefetch list (their nids go to the prefetch
+    table); ``prefetch_chunks``: the start-up set, indices into ``chunks`` in
+    first-access order (stored as runs of the sorted chunk table);
+    ``dictionaries``: blob index -> the zstd dictionary of that blob's
+    ``CHUNK_DICT`` chunks.
+    """
     _check_input(root, chunk_size)
     table, remap, blobs = _sort_chunks(chunks, blobs)
     placed = _collect(root)
@@ -166,7 +178,9 @@ def build_bootstrap(
         _write_inode(image, layout, i, p, table, remap, chunk_size)
     _write_superblock(image, layout, blobs)
     tables, header = _rafs_section(len(image), blobs, table,
-                                   _prefetch_nids(root, layout, prefetch), chunk_size)
+                                   _prefetch_nids(root, layout, prefetch), chunk_size,
+                                   _prefetch_ranges(prefetch_chunks, remap, len(table)),
+                                   _check_dictionaries(dictionaries or {}, table, len(blobs)))
     image[0:section.HEADER.size] = header.pack()
     return bytes(image + tables)
 
@@ -329,9 +343,50 @@ def _prefetch_nids(root: Node, layout: _Layout, prefetch: Iterable[bytes]) -> li
     return list(dict.fromkeys(nids))
 
 
+def _prefetch_ranges(prefetch_chunks: Iterable[int], remap: dict[int, int],
+                     count: int) -> list[tuple[int, int]]:
+    """The start-up set as (first, count) runs of the sorted chunk table, in access
+    order: a chunk that continues the previous run extends it; each chunk once."""
+    runs: list[list[int]] = []
+    seen: set[int] = set()
+    for old in prefetch_chunks:
+        if old not in remap:
+            raise ValueError(f"prefetch chunk {old} is not in the chunk table")
+        index = remap[old]
+        if index in seen:
+            continue
+        seen.add(index)
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, 1])
+    assert all(first + n <= count for first, n in runs)
+    return [(first, n) for first, n in runs]
+
+
+def _check_dictionaries(dictionaries: dict[int, bytes], table: list[Chunk],
+                        blobs: int) -> dict[int, bytes]:
+    """The dictionaries, checked: one per blob at most, and every blob with
+    ``CHUNK_DICT`` chunks has one."""
+    for k, data in dictionaries.items():
+        if not 0 <= k < blobs or not data or len(data) > 0xFFFFFFFF:
+            raise ValueError(f"bad dictionary for blob {k}")
+    for i, c in enumerate(table):
+        if c.flags & ~CHUNK_FLAGS:
+            raise ValueError(f"chunk {i} has unknown flags {c.flags:#x}")
+        if c.flags & CHUNK_DICT and (c.blob_index not in dictionaries
+                                     or not c.flags & CHUNK_COMPRESSED):
+            raise ValueError(f"chunk {i} needs a dictionary blob {c.blob_index} lacks")
+    return dict(sorted(dictionaries.items()))
+
+
 def _rafs_section(blob_off: int, blobs: list[Blob], table: list[Chunk],
-                  prefetch_nids: list[int], chunk_size: int) -> tuple[bytes, section.Header]:
-    """The blob, chunk and prefetch tables starting at ``blob_off``, and the header."""
+                  prefetch_nids: list[int], chunk_size: int,
+                  ranges: Sequence[tuple[int, int]] = (),
+                  dictionaries: dict[int, bytes] | None = None,
+                  ) -> tuple[bytes, section.Header]:
+    """The blob, chunk and prefetch tables starting at ``blob_off`` (then the range
+    and dictionary tables, if any), and the header."""
     tables = bytearray()
     for b in blobs:
         if b.uncompressed_size % BS:
@@ -343,8 +398,22 @@ def _rafs_section(blob_off: int, blobs: list[Blob], table: list[Chunk],
     prefetch_off = blob_off + len(tables)
     for value in prefetch_nids:
         tables += section.PREFETCH_RECORD.pack(value)
+    range_off = blob_off + len(tables)
+    for first, n in ranges:
+        tables += section.RANGE_RECORD.pack(first, n)
+    dictionaries = dictionaries or {}
+    dict_off = blob_off + len(tables)
+    data_off = dict_off + section.DICT_RECORD.size * len(dictionaries)
+    for k, data in dictionaries.items():
+        tables += section.pack_dict(section.DictRecord(k, len(data), data_off,
+                                                       hashlib.sha256(data).digest()))
+        data_off += len(data)
+    for data in dictionaries.values():
+        tables += data
     header = section.Header(
         chunk_size=chunk_size, blob_off=blob_off, blob_count=len(blobs), chunk_off=chunk_off,
         chunk_count=len(table), prefetch_off=prefetch_off, prefetch_count=len(prefetch_nids),
+        range_off=range_off if ranges else 0, range_count=len(ranges),
+        dict_off=dict_off if dictionaries else 0, dict_count=len(dictionaries),
     )
     return bytes(tables), header

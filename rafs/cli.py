@@ -75,6 +75,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           "from files")
     print(f"bootstrap  {_mib(s.bootstrap_bytes)} ({_mib(s.bootstrap_layer_bytes)} compressed), "
           f"{s.prefetch_files} prefetch entries")
+    if s.startup_chunks:
+        print(f"start-up   {s.startup_chunks} chunks, {_mib(s.startup_bytes)} compressed in "
+              f"{s.startup_stretches} contiguous ranges of the blobs (prefetched at mount)"
+              + (f"; {s.dictionaries} zstd dictionaries" if s.dictionaries else ""))
     return 0
 
 

@@ -114,6 +114,10 @@ class Summary:
     bootstrap_layer_bytes: int = 0
     chunk_size: int = 0
     prefetch_files: int = 0
+    startup_chunks: int = 0  # the start-up set (prefetch ranges), fetched at mount
+    startup_bytes: int = 0  # its compressed bytes
+    startup_stretches: int = 0  # contiguous byte ranges of the blobs it fills
+    dictionaries: int = 0  # blobs with a zstd dictionary
 
 
 def summarize(image: LocalImage | RemoteImage) -> Summary:
@@ -151,6 +155,14 @@ def summarize(image: LocalImage | RemoteImage) -> Summary:
     s.dedup_saved_bytes = s.file_bytes - s.hole_bytes - s.referenced_chunk_bytes
     s.blob_bytes = sum(b.compressed_size for b in boot.blobs)
     s.bootstrap_layer_bytes = bootstrap_descriptor(image.manifest).size
+    spans = sorted((c.blob_index, c.compressed_offset, c.compressed_size)
+                   for c in map(boot.chunk, boot.prefetch_chunks()))
+    s.startup_chunks = len(spans)
+    s.startup_bytes = sum(size for _, _, size in spans)
+    s.startup_stretches = sum(1 for k, (blob, off, _) in enumerate(spans)
+                              if not k or spans[k - 1][0] != blob
+                              or spans[k - 1][1] + spans[k - 1][2] != off)
+    s.dictionaries = sum(boot.dictionary(k) is not None for k in range(len(boot.blobs)))
     return s
 
 
@@ -181,6 +193,7 @@ def check(image: LocalImage | RemoteImage,
                         range(blob.chunk_start, blob.chunk_start + blob.chunk_count)),
                        key=lambda c: c.compressed_offset)
         whole = hashlib.sha256()
+        dictionary = boot.dictionary(index)
         with image.open_blob(blob.digest) as f:
             pos = 0
             for chunk in order:
@@ -189,7 +202,7 @@ def check(image: LocalImage | RemoteImage,
                 whole.update(payload)
                 pos = chunk.compressed_offset + len(payload)
                 try:
-                    codec.decode_chunk(chunk, payload)
+                    codec.decode_chunk(chunk, payload, dictionary)
                 except DigestError as e:
                     raise DigestError(f"blob {blob.digest}: {e}") from None
                 checked += 1

@@ -17,6 +17,8 @@ BLOCK_SIZE = 4096
 BLOCK_BITS = 12
 
 CHUNK_COMPRESSED = 0x1  # Chunk.flags: payload is a zstd frame; otherwise raw bytes
+CHUNK_DICT = 0x2  # with CHUNK_COMPRESSED: the frame uses its blob's zstd dictionary
+CHUNK_FLAGS = CHUNK_COMPRESSED | CHUNK_DICT  # every flag a chunk may carry
 
 
 @dataclass(slots=True)

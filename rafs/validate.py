@@ -19,8 +19,16 @@ writes, nothing else; a bit we do not write is refused, never interpreted):
 
 - **header**: magic, version, chunk size (power of two, 4 KiB..16 MiB), no
   flags, reserved fields and the rest of the first KiB zero; the blob, chunk
-  and prefetch tables back to back from the end of the EROFS area to the end
-  of the file.
+  and prefetch tables back to back from the end of the EROFS area, then (only
+  in version 2, which has at least one of them) the range table, the
+  dictionary table and the dictionaries' bytes, to the end of the file; a
+  table of no records has offset 0.
+- **start-up ranges** (version 2): each (first, count) run has count ≥ 1 and
+  lies in the chunk table; no chunk is in two runs.
+- **dictionaries** (version 2): records in ascending blob order, one per blob
+  at most; their bytes back to back after the records in that order, each of
+  1..``MAX_DICT_SIZE`` bytes and matching its sha256. A chunk flagged
+  ``CHUNK_DICT`` is also ``CHUNK_COMPRESSED`` and its blob has a dictionary.
 - **superblock**: magic, 4 KiB blocks, no checksum, no compat features, a
   build time (every compact inode's mtime) representable in ns,
   exactly the incompat features ``chunked_file | device_table``, no
@@ -67,6 +75,7 @@ bootstrap before the kernel first mounts it in kernel mode).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import operator
 import stat
@@ -77,12 +86,13 @@ from itertools import repeat
 
 from . import erofs, section
 from .errors import FormatError
-from .model import CHUNK_COMPRESSED
+from .model import CHUNK_COMPRESSED, CHUNK_DICT, CHUNK_FLAGS
 
 __all__ = ["VERSION", "Validated", "validate"]
 
 #: bumped whenever a rule changes: bootstraps stamped by an older validator are checked again
-VERSION = 2
+VERSION = 3
+MAX_DICT_SIZE = 1 << 20  # a blob's zstd dictionary (the converter trains 112 KiB ones)
 
 BS = erofs.BLOCK_SIZE
 SB = erofs.SUPER_OFFSET
@@ -144,6 +154,8 @@ class _Validator:
         self._superblock()
         self._blobs()
         self._chunk_table()
+        self._ranges()
+        self._dictionaries()
         walked = self._tree()
         self._prefetch(walked)
         return walked
@@ -154,8 +166,15 @@ class _Validator:
         raw = section.HEADER.unpack_from(buf, 0)
         if raw[2]:
             raise _bad(f"unknown header flags {raw[2]:#x}", 10)
-        if raw[6] or raw[9] or any(buf[60:section.HEADER.size]):
+        if raw[6] or raw[9] or raw[12] or raw[15] or any(buf[92:section.HEADER.size]):
             raise _bad("reserved header fields are not zero", 36)
+        if raw[1] != hdr.version:  # 2 exactly when there is a range or dictionary table
+            raise _bad(f"version {raw[1]} with{'' if hdr.version == 2 else 'out'} a range "
+                       "or dictionary table", 8)
+        for off, count, at in ((hdr.range_off, hdr.range_count, 64),
+                               (hdr.dict_off, hdr.dict_count, 80)):
+            if off and not count:
+                raise _bad(f"an empty table at {off:#x} (offset not 0)", at)
         if self.size < SB or any(buf[section.HEADER.size:SB]):
             raise _bad("the rest of the first KiB is not zero", section.HEADER.size)
         self.hdr = hdr
@@ -202,18 +221,28 @@ class _Validator:
             raise _bad(f"device table at {devt:#x} is not between the superblock and the "
                        "meta area", SB + 88)
         self.devt = devt
-        # The RAFS section: blob, chunk and prefetch tables back to back to the end.
+        # The RAFS section: blob, chunk and prefetch tables back to back, then the range
+        # and dictionary tables that are there (and the dictionaries' bytes) to the end.
         want = hdr.blob_off
+        last = "prefetch"
         for name, off, count, rec in (
             ("blob", hdr.blob_off, hdr.blob_count, section.BLOB_RECORD),
             ("chunk", hdr.chunk_off, hdr.chunk_count, section.CHUNK_RECORD),
             ("prefetch", hdr.prefetch_off, hdr.prefetch_count, section.PREFETCH_RECORD),
+            ("range", hdr.range_off, hdr.range_count, section.RANGE_RECORD),
+            ("dictionary", hdr.dict_off, hdr.dict_count, section.DICT_RECORD),
         ):
+            if not count and name in ("range", "dictionary"):
+                continue
             if off != want:
                 raise _bad(f"{name} table at {off:#x}, expected {want:#x}", 16)
             want = off + count * rec.size
+            last = name
+        self.dict_data = want  # where the dictionaries' bytes start
+        if hdr.dict_count:
+            return  # the dictionaries' bytes run to the end (checked in _dictionaries)
         if want != self.size:
-            raise _bad(f"{self.size - want} bytes after the prefetch table", want)
+            raise _bad(f"{self.size - want} bytes after the {last} table", want)
 
     def _blobs(self) -> None:
         buf, hdr = self.buf, self.hdr
@@ -263,8 +292,8 @@ class _Validator:
         owner, flags, csize, usize = column(0), column(1), column(4), column(7)
         coff, uoff = wide(column(2), column(3)), wide(column(5), column(6))
         if n:
-            if max(flags) > CHUNK_COMPRESSED:
-                i = first([f > CHUNK_COMPRESSED for f in flags])
+            if any(map(operator.and_, flags, repeat(~CHUNK_FLAGS))):
+                i = first([bool(f & ~CHUNK_FLAGS) for f in flags])
                 raise _bad(f"chunk {i}: unknown flags {flags[i]:#x}", at(i, 4))
             if min(usize) < 1 or max(usize) > cs:
                 i = first([not 1 <= u <= cs for u in usize])
@@ -316,6 +345,51 @@ class _Validator:
             self.blocks_of.append(dict(zip(map(operator.rshift, uoff[s:e], repeat(12)),
                                            range(s, e), strict=True)))
         self.usize = usize
+        self.flags, self.owner = flags, owner
+
+    def _ranges(self) -> None:
+        hdr = self.hdr
+        n = hdr.chunk_count
+        covered = bytearray(n)
+        for i in range(hdr.range_count):
+            off = hdr.range_off + i * section.RANGE_RECORD.size
+            first, count = section.RANGE_RECORD.unpack_from(self.buf, off)
+            if count < 1 or first + count > n:
+                raise _bad(f"start-up range {i} ({first}, {count}) is not in the chunk table "
+                           f"of {n}", off)
+            if any(covered[first:first + count]):
+                raise _bad(f"start-up range {i} repeats a chunk of an earlier range", off)
+            covered[first:first + count] = b"\1" * count
+
+    def _dictionaries(self) -> None:
+        hdr, buf = self.hdr, self.buf
+        have: set[int] = set()
+        want = self.dict_data
+        for i in range(hdr.dict_count):
+            off = hdr.dict_off + i * section.DICT_RECORD.size
+            rec = section.unpack_dict(buf, off)
+            if rec.blob_index >= hdr.blob_count or (have and rec.blob_index <= max(have)):
+                raise _bad(f"dictionary record {i} names blob {rec.blob_index}, not the next "
+                           f"of {hdr.blob_count} blobs in order", off)
+            if not 1 <= rec.size <= MAX_DICT_SIZE or rec.offset != want:
+                raise _bad(f"dictionary record {i}: {rec.size} bytes at {rec.offset:#x}, "
+                           f"expected 1..{MAX_DICT_SIZE} bytes at {want:#x}", off + 4)
+            if rec.offset + rec.size > self.size:
+                raise _bad(f"dictionary {i} runs past the end of the bootstrap", off + 8)
+            if hashlib.sha256(buf[rec.offset:rec.offset + rec.size]).digest() != rec.sha256:
+                raise _bad(f"dictionary {i} of blob {rec.blob_index} does not match its sha256",
+                           rec.offset)
+            have.add(rec.blob_index)
+            want = rec.offset + rec.size
+        if hdr.dict_count and want != self.size:
+            raise _bad(f"{self.size - want} bytes after the dictionaries", want)
+        if not any(map(operator.and_, self.flags, repeat(CHUNK_DICT))):
+            return
+        for i, f in enumerate(self.flags):
+            if f & CHUNK_DICT and (not f & CHUNK_COMPRESSED or self.owner[i] not in have):
+                raise _bad(f"chunk {i}: dictionary-compressed, but blob {self.owner[i]} has no "
+                           "dictionary (or the chunk is not compressed)",
+                           hdr.chunk_off + i * section.CHUNK_RECORD.size + 4)
 
     def _prefetch(self, walked: Validated) -> None:
         hdr = self.hdr

@@ -109,6 +109,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _container_args(p)
     p.add_argument("--chunk-size", type=parse_size, default=None, metavar="BYTES",
                    help="chunk size of DST (default: the converter's, 1M)")
+    p.add_argument("--mode", choices=("auto", "kernel", "fuse"), default="auto",
+                   help="mount mode of the traced run (default auto: as `rafs run` mounts)")
+    p.add_argument("--whole-files", action="store_true",
+                   help="prefetch every file the workload read, whole, not only the "
+                   "byte ranges it read")
     add_json_flag(p, "what was written (as `rafs convert --json`, and the traced files)")
     p.set_defaults(func=_cmd_optimize)
 
@@ -199,7 +204,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     transports.OPTIMIZE_DST.parse(args.dst)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     done = optimize(args.src, args.dst, cmd, env=args.env, user=args.user,
-                    workdir=args.workdir, net=args.net, chunk_size=args.chunk_size)
+                    workdir=args.workdir, net=args.net, chunk_size=args.chunk_size,
+                    mode=args.mode, whole_files=args.whole_files)
     if done.result is not None:
         if args.json:
             print_json(describe_result(done.result) | {"traced_files": done.traced})

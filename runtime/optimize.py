@@ -6,12 +6,17 @@
    the same registry repository (OptimizeError if it is not there).
 2. Get a RAFS image to trace on: SRC itself, or SRC converted into a
    temporary layout.
-3. Mount it privately in fuse mode (its own daemon, so the trace holds this
-   workload only, every file in first-open order),
-   run CMD in a container on it (``run.run_container``), and read the access
-   trace (``fused.client.trace``) before unmounting.
-4. Convert the original into DST with the trace as the prefetch list (the
-   converter puts those files first in each blob).
+3. Mount it privately (its own daemon without prefetch, so the trace holds this
+   workload only; in the mode ``rafs run`` would use, ``--mode auto``, so the
+   reads traced are the reads a start will make), run CMD in a container on it
+   (``run.run_container``), and read the access trace (``fused.client.trace_report``:
+   the byte ranges read, in first-access order of their chunks) before
+   unmounting.
+4. Convert the original into DST with the ranges as the prefetch list: the
+   converter puts those chunks first in each blob, in the order they were
+   read, and records them as the start-up set that a mount prefetches
+   (``converter.startup``). ``whole_files`` records the files read instead,
+   each whole (the form of hand-written prefetch lists).
 
 The container's exit status is reported; a failing workload still yields a
 trace, but DST is written only when CMD exited 0. A registry DST is checked
@@ -27,6 +32,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from converter.convert import ConvertOptions, ConvertResult, convert
 from converter.push import check_push_target
@@ -40,6 +46,7 @@ from rafs.oci import (
     OCILayout,
     parse_image_ref,
 )
+from rafs.prefetchlist import Entry
 
 from .errors import OptimizeError
 from .image import ResolvedImage, registry_client, resolve_image
@@ -47,7 +54,7 @@ from .imagemount import check_fuse
 from .paths import cache_dir as default_cache_dir
 from .run import RunOptions, require_root, run_container
 
-__all__ = ["Optimized", "find_original", "optimize"]
+__all__ = ["Optimized", "find_original", "optimize", "startup_entries"]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +94,8 @@ class Optimized:
 
 def optimize(src: str, dst: str, cmd: list[str], *, env: list[str] | None = None,
              user: str | None = None, workdir: str | None = None, net: str = "host",
-             chunk_size: int | None = None) -> Optimized:
+             chunk_size: int | None = None, mode: str = "auto",
+             whole_files: bool = False) -> Optimized:
     require_root("rafs optimize")
     check_fuse()
     image = resolve_image(src)
@@ -101,33 +109,44 @@ def optimize(src: str, dst: str, cmd: list[str], *, env: list[str] | None = None
             result = convert(image.ref, ImageRef("oci", os.path.join(tmp, "layout"), "trace"),
                              options)
             traced = resolve_image(result.target)
-        paths, status = _trace(traced, Path(tmp) / "mnt", cmd, RunOptions(
+        report, status = _trace(traced, Path(tmp) / "mnt", cmd, RunOptions(
             image=str(traced.ref), cmd=cmd, env=env or [], user=user, workdir=workdir,
-            net=net, rm=True))
+            net=net, rm=True), mode)
     if status != 0:
         print(f"rafs: the workload exited with {status}: {dst} is not written",
               file=sys.stderr)
         return Optimized(status)
-    print(f"rafs: {len(paths)} files traced; converting {original} into {dst}",
-          file=sys.stderr)
-    options.prefetch = [os.fsencode(p) for p in paths]
-    return Optimized(0, convert(original, dst, options), len(paths))
+    options.prefetch = startup_entries(report, whole_files)
+    ranges = report.get("ranges", [])
+    print(f"rafs: {len(report['paths'])} files traced, {len(ranges)} ranges of "
+          f"{sum(r['length'] for r in ranges) / 1e6:.1f} MB read; converting {original} "
+          f"into {dst}", file=sys.stderr)
+    return Optimized(0, convert(original, dst, options), len(report["paths"]))
+
+
+def startup_entries(report: dict[str, Any], whole_files: bool = False) -> list[Entry]:
+    """The prefetch list of DST from a trace (``fused.trace``): the ranges read, or with
+    ``whole_files`` (or a trace without ranges) the files read, whole."""
+    ranges = report.get("ranges")
+    if whole_files or ranges is None:
+        return [Entry(os.fsencode(p)) for p in report["paths"]]
+    return [Entry(os.fsencode(r["path"]), r["offset"], r["length"]) for r in ranges]
 
 
 def _trace(image: ResolvedImage, mnt: Path, cmd: list[str],
-           opts: RunOptions) -> tuple[list[str], int]:
+           opts: RunOptions, mode: str) -> tuple[dict[str, Any], int]:
     mnt.mkdir()
-    # fuse mode: the daemon sees every open, so the trace lists files in first-open order
-    # (kernel mode only sees page-cache misses of blob data)
+    # Both modes trace the ranges read; in kernel mode the kernel's own readahead of
+    # blob data is part of them, as it will be when the image starts.
     client.mount(image.pinned, mnt, MountOptions(str(default_cache_dir()), prefetch=False,
-                                                 mode="fuse"))
+                                                 mode=mode))
     try:
         status = run_container(opts, image=image, lower=mnt)
-        paths = client.trace(mnt)
+        report = client.trace_report(mnt)
     finally:
         try:
             client.unmount(mnt)
         except (MountError, ControlError) as e:
             log.warning("unmounting %s: %s; ending its daemon", mnt, e)
             client.unmount(mnt, force=True)
-    return paths, status
+    return report, status

@@ -122,6 +122,7 @@ async def open_stack(
     """
     fetcher_kw.setdefault("amplify", False)
     bootstrap = Bootstrap.from_bytes(image.bootstrap, validate=validate)
+    fetcher_kw.setdefault("dictionaries", bootstrap.dictionary)
     counting = CountingBackend(backend or LocalBackend(image.layout))
     stats = Stats()
     cache = ChunkCache(cache_dir, bootstrap.blobs, bootstrap.chunk, stats)

@@ -190,10 +190,10 @@ def test_prefetch_chunks_go_to_the_front_in_rank_order(store: ChunkStore) -> Non
     w = store.begin_layer()
     plain1 = _file(store, w, os.urandom(2 * CS))
     late = Node(mode=0o100644)
-    w.add_file(late, io.BytesIO(late_data := os.urandom(CS + 10)), len(late_data), rank=5)
+    w.add_file(late, io.BytesIO(late_data := os.urandom(CS + 10)), len(late_data), [5, 6])
     plain2 = _file(store, w, os.urandom(3000))
     early = Node(mode=0o100644)
-    w.add_file(early, io.BytesIO(early_data := os.urandom(CS)), len(early_data), rank=1)
+    w.add_file(early, io.BytesIO(early_data := os.urandom(CS)), len(early_data), [1])
     blob = w.finish()
     assert blob is not None
 
@@ -219,7 +219,7 @@ def test_prefetch_chunks_go_to_the_front_in_rank_order(store: ChunkStore) -> Non
 def test_prefetch_only_blob(store: ChunkStore) -> None:
     w = store.begin_layer()
     node = Node(mode=0o100644)
-    w.add_file(node, io.BytesIO(data := os.urandom(CS * 2)), len(data), rank=0)
+    w.add_file(node, io.BytesIO(data := os.urandom(CS * 2)), len(data), [0, 1])
     blob = w.finish()
     assert blob is not None and _read(store, node) == data
     assert [store.chunks[r].compressed_offset for r in node.chunks] == [  # type: ignore[index]

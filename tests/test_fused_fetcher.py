@@ -10,7 +10,9 @@ import trio
 
 from fused.backend import Backend, LocalBackend
 from fused.errors import ChunkError
-from rafs.errors import BackendError, TransientError
+from fused.readahead import FileMap
+from rafs.bootstrap import Bootstrap
+from rafs.errors import BackendError, FormatError, TransientError
 from rafs.model import Node
 from rafs.retry import RetryPolicy
 from tests.fused_support import Stack, WrittenImage, open_stack, write_rafs_image
@@ -322,5 +324,81 @@ def test_an_on_demand_fetch_is_amplified_with_the_chunks_that_follow_it(image, t
             assert await read_file(s, b"a") == files[b"a"]
             ready = sum(s.cache.is_ready(i) for i in range(s.bootstrap.header.chunk_count))
             assert s.stats.backend_chunks == ready  # nothing was fetched twice
+
+    trio.run(main)
+
+
+async def _map_ready(s: Stack) -> None:
+    assert s.fetcher.readahead is not None
+    with trio.fail_after(60):
+        while s.fetcher.readahead.files is None:
+            await trio.sleep(0.01)
+
+
+def test_with_a_file_map_a_miss_fetches_within_its_file_and_a_sequential_one_grows(
+        image, tmp_path):
+    img, files = image
+
+    async def main() -> None:
+        boot = Bootstrap.from_bytes(img.bootstrap)
+        async with open_stack(img, tmp_path / "cache", amplify=True, amplify_bytes=8 * CS,
+                              files=lambda: FileMap.from_bootstrap(boot)) as s:
+            attr_c = s.vfs.lookup(1, b"c")
+            assert bytes(await s.vfs.read(attr_c.ino, 0, 10)) == files[b"c"][:10]
+            await _map_ready(s)  # built from the first miss on
+            a, b = chunks_of(s, b"a"), chunks_of(s, b"b")
+            attr = s.vfs.lookup(1, b"b")
+            s.backend.reads.clear()
+            assert bytes(await s.vfs.read(attr.ino, 0, 100)) == files[b"b"][:100]
+            (_, offset, length), = s.backend.reads  # b's first chunk only: not b[1], not c
+            assert (offset, length) == (s.cache.chunk(b[0]).compressed_offset,
+                                        s.cache.chunk(b[0]).compressed_size)
+            attr = s.vfs.lookup(1, b"a")
+            await s.vfs.read(attr.ino, 0, 100)
+            s.backend.reads.clear()
+            assert bytes(await s.vfs.read(attr.ino, CS, 100)) == files[b"a"][CS:CS + 100]
+            (_, offset, length), = s.backend.reads  # sequential: a[1] and a[2] in one go
+            assert offset == s.cache.chunk(a[1]).compressed_offset
+            assert length == sum(s.cache.chunk(i).compressed_size for i in a[1:3])
+            assert s.stats.readahead_chunks == 1
+            assert await read_file(s, b"a") == files[b"a"]
+
+    trio.run(main)
+
+
+def test_a_file_map_that_cannot_be_built_leaves_reads_working(image, tmp_path):
+    img, files = image
+
+    def broken() -> FileMap:
+        raise ValueError("no map today")
+
+    async def main() -> None:
+        async with open_stack(img, tmp_path / "cache", amplify=True, files=broken) as s:
+            for name in files:
+                assert await read_file(s, name) == files[name]
+            assert s.fetcher.readahead is not None and s.fetcher.readahead.files is None
+            assert s.stats.readahead_chunks == 0
+
+    trio.run(main)
+
+
+def test_read_ahead_that_trips_on_a_bad_record_leaves_the_read_working(image, tmp_path):
+    """A fault the bootstrap validator would refuse, injected into the policy's chunk
+    lookup: read-ahead stops, the read it was planned for still gets its bytes."""
+    img, files = image
+
+    async def main() -> None:
+        boot = Bootstrap.from_bytes(img.bootstrap)
+        async with open_stack(img, tmp_path / "cache", amplify=True, amplify_bytes=8 * CS,
+                              files=lambda: FileMap.from_bootstrap(boot)) as s:
+            assert s.fetcher.readahead is not None
+
+            def bad_record(index: int) -> object:
+                raise FormatError(f"chunk record {index} is broken", 0)
+
+            s.fetcher.readahead.chunk = bad_record  # type: ignore[assignment]
+            for name in files:
+                assert await read_file(s, name) == files[name]
+            assert s.stats.readahead_chunks == 0
 
     trio.run(main)

@@ -132,7 +132,7 @@ def test_loops_and_second_names_of_directories_are_refused(seed):
 
 
 def test_a_bootstrap_with_trailing_or_missing_bytes_is_refused(seed):
-    assert "after the prefetch table" in refusal(seed.bootstrap + b"\0")
+    assert "bytes after the" in refusal(seed.bootstrap + b"\0")
     for cut in (0, 100, 1100, len(seed.bootstrap) // 2, len(seed.bootstrap) - 1):
         refusal(seed.bootstrap[:cut])
 
@@ -248,7 +248,92 @@ def test_fsck_erofs_refusing_is_one_line(tmp_path):
 
 def test_the_chunk_table_layout_is_what_the_section_says(seed):
     hdr = section.Header.unpack(seed.bootstrap)
-    assert hdr.prefetch_off + 8 * hdr.prefetch_count == len(seed.bootstrap)
+    # the seed has a prefetch list, so a start-up set: version 2, ranges after the prefetch
+    assert hdr.version == 2 and hdr.range_count and not hdr.dict_count
+    assert hdr.range_off == hdr.prefetch_off + 8 * hdr.prefetch_count
+    assert hdr.range_off + section.RANGE_RECORD.size * hdr.range_count == len(seed.bootstrap)
+
+
+# -- version 2: start-up ranges and dictionaries ------------------------------------
+
+
+def with_dictionaries(boot: bytes, dicts: list[tuple[int, bytes]], *,
+                      flag_chunk: int | None = None) -> bytes:
+    """``boot`` with a dictionary table appended (records, then the bytes), as the builder
+    lays it out; ``flag_chunk``: that chunk also gets ``CHUNK_DICT``."""
+    import hashlib
+
+    from rafs.model import CHUNK_DICT
+
+    hdr = section.Header.unpack(boot)
+    off = len(boot)
+    data_off = off + section.DICT_RECORD.size * len(dicts)
+    records = b""
+    for blob, data in dicts:
+        records += section.pack_dict(section.DictRecord(blob, len(data), data_off,
+                                                        hashlib.sha256(data).digest()))
+        data_off += len(data)
+    hdr.dict_off, hdr.dict_count = off, len(dicts)
+    buf = bytearray(boot + records + b"".join(d for _b, d in dicts))
+    buf[0:section.HEADER.size] = hdr.pack()
+    if flag_chunk is not None:
+        at = hdr.chunk_off + flag_chunk * section.CHUNK_RECORD.size + 4
+        flags = struct.unpack_from("<I", buf, at)[0]
+        struct.pack_into("<I", buf, at, flags | CHUNK_DICT)
+    return bytes(buf)
+
+
+def test_a_version_2_bootstrap_with_dictionaries_is_accepted_here_and_by_fsck_erofs(seed):
+    data = with_dictionaries(seed.bootstrap, [(0, b"d" * 300), (1, os.urandom(1000))])
+    v = validator.validate(data)
+    assert v.blobs == 2
+    boot = Bootstrap.from_bytes(data)
+    assert boot.dictionary(1) is not None and boot.prefetch_chunks()
+    path = seed.work / "bootstrap-v2"
+    path.write_bytes(data)
+    assert fsck_erofs(path, v.blobs)
+
+
+def test_version_2_rules_are_refused_with_one_line(seed):
+    boot = seed.bootstrap
+    hdr = section.Header.unpack(boot)
+    compressed = next(i for i in range(hdr.chunk_count)
+                      if struct.unpack_from("<I", boot, hdr.chunk_off + 72 * i + 4)[0] & 1)
+    owner = struct.unpack_from("<I", boot, hdr.chunk_off + 72 * compressed)[0]
+    first_range = hdr.range_off
+
+    def range_record(first: int, count: int, at: int = first_range) -> bytes:
+        buf = bytearray(boot)
+        struct.pack_into("<II", buf, at, first, count)
+        return bytes(buf)
+
+    def header_field(offset: int, fmt: str, value: int) -> bytes:
+        buf = bytearray(boot)
+        struct.pack_into(fmt, buf, offset, value)
+        return bytes(buf)
+
+    cases = [
+        (range_record(0, 0), "start-up range 0"),
+        (range_record(hdr.chunk_count - 1, 2), "not in the chunk table"),
+        (header_field(8, "<H", 1), "version 1"),  # v1 with a range table
+        (header_field(60, "<I", 1), "reserved header fields"),
+        (header_field(80, "<Q", 96), "an empty table"),
+        (with_dictionaries(boot, [(1, b"a" * 10), (0, b"b" * 10)]), "not the next"),
+        (with_dictionaries(boot, [(2, b"a" * 10)]), "names blob 2"),
+        (with_dictionaries(boot, [(0, b"a" * 10)]) + b"\0", "bytes after the dictionaries"),
+        (with_dictionaries(boot, [(0, b"a" * 10)])[:-1], "past the end"),
+        (with_dictionaries(boot, [(1 - owner, b"a" * 10)], flag_chunk=compressed),
+         "has no dictionary"),
+    ]
+    if hdr.range_count >= 2:  # a chunk in two ranges
+        first, count = struct.unpack_from("<II", boot, first_range)
+        cases.append((range_record(first, count, first_range + 8), "repeats a chunk"))
+    tampered = bytearray(with_dictionaries(boot, [(0, b"a" * 10)]))
+    tampered[-1] ^= 1
+    cases.append((bytes(tampered), "does not match its sha256"))
+    for data, fragment in cases:
+        message = refusal(data)
+        assert fragment in message, (fragment, message)
 
 
 def test_the_cache_lists_no_stamp_as_a_bootstrap_and_removes_it_with_its_bootstrap(seed,

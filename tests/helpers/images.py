@@ -95,10 +95,11 @@ def write_flat_blobs(ref: str, outdir: Path) -> tuple[Path, list[Path]]:
         flat = outdir / f"blob{i}.flat"
         with open(img.layout.blob_path(blob.digest), "rb") as src, open(flat, "wb") as dst:
             dst.truncate(blob.uncompressed_size)
+            dictionary = boot.dictionary(i)
             for index in range(blob.chunk_start, blob.chunk_start + blob.chunk_count):
                 c = boot.chunk(index)
                 src.seek(c.compressed_offset)
-                data = decode_chunk(c, src.read(c.compressed_size))
+                data = decode_chunk(c, src.read(c.compressed_size), dictionary)
                 dst.seek(c.uncompressed_offset)
                 dst.write(data)
         flats.append(flat)

@@ -77,7 +77,8 @@ def bootstrap_fields(data: bytes) -> list[Field]:
     for name, off, width in (("version", 8, 2), ("flags", 10, 2), ("chunk_size", 12, 4),
                              ("blob_off", 16, 8), ("blob_count", 24, 4), ("chunk_off", 32, 8),
                              ("chunk_count", 40, 4), ("prefetch_off", 48, 8),
-                             ("prefetch_count", 56, 4)):
+                             ("prefetch_count", 56, 4), ("range_off", 64, 8),
+                             ("range_count", 72, 4), ("dict_off", 80, 8), ("dict_count", 88, 4)):
         add("header." + name, off, width)
     sb = erofs.SUPER_OFFSET
     for name, off, width in (("checksum", 4, 4), ("feature_compat", 8, 4), ("blkszbits", 12, 1),
@@ -107,6 +108,15 @@ def bootstrap_fields(data: bytes) -> list[Field]:
             add("chunk." + name, rec + off, width, f"chunk {i}")
     for i in range(hdr.prefetch_count):
         add("prefetch.nid", hdr.prefetch_off + 8 * i, 8, f"prefetch {i}")
+    for i in range(hdr.range_count):  # version 2: the start-up ranges and the dictionaries
+        rec = hdr.range_off + i * section.RANGE_RECORD.size
+        add("range.first", rec, 4, f"range {i}")
+        add("range.count", rec + 4, 4, f"range {i}")
+    for i in range(hdr.dict_count):
+        rec = hdr.dict_off + i * section.DICT_RECORD.size
+        for name, off, width in (("blob", 0, 4), ("size", 4, 4), ("offset", 8, 8),
+                                 ("sha256", 16, 8)):
+            add("dict." + name, rec + off, width, f"dict {i}")
     seen: set[int] = set()
     for _path, ino in boot.walk():
         if ino.nid in seen:
