@@ -20,6 +20,7 @@ import pyfuse3
 from .blobfs import BlobFs
 from .errors import ReadOnlyError
 from .fuseops import CACHE_TIMEOUT, read_only, errno_boundary
+from . import takeover
 from .stats import Stats
 from .vfs import Attr
 
@@ -42,6 +43,9 @@ class BlobOperations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.stats = stats if stats is not None else fs.stats
+
+    def init(self) -> None:  # supervised workers take over the device here
+        takeover.at_init()
 
     @staticmethod
     def _entry(attr: Attr) -> pyfuse3.EntryAttributes:

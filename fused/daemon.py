@@ -56,6 +56,7 @@ from rafs.oci import (
     sha256_digest,
 )
 
+from . import takeover
 from .backend import Backend, BackendOptions, open_backend
 from .cli import CREDS_ENV
 from .cache import ChunkCache, cached_bootstrap, store_bootstrap
@@ -199,12 +200,17 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
     (the caller reports the error).
     """
     started = time.perf_counter()
-    mountpoint = canonical(cfg.mountpoint)
-    paths = paths_for(mountpoint)
+    attached = takeover.attachment()  # supervised worker: the supervisor mounted (fused.takeover)
+    if attached is None:
+        mountpoint = canonical(cfg.mountpoint)
+        paths = paths_for(mountpoint)
+        _check_mountpoint(mountpoint)
+    else:  # never touch the mount before serving it (a stat would wait for us forever)
+        mountpoint = cfg.mountpoint
+        paths = takeover.worker_paths(mountpoint, attached)
     stats = Stats()
     timing: dict[str, float] = {}
     ref = parse_image_ref(cfg.image)
-    _check_mountpoint(mountpoint)
     mode, why = resolve_mode(cfg.mode)
     log.info("%s mode: %s", mode, why)
     ensure_run_dir()
@@ -235,7 +241,10 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
             ops = BlobOperations(BlobFs(bootstrap, fetcher, stats, trace), stats)
             fuse_dir, fuse_options = str(paths.blobs), set(BLOB_MOUNT_OPTIONS)
             kernel = _KernelMount(boot_path, mountpoint, paths.blobs, len(bootstrap.blobs))
-            await trio.to_thread.run_sync(kernel.prepare)
+            if attached is None:
+                await trio.to_thread.run_sync(kernel.prepare)
+        if attached is not None:
+            fuse_dir = takeover.arm(attached).mountpoint
         labels = {"mountpoint": mountpoint}
         if cfg.metrics_address:
             from .metrics import new_registry, serve_http  # prometheus_client: only if used
@@ -309,7 +318,8 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
                 timing["ready_seconds"] = round(time.perf_counter() - started, 4)
                 ready(None)
 
-            nursery.start_soon(_announce, cfg, mountpoint, paths.state, mode, kernel, announced)
+            nursery.start_soon(_announce, cfg, mountpoint, paths.state, mode, kernel, announced,
+                               attached)
             if cfg.prefetch and bootstrap.prefetch:
                 nursery.start_soon(_prefetch, fetcher, vfs, bootstrap.prefetch, stats)
             serving[0] = True
@@ -320,6 +330,10 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
             log.info("main loop ended")
         finally:
             nursery.cancel_scope.cancel()
+            if attached is not None:  # the mounts and the state are the supervisor's
+                pyfuse3.close(unmount=False)
+                log.info("stopped serving %s", mountpoint)
+                return
             if kernel is not None:
                 # Never leave an EROFS mount over a dead blob filesystem in sight.
                 kernel.unmount_erofs_quietly()
@@ -457,23 +471,31 @@ async def _prefetch(fetcher: Fetcher, vfs: Vfs, nids: list[int], stats: Stats) -
 
 async def _announce(
     cfg: DaemonConfig, mountpoint: str, state: Path, mode: str, kernel: _KernelMount | None,
-    ready: Callable[[], None],
+    ready: Callable[[], None], attached: takeover.Attachment | None = None,
 ) -> None:
     """Mount EROFS (kernel mode), check the mount answers, record the state, report ready.
 
     The EROFS mount opens the blob files, so it runs in a worker thread while
-    the FUSE main loop answers.
+    the FUSE main loop answers. A supervised worker that takes over a running
+    mount finds EROFS mounted already, and the supervisor keeps the state.
     """
-    if kernel is not None:
+    mounting = attached is None or attached.first
+    if kernel is not None and mounting:
         await trio.to_thread.run_sync(kernel.mount_erofs)
         _tune_readahead(str(kernel.blob_dir), cfg.readahead_kb)
     st = await trio.to_thread.run_sync(os.stat, mountpoint)
     if st.st_ino != ROOT_INO:
         raise MountError(f"{mountpoint} does not show the rafs root after mounting")
-    if kernel is None:
+    if not mounting:
+        pass
+    elif kernel is None:
         _tune_readahead(mountpoint, cfg.readahead_kb)
     elif kernel.bdi is not None:
         _tune_readahead(mountpoint, cfg.readahead_kb, kernel.bdi)
+    if attached is not None:
+        log.info("serving %s on %s (%s mode, supervised)", cfg.image, mountpoint, mode)
+        ready()
+        return
     info = {"pid": os.getpid(), "mountpoint": mountpoint, "image": cfg.image, "mode": mode,
             "cache_dir": cfg.cache_dir, "log": str(paths_for(mountpoint).log)}
     tmp = state.with_suffix(".tmp")

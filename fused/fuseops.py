@@ -26,6 +26,7 @@ import pyfuse3
 from rafs.errors import RafsError, to_errno
 
 from .errors import ReadOnlyError
+from . import takeover
 from .stats import Stats
 from .vfs import Attr, Vfs
 
@@ -89,6 +90,9 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.vfs = vfs
         self.stats = stats if stats is not None else vfs.stats
+
+    def init(self) -> None:  # supervised workers take over the device here
+        takeover.at_init()
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -1,0 +1,43 @@
+"""``python -m fused.worker``: the daemon, started by a supervisor on a connection it mounted.
+
+Takes the daemon's own arguments (``python -m fused.daemon --help``) plus the
+descriptors the supervisor passes (``fused.takeover.Attachment``)::
+
+    --session-fd N      pipe holding the replayed FUSE_INIT (becomes the device)
+    --device-fd M       the /dev/fuse device of the connection
+    --first             the mount's first worker (kernel mode: it mounts EROFS)
+    --control-socket P  this worker's private control socket
+    --blob-dir D        kernel mode: where the blob filesystem is mounted
+
+Stopping: SIGTERM ends the main loop after the requests in progress are
+answered, and the worker exits without unmounting anything (the mounts are the
+supervisor's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import takeover
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused.worker", add_help=False)
+    parser.add_argument("--session-fd", type=int, required=True)
+    parser.add_argument("--device-fd", type=int, required=True)
+    parser.add_argument("--first", action="store_true")
+    parser.add_argument("--control-socket", required=True)
+    parser.add_argument("--blob-dir", default="")
+    args, rest = parser.parse_known_args(argv)
+    takeover.attach(takeover.Attachment(args.session_fd, args.device_fd, args.first,
+                                        args.control_socket, args.blob_dir))
+    from .daemon import main as daemon_main
+
+    return daemon_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
