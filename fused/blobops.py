@@ -19,6 +19,7 @@ import pyfuse3
 
 from .blobfs import BlobFs
 from .errors import ReadOnlyError
+from .options import BLOB_MOUNT_OPTIONS
 from .fuseops import CACHE_TIMEOUT, read_only, errno_boundary
 from . import takeover
 from .stats import Stats
@@ -26,10 +27,6 @@ from .vfs import Attr
 
 __all__ = ["BLOB_MOUNT_OPTIONS", "BlobOperations"]
 
-# allow_other: the EROFS driver may read the blob files on behalf of any user's
-# page fault; the run directory (0700) keeps everyone else out of the mount.
-BLOB_MOUNT_OPTIONS = frozenset({"ro", "allow_other", "default_permissions",
-                                "fsname=rafs-blobs", "subtype=rafs-blobs"})
 
 
 class BlobOperations(pyfuse3.Operations):

@@ -88,7 +88,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--creds", metavar="USER:PASS",
                    help="registry credentials (default: REGISTRY_AUTH_FILE or "
                    "~/.docker/config.json)")
+    # -- supervised mounts (fused.supervisor): failover and hot upgrade
+    p.add_argument("--supervise", action="store_true",
+                   help="serve through a supervisor that replaces a daemon that dies without "
+                   "unmounting (readers see a delay, not an error) and allows `rafs upgrade`")
+    p.add_argument("--max-crashes", type=int, default=5, metavar="N",
+                   help="supervised: give the mount up after N crashes within "
+                   "--crash-window (default %(default)s)")
+    p.add_argument("--crash-window", type=float, default=60.0, metavar="SECONDS",
+                   help="supervised: see --max-crashes (default %(default)s)")
+    p.add_argument("--no-resend", action="store_true", help=argparse.SUPPRESS)  # old kernels
     p.set_defaults(func=_cmd_mount)
+
+    p = subparsers.add_parser(
+        "upgrade", help="hand a supervised mount to a new daemon without unmounting",
+        description="Start a new daemon (the code installed now, from a fresh interpreter) on "
+        "the running mount; the old one finishes the requests it has and exits. Readers keep "
+        "reading. Needs a mount made with `rafs mount --supervise`.",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--all", action="store_true", help="every supervised mount of this run "
+                   "directory")
+    p.set_defaults(func=_cmd_upgrade)
 
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -152,7 +173,14 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                            fetch_timeout=args.fetch_timeout, retries=args.retries,
                            metrics_address=args.metrics_address,
                            insecure=True if args.insecure else None, creds=parse_creds(args.creds),
-                           mode=args.mode)
+                           mode=args.mode, supervise=args.supervise,
+                           supervisor_args=_supervisor_args(args))
+    if args.foreground and options.supervise:
+        from .supervisor import main as supervisor_main
+
+        return supervisor_main([image, args.mountpoint, "--cache-dir", cache_dir,
+                                "--log-level", _log_level(), *options.supervisor_args,
+                                *options.daemon_args()])
     if args.foreground:
         from .daemon import run
 
@@ -183,6 +211,8 @@ class MountOptions:
     insecure: bool | None = None
     creds: tuple[str, str] | None = None
     mode: str = "auto"  # auto | fuse | kernel
+    supervise: bool = False  # python -m fused.supervisor instead of fused.daemon
+    supervisor_args: tuple[str, ...] = ()
 
     def daemon_args(self) -> list[str]:
         args = ["--amplify-bytes", str(self.amplify_bytes), "--mode", self.mode,
@@ -230,9 +260,11 @@ def mount_background(
     read_fd, write_fd = os.pipe()
     try:
         with open(paths.log, "ab") as logf:
+            module = "fused.supervisor" if options.supervise else "fused.daemon"
+            extra = list(options.supervisor_args) if options.supervise else []
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fused.daemon", image, mp, "--cache-dir", cache_dir,
-                 "--ready-fd", str(write_fd), "--log-level", _log_level(),
+                [sys.executable, "-m", module, image, mp, "--cache-dir", cache_dir,
+                 "--ready-fd", str(write_fd), "--log-level", _log_level(), *extra,
                  *options.daemon_args()],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
                 start_new_session=True, cwd="/", env=env,
@@ -439,3 +471,58 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         out.write(os.fsencode(path) + b"\n")
     out.flush()
     return 0
+
+
+# -- upgrade (supervised mounts) ------------------------------------------------
+
+
+def _supervisor_args(args: argparse.Namespace) -> tuple[str, ...]:
+    out = ("--max-crashes", str(args.max_crashes), "--crash-window", str(args.crash_window))
+    return (*out, "--no-resend") if args.no_resend else out
+
+
+def upgrade(mountpoint: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Hand a supervised mount to a new daemon; the reply has the new worker's pid and version."""
+    mp = _rafs_mount(mountpoint)
+    try:
+        reply = request(paths_for(mp).socket, {"cmd": "upgrade"}, timeout=timeout)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise ControlError(f"no daemon answers for {mp}") from None
+    if not reply.get("ok"):
+        error = reply.get("error", "unknown error")
+        if error == "bad request":
+            error = "its daemon is not supervised (mount it with `rafs mount --supervise`)"
+        raise ControlError(f"cannot upgrade {mp}: {error}")
+    return reply
+
+
+def _supervised_mounts() -> list[str]:
+    from .control import run_dir
+
+    found = []
+    for state in sorted(run_dir().glob("*.json")):
+        try:
+            info = json.loads(state.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get("supervised") and info.get("mountpoint"):
+            found.append(str(info["mountpoint"]))
+    return found
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    if args.all == (args.mountpoint is not None):
+        raise MountError("name a MOUNTPOINT or --all")
+    targets = _supervised_mounts() if args.all else [args.mountpoint]
+    failed = 0
+    for mp in targets:
+        try:
+            reply = upgrade(mp)
+        except ControlError as e:
+            if not args.all:
+                raise
+            log.error("%s", e)
+            failed += 1
+            continue
+        print(f"{canonical(mp)}: worker {reply.get('worker_pid')} version {reply.get('version')}")
+    return 1 if failed else 0

@@ -333,15 +333,15 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
             if attached is not None:  # the mounts and the state are the supervisor's
                 pyfuse3.close(unmount=False)
                 log.info("stopped serving %s", mountpoint)
-                return
-            if kernel is not None:
-                # Never leave an EROFS mount over a dead blob filesystem in sight.
-                kernel.unmount_erofs_quietly()
-            pyfuse3.close(unmount=True)
-            if kernel is not None:
-                kernel.remove_dir()
-            paths.state.unlink(missing_ok=True)
-            log.info("unmounted %s", mountpoint)
+            else:
+                if kernel is not None:
+                    # Never leave an EROFS mount over a dead blob filesystem in sight.
+                    kernel.unmount_erofs_quietly()
+                pyfuse3.close(unmount=True)
+                if kernel is not None:
+                    kernel.remove_dir()
+                paths.state.unlink(missing_ok=True)
+                log.info("unmounted %s", mountpoint)
 
 
 class _KernelMount:

@@ -26,6 +26,7 @@ import pyfuse3
 from rafs.errors import RafsError, to_errno
 
 from .errors import ReadOnlyError
+from .options import MOUNT_OPTIONS
 from . import takeover
 from .stats import Stats
 from .vfs import Attr, Vfs
@@ -35,9 +36,6 @@ __all__ = ["CACHE_TIMEOUT", "MOUNT_OPTIONS", "Operations", "errno_boundary", "re
 log = logging.getLogger(__name__)
 
 CACHE_TIMEOUT = 86400.0
-MOUNT_OPTIONS = frozenset(
-    {"ro", "allow_other", "default_permissions", "fsname=rafs", "subtype=rafs"}
-)
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -9,11 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_AMPLIFY", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_RETRIES", "BackendOptions"]
+__all__ = ["BLOB_MOUNT_OPTIONS", "DEFAULT_AMPLIFY", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_RETRIES",
+           "MOUNT_OPTIONS", "BackendOptions"]
 
 DEFAULT_AMPLIFY = 1 << 20  # an on-demand fetch grows to this many bytes of following chunks
 DEFAULT_RETRIES = 4
 DEFAULT_FETCH_TIMEOUT = 30.0  # seconds without a byte before a fetch counts as failed
+
+# libfuse mount options of the image mount (fuse mode) and of the blob filesystem
+# (kernel mode). Here, not in the adapters, so a supervisor can mount without pyfuse3.
+MOUNT_OPTIONS = frozenset(
+    {"ro", "allow_other", "default_permissions", "fsname=rafs", "subtype=rafs"}
+)
+# allow_other: the EROFS driver may read the blob files on behalf of any user's
+# page fault; the run directory (0700) keeps everyone else out of the mount.
+BLOB_MOUNT_OPTIONS = frozenset({"ro", "allow_other", "default_permissions",
+                                "fsname=rafs-blobs", "subtype=rafs-blobs"})
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ stale registration must not outlive the swap).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -59,10 +60,8 @@ class Handover:
     def swap(self) -> None:
         import trio
 
-        try:
+        with contextlib.suppress(RuntimeError):  # outside trio: nothing is registered
             trio.lowlevel.notify_closing(self.session_fd)
-        except RuntimeError:  # not inside trio (a direct call): nothing registered
-            pass
         os.dup2(self.device_fd, self.session_fd, inheritable=False)
         os.close(self.device_fd)
         self.done = True

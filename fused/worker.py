@@ -17,7 +17,9 @@ supervisor's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
 
 from . import takeover
 
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-socket", required=True)
     parser.add_argument("--blob-dir", default="")
     args, rest = parser.parse_known_args(argv)
+    with contextlib.suppress(OSError):  # the supervisor lowered its own; a worker goes first
+        Path("/proc/self/oom_score_adj").write_text("0\n")
     takeover.attach(takeover.Attachment(args.session_fd, args.device_fd, args.first,
                                         args.control_socket, args.blob_dir))
     from .daemon import main as daemon_main
