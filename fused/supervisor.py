@@ -393,8 +393,11 @@ class Supervisor:
             if was_current or not self.workers:
                 self.stopping = True
             return
-        if not was_current:  # an old worker after an upgrade
-            self._release_device(worker, resend=not clean)
+        if not was_current:
+            # An old worker after an upgrade. Even a clean exit can leave requests
+            # behind: libfuse drops a request it read just as the session was told to
+            # exit (fuse_session_receive_buf_int), so resend them to the new worker.
+            self._release_device(worker, resend=True)
             return
         # The current worker died under a live connection: replace it.
         now = time.monotonic()

@@ -242,7 +242,11 @@ def test_without_resend_a_read_in_flight_fails_clearly_and_the_mount_serves_on(
     env: dict[str, str], tmp_path: Path,
 ) -> None:
     """``--no-resend`` behaves as a kernel older than 6.9: the dead worker's requests
-    end with an error at once (no hang), later reads are served by the next worker."""
+    end at once with ECONNABORTED (no hang) and later reads are served by the next
+    worker. In fuse mode the reader reads with O_DIRECT, so the error reaches it as
+    it is; a buffered read (kernel mode here, EROFS over the blob files) has its
+    failed readahead retried by the kernel, which the next worker answers: the
+    reader sees at most EIO, usually nothing."""
     big = next(iter(expected))  # the largest file
     one = {big: expected[big]}
     with FaultProxy(registry.host) as proxy:  # type: ignore[attr-defined]
@@ -252,7 +256,7 @@ def test_without_resend_a_read_in_flight_fails_clearly_and_the_mount_serves_on(
             pid = wait_serving(mp)
             rule = proxy.inject(Fault.stall(20.0), times=1, match=lambda r: r.method == "GET"
                                 and "/blobs/" in r.path and r.range is not None)
-            with ReaderLoad(mp, one, tmp_path, threads=1) as load:
+            with ReaderLoad(mp, one, tmp_path, threads=1, direct=mode == "fuse") as load:
                 deadline = time.monotonic() + 60
                 while rule.hits == 0 and time.monotonic() < deadline:
                     time.sleep(0.01)
@@ -261,13 +265,13 @@ def test_without_resend_a_read_in_flight_fails_clearly_and_the_mount_serves_on(
                 os.kill(pid, signal.SIGKILL)
                 wait_serving(mp, not_pid=pid)
                 time.sleep(2.0)
-                result = load.stop()
+                result = load.stop(timeout=15)  # long before the stalled fetch answers
     assert not result.mismatches
-    assert result.error_count >= 1
-    first = result.errors[0]
-    assert first["errno"] in ("ECONNABORTED", "EIO"), first
-    assert float(first["at"]) - killed < 10  # long before the stalled fetch would answer
     assert result.reads >= 1  # the same file, read again through the next worker
+    assert all(e["errno"] in ("ECONNABORTED", "EIO") for e in result.errors), result.errors
+    assert all(float(e["at"]) - killed < 10 for e in result.errors), result.errors
+    if mode == "fuse":
+        assert result.errors and result.errors[0]["errno"] == "ECONNABORTED", result.errors
 
 
 # -- crash loops, signals ----------------------------------------------------------------

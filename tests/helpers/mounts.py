@@ -154,8 +154,12 @@ def mounted(
         with contextlib.suppress(Exception):
             run(rafs_cmd("umount", mp), env=_env(env), timeout=90)
         _force_unmount(mp)
+        # Only blob mounts of this mount's run directory: other tests on the host
+        # (other sessions too) mount blob filesystems of their own meanwhile.
+        run_dir = (env or {}).get("RAFS_RUN_DIR") or os.environ.get("RAFS_RUN_DIR")
         for leftover in set(blob_mounts()) - blobs_before:
-            subprocess.run(["fusermount3", "-u", "-z", leftover], check=False)
+            if run_dir is None or leftover.startswith(os.path.realpath(run_dir) + "/"):
+                subprocess.run(["fusermount3", "-u", "-z", leftover], check=False)
         if pid is not None:
             deadline = time.monotonic() + 10
             while _pid_alive(pid) and time.monotonic() < deadline:

@@ -2,9 +2,10 @@
 
 Owns: ``python -m tests.helpers.readers ROOT EXPECTED.json`` (a JSON object of
 relative path → sha256) with N threads that each, until ``--stop-file``
-appears or ``--seconds`` pass, pick a random file, read it whole, compare its
-sha256, then drop that file's pages (``POSIX_FADV_DONTNEED``, per file: the
-next read of it reaches the filesystem's daemon again; never a global drop).
+appears or ``--seconds`` pass, pick a random file, read it whole
+(``--direct``: with O_DIRECT), compare its sha256, then drop that file's
+pages (``POSIX_FADV_DONTNEED``, per file: the next read of it reaches the
+filesystem's daemon again; never a global drop).
 Prints one JSON line: reads, bytes, errors (path and errno name of each, up to
 50), mismatches, and ``answered`` — the monotonic times at which reads
 completed, at most one per 5 ms, for measuring gaps.
@@ -54,7 +55,7 @@ class ReaderLoad:
     """``with ReaderLoad(root, expected, threads=64) as load: ...; result = load.stop()``."""
 
     def __init__(self, root: Path, expected: dict[str, str], workdir: Path, *,
-                 threads: int = 64, seconds: float = 600.0) -> None:
+                 threads: int = 64, seconds: float = 600.0, direct: bool = False) -> None:
         self.root = root
         self.workdir = workdir
         self.expected_path = workdir / "expected.json"
@@ -63,6 +64,7 @@ class ReaderLoad:
         self.stop_file.unlink(missing_ok=True)
         self.threads = threads
         self.seconds = seconds
+        self.direct = direct
         self.proc: subprocess.Popen[str] | None = None
         self.result: ReaderResult | None = None
 
@@ -72,7 +74,8 @@ class ReaderLoad:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.helpers.readers", str(self.root),
              str(self.expected_path), "--threads", str(self.threads), "--seconds",
-             str(self.seconds), "--stop-file", str(self.stop_file)],
+             str(self.seconds), "--stop-file", str(self.stop_file),
+             *(["--direct"] if self.direct else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
             start_new_session=True)
         return self
@@ -104,10 +107,10 @@ class ReaderLoad:
                 self.proc.wait()
 
 
-def _read_all(path: str) -> tuple[str, int]:
+def _read_all(path: str, direct: bool = False) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
     try:
         while True:
             piece = os.read(fd, 1 << 20)
@@ -128,6 +131,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=64)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--stop-file")
+    p.add_argument("--direct", action="store_true", help="O_DIRECT reads (no page cache)")
     args = p.parse_args(argv)
     expected: dict[str, str] = json.loads(Path(args.expected).read_text())
     names = sorted(expected)
@@ -144,7 +148,7 @@ def _main(argv: list[str] | None = None) -> int:
         while not stop.is_set() and time.monotonic() < deadline:
             rel = rng.choice(names)
             try:
-                digest, n = _read_all(os.path.join(args.root, rel))
+                digest, n = _read_all(os.path.join(args.root, rel), args.direct)
             except OSError as e:
                 with lock:
                     totals["error_count"] += 1
