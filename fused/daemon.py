@@ -321,7 +321,8 @@ async def serve(cfg: DaemonConfig, ready: Callable[[str | None], None]) -> None:
             nursery.start_soon(_announce, cfg, mountpoint, paths.state, mode, kernel, announced,
                                attached)
             if cfg.prefetch and bootstrap.prefetch:
-                nursery.start_soon(_prefetch, fetcher, vfs, bootstrap.prefetch, stats)
+                nursery.start_soon(takeover.after_init, _prefetch, fetcher, vfs,
+                                   bootstrap.prefetch, stats)  # a standby: once it serves
             serving[0] = True
             try:
                 await pyfuse3.main()

@@ -126,6 +126,7 @@ class SupervisorConfig:
     crash_window: float = DEFAULT_CRASH_WINDOW
     drain_timeout: float = DRAIN_TIMEOUT
     creds: str | None = None
+    standby: bool = True  # keep a started worker ready to take over at once
 
 
 @dataclass(slots=True)
@@ -137,7 +138,9 @@ class Worker:
     ready_fd: int | None  # read end of the worker's readiness pipe
     control_socket: Path
     version: str
-    state: str = "starting"  # starting | serving | draining
+    role: str = "current"  # current | standby | upgrade (replaces the current once it serves)
+    session_w: int | None = None  # standby: where its INIT goes when it is needed
+    state: str = "starting"  # starting | standby | serving | draining
     started: float = field(default_factory=time.monotonic)
     ready_buf: bytes = b""
     killed_at: float | None = None
@@ -265,14 +268,16 @@ class Supervisor:
 
     # -- workers ----------------------------------------------------------
 
-    def _start_worker(self, *, first: bool = False, device: int | None = None) -> Worker:
+    def _start_worker(self, *, first: bool = False, device: int | None = None,
+                      role: str = "current") -> Worker:
         cfg = self.cfg
         if device is None:
             device = self.device
         self.serial += 1
         session_r, session_w = os.pipe2(os.O_CLOEXEC)
-        os.write(session_w, self.init_request)  # < a pipe buffer: never blocks
-        os.close(session_w)
+        if role != "standby":
+            os.write(session_w, self.init_request)  # < a pipe buffer: never blocks
+            os.close(session_w)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         control = self.paths.socket.with_name(
             f"{self.paths.socket.stem}.worker{self.serial}.sock")
@@ -280,7 +285,7 @@ class Supervisor:
                 "--session-fd", str(session_r), "--device-fd", str(device),
                 "--control-socket", str(control), "--blob-dir",
                 str(self.paths.blobs) if self.mode == "kernel" else "",
-                *(["--first"] if first else []),
+                *(["--first"] if first else []), *(["--standby"] if role == "standby" else []),
                 cfg.image, cfg.mountpoint, "--cache-dir", cfg.cache_dir,
                 "--mode", self.mode, "--ready-fd", str(ready_w),
                 "--log-level", cfg.log_level, *cfg.worker_args]
@@ -305,12 +310,39 @@ class Supervisor:
             proc.wait()
             os.close(ready_r)
             raise
-        worker = Worker(self.serial, proc, pidfd, device, ready_r, control, version)
-        self.workers[pidfd] = worker
+        worker = Worker(self.serial, proc, pidfd, device, ready_r, control, version, role,
+                        session_w if role == "standby" else None)
+        with self.lock:
+            self.workers[pidfd] = worker
+        if role == "current":
+            with self.lock:
+                self.current = worker
+        log.info("worker %d started (pid %d, version %s%s)", worker.serial, worker.pid, version,
+                 ", standby" if role == "standby" else "")
+        return worker
+
+    def _standby(self) -> Worker | None:
+        return next((w for w in self.workers.values() if w.role == "standby"), None)
+
+    def _start_standby(self) -> None:
+        cur = self.current
+        if not self.cfg.standby or self.stopping or cur is None or self._standby() is not None:
+            return
+        self._start_worker(device=self._next_device(cur), role="standby")
+
+    def _activate(self, worker: Worker) -> None:
+        """Hand the connection to a standby worker: it gets its INIT now."""
+        assert worker.session_w is not None
+        os.write(worker.session_w, self.init_request)
+        os.close(worker.session_w)
+        worker.session_w = None
+        worker.role = "current"
+        if worker.state == "standby":
+            worker.state = "serving"
         with self.lock:
             self.current = worker
-        log.info("worker %d started (pid %d, version %s)", worker.serial, worker.pid, version)
-        return worker
+        log.info("worker %d (pid %d) takes over %s", worker.serial, worker.pid,
+                 self.cfg.mountpoint)
 
     def _next_device(self, old: Worker) -> int:
         """A device for the next worker: a clone of the connection (shares nothing with
@@ -351,19 +383,39 @@ class Supervisor:
         if not line.startswith("OK"):
             log.warning("worker %d did not get ready: %s", worker.serial, line or "no answer")
             return  # it exits; the exit is handled as a crash
+        if worker.role == "standby":
+            worker.state = "standby"
+            log.info("worker %d (pid %d) stands by", worker.serial, worker.pid)
+            return
         worker.state = "serving"
         log.info("worker %d (pid %d) serves %s", worker.serial, worker.pid,
                  self.cfg.mountpoint)
-        for other in list(self.workers.values()):
-            if other is not worker and other.state == "serving":
-                self._drain(other)
+        if worker.role == "upgrade":
+            worker.role = "current"
+            for other in list(self.workers.values()):
+                if other is not worker and other.role != "standby":
+                    self._drain(other)
+                elif other.role == "standby":  # old code: make way for a new standby
+                    self._retire(other)
+            with self.lock:
+                self.current = worker
         self.state = "serving"
         self._write_state()
         self._report(None)
+        self._start_standby()
         for reply in self.pending_upgrade:
             reply.put({"ok": True, "pid": os.getpid(), "worker_pid": worker.pid,
                        "version": worker.version})
         self.pending_upgrade.clear()
+
+    def _retire(self, worker: Worker) -> None:
+        """Stop a standby that is no longer wanted (it never served: nothing to resend)."""
+        worker.role = "retired"
+        worker.killed_at = time.monotonic()
+        fusedev.close_quietly(worker.session_w)
+        worker.session_w = None
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.send_signal(signal.SIGTERM)
 
     def _drain(self, worker: Worker) -> None:
         log.info("worker %d (pid %d): finishing its requests, then exiting", worker.serial,
@@ -374,11 +426,14 @@ class Supervisor:
             worker.proc.send_signal(signal.SIGTERM)
 
     def _worker_exited(self, worker: Worker) -> None:
-        del self.workers[worker.pidfd]
+        with self.lock:
+            del self.workers[worker.pidfd]
         os.close(worker.pidfd)
         if worker.ready_fd is not None:
             os.close(worker.ready_fd)
             worker.ready_fd = None
+        fusedev.close_quietly(worker.session_w)
+        worker.session_w = None
         code = worker.proc.wait()
         clean = code == 0
         worker.control_socket.unlink(missing_ok=True)  # a killed worker leaves it
@@ -393,6 +448,18 @@ class Supervisor:
             if was_current or not self.workers:
                 self.stopping = True
             return
+        if worker.role in ("standby", "retired", "upgrade"):  # it never served
+            self._release_device(worker, resend=False)
+            if worker.role == "retired":
+                return
+            if worker.role == "upgrade":
+                for reply in self.pending_upgrade:
+                    reply.put({"ok": False, "error": f"the new worker exited ({_describe(code)}) "
+                               "before it served; the old one serves on"})
+                self.pending_upgrade.clear()
+            self._count_crash(code)
+            self._start_standby()
+            return
         if not was_current:
             # An old worker after an upgrade. Even a clean exit can leave requests
             # behind: libfuse drops a request it read just as the session was told to
@@ -400,20 +467,31 @@ class Supervisor:
             self._release_device(worker, resend=True)
             return
         # The current worker died under a live connection: replace it.
+        if not self.announced:
+            raise GiveUp(f"the first worker exited ({_describe(code)}) before it was ready")
+        self._count_crash(code)
+        self.state = "recovering"
+        self.restarts += 1
+        standby = self._standby()
+        if standby is not None:
+            self._activate(standby)
+        else:
+            self._start_worker(device=self._next_device(worker))
+        self._release_device(worker, resend=True)
+        if self.current is not None and self.current.state == "serving":
+            self.state = "serving"
+            self._start_standby()
+        self._write_state()
+
+    def _count_crash(self, code: int) -> None:
         now = time.monotonic()
         self.crashes.append(now)
         while self.crashes and self.crashes[0] < now - self.cfg.crash_window:
             self.crashes.popleft()
-        if not self.announced:
-            raise GiveUp(f"the first worker exited ({_describe(code)}) before it was ready")
         if len(self.crashes) >= self.cfg.max_crashes:
             raise GiveUp(f"{len(self.crashes)} worker crashes within "
-                         f"{self.cfg.crash_window:g}s: giving up the mount")
-        self.state = "recovering"
-        self.restarts += 1
-        self._start_worker(device=self._next_device(worker))
-        self._release_device(worker, resend=True)
-        self._write_state()
+                         f"{self.cfg.crash_window:g}s (the last: {_describe(code)}): "
+                         "giving up the mount")
 
     # -- the loop -----------------------------------------------------------
 
@@ -533,8 +611,10 @@ class Supervisor:
                 w.proc.kill()
             w.proc.wait()
             fusedev.close_quietly(w.device)
+            fusedev.close_quietly(w.session_w)
             os.close(w.pidfd)
-        self.workers.clear()
+        with self.lock:
+            self.workers.clear()
         if abort:
             fusedev.close_quietly(self.device)
             self.device = -1
@@ -571,10 +651,13 @@ class Supervisor:
         """What the supervisor adds to stats and the state file."""
         with self.lock:
             cur = self.current
+            standby = self._standby()
         return {"supervised": True, "state": self.state, "supervisor_pid": os.getpid(),
                 "worker_pid": cur.pid if cur else None,
                 "version": cur.version if cur else None, "restarts": self.restarts,
-                "resend": self.resend_ok}
+                "resend": self.resend_ok,
+                "standby_pid": standby.pid if standby is not None and
+                standby.state == "standby" else None}
 
     # -- control ------------------------------------------------------------
 
@@ -616,8 +699,11 @@ class Supervisor:
             reply.put({"ok": False, "error": f"cannot upgrade while {self.state}"})
             return
         log.info("upgrade requested: starting a new worker beside worker %d", cur.serial)
+        if any(w.role == "upgrade" for w in self.workers.values()):
+            reply.put({"ok": False, "error": "an upgrade is already under way"})
+            return
         self.pending_upgrade.append(reply)
-        self._start_worker(device=self._next_device(cur))
+        self._start_worker(device=self._next_device(cur), role="upgrade")
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -737,6 +823,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-crashes", type=int, default=DEFAULT_MAX_CRASHES)
     parser.add_argument("--crash-window", type=float, default=DEFAULT_CRASH_WINDOW)
     parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT)
+    parser.add_argument("--no-standby", action="store_true",
+                        help="no worker standing by: a failover starts a fresh one (slower, "
+                        "half the memory)")
     args, worker_args = parser.parse_known_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -747,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
                            mode=args.mode, worker_args=worker_args, log_level=args.log_level,
                            resend=not args.no_resend, max_crashes=max(1, args.max_crashes),
                            crash_window=args.crash_window, drain_timeout=args.drain_timeout,
-                           creds=os.environ.pop(CREDS_ENV, None))
+                           creds=os.environ.pop(CREDS_ENV, None), standby=not args.no_standby)
     if args.ready_fd is not None:
         os.set_inheritable(args.ready_fd, False)
     return Supervisor(cfg, _pipe_reporter(args.ready_fd)).run()

@@ -25,12 +25,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from .control import ControlPaths
 
-__all__ = ["Attachment", "Handover", "arm", "at_init", "attach", "attachment"]
+__all__ = ["Attachment", "Handover", "after_init", "arm", "at_init", "attach", "attachment",
+           "worker_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +47,17 @@ class Attachment:
     first: bool  # the first worker of a mount (kernel mode: it mounts EROFS)
     control_socket: str  # this worker's own control socket (the supervisor forwards to it)
     blob_dir: str = ""  # kernel mode: where the supervisor mounted the blob filesystem
+    standby: bool = False  # waits for its INIT, set up; prefetch starts once it serves
 
 
 class Handover:
     def __init__(self, session_fd: int, device_fd: int) -> None:
+        import trio
+
         self.session_fd = session_fd
         self.device_fd = device_fd
         self.done = False
+        self.serving = trio.Event()
 
     @property
     def mountpoint(self) -> str:
@@ -65,6 +72,7 @@ class Handover:
         os.dup2(self.device_fd, self.session_fd, inheritable=False)
         os.close(self.device_fd)
         self.done = True
+        self.serving.set()
         log.debug("serving the FUSE device on fd %d", self.session_fd)
 
 
@@ -93,10 +101,23 @@ def worker_paths(mountpoint: str, attachment: Attachment) -> ControlPaths:
 
 
 def arm(attachment: Attachment) -> Handover:
-    """Take over at the next FUSE_INIT of this process (there is one pyfuse3 session)."""
-    global _armed
-    _armed = Handover(attachment.session_fd, attachment.device_fd)
+    """Take over at the next FUSE_INIT of this process (there is one pyfuse3 session).
+    Call inside trio."""
+    global _armed, _handover
+    _armed = _handover = Handover(attachment.session_fd, attachment.device_fd)
     return _armed
+
+
+_handover: Handover | None = None
+
+
+async def after_init(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """``await fn(*args)`` once this worker serves (at once if it is not supervised): a
+    standby worker, set up long before the supervisor hands it the connection, must
+    not fetch the prefetch list beside the worker that serves."""
+    if _handover is not None:
+        await _handover.serving.wait()
+    await fn(*args)
 
 
 def at_init() -> None:

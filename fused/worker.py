@@ -8,6 +8,7 @@ descriptors the supervisor passes (``fused.takeover.Attachment``)::
     --first             the mount's first worker (kernel mode: it mounts EROFS)
     --control-socket P  this worker's private control socket
     --blob-dir D        kernel mode: where the blob filesystem is mounted
+    --standby           the INIT comes later, when the supervisor needs this worker
 
 Stopping: SIGTERM ends the main loop after the requests in progress are
 answered, and the worker exits without unmounting anything (the mounts are the
@@ -33,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", action="store_true")
     parser.add_argument("--control-socket", required=True)
     parser.add_argument("--blob-dir", default="")
+    parser.add_argument("--standby", action="store_true")
     args, rest = parser.parse_known_args(argv)
     with contextlib.suppress(OSError):  # the supervisor lowered its own; a worker goes first
         Path("/proc/self/oom_score_adj").write_text("0\n")
     takeover.attach(takeover.Attachment(args.session_fd, args.device_fd, args.first,
-                                        args.control_socket, args.blob_dir))
+                                        args.control_socket, args.blob_dir, args.standby))
     from .daemon import main as daemon_main
 
     return daemon_main(rest)
