@@ -32,6 +32,7 @@ from rafs.credentials import parse_creds
 from rafs.oci import parse_image_ref
 
 
+from . import node
 from .control import ensure_run_dir, paths_for, request
 from .errors import ControlError, MountError, NotMountedError
 from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES, BackendOptions
@@ -110,6 +111,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--all", action="store_true", help="every supervised mount of this run "
                    "directory")
     p.set_defaults(func=_cmd_upgrade)
+
+    p = subparsers.add_parser(
+        "daemon", help="the node service: start every mount from a process that has "
+        "imported everything once",
+        description="Serve mount requests on <run dir>/node.sock until SIGTERM. `rafs mount` "
+        "and the snapshotter use it when it runs (a mount then starts without a new "
+        "interpreter) and work without it. Its mounts outlive it.",
+    )
+    p.add_argument("--socket", type=Path, metavar="PATH", help="default: <run dir>/node.sock")
+    p.set_defaults(func=_cmd_daemon)
 
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -258,17 +269,26 @@ def mount_background(
     if options.creds is not None:  # the environment, unlike argv, is private to root
         env[CREDS_ENV] = ":".join(options.creds)
     read_fd, write_fd = os.pipe()
+    module = "fused.supervisor" if options.supervise else "fused.daemon"
+    extra = list(options.supervisor_args) if options.supervise else []
+    argv = [image, mp, "--cache-dir", cache_dir, "--log-level", _log_level(), *extra,
+            *options.daemon_args()]
+    proc: subprocess.Popen[bytes] | _NodeChild
     try:
         with open(paths.log, "ab") as logf:
-            module = "fused.supervisor" if options.supervise else "fused.daemon"
-            extra = list(options.supervisor_args) if options.supervise else []
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module, image, mp, "--cache-dir", cache_dir,
-                 "--ready-fd", str(write_fd), "--log-level", _log_level(), *extra,
-                 *options.daemon_args()],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
-                start_new_session=True, cwd="/", env=env,
-            )
+            # A running node service (`rafs daemon`) forks the daemon with everything
+            # imported; without one, start a fresh interpreter.
+            node_env = {k: env[k] for k in (CREDS_ENV, "RAFS_RUN_DIR", "REGISTRY_AUTH_FILE",
+                                             "DOCKER_CONFIG", "HOME") if k in env}
+            child = node.request_mount(module, argv, node_env, write_fd, logf.fileno())
+            if child is not None:
+                proc = _NodeChild(child)
+            else:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", module, *argv, "--ready-fd", str(write_fd)],
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
+                    start_new_session=True, cwd="/", env=env,
+                )
     except OSError as e:
         os.close(read_fd)
         raise MountError(f"cannot start the daemon: {e.strerror}") from None
@@ -295,6 +315,23 @@ def mount_background(
     raise MountError(f"mounting {image} on {mp} failed: {message} (log: {paths.log})")
 
 
+class _NodeChild:
+    """A daemon the node service forked: not our child, so waited for by its pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not _is_zombie(self.pid):
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("node child", timeout or 0)
+            time.sleep(0.02)
+        self.returncode = 0
+        return 0
+
+
 def _read_ready(fd: int, timeout: float) -> str:
     """The daemon's readiness line, "" on EOF, or "TIMEOUT"."""
     deadline = time.monotonic() + timeout
@@ -313,7 +350,7 @@ def _read_ready(fd: int, timeout: float) -> str:
     return buf.decode("utf-8", "replace").strip()
 
 
-def _wait_or_kill(proc: subprocess.Popen[bytes], grace: float) -> None:
+def _wait_or_kill(proc: subprocess.Popen[bytes] | _NodeChild, grace: float) -> None:
     try:
         proc.wait(timeout=grace)
         return
@@ -526,3 +563,7 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
             continue
         print(f"{canonical(mp)}: worker {reply.get('worker_pid')} version {reply.get('version')}")
     return 1 if failed else 0
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    return node.serve(args.socket or node.node_socket())

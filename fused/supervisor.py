@@ -132,7 +132,7 @@ class SupervisorConfig:
 @dataclass(slots=True)
 class Worker:
     serial: int
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | _Forked
     pidfd: int
     device: int  # the supervisor's reference to this worker's device
     ready_fd: int | None  # read end of the worker's readiness pipe
@@ -170,6 +170,7 @@ class Supervisor:
         self.state = "starting"
         self.stopping = False
         self.announced = False
+        self.upgraded = False
         self.resend_ok = cfg.resend and fusedev.kernel_has_resend()
         self.commands: queue.Queue[tuple[str, dict[str, Any], queue.Queue[dict[str, Any]]]] = (
             queue.Queue())
@@ -294,12 +295,19 @@ class Supervisor:
             filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
         if cfg.creds is not None:
             env[CREDS_ENV] = cfg.creds
-        version = code_version()
+        from . import node  # light; set when this process was forked by the node service
+
+        forking = node.preloaded_version is not None and role != "upgrade" and not self.upgraded
+        version = node.preloaded_version if forking else code_version()
         try:
-            # Its own process group: a signal to the supervisor's group does not reach it.
-            proc = subprocess.Popen(args, pass_fds=(session_r, device, ready_w),
-                                    stdin=subprocess.DEVNULL, cwd="/", env=env,
-                                    process_group=0)
+            if forking:  # everything is imported already: no interpreter to start
+                proc: subprocess.Popen[bytes] | _Forked = _fork_worker(
+                    args[3:], (session_r, device, ready_w), cfg.creds)
+            else:
+                # Its own process group: a signal to the supervisor's group does not reach it.
+                proc = subprocess.Popen(args, pass_fds=(session_r, device, ready_w),
+                                        stdin=subprocess.DEVNULL, cwd="/", env=env,
+                                        process_group=0)
         finally:
             os.close(session_r)
             os.close(ready_w)
@@ -310,7 +318,7 @@ class Supervisor:
             proc.wait()
             os.close(ready_r)
             raise
-        worker = Worker(self.serial, proc, pidfd, device, ready_r, control, version, role,
+        worker = Worker(self.serial, proc, pidfd, device, ready_r, control, str(version), role,
                         session_w if role == "standby" else None)
         with self.lock:
             self.workers[pidfd] = worker
@@ -392,6 +400,7 @@ class Supervisor:
                  self.cfg.mountpoint)
         if worker.role == "upgrade":
             worker.role = "current"
+            self.upgraded = True  # later workers start from the new code too, not forked
             for other in list(self.workers.values()):
                 if other is not worker and other.role != "standby":
                     self._drain(other)
@@ -764,6 +773,67 @@ class Supervisor:
             reply["pid"] = os.getpid()
             reply["supervisor"] = self.view()
         return reply
+
+
+class _Forked:
+    """A worker forked from this process (see ``fused.node``), as much of Popen as we use."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _fork_worker(argv: list[str], keep: tuple[int, ...], creds: str | None) -> _Forked:
+    """Fork and run ``fused.worker`` in the child with only ``keep`` (and 0-2) open.
+
+    The supervisor has threads (the control socket); the child uses none of their
+    state, and logging re-creates its locks at fork. The child never returns.
+    """
+    from .worker import main as worker_main  # imported already (fused.node preloads it)
+
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        os.setpgid(0, 0)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        for fd in keep:
+            os.set_inheritable(fd, False)
+        if creds is not None:
+            os.environ[CREDS_ENV] = creds
+        os.chdir("/")
+        code = worker_main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 2
+    except BaseException:
+        with contextlib.suppress(Exception):
+            log.exception("forked worker failed")
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
 
 def _describe(code: int) -> str:
