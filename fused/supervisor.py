@@ -456,6 +456,7 @@ class Supervisor:
             self._release_device(worker, resend=False)
             if was_current or not self.workers:
                 self.stopping = True
+                self._retire_standbys()
             return
         if worker.role in ("standby", "retired", "upgrade"):  # it never served
             self._release_device(worker, resend=False)
@@ -533,7 +534,11 @@ class Supervisor:
                         os.read(self._cmd_r, 256)
                 elif fd == self.device:
                     if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                        log.info("the FUSE connection of %s has ended", self.cfg.mountpoint)
+                        still = find_mount(self.fuse_dir)
+                        log.info("the FUSE connection of %s has ended (poll 0x%x; %s)",
+                                 self.cfg.mountpoint, ev, "still mounted" if still is not None
+                                 and still.fstype.startswith("fuse") else
+                                 f"{self.fuse_dir} was unmounted")
                         self._stop_workers()
                 elif fd in self.workers:
                     self._worker_exited(self.workers[fd])
@@ -597,6 +602,12 @@ class Supervisor:
                 w.proc.send_signal(signal.SIGTERM)
             if w.killed_at is None:
                 w.killed_at = time.monotonic()
+
+    def _retire_standbys(self) -> None:
+        """A standby never sees the connection end (it reads only its pipe): stop it."""
+        for w in list(self.workers.values()):
+            if w.role in ("standby", "upgrade"):
+                self._retire(w)
 
     def _unmount(self, *, lazy: bool) -> None:
         """Unmount what is ours; MountError (busy) leaves it mounted."""
@@ -699,8 +710,10 @@ class Supervisor:
         # The connection ends with the unmount and the worker with it; the drain bound
         # covers one that does not notice.
         self.stopping = True
+        self._retire_standbys()
         for w in self.workers.values():
-            w.killed_at = time.monotonic()
+            if w.killed_at is None:
+                w.killed_at = time.monotonic()
 
     def _cmd_upgrade(self, reply: queue.Queue[dict[str, Any]]) -> None:
         cur = self.current
