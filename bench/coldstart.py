@@ -17,6 +17,8 @@ directories, an empty rafs root and chunk cache, page cache dropped):
    start`` with the overlayfs snapshotter (download and unpack everything first);
 2. ``rafs-containerd``: ``ctr-remote image rpull --snapshotter rafs`` + the same
    create/start with ``--snapshotter rafs`` (chunks fetched as they are read);
+   ``rafs-containerd-node``: the same with the node service (``rafs daemon``,
+   started and warm before the sample's clock starts) forking each mount's daemon;
 3. ``rafs-lazy``: ``rafs run`` of the RAFS image;
 4. ``rafs-optimized``: ``rafs run`` of the optimized image (prefetch of the traced
    files);
@@ -68,7 +70,8 @@ from rafs.errors import RafsError
 
 __all__ = ["SCENARIOS", "BenchConfig", "main", "run_bench"]
 
-SCENARIOS = ("oci-containerd", "rafs-containerd", "rafs-lazy", "rafs-optimized", "oci-rafs-run")
+SCENARIOS = ("oci-containerd", "rafs-containerd", "rafs-containerd-node", "rafs-lazy",
+             "rafs-optimized", "oci-rafs-run")
 PROFILES = ("wan", "lan", "local")
 FULL_IMAGES = ("minbase", "numpy", "nodejs", "large")
 QUICK_IMAGE = "numpy"
@@ -88,6 +91,7 @@ class BenchConfig:
     mode: str = "auto"
     out: Path = Path("results")
     work: Path | None = None
+    failover_kills: int = 5
 
 
 @dataclass
@@ -290,17 +294,43 @@ def _rafs_run_sample(image: Prepared, ref: str, base: Path, mode: str, link: Any
         return out
 
 
+@contextlib.contextmanager
+def node_service(run_dir: Path, log: Path) -> Iterator[int | None]:
+    """``rafs daemon`` on ``run_dir`` until the block ends (its mounts stay)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(_rafs_argv("daemon"), env=_env(RAFS_RUN_DIR=str(run_dir)),
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "node.sock").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"rafs daemon did not start: {log.read_text()[-1500:]}")
+            time.sleep(0.05)
+        yield proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _containerd_sample(image: Prepared, ref: str, base: Path, rafs: bool, mode: str,
-                       link: Any) -> dict[str, Any]:
+                       link: Any, node: bool = False) -> dict[str, Any]:
     sock = base / "snapshotter.sock"
     base.mkdir(parents=True, exist_ok=True)
     env = _env(RAFS_RUN_DIR=str(base / "run"))
     old_run_dir = os.environ.get("RAFS_RUN_DIR")
     os.environ["RAFS_RUN_DIR"] = env["RAFS_RUN_DIR"]  # the snapshotter's daemons
     name = ref.removeprefix("docker://")
+    service = (node_service(base / "run", base / "node.log") if node
+               else contextlib.nullcontext(None))
     try:
-        with snapshotter_process(sock, base / "snroot", base / "snapshotter.log",
-                                 extra=("--mode", mode)), \
+        with service, snapshotter_process(sock, base / "snroot", base / "snapshotter.log",
+                                          extra=("--mode", mode)), \
                 containerd_daemon(base / "containerd", sock, namespace="bench") as cd:
             drop_caches()
             link.reset_counters()
@@ -348,13 +378,14 @@ def _ctr(cd: Containerd, what: str, *args: str) -> None:
 
 def sample(scenario: str, image: Prepared, host: str, base: Path, mode: str,
            link: Any) -> dict[str, Any]:
-    form = {"oci-containerd": "oci", "rafs-containerd": "rafs", "rafs-lazy": "rafs",
-            "rafs-optimized": "optimized", "oci-rafs-run": "oci"}[scenario]
+    form = {"oci-containerd": "oci", "rafs-containerd": "rafs", "rafs-containerd-node": "rafs",
+            "rafs-lazy": "rafs", "rafs-optimized": "optimized", "oci-rafs-run": "oci"}[scenario]
     ref = f"docker://{host}/{image.repos[form]}"
     if scenario == "oci-containerd":
         r = _containerd_sample(image, ref, base, rafs=False, mode=mode, link=link)
-    elif scenario == "rafs-containerd":
-        r = _containerd_sample(image, ref, base, rafs=True, mode=mode, link=link)
+    elif scenario in ("rafs-containerd", "rafs-containerd-node"):
+        r = _containerd_sample(image, ref, base, rafs=True, mode=mode, link=link,
+                               node=scenario == "rafs-containerd-node")
     else:
         r = _rafs_run_sample(image, ref, base, mode, link, lazy=form != "oci")
     r["image_pct"] = 100 * r["link_bytes"] / image.bytes[form]
@@ -363,6 +394,28 @@ def sample(scenario: str, image: Prepared, host: str, base: Path, mode: str,
 
 # ---------------------------------------------------------------------------------------
 # The whole run
+
+
+def _failover(image: Prepared, host: str, work: Path, cfg: BenchConfig) -> dict[str, Any]:
+    """The failover gap per mode (``bench.failover``) on a supervised mount of the
+    image's RAFS form straight from the registry, its chunk cache warm."""
+    from bench.failover import gaps
+
+    out: dict[str, Any] = {}
+    modes = ("fuse", "kernel") if cfg.mode == "auto" else (cfg.mode,)
+    for mode in modes:
+        with _rafs_home(work / f"failover-{mode}") as env:
+            old = os.environ.get("RAFS_RUN_DIR")
+            os.environ["RAFS_RUN_DIR"] = env["RAFS_RUN_DIR"]
+            try:
+                out[mode] = gaps(f"docker://{host}/{image.repos['rafs']}",
+                                 work / f"failover-{mode}", mode, cfg.failover_kills)
+            finally:
+                if old is None:
+                    os.environ.pop("RAFS_RUN_DIR", None)
+                else:
+                    os.environ["RAFS_RUN_DIR"] = old
+    return {"image": image.name, "modes": out}
 
 
 def _progress(message: str) -> None:
@@ -456,6 +509,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = _progress) -> 
                                       for s, rs in runs.items()},
                         "ideal": _ideal(image, runs["rafs-lazy"], profile),
                     }
+            if cfg.failover_kills > 0 and prepared:
+                result["failover"] = _failover(prepared[0], registry.host, work, cfg)
     finally:
         _unmount_all(work, _env(RAFS_RUN_DIR=str(work)))
         shutil.rmtree(work, ignore_errors=True)
@@ -498,6 +553,16 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {name} | {profile} | ideal | | | {ideal['warm_s']:.2f} | "
                 f"{ideal['total_s']:.2f} (optimized = {opt / ideal['total_s']:.2f}× ideal) | "
                 f"{ideal['wire_bytes'] / MB:.1f} | | {anchor / ideal['total_s']:.1f}× | |")
+    if result.get("failover"):
+        fo = result["failover"]
+        lines += ["", f"Failover gap ({fo['image']}, supervised mount, standby worker; time "
+                  "from SIGKILL of the worker to the first read answered after it):", "",
+                  "| Mode | Kills | Gap median s | Gap max s | New worker serving s | "
+                  "Read errors |", "|---|---:|---:|---:|---:|---:|"]
+        for mode, g in fo["modes"].items():
+            lines.append(f"| {mode} | {g['kills']} | {g['gap_median_s']:.3f} | "
+                         f"{g['gap_max_s']:.3f} | {g['new_worker_median_s']:.3f} | "
+                         f"{g['read_errors']} of {g['reads']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -565,6 +630,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fused mode for rafs run and the snapshotter (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("results"),
                    help="where coldstart.json/.md/.png go (default %(default)s)")
+    p.add_argument("--failover-kills", type=int, default=None, metavar="N",
+                   help="SIGKILLs of a supervised mount's worker for the failover gap, per "
+                   "mode (default 5; --quick 2; 0: skip)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -575,8 +643,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     samples = args.samples if args.samples is not None else (1 if args.quick else 3)
     if samples < 1:
         raise BenchError("--samples must be at least 1")
+    kills = args.failover_kills if args.failover_kills is not None else (2 if args.quick else 5)
     return BenchConfig(images=images, profiles=profiles, samples=samples, mode=args.mode,
-                       out=args.out)
+                       out=args.out, failover_kills=max(0, kills))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

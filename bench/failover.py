@@ -104,7 +104,8 @@ def _wait_new_worker(mnt: Path, old: int, timeout: float = 120) -> int:
     raise RuntimeError(f"no new worker on {mnt} after {timeout}s")
 
 
-def _gaps(image: str, work: Path, mode: str, kills: int) -> dict[str, Any]:
+def gaps(image: str, work: Path, mode: str, kills: int) -> dict[str, Any]:
+    """Kill the worker of a supervised mount of ``image`` ``kills`` times under 8 readers."""
     mnt = work / f"mnt-{mode}-gap"
     with mounted(image, mnt, work / "cache", "--mode", mode, "--no-prefetch", "--supervise",
                  "--max-crashes", str(kills + 10)):
@@ -174,7 +175,7 @@ def run(work: Path, repeat: int, kills: int) -> dict[str, Any]:
         for kind, samples in runs.items():
             row[kind] = {key: statistics.median(s[key] for s in samples)
                          for key in ("walk_s", "read_s", "read_mb", "entries")}
-        row["failover"] = _gaps(image, work, mode, kills)
+        row["failover"] = gaps(image, work, mode, kills)
         result["modes"][mode] = row
     return result
 
