@@ -8,7 +8,9 @@ release each chunk of a long range as soon as it has arrived). Backends
 never verify chunks: the fetcher does, against the sha256 in the bootstrap.
 
 A backend also knows where its image lives: ``resolve()`` returns the image's
-manifest (the root of the trust chain).
+manifest (the root of the trust chain, ``rafs.trust``), and ``read_blob`` a
+whole small blob (the bootstrap layer), retried where the backend can fail
+transiently; ``name`` is the image as messages name it.
 
 ``BACKENDS`` maps an image-reference transport (``oci``, ``docker``) to the
 backend class that serves it; ``open_backend(ref, options)`` is the only
@@ -22,6 +24,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
@@ -29,7 +32,7 @@ from typing import ClassVar, Self
 import trio
 
 from rafs.errors import BackendError, ImageError, TransientError
-from rafs.oci import ImageRef, Manifest, OCILayout, is_rafs
+from rafs.oci import ImageRef, Manifest, OCILayout
 
 from .options import BackendOptions
 from .stats import Stats
@@ -44,6 +47,7 @@ class Backend(ABC):
     """Reads byte ranges of blobs addressed by their OCI digest."""
 
     scheme: ClassVar[str]
+    name: str = "the image"  # the image, as messages name it
     stats: Stats | None = None  # set by the daemon: backends count protocol oddities here
 
     @classmethod
@@ -51,8 +55,13 @@ class Backend(ABC):
         raise NotImplementedError
 
     async def resolve(self) -> Manifest:
-        """The manifest of the RAFS image this backend serves (ImageError if it is not one)."""
+        """The manifest of the image this backend serves (``rafs.trust`` checks that it
+        is a RAFS image)."""
         raise ImageError(f"{self.scheme} backends cannot resolve an image")
+
+    async def read_blob(self, blob_digest: str, size: int) -> bytes:
+        """A whole blob of ``size`` bytes (the bootstrap layer); the caller verifies it."""
+        return await self.read(blob_digest, 0, size)
 
     @abstractmethod
     async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
@@ -91,6 +100,7 @@ class LocalBackend(Backend):
     def __init__(self, layout_path: str | os.PathLike[str], tag: str | None = None) -> None:
         self.layout = OCILayout(Path(layout_path))  # ImageError if it is not a layout
         self.tag = tag
+        self.name = f"oci:{self.layout.path}" + (f":{tag}" if tag else "")
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()  # _fds is touched from worker threads
 
@@ -99,11 +109,7 @@ class LocalBackend(Backend):
         return cls(ref.path, ref.tag)
 
     async def resolve(self) -> Manifest:
-        manifest = await trio.to_thread.run_sync(self.layout.resolve, self.tag)
-        if not is_rafs(manifest):
-            raise ImageError(f"oci:{self.layout.path}:{self.tag or ''} is not a RAFS image "
-                             "(convert it with `rafs convert`)")
-        return manifest
+        return await trio.to_thread.run_sync(self.layout.resolve, self.tag)
 
     def blob_path(self, blob_digest: str) -> Path:
         return self.layout.blob_path(blob_digest)
@@ -146,8 +152,10 @@ class RegistryBackend(Backend):
     """Blobs of an image in an OCI registry, read with HTTP Range requests on a
     keep-alive connection pool (``rafs.registry.AsyncRegistryClient``).
 
-    One attempt per call: the fetcher owns retries, and learns from the
-    ``TransientError`` raised here whether (and after how long) to retry.
+    ``read`` and ``stream`` are one attempt per call: the fetcher owns their
+    retries, and learns from the ``TransientError`` raised here whether (and
+    after how long) to retry. ``resolve`` and ``read_blob`` are retried by the
+    client, under its ``rafs.retry.RetryPolicy``.
     """
 
     scheme = "docker"
@@ -156,6 +164,7 @@ class RegistryBackend(Backend):
         from rafs.registry import AsyncRegistryClient
 
         self.ref = ref
+        self.name = str(ref)
         self.client = AsyncRegistryClient.for_ref(
             ref, insecure=options.insecure, creds=options.creds, timeout=options.timeout,
             max_connections=options.max_connections)
@@ -165,10 +174,10 @@ class RegistryBackend(Backend):
         return cls(ref, options)
 
     async def resolve(self) -> Manifest:
-        manifest = await self.client.resolve(self.ref)
-        if not is_rafs(manifest):
-            raise ImageError(f"{self.ref} is not a RAFS image (convert it with `rafs convert`)")
-        return manifest
+        return await self.client.resolve(self.ref)
+
+    async def read_blob(self, blob_digest: str, size: int) -> bytes:
+        return await self.client.get_blob(self.ref.repository, blob_digest, size)
 
     async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
         pieces = [piece async for piece in self.stream(blob_digest, offset, length)]
@@ -181,9 +190,10 @@ class RegistryBackend(Backend):
     async def stream(self, blob_digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
         ignored = self.client.counters.range_ignored
         try:
-            async for piece in self.client.stream_range(self.ref.repository, blob_digest,
-                                                        offset, length):
-                yield piece
+            async with aclosing(self.client.stream_range(self.ref.repository, blob_digest,
+                                                         offset, length)) as pieces:
+                async for piece in pieces:
+                    yield piece
         finally:
             if self.stats is not None:
                 self.stats.range_ignored += self.client.counters.range_ignored - ignored

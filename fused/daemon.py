@@ -29,7 +29,7 @@ Run as ``python -m fused.daemon IMAGE MOUNTPOINT --cache-dir DIR``.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import functools
 import json
 import logging
 import os
@@ -46,15 +46,10 @@ from typing import Any
 import pyfuse3
 import trio
 
-from rafs import codec
 from rafs.bootstrap import Bootstrap
-from rafs.errors import DigestError, ImageError, RafsError, TransientError
-from rafs.oci import (
-    ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
-    bootstrap_descriptor,
-    parse_image_ref,
-    sha256_digest,
-)
+from rafs.errors import RafsError
+from rafs.oci import parse_image_ref
+from rafs.trust import bootstrap_layer, raw_bootstrap_digest, verify_bootstrap
 
 from . import takeover
 from .backend import Backend, BackendOptions, open_backend
@@ -102,43 +97,21 @@ class DaemonConfig:
 
 async def load_bootstrap(backend: Backend, cache_dir: str) -> Path:
     """Path of the verified raw bootstrap of the backend's image, fetched into the cache
-    if needed: manifest digest → bootstrap layer digest → uncompressed digest."""
+    if needed (the chain of digests is ``rafs.trust``'s; the backend retries)."""
     manifest = await backend.resolve()
-    desc = bootstrap_descriptor(manifest)
-    expected = desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST)
+    desc = bootstrap_layer(manifest, backend.name)
+    expected = raw_bootstrap_digest(desc)
     if expected is not None:
         path = await trio.to_thread.run_sync(cached_bootstrap, cache_dir, expected)
         if path is not None:
             log.info("using cached bootstrap %s", path)
             return path
-    if desc.size > codec.MAX_BOOTSTRAP:
-        raise ImageError(f"bootstrap layer of {desc.size} bytes is too large")
-    payload = await _read_retrying(backend, desc.digest, desc.size)
-
-    def verify() -> tuple[str, bytes]:
-        if sha256_digest(payload) != desc.digest:
-            raise DigestError(f"bootstrap layer {desc.digest} does not match its digest")
-        raw = codec.decode_bootstrap(payload, expected)
-        return "sha256:" + hashlib.sha256(raw).hexdigest(), raw
-
-    digest, raw = await trio.to_thread.run_sync(verify)
-    path = await trio.to_thread.run_sync(store_bootstrap, cache_dir, digest, raw)
-    log.info("bootstrap %s stored at %s", digest, path)
+    payload = await backend.read_blob(desc.digest, desc.size)
+    boot = await trio.to_thread.run_sync(
+        functools.partial(verify_bootstrap, manifest, payload, name=backend.name))
+    path = await trio.to_thread.run_sync(store_bootstrap, cache_dir, boot.digest, boot.raw)
+    log.info("bootstrap %s stored at %s", boot.digest, path)
     return path
-
-
-async def _read_retrying(backend: Backend, digest: str, size: int, attempts: int = 5) -> bytes:
-    """A whole blob (the bootstrap), retrying transient failures with backoff."""
-    for attempt in range(attempts):
-        try:
-            return await backend.read(digest, 0, size)
-        except TransientError as e:
-            if attempt == attempts - 1:
-                raise
-            delay = max(min(8.0, 0.25 * 2 ** attempt), min(e.retry_after or 0.0, 30.0))
-            log.info("%s; retrying in %.1fs", e, delay)
-            await trio.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 # -- serving ------------------------------------------------------------------

@@ -20,8 +20,9 @@ bytes, across holes of up to ``PREFETCH_GAP`` bytes) so readers always come firs
 Fetches run in the fetcher's own nursery (``async with fetcher.running()``),
 never in a reader's task, so a reader that goes away does not abort a fetch
 others wait for. Backend reads are bounded by a ``trio.CapacityLimiter``;
-transient backend errors are retried with exponential backoff and jitter
-(a ``retry_after`` the server sent is honoured, capped by ``max_backoff``).
+transient backend errors are retried under ``rafs.retry.RetryPolicy``
+(exponential backoff with jitter; a ``retry_after`` the server sent is
+honoured up to the policy's cap).
 Each chunk is decompressed and sha256-verified in a worker thread
 (``rafs.codec.decode_chunk``); a mismatch is fetched once more on its own,
 and if it fails again the readers get ``ChunkError`` (EIO), the failure is
@@ -31,10 +32,10 @@ reach the cache or a reader.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
-import random
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ import trio
 from rafs.codec import decode_chunk
 from rafs.errors import BackendError, DigestError, RafsError, TransientError
 from rafs.model import Blob, Chunk
+from rafs.retry import Backoff, RetryPolicy
 
 from .backend import Backend
 from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
@@ -52,6 +54,8 @@ from .errors import ChunkError
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
+# Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
+READER_RETRY = RetryPolicy(retry_after_cap=10.0)
 
 __all__ = ["DEFAULT_AMPLIFY", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_RETRIES", "Fetcher", "error_class"]
 
@@ -81,8 +85,7 @@ class Fetcher:
         amplify: bool = True,
         prefetch_merge: int = 16 << 20,
         retries: int = DEFAULT_RETRIES,
-        backoff: float = 0.2,
-        max_backoff: float = 10.0,
+        retry: RetryPolicy | None = None,
         timeout: float = DEFAULT_FETCH_TIMEOUT,
     ) -> None:
         self.cache = cache
@@ -92,9 +95,8 @@ class Fetcher:
         self.amplify_bytes = amplify_bytes
         self.amplify = amplify  # False: fetch only what readers asked for
         self.prefetch_merge = prefetch_merge
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        # ``retries`` says how many; ``retry`` the shape of the backoff between them
+        self.retry = dataclasses.replace(retry or READER_RETRY, retries=retries)
         self.timeout = timeout
         self._next: dict[int, dict[int, int]] = {}  # blob -> chunk -> the chunk stored after it
         self._limiter = trio.CapacityLimiter(max_requests)
@@ -291,20 +293,20 @@ class Fetcher:
         blob = self.blobs[run[0][1].blob_index]
         claimed = [(i, self._inflight.get(i)) for i, _ in run]
         todo = list(run)
-        attempt = 0
+        backoff = self.retry.start(log)
         try:
             async with trio.open_nursery() as verifiers:
                 while todo:
-                    attempt += 1
                     try:
                         await self._stream_run(blob, todo, kind, verifiers)
                     except (TransientError, trio.TooSlowError) as e:
                         self.stats.failed(error_class(e))
-                        if attempt > self.retries:
-                            self._fail(todo, f"blob {blob.digest}: giving up after {attempt} "
-                                       f"attempts: {e or 'timed out'}")
+                        if not await self._backoff(backoff, e, f"blob {blob.digest}: "
+                                                   f"{len(todo)} chunks from "
+                                                   f"{todo[0][1].compressed_offset}"):
+                            self._fail(todo, f"blob {blob.digest}: giving up after "
+                                       f"{backoff.attempts} attempts: {e or 'timed out'}")
                             return
-                        await self._backoff(blob, todo, attempt, e)
                     except RafsError as e:
                         self.stats.failed(error_class(e))
                         self._fail(todo, str(e))
@@ -356,25 +358,21 @@ class Fetcher:
                                f"of {end - start}")
         if todo:
             raise TransientError(f"blob {blob.digest}: response ended after {received} of "
-                                 f"{end - start} bytes")
+                                 f"{end - start} bytes", error_class="truncated")
 
     def _fail(self, todo: list[tuple[int, Chunk]], message: str) -> None:
         log.error("%s", message)
         for index, _ in todo:
             self._finish(index, f"chunk {index}: {message}")
 
-    async def _backoff(self, blob: Blob, todo: list[tuple[int, Chunk]], attempt: int,
-                       e: BaseException) -> None:
-        delay = self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
-        retry_after = getattr(e, "retry_after", None)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        delay = min(delay, self.max_backoff)
+    async def _backoff(self, backoff: Backoff, e: BaseException, context: str) -> bool:
+        """Sleep before the next attempt after ``e``; False when the retries are spent."""
+        delay = backoff.next(e, context)
+        if delay is None:
+            return False
         self.stats.retries += 1
-        level = logging.INFO if attempt == 1 else logging.WARNING
-        log.log(level, "blob %s: %d chunks from %d: %s; retrying in %.2fs", blob.digest,
-                len(todo), todo[0][1].compressed_offset, e or "timed out", delay)
         await trio.sleep(delay)
+        return True
 
     async def _verify_and_store(self, blob: Blob, index: int, c: Chunk, payload: bytes,
                                 kind: str) -> None:
@@ -409,9 +407,8 @@ class Fetcher:
 
     async def _read_one(self, blob: Blob, c: Chunk, kind: str) -> bytes:
         """The compressed bytes of one chunk, fetched on their own with retries."""
-        attempt = 0
+        backoff = self.retry.start(log)
         while True:
-            attempt += 1
             try:
                 async with self._limiter:
                     with trio.fail_after(self.timeout):
@@ -422,10 +419,10 @@ class Fetcher:
                                          f"{c.compressed_size}")
             except (TransientError, trio.TooSlowError) as e:
                 self.stats.failed(error_class(e))
-                if attempt > self.retries:
-                    raise BackendError(f"blob {blob.digest} at {c.compressed_offset}: giving "
-                                       f"up after {attempt} attempts: {e or 'timed out'}") from None
-                await self._backoff(blob, [(-1, c)], attempt, e)
+                where = f"blob {blob.digest} at {c.compressed_offset}"
+                if not await self._backoff(backoff, e, where):
+                    raise BackendError(f"{where}: giving up after {backoff.attempts} attempts: "
+                                       f"{e or 'timed out'}") from None
                 continue
             except BackendError as e:
                 self.stats.failed(error_class(e))

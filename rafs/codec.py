@@ -72,16 +72,10 @@ def check_xxh3(chunk: Chunk, data: bytes) -> bool:
 MAX_BOOTSTRAP = 1 << 30
 
 
-def decode_bootstrap(payload: bytes, expected_digest: str | None) -> bytes:
-    """Decompress a bootstrap layer (one zstd frame) and check its uncompressed digest."""
+def decompress_bootstrap(payload: bytes) -> bytes:
+    """Decompress a bootstrap layer (one zstd frame, at most MAX_BOOTSTRAP bytes out).
+    Its digests are checked by ``rafs.trust.verify_bootstrap``, which calls this."""
     try:
-        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_BOOTSTRAP)
+        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_BOOTSTRAP)
     except zstandard.ZstdError as e:
         raise DigestError(f"bootstrap layer does not decompress: {e}") from None
-    if expected_digest is not None:
-        actual = "sha256:" + hashlib.sha256(raw).hexdigest()
-        if actual != expected_digest:
-            raise DigestError(
-                f"bootstrap digest mismatch: expected {expected_digest}, got {actual}"
-            )
-    return raw

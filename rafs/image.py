@@ -1,10 +1,8 @@
 """A RAFS image as a whole: its manifest, verified bootstrap and blobs, in an OCI
 layout (``LocalImage``) or a registry (``RemoteImage``); ``open_image`` opens either.
 
-The trust chain starts here: the manifest digest vouches for the bootstrap
-layer's digest (checked by ``OCILayout.read_blob``), which vouches for the
-uncompressed bootstrap (checked by ``codec.decode_bootstrap``), whose chunk
-table vouches for every chunk.
+Opening an image walks the trust chain (``rafs.trust``) down to the verified
+uncompressed bootstrap; ``check`` goes on to every blob and every chunk.
 """
 
 from __future__ import annotations
@@ -20,14 +18,13 @@ from . import codec
 from .bootstrap import Bootstrap
 from .errors import DigestError, ImageError
 from .oci import (
-    ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
+    ImageRef,
     Manifest,
     OCILayout,
     bootstrap_descriptor,
-    is_rafs,
-    ImageRef,
     parse_image_ref,
 )
+from .trust import bootstrap_layer, verify_bootstrap
 
 if TYPE_CHECKING:
     from .registry import RegistryClient
@@ -54,25 +51,16 @@ class RemoteImage:
         return self.client.open_blob(self.ref.repository, digest)
 
 
-def resolve_local(ref: str) -> tuple[OCILayout, Manifest]:
-    """The layout and manifest of the RAFS image ``oci:DIR[:TAG]``."""
+def open_local_image(ref: str) -> LocalImage:
+    """Resolve ``oci:DIR[:TAG]`` to a RAFS image with its bootstrap verified."""
     parsed = parse_image_ref(ref)
     if parsed.transport != "oci":
         raise ImageError(f"{ref}: only oci:DIR[:TAG] images can be used here so far")
     layout = OCILayout(parsed.path)
     manifest = layout.resolve(parsed.tag)
-    if not is_rafs(manifest):
-        raise ImageError(f"{ref} is not a RAFS image (convert it with `rafs convert`)")
-    return layout, manifest
-
-
-def open_local_image(ref: str) -> LocalImage:
-    """Resolve ``oci:DIR[:TAG]`` to a RAFS image with its bootstrap verified."""
-    layout, manifest = resolve_local(ref)
-    desc = bootstrap_descriptor(manifest)
-    payload = layout.read_blob(desc.digest, max_size=codec.MAX_BOOTSTRAP)
-    raw = codec.decode_bootstrap(payload, desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST))
-    return LocalImage(layout, manifest, raw)
+    desc = bootstrap_layer(manifest, ref)
+    payload = layout.read_blob(desc.digest, max_size=desc.size)
+    return LocalImage(layout, manifest, verify_bootstrap(manifest, payload, name=ref).raw)
 
 
 @contextlib.contextmanager

@@ -4,12 +4,14 @@ This module owns how rafs talks to a registry (on httpx):
 
 - manifests by tag or digest: OCI manifest and index, Docker schema 2 and
   manifest list; an index resolves to this machine's platform; a manifest
-  fetched by digest must match it;
-- blobs: HEAD, GET (whole, verified, size-capped), streamed GET that resumes
-  with a Range request after a transient failure, and Range reads streamed in
-  pieces. A server that ignores Range and answers 200 with the whole blob
-  still yields the right bytes (skipped up to the offset), with a warning and
-  a counter;
+  must match the digest it was asked for by, and the one the registry names
+  (``rafs.trust.verify_manifest``);
+- blobs: HEAD; GET of a whole blob (size-capped, verified); a stream of a
+  blob that resumes with a Range request after a transient failure; Range
+  reads streamed in pieces as they arrive. A 206 must start where it was
+  asked to (else ``TransientError`` class ``range``); a server that ignores
+  Range and answers 200 with the whole blob still yields the right bytes
+  (skipped up to the offset), with a warning and the ``range_ignored`` counter;
 - uploads: a HEAD first (a blob the registry has is never sent twice), a
   cross-repository mount when the blob lives in another repository of the
   same registry, else a monolithic PUT or, above ``chunk_threshold``, a
@@ -17,42 +19,72 @@ This module owns how rafs talks to a registry (on httpx):
 - transport policy: plain HTTP for localhost and 127.0.0.1 (as containerd
   does), HTTPS elsewhere unless ``insecure``; redirects followed (httpx drops
   Authorization when a redirect leaves the host); authentication through
-  ``rafs.auth.RegistryAuth``;
+  ``rafs.auth.RegistryAuth``; retries of transient failures under one
+  ``rafs.retry.RetryPolicy``;
 - the one mapping from HTTP answers and transport failures to the rafs error
-  tree: 401/403 ``AuthError``, 404 ``ImageError``, 429/5xx/resets/timeouts/
-  truncated bodies ``TransientError`` (with ``error_class`` and the server's
-  ``Retry-After``).
+  tree: 401/403 ``AuthError``, 404 ``ImageError``, other 4xx ``BackendError``;
+  ``TransientError`` for 429 and 5xx (with the server's ``Retry-After``) and
+  for transport failures, classed ``connection`` (no answer), ``timeout``,
+  or ``truncated`` (an answer that began and broke off, by a reset or not).
 
-``RegistryClient`` (blocking; retries transient failures itself with
-exponential backoff and jitter) serves the converter; ``AsyncRegistryClient``
-(trio, via httpx/anyio) serves the daemon, whose fetcher owns retries.
+One implementation, two thin drivers
+------------------------------------
+
+Every operation is written once, as a *flow*: a generator that yields
+commands (``_Send`` a request, ``_Read`` the next piece of its answer,
+``_Sleep``, ``_Emit`` a piece to the caller) and is sent their results; a
+failed command is thrown into it as a rafs error. All of the protocol lives
+in the flows: building requests, mapping answers to errors, checking
+manifests and ranges, resuming, retrying. ``RegistryClient`` runs flows on a
+blocking ``httpx.Client`` (``time.sleep``) for the converter, the runtime and
+the snapshotter; ``AsyncRegistryClient`` on an ``httpx.AsyncClient``
+(``anyio.sleep``; the daemon runs it under trio), and its callers own the
+retries of range reads (the fetcher). Drivers only do I/O, the way httpx runs
+one ``Auth`` flow from both of its clients. Why not an async core behind a
+sync wrapper: blocking callers (a gRPC thread of the snapshotter, the
+converter reading a multi-GB layer piece by piece) would each need an event
+loop in a thread and a hop across it per piece; why not two clients over
+shared helpers: retries, resumption and range checks are most of the logic,
+and those were the copies that had drifted.
+
+Endpoints: each attempt that ``_retrying`` runs is handed the endpoint (base
+URL) to send to; today that is the registry itself. Mirrors slot in there (a
+list of endpoints per registry, and the fallback between them in
+``_retrying``); request URLs are built from the endpoint by ``_request``.
+
+``transport=`` takes any httpx transport, so tests inject faults a real
+registry cannot produce with ``httpx.MockTransport``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
-import hashlib
 import io
 import json
 import logging
-import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Self, TypeVar
 
+import anyio
 import httpx
 
-from . import codec
 from .auth import RegistryAuth
 from .credentials import Credentials, load_credentials
-from .errors import AuthError, BackendError, DigestError, ImageError, TransientError
+from .errors import (
+    AuthError,
+    BackendError,
+    DigestError,
+    ImageError,
+    RafsError,
+    TransientError,
+)
 from .oci import (
-    ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
     INDEX_TYPES,
     MEDIA_TYPE_DOCKER_LIST,
     MEDIA_TYPE_DOCKER_MANIFEST,
@@ -60,13 +92,13 @@ from .oci import (
     MEDIA_TYPE_OCI_MANIFEST,
     ImageRef,
     Manifest,
-    bootstrap_descriptor,
     check_digest,
-    is_rafs,
     parse_manifest,
     select_platform,
     sha256_digest,
 )
+from .retry import RetryPolicy
+from .trust import bootstrap_layer, verify_bootstrap, verify_manifest
 
 __all__ = ["AsyncRegistryClient", "RegistryClient", "RegistryCounters", "fetch_bootstrap",
            "registry_url"]
@@ -76,12 +108,13 @@ log = logging.getLogger(__name__)
 ACCEPT_MANIFESTS = ", ".join([MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_INDEX,
                               MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_LIST])
 MAX_MANIFEST = 4 << 20
+MAX_SMALL_BODY = 64 << 10  # error bodies and answers whose body rafs does not use
 CHUNK_THRESHOLD = 64 << 20  # uploads larger than this go in PATCH chunks of UPLOAD_CHUNK
 UPLOAD_CHUNK = 16 << 20
 READ_PIECE = 1 << 20
 DEFAULT_TIMEOUT = 30.0
-DEFAULT_RETRIES = 4
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+ONE_ATTEMPT = RetryPolicy(retries=0)
 
 T = TypeVar("T")
 
@@ -122,21 +155,19 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _registry_message(response: httpx.Response) -> str:
+def _registry_message(response: httpx.Response, body: bytes) -> str:
     """The registry's own words from an error body: ``CODE: message``."""
     try:
-        errors = json.loads(response.content[:65536]).get("errors")
-        first = errors[0]
+        first = json.loads(body).get("errors")[0]
         text = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
-    except (ValueError, AttributeError, IndexError, KeyError, TypeError,
-            httpx.ResponseNotRead):
+    except (ValueError, AttributeError, IndexError, KeyError, TypeError):
         text = ""
     return text[:200] or response.reason_phrase or f"HTTP {response.status_code}"
 
 
-def _answer_error(response: httpx.Response, what: str) -> Exception:
+def _answer_error(response: httpx.Response, body: bytes, what: str) -> RafsError:
     status = response.status_code
-    message = _registry_message(response)
+    message = _registry_message(response, body)
     registry = response.request.url.netloc.decode("ascii", "replace")
     if status == 401:
         return AuthError(f"{what}: {registry} refused the credentials ({message})")
@@ -153,28 +184,39 @@ def _answer_error(response: httpx.Response, what: str) -> Exception:
     return BackendError(f"{what}: {registry} answered {status} ({message})")
 
 
-def _transport_error(e: httpx.HTTPError, what: str) -> TransientError:
+def _transport_error(e: httpx.HTTPError, what: str, started: bool) -> RafsError:
+    """``started``: the answer had begun (its headers arrived) when ``e`` happened."""
+    if isinstance(e, httpx.UnsupportedProtocol) or not isinstance(e, httpx.TransportError):
+        return BackendError(f"{what}: {e}")  # a bad URL, too many redirects, bad encoding
     if isinstance(e, httpx.TimeoutException):
         return TransientError(f"{what}: timed out", error_class="timeout")
-    if isinstance(e, httpx.RemoteProtocolError):
-        return TransientError(f"{what}: the connection broke mid-answer ({e})",
+    if started:
+        return TransientError(f"{what}: the answer broke off ({type(e).__name__}: {e})",
                               error_class="truncated")
     return TransientError(f"{what}: {type(e).__name__}: {e}", error_class="connection")
 
 
 @contextlib.contextmanager
-def _mapped(what: str) -> Iterator[None]:
+def _mapped(what: str, started: bool = False) -> Iterator[None]:
     try:
         yield
     except httpx.HTTPError as e:
-        if isinstance(e, httpx.UnsupportedProtocol | httpx.InvalidURL):
-            raise BackendError(f"{what}: {e}") from None
-        raise _transport_error(e, what) from None
+        raise _transport_error(e, what, started) from None
 
 
-def _content_range_start(response: httpx.Response) -> int | None:
+def _content_range(response: httpx.Response) -> tuple[int, int, int | None] | None:
+    """(first, last, total or None) of a 206 answer's ``Content-Range``."""
     m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("content-range", ""))
-    return int(m.group(1)) if m else None
+    if m is None or int(m.group(2)) < int(m.group(1)):
+        return None
+    return int(m.group(1)), int(m.group(2)), None if m.group(3) == "*" else int(m.group(3))
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    try:
+        return int(response.headers.get("content-length", ""))
+    except ValueError:
+        return None
 
 
 def _manifest_url(repo: str, reference: str) -> str:
@@ -183,20 +225,6 @@ def _manifest_url(repo: str, reference: str) -> str:
 
 def _blob_url(repo: str, digest: str) -> str:
     return f"/v2/{repo}/blobs/{check_digest(digest)}"
-
-
-def _read_manifest(response: httpx.Response, reference: str, what: str) -> tuple[bytes, str]:
-    """Check a manifest answer: its bytes and its digest."""
-    raw = response.content
-    if len(raw) > MAX_MANIFEST:
-        raise ImageError(f"{what}: the manifest is larger than {MAX_MANIFEST} bytes")
-    digest = sha256_digest(raw)
-    if reference.startswith("sha256:") and digest != reference:
-        raise DigestError(f"{what}: the registry sent a manifest with digest {digest}")
-    header = response.headers.get("docker-content-digest")
-    if header and header.startswith("sha256:") and header != digest:
-        raise DigestError(f"{what}: the manifest is {digest}, the registry says {header}")
-    return raw, digest
 
 
 def _is_index(raw: bytes, content_type: str) -> bool:
@@ -208,6 +236,17 @@ def _is_index(raw: bytes, content_type: str) -> bool:
         return False
     return isinstance(value, dict) and (value.get("mediaType") in INDEX_TYPES
                                         or ("manifests" in value and "layers" not in value))
+
+
+def _location(response: httpx.Response, what: str) -> str:
+    """The upload URL an answer names, relative to the request it answers."""
+    location = response.headers.get("location")
+    if not location:
+        raise BackendError(f"{what}: the registry sent no upload location")
+    try:
+        return str(response.url.join(location))
+    except httpx.InvalidURL:
+        raise BackendError(f"{what}: the registry sent a bad upload location") from None
 
 
 class _Body:
@@ -243,56 +282,403 @@ class _Body:
                 yield piece
 
 
-class _Base:
+# -- flows: the protocol, once ------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Send:
+    """Send ``request``; the result is its answer, body not yet read."""
+
+    request: httpx.Request
+    what: str
+
+
+@dataclass(slots=True)
+class _Read:
+    """The next piece of ``response``'s body (b"" at its end)."""
+
+    response: httpx.Response
+    what: str
+
+
+@dataclass(slots=True)
+class _Sleep:
+    seconds: float
+
+
+@dataclass(slots=True)
+class _Emit:
+    """Hand ``data`` to whoever iterates the flow's driver (streaming flows)."""
+
+    data: bytes
+
+
+_Command = _Send | _Read | _Sleep | _Emit
+Flow = Generator[_Command, Any, T]
+
+
+class _Runner:
+    """Steps a flow for a driver: iterating it gives the flow's commands; the driver
+    answers each I/O command with ``reply`` (blocking) or ``areply`` (async), and
+    finds the flow's result in ``value`` when the iteration ends."""
+
+    __slots__ = ("_error", "_result", "flow", "value")
+
+    def __init__(self, flow: Flow[Any]) -> None:
+        self.flow = flow
+        self.value: Any = None
+        self._result: Any = None
+        self._error: RafsError | None = None
+
+    def __iter__(self) -> Iterator[_Command]:
+        while True:
+            result, error = self._result, self._error
+            self._result = self._error = None
+            try:
+                command = self.flow.throw(error) if error is not None else self.flow.send(result)
+            except StopIteration as stop:
+                self.value = stop.value
+                return
+            yield command
+
+    def reply(self, execute: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._result = execute(*args)
+        except RafsError as e:  # the flow decides: retry, map, or let it rise
+            self._error = e
+
+    async def areply(self, pending: Awaitable[Any]) -> None:
+        try:
+            self._result = await pending
+        except RafsError as e:
+            self._error = e
+
+    def close(self) -> None:
+        self.flow.close()
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """Where a blob read stands: the next byte wanted, and the end (exclusive; None
+    until an answer tells the size of a read to the blob's end)."""
+
+    pos: int
+    end: int | None
+
+
+class _Link:
+    """The answer a running flow is reading; sending another request closes it."""
+
+    __slots__ = ("pieces", "response")
+
+    def __init__(self) -> None:
+        self.response: httpx.Response | None = None
+        self.pieces: Any = None
+
+    def pieces_of(self, response: httpx.Response) -> Any:
+        if response is not self.response:
+            raise BackendError("internal error: a flow read an answer it no longer holds")
+        return self.pieces
+
+
+class _Core:
+    """What both clients are: configuration, counters and the flows."""
+
     def __init__(self, registry: str, *, insecure: bool | None, creds: Credentials | None,
-                 timeout: float, retries: int) -> None:
+                 timeout: float, retry: RetryPolicy | None, chunk_threshold: int = CHUNK_THRESHOLD,
+                 upload_chunk: int = UPLOAD_CHUNK) -> None:
         self.registry = registry
         self.base_url = registry_url(registry, insecure)
         self.auth = RegistryAuth(registry, load_credentials(registry, creds))
         self.timeout = timeout
-        self.retries = retries
-        self.counters = RegistryCounters()
-        self._warned_range: set[str] = set()
-
-    def _client_args(self, max_connections: int) -> dict[str, Any]:
-        return dict(base_url=self.base_url, auth=self.auth, follow_redirects=True,
-                    timeout=httpx.Timeout(self.timeout),
-                    limits=httpx.Limits(max_connections=max_connections,
-                                        max_keepalive_connections=max_connections),
-                    headers={"User-Agent": "rafs"})
-
-    def _range_ignored(self, digest: str) -> None:
-        self.counters.range_ignored += 1
-        if digest not in self._warned_range:
-            self._warned_range.add(digest)
-            log.warning("%s ignored a Range request for %s and sent the whole blob",
-                        self.registry, digest)
-
-    def _backoff(self, attempt: int, error: TransientError) -> float:
-        delay = min(10.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.0)
-        if error.retry_after is not None:
-            delay = max(delay, min(error.retry_after, 60.0))
-        return delay
-
-
-class RegistryClient(_Base):
-    """A blocking client for one registry; transient failures are retried here."""
-
-    def __init__(self, registry: str, *, insecure: bool | None = None,
-                 creds: Credentials | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, max_connections: int = 4,
-                 chunk_threshold: int = CHUNK_THRESHOLD, upload_chunk: int = UPLOAD_CHUNK) -> None:
-        super().__init__(registry, insecure=insecure, creds=creds, timeout=timeout,
-                         retries=retries)
+        self.retry = retry or RetryPolicy()
         self.chunk_threshold = chunk_threshold
         self.upload_chunk = upload_chunk
-        self._http = httpx.Client(**self._client_args(max_connections))
+        self.counters = RegistryCounters()
+        self._warned_range: set[str] = set()
+        self._http: httpx.Client | httpx.AsyncClient
 
     @classmethod
     def for_ref(cls, ref: ImageRef, **kwargs: Any) -> Self:
         if ref.transport != "docker":
             raise ImageError(f"{ref} is not a registry reference")
         return cls(ref.registry, **kwargs)
+
+    def _client_args(self, max_connections: int) -> dict[str, Any]:
+        return dict(auth=self.auth, follow_redirects=True, timeout=httpx.Timeout(self.timeout),
+                    limits=httpx.Limits(max_connections=max_connections,
+                                        max_keepalive_connections=max_connections),
+                    headers={"User-Agent": "rafs"})
+
+    # -- requests and answers --
+
+    def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Request:
+        """A request to ``url`` (a path on ``endpoint``, or an absolute URL)."""
+        return self._http.build_request(method, httpx.URL(endpoint).join(url), **kwargs)
+
+    def _retrying(self, what: str, attempt: Callable[[str], Flow[T]], *,
+                  retry: RetryPolicy | None = None,
+                  progress: Callable[[], int] | None = None) -> Flow[T]:
+        """Run ``attempt(endpoint)`` until it succeeds, retrying transient failures
+        under the policy; ``progress`` (bytes received) restarts the count."""
+        backoff = (retry or self.retry).start(log)
+        mark = progress() if progress else 0
+        while True:
+            try:
+                return (yield from attempt(self.base_url))
+            except TransientError as e:
+                if progress is not None and progress() > mark:
+                    backoff.reset()
+                    mark = progress()
+                delay = backoff.next(e)
+                if delay is None:
+                    raise
+                self.counters.retries += 1
+                yield _Sleep(delay)
+
+    def _open(self, endpoint: str, method: str, url: str, what: str, *,
+              ok: tuple[int, ...] = (200,), **kwargs: Any) -> Flow[httpx.Response]:
+        """Send one request; an answer outside ``ok`` raises its error. The body is
+        left to the caller."""
+        response = yield _Send(self._request(endpoint, method, url, **kwargs), what)
+        if response.status_code not in ok:
+            try:
+                body = yield from self._body(response, what, MAX_SMALL_BODY)
+            except TransientError:
+                body = b""
+            raise _answer_error(response, body, what)
+        return response
+
+    def _body(self, response: httpx.Response, what: str, limit: int,
+              too_large: str | None = None) -> Flow[bytes]:
+        """The body of ``response``, up to ``limit`` bytes: beyond that, ImageError
+        ``too_large`` if given, else the rest is not read."""
+        parts: list[bytes] = []
+        size = 0
+        while size <= limit and (piece := (yield _Read(response, what))):
+            parts.append(piece)
+            size += len(piece)
+        if size > limit and too_large is not None:
+            raise ImageError(too_large)
+        return b"".join(parts)[:limit]
+
+    def _exchange(self, endpoint: str, method: str, url: str, what: str, *,
+                  ok: tuple[int, ...] = (200,), limit: int = MAX_SMALL_BODY,
+                  too_large: str | None = None, **kwargs: Any
+                  ) -> Flow[tuple[httpx.Response, bytes]]:
+        """One request and its whole (small) answer."""
+        response = yield from self._open(endpoint, method, url, what, ok=ok, **kwargs)
+        body = yield from self._body(response, what, limit, too_large)
+        return response, body
+
+    # -- manifests --
+
+    def _get_manifest(self, repo: str, reference: str) -> Flow[tuple[bytes, str, str]]:
+        what = f"manifest {repo}:{reference}" if ":" not in reference else f"{repo}@{reference}"
+        response, raw = yield from self._retrying(what, lambda endpoint: self._exchange(
+            endpoint, "GET", _manifest_url(repo, reference), what, limit=MAX_MANIFEST,
+            too_large=f"{what}: the manifest is larger than {MAX_MANIFEST} bytes",
+            headers={"Accept": ACCEPT_MANIFESTS}))
+        digest = verify_manifest(raw, reference if reference.startswith("sha256:") else None,
+                                 what)
+        verify_manifest(raw, response.headers.get("docker-content-digest"), what)
+        return raw, response.headers.get("content-type", ""), digest
+
+    def _resolve(self, ref: ImageRef) -> Flow[Manifest]:
+        reference = ref.digest or ref.tag or "latest"
+        raw, content_type, digest = yield from self._get_manifest(ref.repository, reference)
+        if _is_index(raw, content_type):
+            child = select_platform(raw, digest)
+            raw, content_type, digest = yield from self._get_manifest(ref.repository,
+                                                                      child.digest)
+            if _is_index(raw, content_type):
+                raise ImageError(f"{ref}: the platform entry of the index is another index")
+        return parse_manifest(raw, digest)
+
+    def _put_manifest(self, repo: str, reference: str, raw: bytes, media_type: str
+                      ) -> Flow[str]:
+        what = f"manifest {repo}:{reference}"
+        response, _ = yield from self._retrying(what, lambda endpoint: self._exchange(
+            endpoint, "PUT", _manifest_url(repo, reference), what, ok=(200, 201, 202),
+            content=raw, headers={"Content-Type": media_type}))
+        digest = sha256_digest(raw)
+        said = response.headers.get("docker-content-digest")
+        if said and said != digest:
+            raise DigestError(f"{what}: pushed {digest}, the registry stored {said}")
+        return digest
+
+    # -- blobs --
+
+    def _head_blob(self, repo: str, digest: str) -> Flow[int | None]:
+        what = f"blob {digest} in {repo}"
+        try:
+            response, _ = yield from self._retrying(what, lambda endpoint: self._exchange(
+                endpoint, "HEAD", _blob_url(repo, digest), what))
+        except ImageError:
+            return None
+        return _content_length(response) or 0
+
+    def _blob(self, repo: str, digest: str, offset: int = 0, length: int | None = None, *,
+              retry: RetryPolicy | None = None,
+              sink: Callable[[bytes], None] | None = None) -> Flow[None]:
+        """Bytes ``[offset, offset+length)`` of a blob (to its end if ``length`` is
+        None), emitted (or handed to ``sink``) as they arrive. A transient failure
+        asks again from the first byte not yet received, under ``retry``."""
+        what = f"blob {digest} in {repo}"
+        cursor = _Cursor(offset, None if length is None else offset + length)
+        if cursor.end is not None and cursor.end <= cursor.pos:
+            return
+        yield from self._retrying(
+            what, lambda endpoint: self._blob_attempt(endpoint, repo, digest, cursor, what,
+                                                      sink),
+            retry=retry, progress=lambda: cursor.pos)
+
+    def _blob_attempt(self, endpoint: str, repo: str, digest: str, cursor: _Cursor, what: str,
+                      sink: Callable[[bytes], None] | None) -> Flow[None]:
+        ranged = cursor.pos > 0 or cursor.end is not None
+        last = "" if cursor.end is None else str(cursor.end - 1)
+        response = yield from self._open(
+            endpoint, "GET", _blob_url(repo, digest), what, ok=(200, 206),
+            headers={"Range": f"bytes={cursor.pos}-{last}"} if ranged else {})
+        skip = self._check_range(response, digest, cursor, ranged, what)
+        while cursor.end is None or cursor.pos < cursor.end:
+            piece = yield _Read(response, what)
+            if not piece:
+                break
+            if skip:
+                piece, skip = piece[skip:], max(0, skip - len(piece))
+            if cursor.end is not None:
+                piece = piece[:cursor.end - cursor.pos]
+            if not piece:
+                continue
+            cursor.pos += len(piece)
+            if sink is None:
+                yield _Emit(piece)
+            else:
+                sink(piece)
+        if cursor.end is not None and cursor.pos < cursor.end:
+            raise TransientError(f"{what}: the answer ended at byte {cursor.pos} of "
+                                 f"{cursor.end}", error_class="truncated")
+        if response.status_code == 206 or not ranged:
+            # See the body's end, so the connection goes back to the pool (the rest of
+            # a whole blob sent to a Range request is not worth reading: it is dropped).
+            with contextlib.suppress(TransientError):
+                yield _Read(response, what)
+
+    def _check_range(self, response: httpx.Response, digest: str, cursor: _Cursor,
+                     ranged: bool, what: str) -> int:
+        """Check an answer against the range asked for, learn the end of a read to the
+        blob's end; the number of bytes to skip at the start of the body."""
+        if response.status_code == 200:
+            if cursor.end is None and (size := _content_length(response)) is not None:
+                cursor.end = size
+            if not ranged:
+                return 0
+            self.counters.range_ignored += 1
+            if digest not in self._warned_range:
+                self._warned_range.add(digest)
+                log.warning("%s ignored a Range request for %s and sent the whole blob",
+                            self.registry, digest)
+            return cursor.pos
+        span = _content_range(response)
+        if span is None or span[0] != cursor.pos:
+            raise TransientError(f"{what}: the registry answered bytes "
+                                 f"{response.headers.get('content-range')!r} to a request "
+                                 f"for bytes {cursor.pos}-", error_class="range")
+        if cursor.end is None:
+            cursor.end = span[2] if span[2] is not None else span[1] + 1
+        return 0
+
+    def _get_blob(self, repo: str, digest: str, max_size: int) -> Flow[bytes]:
+        what = f"blob {digest} in {repo}"
+        parts: list[bytes] = []
+        size = 0
+
+        def sink(piece: bytes) -> None:
+            nonlocal size
+            size += len(piece)
+            if size > max_size:
+                raise ImageError(f"{what} is larger than {max_size} bytes")
+            parts.append(piece)
+
+        yield from self._blob(repo, digest, sink=sink)
+        data = b"".join(parts)
+        if sha256_digest(data) != digest:
+            raise DigestError(f"{what} from {self.registry} does not match its digest")
+        return data
+
+    # -- uploads --
+
+    def _push_blob(self, repo: str, digest: str, size: int, source: Path | bytes,
+                   mount_from: str | None) -> Flow[bool]:
+        digest = check_digest(digest)
+        if (yield from self._head_blob(repo, digest)) is not None:
+            log.debug("%s already has %s", repo, digest)
+            return False
+        what = f"upload of {digest} to {repo}"
+        if mount_from:
+            response, _ = yield from self._retrying(what, lambda endpoint: self._exchange(
+                endpoint, "POST", f"/v2/{repo}/blobs/uploads/", what, ok=(201, 202),
+                params={"mount": digest, "from": mount_from}))
+            if response.status_code == 201:
+                log.debug("mounted %s into %s from %s", digest, repo, mount_from)
+                return False
+            yield from self._cancel(response)
+            if not source:
+                return True  # not mountable, and nothing to upload: the caller decides
+        yield from self._retrying(what, lambda endpoint: self._upload(
+            endpoint, repo, digest, size, source, what))
+        return True
+
+    def _cancel(self, response: httpx.Response) -> Flow[None]:
+        with contextlib.suppress(BackendError, ImageError):
+            location = _location(response, "cancel upload")
+            yield from self._exchange(location, "DELETE", location, "cancel upload",
+                                      ok=(200, 202, 204, 404))
+
+    def _upload(self, endpoint: str, repo: str, digest: str, size: int, source: Path | bytes,
+                what: str) -> Flow[None]:
+        response, _ = yield from self._exchange(endpoint, "POST", f"/v2/{repo}/blobs/uploads/",
+                                                what, ok=(202,))
+        location = _location(response, what)
+        body: _Body | bytes = _Body(source, 0, size, self.counters)
+        if size > self.chunk_threshold:
+            for start in range(0, size, self.upload_chunk):
+                length = min(self.upload_chunk, size - start)
+                response, _ = yield from self._exchange(
+                    location, "PATCH", location, what, ok=(202,),
+                    content=_Body(source, start, length, self.counters),
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Range": f"{start}-{start + length - 1}",
+                             "Content-Length": str(length)})
+                location = _location(response, what)
+            body = b""
+        done = str(httpx.URL(location).copy_merge_params({"digest": digest}))
+        response, _ = yield from self._exchange(
+            done, "PUT", done, what, ok=(201,), content=body,
+            headers={"Content-Type": "application/octet-stream",
+                     "Content-Length": str(size if isinstance(body, _Body) else 0)})
+        said = response.headers.get("docker-content-digest")
+        if said and said != digest:
+            raise DigestError(f"{what}: the registry stored {said}")
+
+
+# -- the drivers ---------------------------------------------------------------------
+
+
+class RegistryClient(_Core):
+    """A blocking client for one registry: the converter's, the runtime's and the
+    snapshotter's. Transient failures are retried here, under ``retry``."""
+
+    def __init__(self, registry: str, *, insecure: bool | None = None,
+                 creds: Credentials | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 retry: RetryPolicy | None = None, max_connections: int = 4,
+                 chunk_threshold: int = CHUNK_THRESHOLD, upload_chunk: int = UPLOAD_CHUNK,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(registry, insecure=insecure, creds=creds, timeout=timeout,
+                         retry=retry, chunk_threshold=chunk_threshold,
+                         upload_chunk=upload_chunk)
+        self._http = httpx.Client(**self._client_args(max_connections), transport=transport)
 
     def close(self) -> None:
         self._http.close()
@@ -304,356 +690,217 @@ class RegistryClient(_Base):
                  tb: TracebackType | None) -> None:
         self.close()
 
-    # -- plumbing --
-
-    def _retrying(self, what: str, attempt_fn: Callable[[], T]) -> T:
-        for attempt in range(self.retries + 1):
-            try:
-                return attempt_fn()
-            except TransientError as e:
-                if attempt == self.retries:
-                    raise
-                delay = self._backoff(attempt, e)
-                self.counters.retries += 1
-                log.info("%s; retrying in %.1fs", e, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _request(self, method: str, url: str | httpx.URL, what: str, *,
-                 ok: tuple[int, ...] = (200,), **kwargs: Any) -> httpx.Response:
-        with _mapped(what):
-            response = self._http.request(method, url, **kwargs)
-        self.counters.requests += 1
-        self.counters.bytes_in += len(response.content)
-        if response.status_code not in ok:
-            raise _answer_error(response, what)
-        return response
-
-    # -- manifests --
+    # -- the operations --
 
     def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, str]:
         """(raw bytes, content type, digest) of a manifest or index."""
-        what = f"manifest {repo}:{reference}" if ":" not in reference else f"{repo}@{reference}"
-        response = self._retrying(what, lambda: self._request(
-            "GET", _manifest_url(repo, reference), what, headers={"Accept": ACCEPT_MANIFESTS}))
-        raw, digest = _read_manifest(response, reference, what)
-        return raw, response.headers.get("content-type", ""), digest
+        return self._run(self._get_manifest(repo, reference))
 
     def resolve(self, ref: ImageRef) -> Manifest:
         """The image manifest ``ref`` names, an index resolved to this platform."""
-        reference = ref.digest or ref.tag or "latest"
-        raw, content_type, digest = self.get_manifest(ref.repository, reference)
-        if _is_index(raw, content_type):
-            child = select_platform(raw, digest)
-            raw, content_type, digest = self.get_manifest(ref.repository, child.digest)
-            if _is_index(raw, content_type):
-                raise ImageError(f"{ref}: the platform entry of the index is another index")
-        return parse_manifest(raw, digest)
+        return self._run(self._resolve(ref))
 
     def put_manifest(self, repo: str, reference: str, raw: bytes, media_type: str) -> str:
-        what = f"manifest {repo}:{reference}"
-        response = self._retrying(what, lambda: self._request(
-            "PUT", _manifest_url(repo, reference), what, ok=(200, 201, 202),
-            content=raw, headers={"Content-Type": media_type}))
-        digest = sha256_digest(raw)
-        said = response.headers.get("docker-content-digest")
-        if said and said != digest:
-            raise DigestError(f"{what}: pushed {digest}, the registry stored {said}")
-        return digest
-
-    # -- blobs --
+        """Store ``raw`` as ``repo:reference``; its digest."""
+        return self._run(self._put_manifest(repo, reference, raw, media_type))
 
     def head_blob(self, repo: str, digest: str) -> int | None:
         """The size of a blob the registry has in ``repo``, else None."""
-        what = f"blob {digest} in {repo}"
-        try:
-            response = self._retrying(what, lambda: self._request(
-                "HEAD", _blob_url(repo, digest), what))
-        except ImageError:
-            return None
-        try:
-            return int(response.headers.get("content-length", ""))
-        except ValueError:
-            return 0
+        return self._run(self._head_blob(repo, digest))
 
     def get_blob(self, repo: str, digest: str, max_size: int) -> bytes:
         """A whole blob (a config, a bootstrap), checked against ``digest``."""
-        with self.open_blob(repo, digest) as f:
-            data = f.read(max_size + 1)
-        if len(data) > max_size:
-            raise ImageError(f"blob {digest} is larger than {max_size} bytes")
-        if sha256_digest(data) != digest:
-            raise DigestError(f"blob {digest} from {self.registry} does not match its digest")
-        return data
+        return self._run(self._get_blob(repo, digest, max_size))
 
     def open_blob(self, repo: str, digest: str) -> BinaryIO:
         """A stream of a blob's bytes that resumes (by Range) after transient failures.
         The caller verifies the digest (it is known only at the end)."""
-        return io.BufferedReader(_BlobReader(self, repo, digest), READ_PIECE)  # type: ignore[return-value]
+        raw = _PieceReader(self._drive(self._blob(repo, digest)))
+        return io.BufferedReader(raw, READ_PIECE)  # type: ignore[return-value]
+
+    def stream_range(self, repo: str, digest: str, offset: int, length: int
+                     ) -> Generator[bytes, None, None]:
+        """Bytes ``[offset, offset+length)`` of a blob, in pieces as they arrive; one
+        attempt, as ``AsyncRegistryClient.stream_range``."""
+        return self._drive(self._blob(repo, digest, offset, length, retry=ONE_ATTEMPT))
 
     def push_blob(self, repo: str, digest: str, size: int, source: Path | bytes,
                   mount_from: str | None = None) -> bool:
         """Make ``repo`` hold the blob; True if its bytes were uploaded, False if the
         registry had it (or mounted it from ``mount_from``)."""
-        digest = check_digest(digest)
-        if self.head_blob(repo, digest) is not None:
-            log.debug("%s already has %s", repo, digest)
-            return False
-        what = f"upload of {digest} to {repo}"
-        if mount_from:
-            response = self._retrying(what, lambda: self._request(
-                "POST", f"/v2/{repo}/blobs/uploads/", what, ok=(201, 202),
-                params={"mount": digest, "from": mount_from}))
-            if response.status_code == 201:
-                log.debug("mounted %s into %s from %s", digest, repo, mount_from)
-                return False
-            self._cancel(response)
-            if not source:
-                return True  # not mountable, and nothing to upload: the caller decides
-        self._retrying(what, lambda: self._upload(repo, digest, size, source, what))
-        return True
+        return self._run(self._push_blob(repo, digest, size, source, mount_from))
 
-    def _cancel(self, response: httpx.Response) -> None:
-        location = response.headers.get("location")
-        if location:
-            with contextlib.suppress(BackendError, ImageError, AuthError):
-                self._request("DELETE", location, "cancel upload", ok=(204, 200, 202, 404))
+    # -- running flows --
 
-    def _upload(self, repo: str, digest: str, size: int, source: Path | bytes,
-                what: str) -> None:
-        response = self._request("POST", f"/v2/{repo}/blobs/uploads/", what, ok=(202,))
-        location = self._location(response, what)
-        if size > self.chunk_threshold:
-            for start in range(0, size, self.upload_chunk):
-                length = min(self.upload_chunk, size - start)
-                response = self._request(
-                    "PATCH", location, what, ok=(202,),
-                    content=_Body(source, start, length, self.counters),
-                    headers={"Content-Type": "application/octet-stream",
-                             "Content-Range": f"{start}-{start + length - 1}",
-                             "Content-Length": str(length)})
-                location = self._location(response, what)
-            body: _Body | bytes = b""
-        else:
-            body = _Body(source, 0, size, self.counters)
-        url = httpx.URL(location).copy_merge_params({"digest": digest})
-        response = self._request(
-            "PUT", url, what, ok=(201,), content=body,
-            headers={"Content-Type": "application/octet-stream",
-                     "Content-Length": str(size if isinstance(body, _Body) else 0)})
-        said = response.headers.get("docker-content-digest")
-        if said and said != digest:
-            raise DigestError(f"{what}: the registry stored {said}")
+    def _run(self, flow: Flow[T]) -> T:
+        driver = self._drive(flow)
+        try:
+            next(driver)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        driver.close()
+        raise AssertionError("a flow emitted data to a caller that takes none")
 
-    def _location(self, response: httpx.Response, what: str) -> str:
-        location = response.headers.get("location")
-        if not location:
-            raise BackendError(f"{what}: the registry sent no upload location")
-        return str(self._http.base_url.join(location))
+    def _drive(self, flow: Flow[T]) -> Generator[bytes, None, T]:
+        runner, link = _Runner(flow), _Link()
+        try:
+            for command in runner:
+                if isinstance(command, _Emit):
+                    yield command.data
+                else:
+                    runner.reply(self._execute, command, link)
+            return runner.value  # type: ignore[no-any-return]
+        finally:
+            runner.close()
+            self._release(link)
+
+    def _execute(self, command: _Command, link: _Link) -> Any:
+        if isinstance(command, _Send):
+            self._release(link)
+            with _mapped(command.what):
+                link.response = self._http.send(command.request, stream=True)
+            link.pieces = link.response.iter_bytes()
+            self.counters.requests += 1
+            return link.response
+        if isinstance(command, _Read):
+            with _mapped(command.what, started=True):
+                piece = next(link.pieces_of(command.response), b"")
+            self.counters.bytes_in += len(piece)
+            return piece
+        assert isinstance(command, _Sleep)
+        time.sleep(command.seconds)
+        return None
+
+    @staticmethod
+    def _release(link: _Link) -> None:
+        if link.response is not None:
+            link.pieces.close()
+            link.response.close()
+            link.response = link.pieces = None
 
 
-class _BlobReader(io.RawIOBase):
-    """The raw stream behind ``RegistryClient.open_blob``."""
+class _PieceReader(io.RawIOBase):
+    """A raw binary stream over an iterator of byte pieces (``open_blob``)."""
 
-    def __init__(self, client: RegistryClient, repo: str, digest: str) -> None:
-        self.client, self.repo, self.digest = client, repo, digest
-        self.what = f"blob {digest} in {repo}"
-        self.pos = 0
-        self.total: int | None = None
-        self._stack = contextlib.ExitStack()
-        self._pieces: Iterator[bytes] | None = None
-        self._buf = b""
-        self._failures = 0
+    def __init__(self, pieces: Generator[bytes, None, Any]) -> None:
+        self._pieces = pieces
+        self._buf = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
-    def _open(self) -> None:
-        headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
-        with _mapped(self.what):
-            response = self._stack.enter_context(self.client._http.stream(
-                "GET", _blob_url(self.repo, self.digest), headers=headers))
-        self.client.counters.requests += 1
-        if response.status_code not in (200, 206):
-            response.read()
-            raise _answer_error(response, self.what)
-        skip = 0
-        if self.pos and response.status_code == 200:
-            self.client._range_ignored(self.digest)
-            skip = self.pos
-        elif self.pos and _content_range_start(response) != self.pos:
-            raise TransientError(f"{self.what}: the registry answered the wrong range",
-                                 error_class="range")
-        if self.total is None and response.status_code == 200:
-            with contextlib.suppress(ValueError):
-                self.total = int(response.headers.get("content-length", ""))
-        self._pieces = self._skip(response.iter_bytes(READ_PIECE), skip)
-
-    @staticmethod
-    def _skip(pieces: Iterator[bytes], skip: int) -> Iterator[bytes]:
-        for piece in pieces:
-            if skip >= len(piece):
-                skip -= len(piece)
-                continue
-            yield piece[skip:]
-            skip = 0
-
-    def _next_piece(self) -> bytes:
-        while True:
-            try:
-                if self._pieces is None:
-                    self._open()
-                assert self._pieces is not None
-                with _mapped(self.what):
-                    piece = next(self._pieces, b"")
-                if not piece and self.total is not None and self.pos < self.total:
-                    raise TransientError(f"{self.what}: the body ended at {self.pos} of "
-                                         f"{self.total} bytes", error_class="truncated")
-                self._failures = 0
-                return piece
-            except TransientError as e:
-                self._reset()
-                if self._failures >= self.client.retries:
-                    raise
-                delay = self.client._backoff(self._failures, e)
-                self._failures += 1
-                self.client.counters.retries += 1
-                log.info("%s; resuming at byte %d in %.1fs", e, self.pos, delay)
-                time.sleep(delay)
-
-    def _reset(self) -> None:
-        self._pieces = None
-        self._stack.close()
-        self._stack = contextlib.ExitStack()
-
     def readinto(self, b: Any) -> int:
-        if not self._buf:
-            self._buf = self._next_piece()
-            if not self._buf:
+        while not self._buf:
+            piece = next(self._pieces, None)
+            if piece is None:
                 return 0
+            self._buf = memoryview(piece)
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
-        self.pos += n
-        self.client.counters.bytes_in += n
         return n
 
     def close(self) -> None:
-        self._stack.close()
+        self._pieces.close()
         super().close()
 
 
-class AsyncRegistryClient(_Base):
-    """An async client for one registry (trio); the caller retries transient errors."""
+class AsyncRegistryClient(_Core):
+    """An async client for one registry (the daemon's, under trio). Manifests and whole
+    blobs are retried here; ``stream_range`` is one attempt (the fetcher retries)."""
 
     def __init__(self, registry: str, *, insecure: bool | None = None,
                  creds: Credentials | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, max_connections: int = 8) -> None:
+                 retry: RetryPolicy | None = None, max_connections: int = 8,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         super().__init__(registry, insecure=insecure, creds=creds, timeout=timeout,
-                         retries=retries)
-        self._http = httpx.AsyncClient(**self._client_args(max_connections))
-
-    @classmethod
-    def for_ref(cls, ref: ImageRef, **kwargs: Any) -> Self:
-        if ref.transport != "docker":
-            raise ImageError(f"{ref} is not a registry reference")
-        return cls(ref.registry, **kwargs)
+                         retry=retry)
+        self._http = httpx.AsyncClient(**self._client_args(max_connections),
+                                       transport=transport)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _retrying(self, what: str, attempt_fn: Callable[[], Any]) -> Any:
-        import trio
+    async def __aenter__(self) -> Self:
+        return self
 
-        for attempt in range(self.retries + 1):
-            try:
-                return await attempt_fn()
-            except TransientError as e:
-                if attempt == self.retries:
-                    raise
-                delay = self._backoff(attempt, e)
-                self.counters.retries += 1
-                log.info("%s; retrying in %.1fs", e, delay)
-                await trio.sleep(delay)
-        raise AssertionError("unreachable")
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
 
-    async def _get(self, url: str, what: str, headers: dict[str, str] | None = None
-                   ) -> httpx.Response:
-        with _mapped(what):
-            response = await self._http.get(url, headers=headers)
-        self.counters.requests += 1
-        self.counters.bytes_in += len(response.content)
-        if response.status_code != 200:
-            raise _answer_error(response, what)
-        return response
+    # -- the operations --
 
     async def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, str]:
-        what = f"manifest {repo}:{reference}" if ":" not in reference else f"{repo}@{reference}"
-        response = await self._retrying(what, lambda: self._get(
-            _manifest_url(repo, reference), what, {"Accept": ACCEPT_MANIFESTS}))
-        raw, digest = _read_manifest(response, reference, what)
-        return raw, response.headers.get("content-type", ""), digest
+        """(raw bytes, content type, digest) of a manifest or index."""
+        return await self._run(self._get_manifest(repo, reference))
 
     async def resolve(self, ref: ImageRef) -> Manifest:
-        reference = ref.digest or ref.tag or "latest"
-        raw, content_type, digest = await self.get_manifest(ref.repository, reference)
-        if _is_index(raw, content_type):
-            child = select_platform(raw, digest)
-            raw, content_type, digest = await self.get_manifest(ref.repository, child.digest)
-            if _is_index(raw, content_type):
-                raise ImageError(f"{ref}: the platform entry of the index is another index")
-        return parse_manifest(raw, digest)
+        """The image manifest ``ref`` names, an index resolved to this platform."""
+        return await self._run(self._resolve(ref))
+
+    async def head_blob(self, repo: str, digest: str) -> int | None:
+        """The size of a blob the registry has in ``repo``, else None."""
+        return await self._run(self._head_blob(repo, digest))
 
     async def get_blob(self, repo: str, digest: str, max_size: int) -> bytes:
-        what = f"blob {digest} in {repo}"
-        response = await self._retrying(what, lambda: self._get(_blob_url(repo, digest), what))
-        data = response.content
-        if len(data) > max_size:
-            raise ImageError(f"{what} is larger than {max_size} bytes")
-        if sha256_digest(data) != digest:
-            raise DigestError(f"{what} does not match its digest")
-        return data
+        """A whole blob (the bootstrap), checked against ``digest``; resumed and
+        retried under the client's policy."""
+        return await self._run(self._get_blob(repo, digest, max_size))
 
-    async def stream_range(self, repo: str, digest: str, offset: int, length: int
-                           ) -> AsyncIterator[bytes]:
+    def stream_range(self, repo: str, digest: str, offset: int, length: int
+                     ) -> AsyncGenerator[bytes, None]:
         """Bytes ``[offset, offset+length)`` of a blob, in pieces as they arrive.
-        One attempt: a failure raises (``TransientError`` if worth retrying)."""
-        what = f"blob {digest} in {repo}"
-        if length <= 0:
-            return
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        with _mapped(what):
-            async with self._http.stream("GET", _blob_url(repo, digest),
-                                         headers=headers) as response:
-                self.counters.requests += 1
-                if response.status_code not in (200, 206):
-                    await response.aread()
-                    raise _answer_error(response, what)
-                skip = 0
-                if response.status_code == 200:
-                    self._range_ignored(digest)
-                    skip = offset
-                elif _content_range_start(response) != offset:
-                    raise TransientError(f"{what}: the registry answered the wrong range",
-                                         error_class="range")
-                left = length
-                async for piece in response.aiter_bytes():
-                    self.counters.bytes_in += len(piece)
-                    if skip:
-                        if skip >= len(piece):
-                            skip -= len(piece)
-                            continue
-                        piece, skip = piece[skip:], 0
-                    piece = piece[:left]
-                    left -= len(piece)
-                    if piece:
-                        yield piece
-                    if not left and response.status_code == 200:
-                        return  # the rest of a whole blob: not worth reading
-                # a 206 body read to its end: httpx keeps the connection for reuse
-                if not left:
-                    return
-        raise TransientError(f"{what}: the body ended {left} bytes short", error_class="truncated")
+        One attempt: a failure raises (``TransientError`` if worth retrying); a
+        stream that raises after some pieces has delivered only right bytes."""
+        return self._drive(self._blob(repo, digest, offset, length, retry=ONE_ATTEMPT))
+
+    # -- running flows --
+
+    async def _run(self, flow: Flow[T]) -> T:
+        done: list[Any] = []
+        async with contextlib.aclosing(self._drive(flow, done)) as driver:
+            async for _ in driver:
+                raise AssertionError("a flow emitted data to a caller that takes none")
+        return done[0]  # type: ignore[no-any-return]
+
+    async def _drive(self, flow: Flow[Any], done: list[Any] | None = None
+                     ) -> AsyncGenerator[bytes, None]:
+        runner, link = _Runner(flow), _Link()
+        try:
+            for command in runner:
+                if isinstance(command, _Emit):
+                    yield command.data
+                else:
+                    await runner.areply(self._execute(command, link))
+            if done is not None:
+                done.append(runner.value)
+        finally:
+            runner.close()
+            await self._release(link)
+
+    async def _execute(self, command: _Command, link: _Link) -> Any:
+        if isinstance(command, _Send):
+            await self._release(link)
+            with _mapped(command.what):
+                link.response = await self._http.send(command.request, stream=True)
+            link.pieces = link.response.aiter_bytes()
+            self.counters.requests += 1
+            return link.response
+        if isinstance(command, _Read):
+            with _mapped(command.what, started=True):
+                piece = await anext(link.pieces_of(command.response), b"")
+            self.counters.bytes_in += len(piece)
+            return piece
+        assert isinstance(command, _Sleep)
+        await anyio.sleep(command.seconds)
+        return None
+
+    @staticmethod
+    async def _release(link: _Link) -> None:
+        if link.response is not None:
+            await link.pieces.aclose()
+            await link.response.aclose()
+            link.response = link.pieces = None
 
 
 # -- images ------------------------------------------------------------------------
@@ -662,13 +909,8 @@ class AsyncRegistryClient(_Base):
 def fetch_bootstrap(client: RegistryClient, ref: ImageRef) -> tuple[Manifest, bytes]:
     """The manifest and the verified, uncompressed bootstrap of the RAFS image ``ref``."""
     manifest = client.resolve(ref)
-    if not is_rafs(manifest):
-        raise ImageError(f"{ref} is not a RAFS image")
-    desc = bootstrap_descriptor(manifest)
-    if desc.size > codec.MAX_BOOTSTRAP:
-        raise ImageError(f"{ref}: the bootstrap layer of {desc.size} bytes is too large")
+    desc = bootstrap_layer(manifest, str(ref))
     payload = client.get_blob(ref.repository, desc.digest, desc.size)
-    raw = codec.decode_bootstrap(payload, desc.annotations.get(ANNOTATION_RAFS_BOOTSTRAP_DIGEST))
-    log.debug("bootstrap of %s: %d bytes (%s)", ref, len(raw),
-              "sha256:" + hashlib.sha256(raw).hexdigest())
-    return manifest, raw
+    boot = verify_bootstrap(manifest, payload, manifest_digest=ref.digest, name=str(ref))
+    log.debug("bootstrap of %s: %d bytes (%s)", ref, len(boot.raw), boot.digest)
+    return manifest, boot.raw

@@ -154,6 +154,18 @@ def test_truncated_body_is_cut_after_k_bytes(proxy, client, blob):
     assert client.get(_blob_url(proxy, digest)).content == data
 
 
+def test_truncated_body_can_end_with_a_reset(proxy, client, blob):
+    digest, data = blob
+    proxy.inject(Fault.truncate(10_000, reset=True), match=_is_blob_get, times=1)
+    received = bytearray()
+    with pytest.raises(httpx.ReadError), client.stream("GET", _blob_url(proxy, digest)) as r:
+        assert r.status_code == 200
+        for part in r.iter_bytes():
+            received += part
+    assert data.startswith(bytes(received)) and len(received) <= 10_000
+    assert client.get(_blob_url(proxy, digest)).content == data
+
+
 def test_ignore_range_answers_200_with_the_whole_blob(proxy, client, blob):
     digest, data = blob
     proxy.inject(Fault.IGNORE_RANGE, match=_is_blob_get)

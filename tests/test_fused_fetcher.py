@@ -12,6 +12,7 @@ from fused.backend import Backend, LocalBackend
 from fused.errors import ChunkError
 from rafs.errors import BackendError, TransientError
 from rafs.model import Node
+from rafs.retry import RetryPolicy
 from tests.fused_support import Stack, WrittenImage, open_stack, write_rafs_image
 from tests.helpers.images import ImageParts
 
@@ -168,7 +169,8 @@ def test_transient_backend_errors_are_retried(image, tmp_path):
     flaky = FlakyBackend(LocalBackend(img.layout), 2, TransientError("connection reset"))
 
     async def main() -> None:
-        async with open_stack(img, tmp_path / "cache", backend=flaky, backoff=0.01) as s:
+        async with open_stack(img, tmp_path / "cache", backend=flaky,
+                              retry=RetryPolicy(base=0.01)) as s:
             assert await read_file(s, b"b") == files[b"b"]
             assert s.stats.backend_errors == 2
 
@@ -293,12 +295,12 @@ def test_a_response_cut_short_is_resumed_from_the_first_missing_chunk(image, tmp
 
     async def main() -> None:
         backend = CutOnce(LocalBackend(img.layout))
-        async with open_stack(img, tmp_path / "cache", backend=backend, backoff=0.01,
-                              amplify_bytes=64 * CS) as s:
+        async with open_stack(img, tmp_path / "cache", backend=backend,
+                              retry=RetryPolicy(base=0.01), amplify_bytes=64 * CS) as s:
             assert await read_file(s, b"a") == files[b"a"]
             (first_off, first_len), (again_off, again_len) = backend.asked
             assert first_off < again_off and again_off + again_len == first_off + first_len
-            assert s.stats.retries == 1 and s.stats.error_classes["other"] == 1
+            assert s.stats.retries == 1 and s.stats.error_classes["truncated"] == 1
 
     trio.run(main)
 

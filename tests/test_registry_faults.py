@@ -3,10 +3,10 @@
 A fault proxy (tests/helpers/faultproxy.py) sits between a mounted daemon and
 Debian's docker-registry and breaks blob Range requests on demand: resets,
 503, 429 with Retry-After, a stall longer than the fetch timeout, a truncated
-body, a server that ignores Range, flipped bytes, and the registry going down.
-Reads must return the right bytes once the fault clears, EIO (never a wrong
-byte, never a hang) while it does not, and the daemon keeps serving what it
-has cached.
+body (closed, or reset: both count as ``truncated``), a server that ignores
+Range, flipped bytes, and the registry going down. Reads must return the
+right bytes once the fault clears, EIO (never a wrong byte, never a hang)
+while it does not, and the daemon keeps serving what it has cached.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ FAULTS = {
     "429": (Fault.too_many(1), "429"),
     "stall": (Fault.stall(10), "timeout"),
     "truncated": (Fault.truncate(1000), "truncated"),
+    "truncated-by-reset": (Fault.truncate(1000, reset=True), "truncated"),
 }
 
 

@@ -17,7 +17,8 @@ Faults (``Fault``): ``RESET`` (TCP RST instead of an answer), ``UNAVAILABLE``
 (503), ``Fault.too_many(retry_after)`` (429 with ``Retry-After``),
 ``Fault.stall(seconds)`` (wait, then answer normally; default ``STALL`` is
 10 s), ``Fault.truncate(keep_bytes)`` (send the headers and ``keep_bytes`` of
-the body, then close; ``TRUNCATE`` keeps half), ``IGNORE_RANGE`` (drop the
+the body, then close; ``TRUNCATE`` keeps half; with ``reset=True`` the close is
+a TCP RST), ``IGNORE_RANGE`` (drop the
 Range header upstream, so the full blob comes back as 200), ``Fault.flip(offset)``
 (XOR one body byte; ``FLIP`` flips the middle one), and ``DOWN`` / ``down()``
 (reset every connection and request until ``up()`` or ``clear()``).
@@ -61,6 +62,7 @@ class Fault:
     seconds: float = 10.0
     keep_bytes: int | None = None  # truncate: None = half the body
     offset: int | None = None  # flip: None = the middle byte
+    reset: bool = False  # truncate: end with a TCP RST instead of a FIN
 
     RESET: ClassVar[Fault]
     UNAVAILABLE: ClassVar[Fault]
@@ -85,8 +87,8 @@ class Fault:
         return Fault("stall", seconds=seconds)
 
     @staticmethod
-    def truncate(keep_bytes: int | None = None) -> Fault:
-        return Fault("truncate", keep_bytes=keep_bytes)
+    def truncate(keep_bytes: int | None = None, *, reset: bool = False) -> Fault:
+        return Fault("truncate", keep_bytes=keep_bytes, reset=reset)
 
     @staticmethod
     def flip(offset: int | None = None) -> Fault:
@@ -421,6 +423,8 @@ class FaultProxy:
         rec.body_bytes = sent
         rec.seconds = time.monotonic() - started
         if not complete:
+            if fault is not None and fault.reset:
+                _reset(client, reader)
             return upstream, up_reader, False  # truncated: close both sides
         if resp.length == -1 or resp.headers.get("connection", "").lower() == "close":
             return upstream, up_reader, False
