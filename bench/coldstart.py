@@ -557,7 +557,7 @@ def markdown(result: dict[str, Any]) -> str:
         fo = result["failover"]
         lines += ["", f"Failover gap ({fo['image']}, supervised mount, standby worker; time "
                   "from SIGKILL of the worker to the first read answered after it):", "",
-                  "| Mode | Kills | Gap median s | Gap max s | New worker serving s | "
+                  "| Mode | Kills | Gap median s | Gap max s | New worker in the state file s | "
                   "Read errors |", "|---|---:|---:|---:|---:|---:|"]
         for mode, g in fo["modes"].items():
             lines.append(f"| {mode} | {g['kills']} | {g['gap_median_s']:.3f} | "
