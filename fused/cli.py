@@ -10,6 +10,10 @@ serves in this process instead.
 ``rafs umount`` asks the daemon to unmount and exit through the control socket
 and waits for it to go; if no daemon answers (it crashed) it falls back to
 ``fusermount3 -u``, then ``fusermount3 -u -z``.
+
+``rafs mount --supervise`` starts ``fused.supervisor`` instead (failover, and
+``rafs upgrade``). When the node service (``rafs daemon``, ``fused.node``)
+answers, the daemon or supervisor is forked by it instead of spawned.
 """
 
 from __future__ import annotations

@@ -23,6 +23,12 @@ first (plainly, or detached with ``lazy``: then the blob filesystem stays
 until the detached mount lets go of it), the blob filesystem after it; on a
 signal or an error EROFS is detached before the blob filesystem ends.
 
+Supervised (``fused.supervisor`` starts it as ``python -m fused.worker``, see
+``fused.takeover``): the supervisor has mounted already and owns the mounts
+and the state file; the daemon serves the connection it is handed, never
+touches the mount point before serving it, mounts EROFS only as the first
+worker of a mount, and unmounts nothing when it stops.
+
 Run as ``python -m fused.daemon IMAGE MOUNTPOINT --cache-dir DIR``.
 """
 

@@ -45,7 +45,8 @@ from .fuseproto import (
     resend_notification,
 )
 
-__all__ = ["clone", "gone", "kernel_has_resend", "mount", "read_init", "resend"]
+__all__ = ["clone", "close_quietly", "gone", "kernel_has_resend", "mount", "read_init",
+           "resend"]
 
 DEVICE = "/dev/fuse"
 

@@ -12,7 +12,6 @@ between the daemon and the registry.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -377,6 +376,3 @@ def test_upgrade_of_an_unsupervised_mount_is_one_clear_error(
     assert len(lines) == 1 and lines[0].startswith("rafs: error: cannot upgrade"), res.stderr
     assert "--supervise" in lines[0]
 
-
-def test_errno_names_are_what_the_readers_report() -> None:
-    assert errno.errorcode[errno.ECONNABORTED] == "ECONNABORTED"
