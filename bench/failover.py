@@ -17,6 +17,10 @@ local OCI layout (no link in the way):
   answered after it (median and max), and until the supervisor's state file
   names the new worker as serving.
 
+- mount to ready (``fused.cli.mount_background``, in this process, as the
+  snapshotter calls it): a spawned daemon, one forked by the node service
+  (``rafs daemon``), and a supervised mount forked by it.
+
 Prints a Markdown table and writes the JSON to ``--out``. Needs root for
 kernel mode. Nothing here drops the whole page cache.
 """
@@ -158,12 +162,59 @@ def gaps(image: str, work: Path, mode: str, kills: int) -> dict[str, Any]:
             "reads": len(answered)}
 
 
-def run(work: Path, repeat: int, kills: int) -> dict[str, Any]:
+def start_times(image: str, work: Path, mode: str, repeat: int) -> dict[str, float]:
+    """Mount-to-ready of ``fused.cli.mount_background`` (what the snapshotter and ``rafs
+    run`` call, in their own process) without and with the node service, and of a
+    supervised mount with it: the median of ``repeat`` mounts each, interleaved; the
+    image local and its bootstrap cached, so this is the daemon's own start."""
+    import subprocess
+    import sys
+
+    from bench.tools import REPO
+    from fused.cli import MountOptions, mount_background, umount
+
+    run_dir = Path(os.environ["RAFS_RUN_DIR"])
+    kinds = {"spawned": MountOptions(mode=mode, prefetch=False),
+             "node": MountOptions(mode=mode, prefetch=False),
+             "node-supervised": MountOptions(mode=mode, prefetch=False, supervise=True)}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    with open(work / "node.log", "ab") as log:
+        node = subprocess.Popen([sys.executable, "-m", "fused.node"], cwd=REPO, stdout=log,
+                                stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        while not (run_dir / "node.sock").exists():
+            time.sleep(0.05)
+        for _ in range(repeat):
+            for kind, opts in kinds.items():
+                sock = run_dir / "node.sock"
+                hidden = run_dir / "node.sock.hidden"
+                if kind == "spawned":
+                    sock.rename(hidden)  # as if no service ran
+                mnt = work / f"start-{mode}-{kind}"
+                mnt.mkdir(parents=True, exist_ok=True)
+                try:
+                    t = time.perf_counter()
+                    mount_background(image, str(mnt), str(work / "cache"), options=opts)
+                    times[kind].append(time.perf_counter() - t)
+                finally:
+                    if kind == "spawned":
+                        hidden.rename(sock)
+                    umount(str(mnt))
+    finally:
+        node.terminate()
+        node.wait(30)
+    return {f"{k}_s": statistics.median(v) for k, v in times.items()}
+
+
+def run(work: Path, repeat: int, kills: int, start_only: bool = False) -> dict[str, Any]:
     cache = corpus.default_cache_dir()
     src, tag = corpus.debian_python_image(cache)
     image = converted(work, src, tag, "python3-rafs")
     result: dict[str, Any] = {"image": "debian python3", "modes": {}}
     for mode in MODES:
+        if start_only:
+            result["modes"][mode] = {"start": start_times(image, work, mode, max(repeat, 5))}
+            continue
         with mounted(image, work / f"warm-{mode}", work / "cache", "--mode", mode,
                      "--no-prefetch") as mnt:
             for p in _files(mnt / "usr"):
@@ -177,22 +228,32 @@ def run(work: Path, repeat: int, kills: int) -> dict[str, Any]:
             row[kind] = {key: statistics.median(s[key] for s in samples)
                          for key in ("walk_s", "read_s", "read_mb", "entries")}
         row["failover"] = gaps(image, work, mode, kills)
+        row["start"] = start_times(image, work, mode, max(repeat, 5))
         result["modes"][mode] = row
     return result
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| mode | metadata walk plain / supervised (s) | warm read plain / supervised (s, MB) "
-             "| failover gap median / max (s) | state file names the new worker (median s) "
-             "| read errors |",
-             "|---|---|---|---|---|---|"]
-    for mode, row in result["modes"].items():
-        p, s, f = row["plain"], row["supervised"], row["failover"]
-        lines.append(
-            f"| {mode} | {p['walk_s']:.3f} / {s['walk_s']:.3f} ({int(p['entries'])} entries) "
-            f"| {p['read_s']:.3f} / {s['read_s']:.3f} ({p['read_mb']:.0f} MB) "
-            f"| {f['gap_median_s']:.3f} / {f['gap_max_s']:.3f} ({f['kills']} kills) "
-            f"| {f['new_worker_median_s']:.3f} | {f['read_errors']} of {f['reads']} |")
+    lines: list[str] = []
+    rows = result["modes"]
+    if all("failover" in row for row in rows.values()):
+        lines += ["| mode | metadata walk plain / supervised (s) | warm read plain / supervised "
+                  "(s, MB) | failover gap median / max (s) | state file names the new worker "
+                  "(median s) | read errors |", "|---|---|---|---|---|---|"]
+        for mode, row in rows.items():
+            p, s, f = row["plain"], row["supervised"], row["failover"]
+            lines.append(
+                f"| {mode} | {p['walk_s']:.3f} / {s['walk_s']:.3f} ({int(p['entries'])} "
+                f"entries) | {p['read_s']:.3f} / {s['read_s']:.3f} ({p['read_mb']:.0f} MB) "
+                f"| {f['gap_median_s']:.3f} / {f['gap_max_s']:.3f} ({f['kills']} kills) "
+                f"| {f['new_worker_median_s']:.3f} | {f['read_errors']} of {f['reads']} |")
+        lines.append("")
+    lines += ["| mode | mount to ready: spawned daemon / forked by the node service / "
+              "supervised, forked (s) |", "|---|---|"]
+    for mode, row in rows.items():
+        st = row["start"]
+        lines.append(f"| {mode} | {st['spawned_s']:.3f} / {st['node_s']:.3f} / "
+                     f"{st['node-supervised_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -202,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/failover.json"))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--kills", type=int, default=10)
+    p.add_argument("--start-only", action="store_true", help="only the mount-to-ready times")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAFS_RUN_DIR", str(args.work / "run"))
-    result = run(args.work, args.repeat, args.kills)
+    result = run(args.work, args.repeat, args.kills, args.start_only)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))

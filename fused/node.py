@@ -264,4 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as fused.node, not as __main__: what preload() records must be seen by the
+    # supervisors forked from here, which import fused.node.
+    from fused.node import main as node_main
+
+    sys.exit(node_main())

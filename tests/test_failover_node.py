@@ -74,12 +74,14 @@ def test_a_supervised_mount_through_the_node_service_fails_over_on_forked_worker
         supervisor = int(state(mp)["pid"])  # type: ignore[call-overload]
         assert _ppid(supervisor) == node  # forked by the service, not spawned
         assert _ppid(pid) == supervisor
+        assert b"fused.worker" not in Path(f"/proc/{pid}/cmdline").read_bytes()  # forked too
         with ReaderLoad(mp, expected, tmp_path, threads=32) as load:
             for _ in range(5):
                 time.sleep(0.5)
                 os.kill(pid, signal.SIGKILL)
                 pid = wait_serving(mp, not_pid=pid)
                 assert _ppid(pid) == supervisor
+                assert b"fused.worker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
             time.sleep(0.5)
             result = load.stop()
         stats = read_stats(mp, env)
