@@ -71,9 +71,12 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# The containerd snapshots API stubs (committed; run after editing a .proto).
+# The gRPC stubs (committed; run after editing a .proto): containerd's snapshots API,
+# and CRI's (k8s.io/cri-api runtime/v1: the snapshotter's image-service proxy, the
+# tests' CRI client).
 PROTOS := snapshotter/api/containerd/types/mount.proto \
-	snapshotter/api/containerd/services/snapshots/v1/snapshots.proto
+	snapshotter/api/containerd/services/snapshots/v1/snapshots.proto \
+	snapshotter/api/k8s/runtime/v1/api.proto
 protos: setup
 	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	rm -f snapshotter/api/containerd/types/mount_pb2_grpc.py

@@ -9,7 +9,11 @@ Owns:
   purpose); ``unmount_under`` does that at the end of a test module.
 - ``containerd_daemon`` — Debian's containerd with root, state, sockets and a
   generated ``config.toml`` under a temp dir, CRI disabled, and
-  ``[proxy_plugins.rafs]`` pointing at the snapshotter. In ``finally``: every
+  ``[proxy_plugins.rafs]`` pointing at the snapshotter. With ``cri=CriSettings(...)``
+  the CRI plugin is enabled instead (``cri_config``): it pulls and unpacks
+  through the rafs snapshotter with snapshot annotations on, takes the given
+  ``sandbox_image``, reads CNI config only from empty private dirs (pods use
+  the host network) and serves streaming on 127.0.0.1 at a free port. In ``finally``: every
   task is killed and deleted, shims still alive (found by their ``-address``
   argument) are killed with their children, containerd is stopped, and every
   mount under its directory is unmounted.
@@ -36,8 +40,10 @@ from pathlib import Path
 __all__ = [
     "RAFS_FSTYPES",
     "Containerd",
+    "CriSettings",
     "SnapshotterProcess",
     "containerd_daemon",
+    "cri_config",
     "mounts_under",
     "rafs_cmd",
     "run",
@@ -102,6 +108,53 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   type = "snapshot"
   address = "{snapshotter}"
 """
+
+
+@dataclass(frozen=True)
+class CriSettings:
+    """What the CRI variant of the containerd fixture needs: the pause image to run
+    sandboxes from (``HOST/REPO:TAG``, pulled through CRI on first use)."""
+
+    sandbox_image: str
+    snapshotter: str = "rafs"
+
+
+# The CRI plugin's part of config.toml (containerd 1.6, config version 2): the
+# configuration the README's Kubernetes section shows, on private directories
+# (runc's state too). restrict_oom_score_adj: the test machine's root lacks
+# CAP_SYS_RESOURCE, so runc could not give the sandbox the -998 OOM score CRI
+# asks for; this clamps it to containerd's own (a node does not need it).
+CRI_CONFIG = """
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{snapshotter}"
+    disable_snapshot_annotations = false
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "{runc_root}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni}/bin"
+    conf_dir = "{cni}/net.d"
+"""
+
+
+def cri_config(base: Path, address: Path, snapshotter_address: Path,
+               cri: CriSettings) -> str:
+    """config.toml for a containerd under ``base`` with the CRI plugin enabled."""
+    (base / "cni" / "bin").mkdir(parents=True, exist_ok=True)
+    (base / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
+    plain = CONFIG.format(root=base / "root", state=base / "state", address=address,
+                          snapshotter=snapshotter_address)
+    plain = plain.replace('disabled_plugins = ["io.containerd.grpc.v1.cri"]\n', "")
+    return plain + CRI_CONFIG.format(sandbox_image=cri.sandbox_image,
+                                     snapshotter=cri.snapshotter, cni=base / "cni",
+                                     runc_root=base / "runc")
 
 
 def mounts_under(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
@@ -251,13 +304,19 @@ def _kill_shims(address: Path) -> None:
 
 @contextlib.contextmanager
 def containerd_daemon(base: Path, snapshotter_address: Path,
-                      namespace: str = "rafs-test") -> Iterator[Containerd]:
-    """A private containerd under ``base`` using the snapshotter at ``snapshotter_address``."""
+                      namespace: str = "rafs-test",
+                      cri: CriSettings | None = None) -> Iterator[Containerd]:
+    """A private containerd under ``base`` using the snapshotter at ``snapshotter_address``;
+    with ``cri``, its CRI plugin serves on the same socket (use namespace ``k8s.io``,
+    CRI's own, so that ``ctr`` and the teardown see the pods' tasks)."""
     base.mkdir(parents=True, exist_ok=True)
     address = base / "containerd.sock"
     config = base / "config.toml"
-    config.write_text(CONFIG.format(root=base / "root", state=base / "state", address=address,
-                                    snapshotter=snapshotter_address))
+    if cri is not None:
+        config.write_text(cri_config(base, address, snapshotter_address, cri))
+    else:
+        config.write_text(CONFIG.format(root=base / "root", state=base / "state",
+                                        address=address, snapshotter=snapshotter_address))
     log = base / "containerd.log"
     with open(log, "ab") as logf:
         proc = subprocess.Popen(["containerd", "--config", str(config)],

@@ -3,6 +3,8 @@
 Modules: ``store`` (SQLite metadata), ``snapshots`` (the snapshot operations
 and the mounts they hand out), ``labels`` and ``remote`` (RAFS layers: from
 Prepare labels to a fused mount), ``filters`` (containerd filter expressions),
-``service`` (the gRPC server), ``cli``; ``api`` holds the containerd protos
-and the stubs ``make protos`` generates from them.
+``service`` (the gRPC server), ``imageproxy`` and ``keychain`` (CRI's image
+service in front of containerd's, keeping the kubelet's pull credentials),
+``cli``; ``api`` holds the containerd and CRI protos and the stubs ``make
+protos`` generates from them.
 """

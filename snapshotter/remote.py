@@ -10,6 +10,10 @@ that was pulled. The bootstrap layer is the one that gets mounted; blob layers
 are empty snapshots. Manifests are cached per reference for a short time, so
 the N layers of one pull cost one request.
 
+Credentials: ``--creds`` if the snapshotter was given them, else those a CRI
+pull of the image sent (``keychain``, filled by ``snapshotter.imageproxy``),
+else the node's (``$REGISTRY_AUTH_FILE``, ``~/.docker/config.json``).
+
 ``mount``/``unmount`` drive fused's daemon (``fused.cli.mount_background``,
 detached in its own session: it outlives the snapshotter) with the shared chunk
 cache under the snapshotter root. A mount is either a FUSE mount or, in
@@ -19,6 +23,7 @@ and ``umount`` handle both.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -27,10 +32,11 @@ from pathlib import Path
 from fused.cli import MountOptions, mount_background, stats, umount
 from fused.errors import MountError, NotMountedError
 from fused.mounts import find_mount
-from rafs.errors import RafsError
-from rafs.oci import Manifest, bootstrap_descriptor, is_rafs, parse_image_ref
+from rafs.errors import AuthError, RafsError
+from rafs.oci import ImageRef, Manifest, bootstrap_descriptor, is_rafs, parse_image_ref
 
 from .errors import SnapshotterError
+from .keychain import Keychain
 from .labels import RemoteRequest
 from .snapshots import ROLE_BLOB, ROLE_BOOTSTRAP, RemoteLayer
 
@@ -45,10 +51,11 @@ class FusedRemote:
     """RAFS layers served by fused daemons, chunks cached under ``cache_dir``."""
 
     def __init__(self, cache_dir: str | Path, options: MountOptions | None = None,
-                 mount_timeout: float = 120.0) -> None:
+                 mount_timeout: float = 120.0, keychain: Keychain | None = None) -> None:
         self.cache_dir = Path(cache_dir)
         self.options = options or MountOptions()
         self.mount_timeout = mount_timeout
+        self.keychain = keychain
         self._manifests: dict[str, tuple[float, Manifest]] = {}
         self._lock = threading.Lock()
 
@@ -83,17 +90,28 @@ class FusedRemote:
                 return hit[1]
         try:
             with RegistryClient.for_ref(ref, insecure=self.options.insecure,  # type: ignore[arg-type]
-                                        creds=self.options.creds) as client:
+                                        creds=self._creds(ref)) as client:  # type: ignore[arg-type]
                 manifest = client.resolve(ref)  # type: ignore[arg-type]
+        except AuthError as e:
+            raise SnapshotterError(
+                f"rafs snapshotter: cannot read the manifest of {key} to tell a RAFS image "
+                f"from a plain one: {e} (a CRI pull's own credentials reach the snapshotter "
+                "when it is the kubelet's image service: `--cri-image-service`)") from e
         except RafsError as e:
             raise SnapshotterError(f"cannot read the manifest of {key}: {e}") from e
         with self._lock:
             self._manifests[key] = (now, manifest)
         return manifest
 
+    def _creds(self, ref: ImageRef) -> tuple[str, str] | None:
+        if self.options.creds is not None or self.keychain is None:
+            return self.options.creds
+        return self.keychain.get(ref.registry, ref.repository)
+
     def mount(self, image: str, mountpoint: Path) -> None:
+        options = dataclasses.replace(self.options, creds=self._creds(parse_image_ref(image)))
         pid = mount_background(image, str(mountpoint), str(self.cache_dir),
-                               timeout=self.mount_timeout, options=self.options)
+                               timeout=self.mount_timeout, options=options)
         log.info("mounted %s on %s (daemon pid %d)", image, mountpoint, pid)
 
     def is_mounted(self, mountpoint: Path) -> bool:

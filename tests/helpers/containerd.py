@@ -7,6 +7,7 @@ uses it too); see there for what is started and how it is always stopped.
 from bench.containerd_env import (
     RAFS_FSTYPES,
     Containerd,
+    CriSettings,
     SnapshotterProcess,
     containerd_daemon,
     mounts_under,
@@ -17,6 +18,7 @@ from bench.containerd_env import (
 __all__ = [
     "RAFS_FSTYPES",
     "Containerd",
+    "CriSettings",
     "SnapshotterProcess",
     "containerd_daemon",
     "mounts_under",
