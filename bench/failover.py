@@ -11,7 +11,7 @@ local OCI layout (no link in the way):
   entry: in fuse mode every lookup reaches the daemon) and a warm read pass
   (every regular file under /usr read whole, its pages dropped per file
   before, ``POSIX_FADV_DONTNEED``, so every read reaches the daemon);
-- failover gap, supervised: 8 threads read small files in a loop (pages
+- failover gap, supervised, a standby worker ready: 8 threads read small files in a loop (pages
   dropped per file, so each read reaches the daemon); the worker gets SIGKILL
   ``--kills`` times; the gap is the time from the kill to the first read
   answered after it (median and max), and until the supervisor's state file
@@ -79,6 +79,8 @@ def _steady(image: str, work: Path, mode: str, supervise: bool) -> dict[str, flo
     mnt = work / f"mnt-{mode}-{'sup' if supervise else 'plain'}"
     extra = ["--mode", mode, "--no-prefetch", *(["--supervise"] if supervise else [])]
     with mounted(image, mnt, work / "cache", *extra):
+        if supervise:
+            _wait_standby(mnt)  # its start would compete for the CPU: measure after it
         t = time.perf_counter()
         entries = _walk(mnt)
         walk = time.perf_counter() - t
@@ -97,6 +99,14 @@ def _state(mnt: Path) -> dict[str, Any]:
         return json.loads(paths_for(mnt).state.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _wait_standby(mnt: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not _state(mnt).get("standby_pid"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no standby worker on {mnt} after {timeout}s")
+        time.sleep(0.01)
 
 
 def _wait_new_worker(mnt: Path, old: int, timeout: float = 120) -> int:
@@ -141,7 +151,8 @@ def gaps(image: str, work: Path, mode: str, kills: int) -> dict[str, Any]:
         gaps, restarts = [], []
         pid = int(_state(mnt)["worker_pid"])
         for _ in range(kills):
-            time.sleep(1.0)
+            time.sleep(0.5)
+            _wait_standby(mnt)  # the steady case: a standby is ready
             killed = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             pid = _wait_new_worker(mnt, pid)

@@ -394,6 +394,7 @@ class Supervisor:
         if worker.role == "standby":
             worker.state = "standby"
             log.info("worker %d (pid %d) stands by", worker.serial, worker.pid)
+            self._write_state()
             return
         worker.state = "serving"
         log.info("worker %d (pid %d) serves %s", worker.serial, worker.pid,
