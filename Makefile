@@ -11,7 +11,8 @@ STAMP := $(VENV)/.rafs-installed
 PYTEST_ARGS ?=
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc erofs-utils umoci skopeo debootstrap \
-	runc containerd docker-registry zstd ca-certificates stargz-snapshotter
+	runc containerd docker-registry zstd ca-certificates stargz-snapshotter \
+	tinyproxy-bin
 # python3-dev only when the interpreter we build the venv from has no headers.
 PY_HAS_HEADERS := $(shell $(PYTHON) -c 'import os, sysconfig; \
 	print(int(os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))))' \

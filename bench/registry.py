@@ -8,6 +8,13 @@ removed). Auth modes: anonymous, ``HtpasswdAuth`` (bcrypt entries) and
 ``TokenAuth`` (the registry verifies JWTs from a token issuer, see
 ``tests/helpers/token_issuer.py``).
 
+Options: ``proxy_remote`` makes it a pull-through cache of another registry
+(distribution's ``proxy: remoteurl:``, a mirror as fleets run one);
+``tls=(certificate, key)`` serves HTTPS; ``port`` asks for a fixed port.
+``halt()`` stops the process but keeps its port, config, storage and logs, and
+``restart()`` starts it again on the same port (a mirror going away and
+coming back).
+
 The registry's own access log (Apache combined format on its stdout) is parsed
 into ``AccessRecord`` entries, so a test or benchmark can count requests and
 bytes by the registry's account::
@@ -148,7 +155,9 @@ class RegistryServer:
 
     ``storage``: a directory to keep blobs in (kept on stop); by default a
     temporary one that is removed on stop. ``auth``: ``None`` (anonymous),
-    ``HtpasswdAuth`` or ``TokenAuth``.
+    ``HtpasswdAuth`` or ``TokenAuth``. ``proxy_remote``: the URL of a registry
+    to serve as a pull-through cache of. ``tls``: (certificate, key) PEM files
+    to serve HTTPS with. ``port``: a fixed port (default: a free one).
     """
 
     def __init__(
@@ -158,10 +167,16 @@ class RegistryServer:
         storage: Path | None = None,
         binary: str = DOCKER_REGISTRY,
         start_timeout: float = START_TIMEOUT,
+        proxy_remote: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+        port: int | None = None,
     ) -> None:
         self.auth = auth
         self.binary = binary
         self.start_timeout = start_timeout
+        self.proxy_remote = proxy_remote
+        self.tls = tls
+        self._fixed_port = port
         self._given_storage = Path(storage) if storage is not None else None
         self._workdir: Path | None = None
         self.port = 0
@@ -177,8 +192,8 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}"
+        """``http://127.0.0.1:PORT`` (``https://`` with ``tls``)."""
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def workdir(self) -> Path:
@@ -242,27 +257,50 @@ class RegistryServer:
         self.storage.mkdir(parents=True, exist_ok=True)
         auth_yaml = self._auth_yaml()
         last_error = ""
-        for _attempt in range(5):
-            self.port = free_port()
+        for _attempt in range(5 if self._fixed_port is None else 1):
+            self.port = self._fixed_port or free_port()
             self.config_path.write_text(self._config_yaml(auth_yaml))
-            with open(self.access_log_path, "ab") as out, open(self.log_path, "ab") as err:
-                self._proc = subprocess.Popen(
-                    [self.binary, "serve", str(self.config_path)],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    start_new_session=True,
-                )
             try:
-                self._wait_ready()
+                self._spawn()
             except _PortTaken as e:
                 last_error = str(e)
-                self._kill()
                 continue
-            except BaseException:
-                self._kill()
-                raise
-            log.debug("registry pid %d listening on %s", self._proc.pid, self.host)
             return
         raise RegistryError(f"registry could not bind a port: {last_error}")
+
+    def _spawn(self) -> None:
+        with open(self.access_log_path, "ab") as out, open(self.log_path, "ab") as err:
+            self._proc = subprocess.Popen(
+                [self.binary, "serve", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                start_new_session=True,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._kill()
+            raise
+        log.debug("registry pid %d listening on %s", self._proc.pid, self.host)
+
+    def halt(self) -> None:
+        """Stop the registry process; its port, config, storage and logs stay."""
+        self._kill()
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Start a halted registry again, on the same port (retried while the port is
+        still held by the old process's connections)."""
+        if self._proc is not None:
+            raise RegistryError("registry is running")
+        self.workdir  # noqa: B018 - RegistryError if it was never started
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._spawn()
+                return
+            except _PortTaken:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def stop(self) -> None:
         """Stop the registry (idempotent) and remove what it made."""
@@ -292,7 +330,7 @@ class RegistryServer:
     def _wait_ready(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + self.start_timeout
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, verify=False) as client:
             while True:
                 rc = self._proc.poll()
                 if rc is not None:
@@ -362,9 +400,12 @@ class RegistryServer:
             "http:\n"
             f"  addr: {_q(self.host)}\n"
             f"  secret: {_q(secrets.token_hex(16))}\n"
-            "health:\n"
+            + (f"  tls:\n    certificate: {_q(str(self.tls[0]))}\n"
+               f"    key: {_q(str(self.tls[1]))}\n" if self.tls else "")
+            + "health:\n"
             "  storagedriver:\n"
             "    enabled: false\n"
+            + (f"proxy:\n  remoteurl: {_q(self.proxy_remote)}\n" if self.proxy_remote else "")
             + auth_yaml
         )
 

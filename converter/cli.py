@@ -54,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    "REGISTRY_AUTH_FILE or ~/.docker/config.json)")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP to registries even if they are not on localhost")
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors for docker:// pulls, containerd's layout "
+                   "(DIR/HOST[:PORT]/hosts.toml; default $RAFS_HOSTS_DIR or "
+                   "/etc/containerd/certs.d); pushes go to the registry")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress (default: when stderr is a terminal)")
     p.set_defaults(func=run)
@@ -72,8 +76,12 @@ def _read_prefetch(path: str | None) -> list[bytes]:
 
 def run(args: argparse.Namespace) -> int:
     from rafs.credentials import parse_creds
+    from rafs.hosts import use_hosts_dir
 
     from .convert import ConvertOptions, convert  # heavy: only when converting
+
+    if args.hosts_dir:
+        use_hosts_dir(args.hosts_dir)  # every registry client of this process reads it
 
     options = ConvertOptions(
         chunk_size=args.chunk_size, compression=args.compression, level=args.level,

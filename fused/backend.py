@@ -12,6 +12,11 @@ manifest (the root of the trust chain, ``rafs.trust``), and ``read_blob`` a
 whole small blob (the bootstrap layer), retried where the backend can fail
 transiently; ``name`` is the image as messages name it.
 
+A backend may have several sources for the same bytes (a registry's mirrors
+and the registry itself): ``sources`` says how many, and ``distrust(blob,
+offset, length)`` is the fetcher telling it that the bytes it sent there did
+not verify, so that the next read of them comes from another source.
+
 ``BACKENDS`` maps an image-reference transport (``oci``, ``docker``) to the
 backend class that serves it; ``open_backend(ref, options)`` is the only
 constructor callers need.
@@ -23,11 +28,12 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import trio
 
@@ -36,6 +42,9 @@ from rafs.oci import ImageRef, Manifest, OCILayout
 
 from .options import BackendOptions
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from rafs.registry import Endpoint
 
 __all__ = ["BACKENDS", "Backend", "BackendOptions", "LocalBackend", "RegistryBackend",
            "open_backend"]
@@ -71,6 +80,17 @@ class Backend(ABC):
         """The same bytes as ``read``, in pieces as they arrive (a short stream is
         a truncated response: the fetcher asks again for the rest)."""
         yield await self.read(blob_digest, offset, length)
+
+    @property
+    def sources(self) -> int:
+        """How many independent sources can serve a byte range (a refetch of bytes
+        that did not verify is worth this many tries)."""
+        return 1
+
+    def distrust(self, blob_digest: str, offset: int, length: int) -> None:
+        """The bytes ``[offset, offset+length)`` of the blob, as last read, did not
+        match their digest: read them from elsewhere next time, if there is a choice."""
+        return None
 
     async def aclose(self) -> None:
         """Release connections and file descriptors."""
@@ -152,13 +172,18 @@ class RegistryBackend(Backend):
     """Blobs of an image in an OCI registry, read with HTTP Range requests on a
     keep-alive connection pool (``rafs.registry.AsyncRegistryClient``).
 
-    ``read`` and ``stream`` are one attempt per call: the fetcher owns their
-    retries, and learns from the ``TransientError`` raised here whether (and
-    after how long) to retry. ``resolve`` and ``read_blob`` are retried by the
-    client, under its ``rafs.retry.RetryPolicy``.
+    ``read`` and ``stream`` are one attempt per call on each endpoint of the
+    registry (mirrors, then the registry: ``rafs.hosts``): the fetcher owns
+    their retries, and learns from the ``TransientError`` raised here whether
+    (and after how long) to retry. ``resolve`` and ``read_blob`` are retried by
+    the client, under its ``rafs.retry.RetryPolicy``. Which endpoint sent which
+    bytes is remembered for the last ``SERVED`` ranges, so that ``distrust``
+    blames the right one. The endpoints' counters and states are in ``stats``
+    (``rafs stats``: ``endpoints``).
     """
 
     scheme = "docker"
+    SERVED = 1024
 
     def __init__(self, ref: ImageRef, options: BackendOptions) -> None:
         from rafs.registry import AsyncRegistryClient
@@ -167,7 +192,32 @@ class RegistryBackend(Backend):
         self.name = str(ref)
         self.client = AsyncRegistryClient.for_ref(
             ref, insecure=options.insecure, creds=options.creds, timeout=options.timeout,
-            max_connections=options.max_connections)
+            max_connections=options.max_connections, hosts_dir=options.hosts_dir)
+        # (blob digest, start, end, endpoint) of the ranges read lately
+        self._served: deque[tuple[str, int, int, Endpoint]] = deque(maxlen=self.SERVED)
+        self._stats: Stats | None = None
+
+    @property  # type: ignore[override]
+    def stats(self) -> Stats | None:
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: Stats | None) -> None:
+        self._stats = stats
+        if stats is not None:
+            stats.endpoints = {e.name: self.client.health[e] for e in self.client.endpoints}
+
+    @property
+    def sources(self) -> int:
+        return len(self.client.pull_endpoints)
+
+    def distrust(self, blob_digest: str, offset: int, length: int) -> None:
+        end = offset + length
+        blamed = {e for digest, start, stop, e in self._served
+                  if digest == blob_digest and start < end and offset < stop}
+        for e in blamed:
+            self.client.distrust(e, f"blob {blob_digest} bytes {offset}-{end - 1} did not "
+                                 "match their digest")
 
     @classmethod
     def from_ref(cls, ref: ImageRef, options: BackendOptions) -> Self:
@@ -189,12 +239,17 @@ class RegistryBackend(Backend):
 
     async def stream(self, blob_digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
         ignored = self.client.counters.range_ignored
+        sources: list[tuple[int, Endpoint]] = []
         try:
             async with aclosing(self.client.stream_range(self.ref.repository, blob_digest,
-                                                         offset, length)) as pieces:
+                                                         offset, length,
+                                                         sources=sources)) as pieces:
                 async for piece in pieces:
                     yield piece
         finally:
+            ends = [start for start, _ in sources[1:]] + [offset + length]
+            for (start, endpoint), stop in zip(sources, ends[:len(sources)], strict=True):
+                self._served.append((blob_digest, start, stop, endpoint))
             if self.stats is not None:
                 self.stats.range_ignored += self.client.counters.range_ignored - ignored
 

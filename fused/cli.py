@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rafs.credentials import parse_creds
+from rafs.hosts import DEFAULT_HOSTS_DIR, HOSTS_DIR_ENV, load_hosts, use_hosts_dir
 from rafs.oci import parse_image_ref
 
 
@@ -93,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--creds", metavar="USER:PASS",
                    help="registry credentials (default: REGISTRY_AUTH_FILE or "
                    "~/.docker/config.json)")
+    add_hosts_dir_argument(p)
     # -- supervised mounts (fused.supervisor): failover and hot upgrade
     p.add_argument("--supervise", action="store_true",
                    help="serve through a supervisor that replaces a daemon that dies without "
@@ -149,6 +151,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=_cmd_trace)
 
 
+def add_hosts_dir_argument(p: argparse.ArgumentParser) -> None:
+    """``--hosts-dir``: registry mirrors, containerd's hosts.toml layout (``rafs.hosts``)."""
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors and TLS settings in containerd's layout "
+                   "(DIR/HOST[:PORT]/hosts.toml; default $" + HOSTS_DIR_ENV + " or "
+                   + DEFAULT_HOSTS_DIR + ")")
+
+
 # -- mount --------------------------------------------------------------------
 
 
@@ -188,16 +198,21 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                            fetch_timeout=args.fetch_timeout, retries=args.retries,
                            metrics_address=args.metrics_address,
                            insecure=True if args.insecure else None, creds=parse_creds(args.creds),
-                           mode=args.mode, supervise=args.supervise,
-                           supervisor_args=_supervisor_args(args))
+                           mode=args.mode,
+                           hosts_dir=use_hosts_dir(args.hosts_dir) if args.hosts_dir else None,
+                           supervise=args.supervise, supervisor_args=_supervisor_args(args))
     if args.foreground and options.supervise:
         from .supervisor import main as supervisor_main
+
+        _check_hosts(image, options)
 
         return supervisor_main([image, args.mountpoint, "--cache-dir", cache_dir,
                                 "--log-level", _log_level(), *options.supervisor_args,
                                 *options.daemon_args()])
     if args.foreground:
         from .daemon import run
+
+        _check_hosts(image, options)
 
         if options.mode == "kernel":
             resolve_mode("kernel")
@@ -226,6 +241,7 @@ class MountOptions:
     insecure: bool | None = None
     creds: tuple[str, str] | None = None
     mode: str = "auto"  # auto | fuse | kernel
+    hosts_dir: str | None = None  # None: rafs.hosts' default ($RAFS_HOSTS_DIR, certs.d)
     supervise: bool = False  # python -m fused.supervisor instead of fused.daemon
     supervisor_args: tuple[str, ...] = ()
 
@@ -238,6 +254,8 @@ class MountOptions:
             args += ["--metrics-address", self.metrics_address]
         if self.insecure:
             args.append("--insecure")
+        if self.hosts_dir:
+            args += ["--hosts-dir", self.hosts_dir]
         return args
 
     def daemon_config(self, image: str, mountpoint: str, cache_dir: str) -> DaemonConfig:
@@ -248,7 +266,16 @@ class MountOptions:
                             fetch_timeout=self.fetch_timeout, retries=self.retries,
                             metrics_address=self.metrics_address, mode=self.mode,
                             backend=BackendOptions(insecure=self.insecure, creds=self.creds,
-                                                   timeout=self.fetch_timeout))
+                                                   timeout=self.fetch_timeout,
+                                                   hosts_dir=self.hosts_dir))
+
+
+def _check_hosts(image: str, options: MountOptions) -> None:
+    """A registry image's hosts.toml is read here first, so that a bad one is one
+    error line (naming the file) before any daemon starts."""
+    ref = parse_image_ref(image)
+    if ref.transport == "docker":
+        load_hosts(ref.registry, options.hosts_dir, insecure=options.insecure)
 
 
 def mount_background(
@@ -260,6 +287,7 @@ def mount_background(
         options = MountOptions(prefetch=prefetch)
     if options.mode == "kernel":
         resolve_mode("kernel")  # fail here, at once, with the reason (the daemon checks too)
+    _check_hosts(image, options)
     mp = canonical(mountpoint)
     paths = paths_for(mp)
     ensure_run_dir()
@@ -282,8 +310,9 @@ def mount_background(
         with open(paths.log, "ab") as logf:
             # A running node service (`rafs daemon`) forks the daemon with everything
             # imported; without one, start a fresh interpreter.
-            node_env = {k: env[k] for k in (CREDS_ENV, "RAFS_RUN_DIR", "REGISTRY_AUTH_FILE",
-                                             "DOCKER_CONFIG", "HOME") if k in env}
+            node_env = {k: env[k] for k in (CREDS_ENV, "RAFS_RUN_DIR", HOSTS_DIR_ENV,
+                                             "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "HOME")
+                        if k in env}
             child = node.request_mount(module, argv, node_env, write_fd, logf.fileno())
             if child is not None:
                 proc = _NodeChild(child)

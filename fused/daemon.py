@@ -558,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     parser.add_argument("--metrics-address")
     parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--hosts-dir")
     parser.add_argument("--mode", choices=MODES, default="auto")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -575,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                        retries=args.retries, metrics_address=args.metrics_address,
                        mode=args.mode,
                        backend=BackendOptions(insecure=True if args.insecure else None,
-                                              creds=creds, timeout=args.fetch_timeout))
+                                              creds=creds, timeout=args.fetch_timeout,
+                                              hosts_dir=args.hosts_dir))
     try:
         run(cfg, _pipe_reporter(args.ready_fd))
     except RafsError as e:

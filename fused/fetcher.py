@@ -24,10 +24,11 @@ transient backend errors are retried under ``rafs.retry.RetryPolicy``
 (exponential backoff with jitter; a ``retry_after`` the server sent is
 honoured up to the policy's cap).
 Each chunk is decompressed and sha256-verified in a worker thread
-(``rafs.codec.decode_chunk``); a mismatch is fetched once more on its own,
-and if it fails again the readers get ``ChunkError`` (EIO), the failure is
-logged and counted, and nothing is written to the cache. Wrong bytes never
-reach the cache or a reader.
+(``rafs.codec.decode_chunk``); a mismatch is fetched again on its own, once
+per source of the backend (``Backend.distrust`` first: a registry's mirror that
+sent it is passed over), and if it fails every time the readers get
+``ChunkError`` (EIO), the failure is logged and counted, and nothing is
+written to the cache. Wrong bytes never reach the cache or a reader.
 """
 
 from __future__ import annotations
@@ -376,8 +377,11 @@ class Fetcher:
 
     async def _verify_and_store(self, blob: Blob, index: int, c: Chunk, payload: bytes,
                                 kind: str) -> None:
-        """Decode, verify and cache one chunk; a digest mismatch is fetched once more."""
-        for attempt in (1, 2):
+        """Decode, verify and cache one chunk; a digest mismatch is fetched again, once
+        per source of the backend (a registry's mirrors and the registry), each time
+        after telling the backend, so that the refetch comes from the next source."""
+        attempts = 1 + self.backend.sources
+        for attempt in range(1, attempts + 1):
             try:
                 # One worker thread decodes, verifies and writes: zstd, sha256 and
                 # pwrite all release the GIL. DigestError means nothing was written.
@@ -386,10 +390,11 @@ class Fetcher:
             except DigestError as e:
                 self.stats.digest_failures += 1
                 self.stats.error_classes["digest"] += 1
-                if attempt == 2:
+                self.backend.distrust(blob.digest, c.compressed_offset, c.compressed_size)
+                if attempt == attempts:
                     log.error(
-                        "chunk %d of blob %s failed verification twice, giving up: %s",
-                        index, blob.digest, e,
+                        "chunk %d of blob %s failed verification %d times, giving up: %s",
+                        index, blob.digest, attempts, e,
                     )
                     self._finish(index, f"chunk {index} of blob {blob.digest}: {e}")
                     return

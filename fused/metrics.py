@@ -60,6 +60,7 @@ class StatsCollector(Collector):
         for op, n in sorted(s.fuse_requests.items()):
             family.add_metric([*self.values, op], n)
         yield family
+        yield from self._endpoints()
         gauge = GaugeMetricFamily("rafs_prefetch_planned_chunks",
                                   "chunks on the image's prefetch list", labels=self.names)
         gauge.add_metric(self.values, s.prefetch_planned)
@@ -73,6 +74,26 @@ class StatsCollector(Collector):
                                      "time to answer a read request", labels=self.names)
         hist.add_metric(self.values, buckets, s.latency_sum)
         yield hist
+
+
+    def _endpoints(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Per registry endpoint (mirrors and the registry): state and counters."""
+        endpoints = self.stats.endpoints
+        up = GaugeMetricFamily("rafs_endpoint_up", "1 while requests go to the registry "
+                               "endpoint, 0 while it is down", labels=[*self.names, "endpoint"])
+        for name, e in endpoints.items():
+            up.add_metric([*self.values, name], 1 if e.up else 0)
+        yield up
+        for attr, doc in (("requests", "requests sent to the registry endpoint"),
+                          ("errors", "failed requests to the registry endpoint"),
+                          ("bytes", "bytes received from the registry endpoint"),
+                          ("digest_errors", "ranges from the registry endpoint that did not "
+                           "match their digest"),
+                          ("stalls", "requests to the registry endpoint given up as stalled")):
+            family = self._counter(f"endpoint_{attr}", doc, ("endpoint",))
+            for name, e in endpoints.items():
+                family.add_metric([*self.values, name], getattr(e, attr))
+            yield family
 
 
 def new_registry(stats: Stats, labels: dict[str, str]) -> CollectorRegistry:

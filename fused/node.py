@@ -44,8 +44,8 @@ __all__ = ["MODULES", "main", "node_socket", "request_mount", "serve"]
 log = logging.getLogger("fused.node")  # also when run as __main__
 
 MODULES = ("fused.supervisor", "fused.daemon")
-_ENV_ALLOWED = ("RAFS_REGISTRY_CREDS", "RAFS_RUN_DIR", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
-                "HOME")
+_ENV_ALLOWED = ("RAFS_REGISTRY_CREDS", "RAFS_RUN_DIR", "RAFS_HOSTS_DIR", "REGISTRY_AUTH_FILE",
+                "DOCKER_CONFIG", "HOME")
 
 # Set in the service and so in every process forked from it: what code they run.
 preloaded_version: str | None = None

@@ -35,3 +35,4 @@ class BackendOptions:
     creds: tuple[str, str] | None = None
     timeout: float = 30.0
     max_connections: int = 8
+    hosts_dir: str | None = None  # containerd's hosts.toml layout (None: rafs.hosts' default)

@@ -10,6 +10,10 @@ Backend traffic is counted by kind: ``ondemand`` (a reader is waiting) and
 ``prefetch`` (the background prefetch list). The ``backend_*`` totals are the
 sums of both kinds. Errors are counted by class (``timeout``, ``connection``,
 ``http_5xx``, ``http_429``, ``truncated``, ``digest``, ``other``).
+
+``endpoints`` are the registry endpoints of the mount (mirrors and the
+registry, ``rafs.endpoints.EndpointHealth`` objects set by the backend): each
+with its state (up/down), requests, errors, bytes, digest errors and stalls.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import bisect
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["KINDS", "LATENCY_BUCKETS", "Stats"]
 
@@ -75,6 +80,7 @@ class Stats:
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
     started: float = field(default_factory=time.time)
+    endpoints: dict[str, Any] = field(default_factory=dict)  # name -> EndpointHealth
 
     # -- recording ------------------------------------------------------------
 
@@ -137,5 +143,6 @@ class Stats:
                 "counts": list(self.latency_counts),
                 "sum": round(self.latency_sum, 6),
             },
+            "endpoints": {name: e.snapshot() for name, e in self.endpoints.items()},
             "uptime": round(time.time() - self.started, 3),
         }

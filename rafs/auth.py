@@ -56,12 +56,13 @@ def parse_challenge(header: str) -> Challenge | None:
     return Challenge(scheme.lower(), params)
 
 
-_REPO_PATH = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags)/")
+_REPO_PATH = r"/(.+?)/(?:manifests|blobs|tags)/"
 
 
-def request_scope(request: httpx.Request) -> str | None:
-    """The token scope a registry request needs: ``repository:NAME:ACTIONS``."""
-    m = _REPO_PATH.match(request.url.path)
+def request_scope(request: httpx.Request, api_root: str = "/v2") -> str | None:
+    """The token scope a registry request needs: ``repository:NAME:ACTIONS``
+    (``api_root``: the path the endpoint's API lives under, ``/v2`` by the spec)."""
+    m = re.match(re.escape(api_root) + _REPO_PATH, request.url.path)
     if m is None:
         return None
     actions = "pull" if request.method in ("GET", "HEAD") else "pull,push"
@@ -76,10 +77,13 @@ def _basic_header(creds: Credentials) -> str:
 
 
 class RegistryAuth(httpx.Auth):
-    """Answers one registry's 401 challenges, for a sync or an async httpx client."""
+    """Answers one registry endpoint's 401 challenges, for a sync or an async httpx
+    client (each endpoint of a registry, a mirror or the registry itself, has its own:
+    its own credentials and tokens)."""
 
-    def __init__(self, registry: str, creds: Credentials | None) -> None:
+    def __init__(self, registry: str, creds: Credentials | None, api_root: str = "/v2") -> None:
         self.registry = registry
+        self.api_root = api_root
         self._creds = creds
         self._basic = False  # the registry asked for Basic: send it up front from now on
         self._tokens: dict[str, str] = {}  # scope -> bearer token
@@ -146,7 +150,7 @@ class RegistryAuth(httpx.Auth):
         return token
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        scope = request_scope(request)
+        scope = request_scope(request, self.api_root)
         self._apply(request, scope)
         response = yield request
         if response.status_code != 401:

@@ -5,6 +5,7 @@
     ├── DigestError        bytes do not match the digest that vouches for them
     ├── ImageError         an OCI image, layout, manifest or reference is unusable
     │   └── MediaTypeError an unknown or unexpected media type
+    ├── ConfigError        a configuration file is unusable (names the file)
     └── BackendError       fetching bytes failed (I/O, network, registry)
         ├── AuthError      the registry refused our credentials, or wants some
         └── TransientError worth retrying (connection reset, 5xx, 429, truncation)
@@ -44,6 +45,13 @@ class ImageError(RafsError):
 
 class MediaTypeError(ImageError):
     """An unknown or unexpected media type."""
+
+    errno = errno.EINVAL
+
+
+class ConfigError(RafsError):
+    """A configuration file (a registry's ``hosts.toml``, ...) is unusable; the
+    message names the file."""
 
     errno = errno.EINVAL
 

@@ -47,10 +47,29 @@ loop in a thread and a hop across it per piece; why not two clients over
 shared helpers: retries, resumption and range checks are most of the logic,
 and those were the copies that had drifted.
 
-Endpoints: each attempt that ``_retrying`` runs is handed the endpoint (base
-URL) to send to; today that is the registry itself. Mirrors slot in there (a
-list of endpoints per registry, and the fallback between them in
-``_retrying``); request URLs are built from the endpoint by ``_request``.
+Endpoints (mirrors)
+-------------------
+
+A registry is reached through its *endpoints* (``rafs.hosts``: containerd's
+``hosts.toml``): mirrors in order, then the registry itself (or the
+configured ``server``). Each attempt that ``_retrying`` runs is handed the
+endpoint to send to, and every URL is built from it by ``_request`` (its API
+root, its headers, ``ns=REGISTRY`` for a mirror as containerd sends; an
+httpx client per endpoint for its TLS settings and its own
+``RegistryAuth``, with the credentials stored for the endpoint's host).
+``_retrying`` walks the endpoints that may serve the operation (a manifest by
+tag needs ``resolve``, by digest and blobs ``pull``, uploads ``push``),
+skipping those that are down (``rafs.endpoints.EndpointHealth``: counters,
+down after a connection failure, 5xx, stall or digest mismatch, probed again
+after a backoff); the last one is always tried. A failure moves on to the
+next endpoint at once (a blob read resumes there from its first missing
+byte); when the last one has failed too, a transient failure is retried
+under the policy, from the first endpoint that is up. A stall the daemon's
+fetcher cuts off (it cancels the stream) counts against the endpoint that
+was being waited for; a chunk that fails verification is reported with
+``distrust`` by whoever verified it (the daemon's backend knows, from the
+``sources`` of each range, which endpoint sent which bytes). Digests are
+verified as always: an endpoint can make a read slower, never wrong.
 
 ``transport=`` takes any httpx transport, so tests inject faults a real
 registry cannot produce with ``httpx.MockTransport``.
@@ -64,6 +83,7 @@ import io
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -76,9 +96,11 @@ import httpx
 
 from .auth import RegistryAuth
 from .credentials import Credentials, load_credentials
+from .endpoints import EndpointHealth
 from .errors import (
     AuthError,
     BackendError,
+    ConfigError,
     DigestError,
     ImageError,
     RafsError,
@@ -97,11 +119,12 @@ from .oci import (
     select_platform,
     sha256_digest,
 )
+from .hosts import Endpoint, RegistryHosts, load_hosts, origin_url
 from .retry import RetryPolicy
 from .trust import bootstrap_layer, verify_bootstrap, verify_manifest
 
-__all__ = ["AsyncRegistryClient", "RegistryClient", "RegistryCounters", "fetch_bootstrap",
-           "registry_url"]
+__all__ = ["AsyncRegistryClient", "Endpoint", "RegistryClient", "RegistryCounters",
+           "fetch_bootstrap", "registry_url"]
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +136,18 @@ CHUNK_THRESHOLD = 64 << 20  # uploads larger than this go in PATCH chunks of UPL
 UPLOAD_CHUNK = 16 << 20
 READ_PIECE = 1 << 20
 DEFAULT_TIMEOUT = 30.0
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 ONE_ATTEMPT = RetryPolicy(retries=0)
+# A request the daemon's fetcher cancels after waiting this fraction of the client's
+# timeout for its next byte counts as a stall of the endpoint (the fetcher's idle
+# timeout is the client's: whichever fires first, the endpoint is blamed once).
+STALL_FRACTION = 0.9
 
 T = TypeVar("T")
 
 
 def registry_url(registry: str, insecure: bool | None = None) -> str:
     """``http://`` for a local registry (or when ``insecure``), ``https://`` otherwise."""
-    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
-    plain = insecure if insecure is not None else host in LOCAL_HOSTS
-    if registry == "docker.io":
-        registry = "registry-1.docker.io"
-    return f"{'http' if plain else 'https'}://{registry}"
+    return origin_url(registry, insecure)
 
 
 @dataclass
@@ -184,16 +206,35 @@ def _answer_error(response: httpx.Response, body: bytes, what: str) -> RafsError
     return BackendError(f"{what}: {registry} answered {status} ({message})")
 
 
+def _cause(e: BaseException) -> BaseException | None:
+    """The first exception in ``e``'s chain of causes that says something."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or str(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _transport_error(e: httpx.HTTPError, what: str, started: bool) -> RafsError:
     """``started``: the answer had begun (its headers arrived) when ``e`` happened."""
     if isinstance(e, httpx.UnsupportedProtocol) or not isinstance(e, httpx.TransportError):
         return BackendError(f"{what}: {e}")  # a bad URL, too many redirects, bad encoding
     if isinstance(e, httpx.TimeoutException):
         return TransientError(f"{what}: timed out", error_class="timeout")
+    cause = _cause(e)
+    chain: BaseException | None = e
+    while chain is not None and not isinstance(chain, ssl.SSLCertVerificationError):
+        chain = chain.__cause__ or chain.__context__
+    if chain is not None:  # no retry mends a certificate: a permanent failure
+        reason = getattr(chain, "verify_message", None) or str(chain)
+        return BackendError(f"{what}: TLS certificate verify failed ({reason}; a hosts.toml "
+                            "ca or skip_verify may be wanted)")
+    detail = f"{type(e).__name__}: {cause}" if cause is not None else type(e).__name__
     if started:
-        return TransientError(f"{what}: the answer broke off ({type(e).__name__}: {e})",
+        return TransientError(f"{what}: the answer broke off ({detail})",
                               error_class="truncated")
-    return TransientError(f"{what}: {type(e).__name__}: {e}", error_class="connection")
+    return TransientError(f"{what}: {detail}", error_class="connection")
 
 
 @contextlib.contextmanager
@@ -220,11 +261,12 @@ def _content_length(response: httpx.Response) -> int | None:
 
 
 def _manifest_url(repo: str, reference: str) -> str:
-    return f"/v2/{repo}/manifests/{reference}"
+    """Paths are relative to an endpoint's API root (``/v2``): see ``_Core._request``."""
+    return f"/{repo}/manifests/{reference}"
 
 
 def _blob_url(repo: str, digest: str) -> str:
-    return f"/v2/{repo}/blobs/{check_digest(digest)}"
+    return f"/{repo}/blobs/{check_digest(digest)}"
 
 
 def _is_index(raw: bytes, content_type: str) -> bool:
@@ -282,15 +324,30 @@ class _Body:
                 yield piece
 
 
+class _Parts:
+    """The pieces of a whole blob read into memory, up to ``limit`` bytes."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.parts: list[bytes] = []
+        self.size, self.limit, self.what = 0, limit, what
+
+    def add(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size > self.limit:
+            raise ImageError(f"{self.what} is larger than {self.limit} bytes")
+        self.parts.append(piece)
+
+
 # -- flows: the protocol, once ------------------------------------------------------
 
 
 @dataclass(slots=True)
 class _Send:
-    """Send ``request``; the result is its answer, body not yet read."""
+    """Send ``request`` to ``endpoint``; the result is its answer, body not yet read."""
 
     request: httpx.Request
     what: str
+    endpoint: Endpoint
 
 
 @dataclass(slots=True)
@@ -369,11 +426,12 @@ class _Cursor:
 class _Link:
     """The answer a running flow is reading; sending another request closes it."""
 
-    __slots__ = ("pieces", "response")
+    __slots__ = ("endpoint", "pieces", "response")
 
     def __init__(self) -> None:
         self.response: httpx.Response | None = None
         self.pieces: Any = None
+        self.endpoint: Endpoint | None = None
 
     def pieces_of(self, response: httpx.Response) -> Any:
         if response is not self.response:
@@ -382,21 +440,29 @@ class _Link:
 
 
 class _Core:
-    """What both clients are: configuration, counters and the flows."""
+    """What both clients are: configuration, endpoints, counters and the flows."""
 
     def __init__(self, registry: str, *, insecure: bool | None, creds: Credentials | None,
                  timeout: float, retry: RetryPolicy | None, chunk_threshold: int = CHUNK_THRESHOLD,
-                 upload_chunk: int = UPLOAD_CHUNK) -> None:
+                 upload_chunk: int = UPLOAD_CHUNK, hosts: RegistryHosts | None = None,
+                 hosts_dir: str | None = None) -> None:
         self.registry = registry
-        self.base_url = registry_url(registry, insecure)
-        self.auth = RegistryAuth(registry, load_credentials(registry, creds))
+        self.hosts = hosts if hosts is not None else load_hosts(registry, hosts_dir,
+                                                                insecure=insecure)
+        self.endpoints = self.hosts.endpoints
+        track = len(self.endpoints) > 1
+        self.health = {e: EndpointHealth(e.name, role="server" if e.server else "mirror",
+                                         track=track) for e in self.endpoints}
+        self._auths = {e: RegistryAuth(e.host, self._credentials(e, creds), e.root)
+                       for e in self.endpoints}
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.chunk_threshold = chunk_threshold
         self.upload_chunk = upload_chunk
         self.counters = RegistryCounters()
-        self._warned_range: set[str] = set()
-        self._http: httpx.Client | httpx.AsyncClient
+        self._warned_range: set[tuple[str, str]] = set()
+        if track:
+            log.info("%s: endpoints %s", registry, self.hosts.describe())
 
     @classmethod
     def for_ref(cls, ref: ImageRef, **kwargs: Any) -> Self:
@@ -404,43 +470,145 @@ class _Core:
             raise ImageError(f"{ref} is not a registry reference")
         return cls(ref.registry, **kwargs)
 
-    def _client_args(self, max_connections: int) -> dict[str, Any]:
-        return dict(auth=self.auth, follow_redirects=True, timeout=httpx.Timeout(self.timeout),
+    def _credentials(self, endpoint: Endpoint, explicit: Credentials | None
+                     ) -> Credentials | None:
+        """The registry's own server takes ``--creds`` (else what is stored for it);
+        a mirror only what is stored for the mirror's host, as containerd looks
+        credentials up by the host a request goes to."""
+        if not endpoint.server:
+            return load_credentials(endpoint.host)
+        if explicit is not None:
+            return explicit
+        found = load_credentials(endpoint.host)
+        if found is None and endpoint.host != self.registry:
+            found = load_credentials(self.registry)
+        return found
+
+    def _tls(self, endpoint: Endpoint) -> ssl.SSLContext | bool:
+        """The endpoint's TLS settings (``skip_verify``, ``ca``, ``client``)."""
+        if not endpoint.custom_tls:
+            return True
+        where = f"{self.hosts.source or 'hosts.toml'}: {endpoint.name}"
+        ctx = httpx.create_ssl_context()
+        if endpoint.skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        for ca in endpoint.ca:
+            try:
+                ctx.load_verify_locations(cafile=ca)
+            except (ssl.SSLError, OSError) as e:
+                raise ConfigError(f"{where}: CA file {ca} is not usable: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+        for cert, key in endpoint.client:
+            try:
+                ctx.load_cert_chain(cert, key)
+            except (ssl.SSLError, OSError) as e:
+                raise ConfigError(f"{where}: client certificate {cert} is not usable: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+        return ctx
+
+    def _client_args(self, endpoint: Endpoint, max_connections: int) -> dict[str, Any]:
+        timeout = httpx.Timeout(self.timeout, connect=endpoint.dial_timeout or self.timeout)
+        return dict(auth=self._auths[endpoint], follow_redirects=True, timeout=timeout,
+                    verify=self._tls(endpoint),
                     limits=httpx.Limits(max_connections=max_connections,
                                         max_keepalive_connections=max_connections),
                     headers={"User-Agent": "rafs"})
 
+    # -- endpoints --
+
+    @property
+    def pull_endpoints(self) -> tuple[Endpoint, ...]:
+        return self.hosts.serving("pull")
+
+    def distrust(self, endpoint: Endpoint, reason: str) -> None:
+        """Bytes ``endpoint`` sent did not match their digest (found by the caller)."""
+        self.health[endpoint].failed(reason, digest=True)
+
+    def _route(self, need: str, what: str) -> tuple[list[Endpoint], list[Endpoint]]:
+        """The endpoints to try for an operation needing ``need``, in order, and the
+        probes this claimed (down endpoints let through once)."""
+        capable = self.hosts.serving(need)
+        if not capable:
+            raise ConfigError(f"{what}: no endpoint of {self.registry} may {need} "
+                              f"({self.hosts.source}: none has that capability)")
+        route, probes = [], []
+        for e in capable[:-1]:
+            health = self.health[e]
+            was_up = health.up
+            if health.usable():
+                route.append(e)
+                if not was_up:
+                    probes.append(e)
+        route.append(capable[-1])  # the last is always tried: there is nowhere else to go
+        return route, probes
+
     # -- requests and answers --
 
-    def _request(self, endpoint: str, method: str, url: str, **kwargs: Any) -> httpx.Request:
-        """A request to ``url`` (a path on ``endpoint``, or an absolute URL)."""
-        return self._http.build_request(method, httpx.URL(endpoint).join(url), **kwargs)
+    def _request(self, endpoint: Endpoint, method: str, url: str, **kwargs: Any
+                 ) -> httpx.Request:
+        """A request to ``url``: a path under ``endpoint``'s API root (``/REPO/...``),
+        or an absolute URL (an upload location the registry sent)."""
+        if not url.startswith(("http://", "https://")):
+            if endpoint.host != self.registry:  # a mirror learns whose content is wanted
+                kwargs["params"] = {**kwargs.get("params", {}), "ns": self.registry}
+            url = endpoint.url + endpoint.root + url
+        if endpoint.headers:  # hosts.toml's [header]: sent with every request
+            given = httpx.Headers(kwargs.pop("headers", None) or {})
+            kwargs["headers"] = httpx.Headers([*given.multi_items(), *endpoint.headers])
+        return self._http_for(endpoint).build_request(method, url, **kwargs)
 
-    def _retrying(self, what: str, attempt: Callable[[str], Flow[T]], *,
-                  retry: RetryPolicy | None = None,
+    def _http_for(self, endpoint: Endpoint) -> httpx.Client | httpx.AsyncClient:
+        raise NotImplementedError
+
+    def _retrying(self, what: str, attempt: Callable[[Endpoint], Flow[T]], *,
+                  need: str = "pull", retry: RetryPolicy | None = None,
                   progress: Callable[[], int] | None = None) -> Flow[T]:
-        """Run ``attempt(endpoint)`` until it succeeds, retrying transient failures
-        under the policy; ``progress`` (bytes received) restarts the count."""
+        """Run ``attempt(endpoint)`` on the endpoints that may serve ``need`` until it
+        succeeds: a failure moves on to the next endpoint; when the last one failed
+        transiently, the round is retried under the policy (``progress``, bytes
+        received, restarts the count)."""
         backoff = (retry or self.retry).start(log)
         mark = progress() if progress else 0
         while True:
+            route, probes = self._route(need, what)
+            error: RafsError | None = None
             try:
-                return (yield from attempt(self.base_url))
-            except TransientError as e:
-                if progress is not None and progress() > mark:
-                    backoff.reset()
-                    mark = progress()
-                delay = backoff.next(e)
-                if delay is None:
-                    raise
-                self.counters.retries += 1
-                yield _Sleep(delay)
+                for n, endpoint in enumerate(route):
+                    health = self.health[endpoint]
+                    try:
+                        result = yield from attempt(endpoint)
+                    except (TransientError, DigestError) as e:
+                        health.failed(str(e), digest=isinstance(e, DigestError))
+                        error = e
+                    except RafsError as e:  # an answer: the endpoint itself is fine
+                        health.answered()
+                        error = e
+                    else:
+                        health.succeeded()
+                        return result
+                    if n + 1 < len(route):
+                        log.debug("%s: %s; trying %s", what, error, route[n + 1].name)
+            finally:
+                for endpoint in probes:
+                    self.health[endpoint].release()
+            assert error is not None
+            if not isinstance(error, TransientError):
+                raise error
+            if progress is not None and progress() > mark:
+                backoff.reset()
+                mark = progress()
+            delay = backoff.next(error)
+            if delay is None:
+                raise error
+            self.counters.retries += 1
+            yield _Sleep(delay)
 
-    def _open(self, endpoint: str, method: str, url: str, what: str, *,
+    def _open(self, endpoint: Endpoint, method: str, url: str, what: str, *,
               ok: tuple[int, ...] = (200,), **kwargs: Any) -> Flow[httpx.Response]:
         """Send one request; an answer outside ``ok`` raises its error. The body is
         left to the caller."""
-        response = yield _Send(self._request(endpoint, method, url, **kwargs), what)
+        response = yield _Send(self._request(endpoint, method, url, **kwargs), what, endpoint)
         if response.status_code not in ok:
             try:
                 body = yield from self._body(response, what, MAX_SMALL_BODY)
@@ -462,7 +630,7 @@ class _Core:
             raise ImageError(too_large)
         return b"".join(parts)[:limit]
 
-    def _exchange(self, endpoint: str, method: str, url: str, what: str, *,
+    def _exchange(self, endpoint: Endpoint, method: str, url: str, what: str, *,
                   ok: tuple[int, ...] = (200,), limit: int = MAX_SMALL_BODY,
                   too_large: str | None = None, **kwargs: Any
                   ) -> Flow[tuple[httpx.Response, bytes]]:
@@ -474,15 +642,23 @@ class _Core:
     # -- manifests --
 
     def _get_manifest(self, repo: str, reference: str) -> Flow[tuple[bytes, str, str]]:
-        what = f"manifest {repo}:{reference}" if ":" not in reference else f"{repo}@{reference}"
-        response, raw = yield from self._retrying(what, lambda endpoint: self._exchange(
-            endpoint, "GET", _manifest_url(repo, reference), what, limit=MAX_MANIFEST,
-            too_large=f"{what}: the manifest is larger than {MAX_MANIFEST} bytes",
-            headers={"Accept": ACCEPT_MANIFESTS}))
-        digest = verify_manifest(raw, reference if reference.startswith("sha256:") else None,
-                                 what)
-        verify_manifest(raw, response.headers.get("docker-content-digest"), what)
-        return raw, response.headers.get("content-type", ""), digest
+        by_digest = reference.startswith("sha256:") or ":" in reference
+        what = f"{repo}@{reference}" if by_digest else f"manifest {repo}:{reference}"
+
+        def attempt(endpoint: Endpoint) -> Flow[tuple[bytes, str, str]]:
+            response, raw = yield from self._exchange(
+                endpoint, "GET", _manifest_url(repo, reference), what, limit=MAX_MANIFEST,
+                too_large=f"{what}: the manifest is larger than {MAX_MANIFEST} bytes",
+                headers={"Accept": ACCEPT_MANIFESTS})
+            # checked here, so that a mirror that sends other bytes is passed over
+            digest = verify_manifest(raw, reference if reference.startswith("sha256:")
+                                     else None, what)
+            verify_manifest(raw, response.headers.get("docker-content-digest"), what)
+            return raw, response.headers.get("content-type", ""), digest
+
+        # a tag is resolved only by endpoints trusted to; a digest vouches for itself
+        return (yield from self._retrying(what, attempt,
+                                          need="pull" if by_digest else "resolve"))
 
     def _resolve(self, ref: ImageRef) -> Flow[Manifest]:
         reference = ref.digest or ref.tag or "latest"
@@ -500,7 +676,7 @@ class _Core:
         what = f"manifest {repo}:{reference}"
         response, _ = yield from self._retrying(what, lambda endpoint: self._exchange(
             endpoint, "PUT", _manifest_url(repo, reference), what, ok=(200, 201, 202),
-            content=raw, headers={"Content-Type": media_type}))
+            content=raw, headers={"Content-Type": media_type}), need="push")
         digest = sha256_digest(raw)
         said = response.headers.get("docker-content-digest")
         if said and said != digest:
@@ -509,38 +685,42 @@ class _Core:
 
     # -- blobs --
 
-    def _head_blob(self, repo: str, digest: str) -> Flow[int | None]:
+    def _head_blob(self, repo: str, digest: str, need: str = "pull") -> Flow[int | None]:
         what = f"blob {digest} in {repo}"
         try:
             response, _ = yield from self._retrying(what, lambda endpoint: self._exchange(
-                endpoint, "HEAD", _blob_url(repo, digest), what))
+                endpoint, "HEAD", _blob_url(repo, digest), what), need=need)
         except ImageError:
             return None
         return _content_length(response) or 0
 
     def _blob(self, repo: str, digest: str, offset: int = 0, length: int | None = None, *,
-              retry: RetryPolicy | None = None,
-              sink: Callable[[bytes], None] | None = None) -> Flow[None]:
+              retry: RetryPolicy | None = None, sink: Callable[[bytes], None] | None = None,
+              sources: list[tuple[int, Endpoint]] | None = None) -> Flow[None]:
         """Bytes ``[offset, offset+length)`` of a blob (to its end if ``length`` is
-        None), emitted (or handed to ``sink``) as they arrive. A transient failure
-        asks again from the first byte not yet received, under ``retry``."""
+        None), emitted (or handed to ``sink``) as they arrive. A failure asks the
+        next endpoint, then again under ``retry``, from the first byte not yet
+        received; ``sources`` gets (blob offset, endpoint) where an endpoint took over."""
         what = f"blob {digest} in {repo}"
         cursor = _Cursor(offset, None if length is None else offset + length)
         if cursor.end is not None and cursor.end <= cursor.pos:
             return
         yield from self._retrying(
             what, lambda endpoint: self._blob_attempt(endpoint, repo, digest, cursor, what,
-                                                      sink),
+                                                      sink, sources),
             retry=retry, progress=lambda: cursor.pos)
 
-    def _blob_attempt(self, endpoint: str, repo: str, digest: str, cursor: _Cursor, what: str,
-                      sink: Callable[[bytes], None] | None) -> Flow[None]:
+    def _blob_attempt(self, endpoint: Endpoint, repo: str, digest: str, cursor: _Cursor,
+                      what: str, sink: Callable[[bytes], None] | None,
+                      sources: list[tuple[int, Endpoint]] | None) -> Flow[None]:
         ranged = cursor.pos > 0 or cursor.end is not None
         last = "" if cursor.end is None else str(cursor.end - 1)
         response = yield from self._open(
             endpoint, "GET", _blob_url(repo, digest), what, ok=(200, 206),
             headers={"Range": f"bytes={cursor.pos}-{last}"} if ranged else {})
-        skip = self._check_range(response, digest, cursor, ranged, what)
+        skip = self._check_range(response, endpoint, digest, cursor, ranged, what)
+        if sources is not None:
+            sources.append((cursor.pos, endpoint))
         while cursor.end is None or cursor.pos < cursor.end:
             piece = yield _Read(response, what)
             if not piece:
@@ -565,8 +745,8 @@ class _Core:
             with contextlib.suppress(TransientError):
                 yield _Read(response, what)
 
-    def _check_range(self, response: httpx.Response, digest: str, cursor: _Cursor,
-                     ranged: bool, what: str) -> int:
+    def _check_range(self, response: httpx.Response, endpoint: Endpoint, digest: str,
+                     cursor: _Cursor, ranged: bool, what: str) -> int:
         """Check an answer against the range asked for, learn the end of a read to the
         blob's end; the number of bytes to skip at the start of the body."""
         if response.status_code == 200:
@@ -575,10 +755,10 @@ class _Core:
             if not ranged:
                 return 0
             self.counters.range_ignored += 1
-            if digest not in self._warned_range:
-                self._warned_range.add(digest)
+            if (endpoint.name, digest) not in self._warned_range:
+                self._warned_range.add((endpoint.name, digest))
                 log.warning("%s ignored a Range request for %s and sent the whole blob",
-                            self.registry, digest)
+                            endpoint.name, digest)
             return cursor.pos
         span = _content_range(response)
         if span is None or span[0] != cursor.pos:
@@ -590,55 +770,57 @@ class _Core:
         return 0
 
     def _get_blob(self, repo: str, digest: str, max_size: int) -> Flow[bytes]:
+        """A whole blob, checked against its digest; bytes that do not match are asked
+        for again from the next endpoint (the ones that sent them are distrusted)."""
         what = f"blob {digest} in {repo}"
-        parts: list[bytes] = []
-        size = 0
-
-        def sink(piece: bytes) -> None:
-            nonlocal size
-            size += len(piece)
-            if size > max_size:
-                raise ImageError(f"{what} is larger than {max_size} bytes")
-            parts.append(piece)
-
-        yield from self._blob(repo, digest, sink=sink)
-        data = b"".join(parts)
-        if sha256_digest(data) != digest:
-            raise DigestError(f"{what} from {self.registry} does not match its digest")
-        return data
+        for tries_left in range(len(self.pull_endpoints) - 1, -1, -1):
+            parts = _Parts(max_size, what)
+            sources: list[tuple[int, Endpoint]] = []
+            yield from self._blob(repo, digest, sink=parts.add, sources=sources)
+            data = b"".join(parts.parts)
+            if sha256_digest(data) == digest:
+                return data
+            senders = list(dict.fromkeys(e for _, e in sources))
+            names = ", ".join(e.name for e in senders)
+            for e in senders:
+                self.distrust(e, f"{what} does not match its digest")
+            if not tries_left or all(e is self.pull_endpoints[-1] for e in senders):
+                raise DigestError(f"{what} from {names} does not match its digest")
+            log.warning("%s from %s does not match its digest; fetching it again", what, names)
+        raise AssertionError("unreachable")
 
     # -- uploads --
 
     def _push_blob(self, repo: str, digest: str, size: int, source: Path | bytes,
                    mount_from: str | None) -> Flow[bool]:
         digest = check_digest(digest)
-        if (yield from self._head_blob(repo, digest)) is not None:
+        if (yield from self._head_blob(repo, digest, need="push")) is not None:
             log.debug("%s already has %s", repo, digest)
             return False
         what = f"upload of {digest} to {repo}"
         if mount_from:
             response, _ = yield from self._retrying(what, lambda endpoint: self._exchange(
-                endpoint, "POST", f"/v2/{repo}/blobs/uploads/", what, ok=(201, 202),
-                params={"mount": digest, "from": mount_from}))
+                endpoint, "POST", f"/{repo}/blobs/uploads/", what, ok=(201, 202),
+                params={"mount": digest, "from": mount_from}), need="push")
             if response.status_code == 201:
                 log.debug("mounted %s into %s from %s", digest, repo, mount_from)
                 return False
-            yield from self._cancel(response)
+            yield from self._cancel(self.hosts.serving("push")[0], response)
             if not source:
                 return True  # not mountable, and nothing to upload: the caller decides
         yield from self._retrying(what, lambda endpoint: self._upload(
-            endpoint, repo, digest, size, source, what))
+            endpoint, repo, digest, size, source, what), need="push")
         return True
 
-    def _cancel(self, response: httpx.Response) -> Flow[None]:
+    def _cancel(self, endpoint: Endpoint, response: httpx.Response) -> Flow[None]:
         with contextlib.suppress(BackendError, ImageError):
             location = _location(response, "cancel upload")
-            yield from self._exchange(location, "DELETE", location, "cancel upload",
+            yield from self._exchange(endpoint, "DELETE", location, "cancel upload",
                                       ok=(200, 202, 204, 404))
 
-    def _upload(self, endpoint: str, repo: str, digest: str, size: int, source: Path | bytes,
-                what: str) -> Flow[None]:
-        response, _ = yield from self._exchange(endpoint, "POST", f"/v2/{repo}/blobs/uploads/",
+    def _upload(self, endpoint: Endpoint, repo: str, digest: str, size: int,
+                source: Path | bytes, what: str) -> Flow[None]:
+        response, _ = yield from self._exchange(endpoint, "POST", f"/{repo}/blobs/uploads/",
                                                 what, ok=(202,))
         location = _location(response, what)
         body: _Body | bytes = _Body(source, 0, size, self.counters)
@@ -646,7 +828,7 @@ class _Core:
             for start in range(0, size, self.upload_chunk):
                 length = min(self.upload_chunk, size - start)
                 response, _ = yield from self._exchange(
-                    location, "PATCH", location, what, ok=(202,),
+                    endpoint, "PATCH", location, what, ok=(202,),
                     content=_Body(source, start, length, self.counters),
                     headers={"Content-Type": "application/octet-stream",
                              "Content-Range": f"{start}-{start + length - 1}",
@@ -655,7 +837,7 @@ class _Core:
             body = b""
         done = str(httpx.URL(location).copy_merge_params({"digest": digest}))
         response, _ = yield from self._exchange(
-            done, "PUT", done, what, ok=(201,), content=body,
+            endpoint, "PUT", done, what, ok=(201,), content=body,
             headers={"Content-Type": "application/octet-stream",
                      "Content-Length": str(size if isinstance(body, _Body) else 0)})
         said = response.headers.get("docker-content-digest")
@@ -674,14 +856,26 @@ class RegistryClient(_Core):
                  creds: Credentials | None = None, timeout: float = DEFAULT_TIMEOUT,
                  retry: RetryPolicy | None = None, max_connections: int = 4,
                  chunk_threshold: int = CHUNK_THRESHOLD, upload_chunk: int = UPLOAD_CHUNK,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None,
+                 hosts: RegistryHosts | None = None, hosts_dir: str | None = None) -> None:
         super().__init__(registry, insecure=insecure, creds=creds, timeout=timeout,
                          retry=retry, chunk_threshold=chunk_threshold,
-                         upload_chunk=upload_chunk)
-        self._http = httpx.Client(**self._client_args(max_connections), transport=transport)
+                         upload_chunk=upload_chunk, hosts=hosts, hosts_dir=hosts_dir)
+        self._clients: dict[Endpoint, httpx.Client] = {}
+        try:
+            for e in self.endpoints:
+                self._clients[e] = httpx.Client(**self._client_args(e, max_connections),
+                                                transport=transport)
+        except BaseException:
+            self.close()
+            raise
+
+    def _http_for(self, endpoint: Endpoint) -> httpx.Client:
+        return self._clients[endpoint]
 
     def close(self) -> None:
-        self._http.close()
+        for client in self._clients.values():
+            client.close()
 
     def __enter__(self) -> Self:
         return self
@@ -757,15 +951,20 @@ class RegistryClient(_Core):
     def _execute(self, command: _Command, link: _Link) -> Any:
         if isinstance(command, _Send):
             self._release(link)
-            with _mapped(command.what):
-                link.response = self._http.send(command.request, stream=True)
-            link.pieces = link.response.iter_bytes()
             self.counters.requests += 1
+            self.health[command.endpoint].requests += 1
+            with _mapped(command.what):
+                link.response = self._clients[command.endpoint].send(command.request,
+                                                                     stream=True)
+            link.pieces = link.response.iter_bytes()
+            link.endpoint = command.endpoint
             return link.response
         if isinstance(command, _Read):
             with _mapped(command.what, started=True):
                 piece = next(link.pieces_of(command.response), b"")
             self.counters.bytes_in += len(piece)
+            if link.endpoint is not None:
+                self.health[link.endpoint].bytes += len(piece)
             return piece
         assert isinstance(command, _Sleep)
         time.sleep(command.seconds)
@@ -812,14 +1011,22 @@ class AsyncRegistryClient(_Core):
     def __init__(self, registry: str, *, insecure: bool | None = None,
                  creds: Credentials | None = None, timeout: float = DEFAULT_TIMEOUT,
                  retry: RetryPolicy | None = None, max_connections: int = 8,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 hosts: RegistryHosts | None = None, hosts_dir: str | None = None) -> None:
         super().__init__(registry, insecure=insecure, creds=creds, timeout=timeout,
-                         retry=retry)
-        self._http = httpx.AsyncClient(**self._client_args(max_connections),
-                                       transport=transport)
+                         retry=retry, hosts=hosts, hosts_dir=hosts_dir)
+        # built before any can fail: an AsyncClient holds nothing until it is used
+        args = [self._client_args(e, max_connections) for e in self.endpoints]
+        self._clients: dict[Endpoint, httpx.AsyncClient] = {
+            e: httpx.AsyncClient(**a, transport=transport)
+            for e, a in zip(self.endpoints, args, strict=True)}
+
+    def _http_for(self, endpoint: Endpoint) -> httpx.AsyncClient:
+        return self._clients[endpoint]
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for client in self._clients.values():
+            await client.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -847,12 +1054,16 @@ class AsyncRegistryClient(_Core):
         retried under the client's policy."""
         return await self._run(self._get_blob(repo, digest, max_size))
 
-    def stream_range(self, repo: str, digest: str, offset: int, length: int
+    def stream_range(self, repo: str, digest: str, offset: int, length: int, *,
+                     sources: list[tuple[int, Endpoint]] | None = None
                      ) -> AsyncGenerator[bytes, None]:
         """Bytes ``[offset, offset+length)`` of a blob, in pieces as they arrive.
-        One attempt: a failure raises (``TransientError`` if worth retrying); a
-        stream that raises after some pieces has delivered only right bytes."""
-        return self._drive(self._blob(repo, digest, offset, length, retry=ONE_ATTEMPT))
+        One attempt on each endpoint in turn: a failure of the last raises
+        (``TransientError`` if worth retrying); a stream that raises after some
+        pieces has delivered only right bytes. ``sources`` gets (blob offset,
+        endpoint) at each endpoint that began sending."""
+        return self._drive(self._blob(repo, digest, offset, length, retry=ONE_ATTEMPT,
+                                      sources=sources))
 
     # -- running flows --
 
@@ -870,26 +1081,44 @@ class AsyncRegistryClient(_Core):
             for command in runner:
                 if isinstance(command, _Emit):
                     yield command.data
-                else:
+                    continue
+                began = time.monotonic()
+                try:
                     await runner.areply(self._execute(command, link))
+                except anyio.get_cancelled_exc_class():
+                    self._cancelled(command, link, time.monotonic() - began)
+                    raise
             if done is not None:
                 done.append(runner.value)
         finally:
             runner.close()
             await self._release(link)
 
+    def _cancelled(self, command: _Command, link: _Link, waited: float) -> None:
+        """The caller gave up on a request (the fetcher's idle timeout, or a shutdown):
+        after waiting most of a timeout for the endpoint, that is the endpoint's stall."""
+        endpoint = command.endpoint if isinstance(command, _Send) else (
+            link.endpoint if isinstance(command, _Read) else None)
+        if endpoint is not None and waited >= STALL_FRACTION * self.timeout:
+            self.health[endpoint].failed(f"no answer for {waited:.0f}s", stall=True)
+
     async def _execute(self, command: _Command, link: _Link) -> Any:
         if isinstance(command, _Send):
             await self._release(link)
-            with _mapped(command.what):
-                link.response = await self._http.send(command.request, stream=True)
-            link.pieces = link.response.aiter_bytes()
             self.counters.requests += 1
+            self.health[command.endpoint].requests += 1
+            with _mapped(command.what):
+                link.response = await self._clients[command.endpoint].send(command.request,
+                                                                           stream=True)
+            link.pieces = link.response.aiter_bytes()
+            link.endpoint = command.endpoint
             return link.response
         if isinstance(command, _Read):
             with _mapped(command.what, started=True):
                 piece = await anext(link.pieces_of(command.response), b"")
             self.counters.bytes_in += len(piece)
+            if link.endpoint is not None:
+                self.health[link.endpoint].bytes += len(piece)
             return piece
         assert isinstance(command, _Sleep)
         await anyio.sleep(command.seconds)

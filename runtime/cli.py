@@ -57,6 +57,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "running after this long (default %(default)g)")
     p.add_argument("-t", "--tty", action=argparse.BooleanOptionalAction, default=None,
                    help="give the container a terminal (default: when stdin is one)")
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors, containerd's layout (DIR/HOST[:PORT]/hosts.toml; "
+                   "default $RAFS_HOSTS_DIR or /etc/containerd/certs.d), for the pull and "
+                   "the image's daemon")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
     p.set_defaults(func=_cmd_run)
@@ -106,8 +110,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from rafs.hosts import use_hosts_dir
+
     from .run import RunOptions, run_container
 
+    if args.hosts_dir:
+        use_hosts_dir(args.hosts_dir)  # this process's pulls and the daemons it starts
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     return run_container(RunOptions(
         image=args.image, cmd=cmd, name=args.name, rm=args.rm, env=args.env,

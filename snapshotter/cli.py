@@ -48,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--cache-dir", help="fused chunk cache (default ROOT/cache)")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP to every registry (localhost always uses it)")
+    p.add_argument("--hosts-dir", metavar="DIR",
+                   help="registry mirrors, containerd's layout (DIR/HOST[:PORT]/hosts.toml; "
+                   "default $RAFS_HOSTS_DIR or /etc/containerd/certs.d): use containerd's "
+                   "own config_path")
     p.add_argument("--no-prefetch", action="store_true",
                    help="mount RAFS images without background prefetch")
     p.add_argument("--mode", choices=("auto", "fuse", "kernel"), default="auto",
@@ -66,6 +70,7 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fused.cli import MountOptions
+    from rafs.hosts import use_hosts_dir
 
     from .keychain import Keychain
     from .remote import FusedRemote
@@ -73,8 +78,9 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from .snapshots import Snapshotter
 
     root = Path(args.root)
+    hosts_dir = use_hosts_dir(args.hosts_dir) if args.hosts_dir else None  # manifest lookups
     options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None,
-                           mode=args.mode)
+                           mode=args.mode, hosts_dir=hosts_dir)
     keychain = Keychain()
     remote = FusedRemote(args.cache_dir or root / "cache", options, keychain=keychain)
     try:
