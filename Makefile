@@ -26,7 +26,7 @@ ifneq ($(PY_HAS_ENSUREPIP),1)
 APT_PACKAGES += python3-venv
 endif
 
-.PHONY: setup apt-packages fuse-device test demo bench lint clean protos
+.PHONY: setup apt-packages fuse-device test demo bench bench-deps lint clean protos
 
 setup: apt-packages fuse-device $(STAMP)
 
@@ -69,6 +69,12 @@ demo: setup
 bench: setup
 	$(VPY) -m runtime.cli bench --out results
 
+# Only for `rafs bench --against estargz` (which does this itself on first use):
+# apt-get install golang-go golang-github-containerd-stargz-snapshotter-dev and build
+# the eStargz peer into /var/cache/rafs/peers/.
+bench-deps: setup
+	$(VPY) -m bench.peers.estargz
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -82,6 +88,11 @@ protos: setup
 	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	rm -f snapshotter/api/containerd/types/mount_pb2_grpc.py
 
+# $(DEMO_WORK): what `python -m bench.demo --keep` (and a demo killed midway) leaves.
+DEMO_WORK := /var/tmp/rafs-demo
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	@if grep -q " $(DEMO_WORK)/" /proc/self/mountinfo; then \
+		echo "clean: something is mounted under $(DEMO_WORK); unmount it first" >&2; exit 1; fi
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis $(DEMO_WORK)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -4,9 +4,10 @@ both always stopped.
 Owns:
 
 - ``snapshotter_process`` — ``rafs snapshotter --address SOCK --root DIR`` in a
-  subprocess, ready once its socket exists; stopped with SIGTERM (then SIGKILL)
-  in ``finally``. It does not unmount its rafs mounts (they outlive it on
-  purpose); ``unmount_under`` does that at the end of a test module.
+  subprocess, ready once its socket accepts connections; stopped with SIGTERM
+  (then SIGKILL) in ``finally``, or ``kill``ed on purpose. It does not unmount
+  its rafs mounts (they outlive it on purpose); ``unmount_under`` does that at
+  the end of a test module.
 - ``containerd_daemon`` — Debian's containerd with root, state, sockets and a
   generated ``config.toml`` under a temp dir, CRI disabled, and
   ``[proxy_plugins.rafs]`` pointing at the snapshotter. With ``cri=CriSettings(...)``
@@ -18,10 +19,14 @@ Owns:
   argument) are killed with their children, containerd is stopped, and every
   mount under its directory is unmounted.
 - ``Containerd.ctr`` / ``ctr_remote`` — run ``ctr`` / ``ctr-remote`` against
-  it, in a private namespace.
+  it, in a private namespace; ``kill`` (SIGKILL: what a crash does, its shims
+  live on), ``start`` (again, on the same state) and ``wipe`` (kill it and its
+  shims, undo their mounts, remove its root and state: a node whose containerd
+  lost everything) for tests that break it on purpose.
 
-It does not import rafs, converter or fused: it drives the command line
-exactly as a user would. ``tests.helpers.containerd`` re-exports it for tests.
+It drives the command line exactly as a user would, except for teardown,
+which calls ``fused.client`` (the API every rafs component tears mounts down
+with). ``tests.helpers.containerd`` re-exports it for tests.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,7 +54,9 @@ __all__ = [
     "rafs_cmd",
     "run",
     "snapshotter_process",
+    "stop_process",
     "unmount_under",
+    "wait_for_path",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +115,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.rafs]
   type = "snapshot"
   address = "{snapshotter}"
+"""
+
+PROXY_PLUGIN = """
+[proxy_plugins.{name}]
+  type = "snapshot"
+  address = "{address}"
 """
 
 
@@ -171,22 +185,36 @@ def mounts_under(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
 
 def unmount_under(path: str | os.PathLike[str]) -> None:
     """Unmount everything below ``path``: rafs mounts (FUSE, or EROFS in kernel mode)
-    through ``rafs umount``, which also ends their daemons and blob mounts; the rest
-    (overlay, bind) with ``umount -l``; nothing is left mounted."""
+    through ``fused.client`` (plainly, then by force), which also ends their daemons
+    and blob mounts; the rest (overlay, bind) with ``umount -l``; nothing is left
+    mounted."""
+    from fused import client
+
+    with contextlib.suppress(Exception):
+        if client.unmount_all(under=path):
+            client.unmount_all(under=path, force=True)
     for mp, fstype in mounts_under(path):
-        if fstype in RAFS_FSTYPES:
-            with contextlib.suppress(Exception):
-                run(rafs_cmd("umount", mp), timeout=60)
-        if any(m == mp for m, _ in mounts_under(path)):
-            cmd = ["fusermount3", "-u", "-z", mp] if fstype.startswith("fuse") else \
-                ["umount", "-l", mp]
-            subprocess.run(cmd, check=False, capture_output=True)
+        cmd = ["fusermount3", "-u", "-z", mp] if fstype.startswith("fuse") else \
+            ["umount", "-l", mp]
+        subprocess.run(cmd, check=False, capture_output=True)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: str,
-              log: Path) -> None:
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_path(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: str,
+                  log: Path) -> None:
+    """Wait until the unix socket ``path`` of a daemon accepts connections (a stale file
+    left by a killed one does not count); raise with the log tail if the daemon exits
+    or ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not _accepts(path):
         if proc.poll() is not None:
             raise AssertionError(f"{what} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
@@ -195,7 +223,8 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: s
         time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM, ``grace`` seconds, then SIGKILL."""
     if proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
@@ -210,27 +239,32 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
 
 class SnapshotterProcess:
     """``rafs -vv snapshotter`` in a subprocess; ``stop``/``start`` restart it on the
-    same root. Its rafs mounts outlive it on purpose (``unmount_under`` ends them)."""
+    same root, ``kill`` SIGKILLs it. Its rafs mounts outlive it on purpose
+    (``unmount_under`` ends them)."""
 
     def __init__(self, address: Path, root: Path, log: Path, extra: tuple[str, ...] = ()):
         self.address, self.root, self.log, self.extra = address, root, log, extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.address.unlink()
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 rafs_cmd("-vv", "snapshotter", "--address", self.address, "--root", self.root,
+                         "--cache-dir", self.root / "cache",  # private: never the host's
                          *self.extra),
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                 env=_env(),
             )
-        _wait_for(self.address, self.proc, 60, "rafs snapshotter", self.log)
+        wait_for_path(self.address, self.proc, 60, "rafs snapshotter", self.log)
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @contextlib.contextmanager
@@ -250,8 +284,30 @@ class Containerd:
     dir: Path
     address: Path
     namespace: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None
     log: Path
+
+    def start(self) -> None:
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(["containerd", "--config", str(self.dir / "config.toml")],
+                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                         start_new_session=True)
+        wait_for_path(self.address, self.proc, 60, "containerd", self.log)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def wipe(self) -> None:
+        self.kill()
+        _kill_shims(self.address)
+        for sub in ("root", "state"):
+            for mp, fstype in mounts_under(self.dir / sub):
+                cmd = ["umount", "-l", mp] if not fstype.startswith("fuse") else \
+                    ["fusermount3", "-u", "-z", mp]
+                subprocess.run(cmd, check=False, capture_output=True)
+            subprocess.run(["rm", "-rf", "--one-file-system", str(self.dir / sub)], check=False)
 
     def ctr(self, *args: str, timeout: float = 300, check: bool = True,
             tool: str = "ctr") -> subprocess.CompletedProcess[str]:
@@ -305,36 +361,38 @@ def _kill_shims(address: Path) -> None:
 @contextlib.contextmanager
 def containerd_daemon(base: Path, snapshotter_address: Path,
                       namespace: str = "rafs-test",
-                      cri: CriSettings | None = None) -> Iterator[Containerd]:
-    """A private containerd under ``base`` using the snapshotter at ``snapshotter_address``;
-    with ``cri``, its CRI plugin serves on the same socket (use namespace ``k8s.io``,
-    CRI's own, so that ``ctr`` and the teardown see the pods' tasks)."""
+                      cri: CriSettings | None = None,
+                      proxies: dict[str, Path] | None = None) -> Iterator[Containerd]:
+    """A private containerd under ``base`` using the rafs snapshotter at
+    ``snapshotter_address``; with ``cri``, its CRI plugin serves on the same socket
+    (use namespace ``k8s.io``, CRI's own, so that ``ctr`` and the teardown see the
+    pods' tasks); ``proxies`` adds further proxy snapshotters (name -> socket), e.g.
+    the eStargz peer of ``bench.peers``."""
     base.mkdir(parents=True, exist_ok=True)
     address = base / "containerd.sock"
     config = base / "config.toml"
     if cri is not None:
-        config.write_text(cri_config(base, address, snapshotter_address, cri))
+        text = cri_config(base, address, snapshotter_address, cri)
     else:
-        config.write_text(CONFIG.format(root=base / "root", state=base / "state",
-                                        address=address, snapshotter=snapshotter_address))
-    log = base / "containerd.log"
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(["containerd", "--config", str(config)],
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True)
-    cd = Containerd(base, address, namespace, proc, log)
+        text = CONFIG.format(root=base / "root", state=base / "state", address=address,
+                             snapshotter=snapshotter_address)
+    for name, sock in (proxies or {}).items():
+        text += PROXY_PLUGIN.format(name=name, address=sock)
+    config.write_text(text)
+    cd = Containerd(base, address, namespace, None, base / "containerd.log")
     try:
-        _wait_for(address, proc, 60, "containerd", log)
+        cd.start()
         yield cd
     finally:
         with contextlib.suppress(Exception):
-            if proc.poll() is None:
+            if cd.proc is not None and cd.proc.poll() is None:
                 tasks = cd.ctr("task", "ls", "-q", check=False, timeout=30).stdout.split()
                 for task in tasks:
                     cd.ctr("task", "kill", "-s", "KILL", task, check=False, timeout=30)
                 for task in tasks:
                     cd.ctr("task", "rm", "-f", task, check=False, timeout=30)
         _kill_shims(address)
-        _stop(proc)
+        if cd.proc is not None:
+            stop_process(cd.proc)
         _kill_shims(address)
         unmount_under(base)

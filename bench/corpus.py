@@ -19,7 +19,13 @@ Guarantees:
   directory is removed, every mount below it is unmounted (lazily if needed) and
   a directory that still has a mount below it is never deleted.
 
-Run ``python -m bench.corpus [python|minbase|numpy|nodejs|large]`` to build ahead of time.
+``with_parent_dirs`` derives from an image a copy whose layers carry an entry for
+every parent directory of every entry (umoci omits unchanged parents;
+``ctr-remote image optimize`` needs them); the benchmarks use that copy for every
+form of an image, so all peers start from the same layers.
+
+Run ``python -m bench.corpus [python|minbase|numpy|nodejs|large|gcc|postgres]`` to
+build ahead of time.
 """
 
 from __future__ import annotations
@@ -43,13 +49,16 @@ __all__ = [
     "IMAGES",
     "BenchImage",
     "CorpusError",
+    "debian_gcc_image",
     "debian_large_image",
     "debian_minbase_image",
     "debian_mirror",
     "debian_nodejs_image",
     "debian_numpy_image",
+    "debian_postgres_image",
     "debian_python_image",
     "default_cache_dir",
+    "with_parent_dirs",
 ]
 
 SUITE = "bookworm"
@@ -70,6 +79,14 @@ LARGE_TAG = "scipy-toolchain"
 # The large image's extra layer: a data-science stack and a C toolchain (> 500 MB
 # unpacked in all), of which the workload (importing numpy and scipy.linalg) reads little.
 LARGE_PACKAGES = ("python3-scipy", "python3-pandas", "python3-sklearn", "gcc", "g++")
+GCC_IMAGE = f"debian-{SUITE}-gcc-v{RECIPE_VERSION}"
+GCC_TAG = "gcc"
+GCC_PACKAGES = ("gcc", "libc6-dev")
+POSTGRES_IMAGE = f"debian-{SUITE}-postgresql-v{RECIPE_VERSION}"
+POSTGRES_TAG = "postgresql"
+POSTGRES_BIN = "/usr/lib/postgresql/15/bin"  # bookworm's PostgreSQL 15
+POSTGRES_DATA = "/var/lib/postgresql/data"
+PARENT_DIRS_VERSION = 1
 
 _ENV_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CHROOT_ENV = {
@@ -154,6 +171,67 @@ def debian_large_image(cache_dir: Path | None = None) -> tuple[Path, str]:
         base_layout, base_tag, list(LARGE_PACKAGES)))
 
 
+def debian_gcc_image(cache_dir: Path | None = None) -> tuple[Path, str]:
+    """The minbase image plus a layer with a C compiler (``GCC_PACKAGES``)."""
+    root = _cache_root(cache_dir)
+    base_layout, base_tag = debian_minbase_image(root)
+    return _cached(root, GCC_IMAGE, GCC_TAG, _layer_on(
+        base_layout, base_tag, list(GCC_PACKAGES), cmd=["gcc", "--version"]))
+
+
+def debian_postgres_image(cache_dir: Path | None = None) -> tuple[Path, str]:
+    """The minbase image plus a layer with PostgreSQL 15 and a database cluster made
+    by ``initdb`` at build time in ``POSTGRES_DATA`` (trust auth, 1 MiB WAL segments,
+    so a start copies up little); Debian's own ``main`` cluster is dropped."""
+    root = _cache_root(cache_dir)
+    base_layout, base_tag = debian_minbase_image(root)
+    return _cached(root, POSTGRES_IMAGE, POSTGRES_TAG, _layer_on(
+        base_layout, base_tag, ["postgresql"], cmd=[f"{POSTGRES_BIN}/postgres"],
+        after=_initdb))
+
+
+def with_parent_dirs(layout: Path, tag: str,
+                     cache_dir: Path | None = None) -> tuple[Path, str]:
+    """``layout:tag`` with an entry for every parent directory in every layer
+    (``bench.parentdirs``), cached next to the source as ``NAME-parentdirs-vN``."""
+    from bench.parentdirs import add_parent_dirs
+
+    root = _cache_root(cache_dir)
+
+    def build(work: Path, out: Path, out_tag: str) -> None:
+        fixes = add_parent_dirs(layout, tag, out, out_tag)
+        _progress(f"{layout.name}: parent directory entries added per layer: "
+                  f"{', '.join(str(f.added) for f in fixes)}")
+
+    return _cached(root, f"{layout.name}-parentdirs-v{PARENT_DIRS_VERSION}", tag, build)
+
+
+def _initdb(work: Path, rootfs: Path) -> None:
+    with _chroot_mounts(rootfs):
+        chroot = ["chroot", str(rootfs)]
+        _run([*chroot, "pg_dropcluster", "15", "main"], work, env=_CHROOT_ENV)
+        _run([*chroot, "install", "-d", "-o", "postgres", "-g", "postgres", "-m", "0700",
+              POSTGRES_DATA], work, env=_CHROOT_ENV)
+        _run(["chroot", "--userspec=postgres:postgres", str(rootfs), f"{POSTGRES_BIN}/initdb",
+              "-D", POSTGRES_DATA, "--auth=trust", "--wal-segsize=1", "--no-sync",
+              "--encoding=UTF8", "--locale=C"], work,
+             env={**_CHROOT_ENV, "HOME": "/var/lib/postgresql"}, timeout=600)
+
+
+# The compiler workload: write a C file, compile and link it, run it.
+_HELLO_C = r'#include <stdio.h>\nint main(void) { puts(\"hello\"); return 0; }\n'
+GCC_WORKLOAD = ("sh", "-c", f'printf "{_HELLO_C}" > /tmp/hello.c && '
+                "gcc -O2 -o /tmp/hello /tmp/hello.c && /tmp/hello")
+# The database workload: start the server on a unix socket, query its catalog, stop it.
+POSTGRES_WORKLOAD = (
+    "setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "sh", "-c",
+    f"{POSTGRES_BIN}/pg_ctl -D {POSTGRES_DATA} -o '-c listen_addresses= -k /tmp' "
+    "-l /tmp/pg.log -w -s start && "
+    f"{POSTGRES_BIN}/psql -h /tmp -At -c "
+    "\"select 'ok' from pg_class having count(*) > 100\" postgres && "
+    f"{POSTGRES_BIN}/pg_ctl -D {POSTGRES_DATA} -m fast -w -s stop")
+
+
 @dataclass(frozen=True)
 class BenchImage:
     """A benchmark image: how to build it, the workload and what ready means.
@@ -176,6 +254,8 @@ IMAGES: dict[str, BenchImage] = {
         BenchImage("nodejs", debian_nodejs_image, ("node", "-e", "console.log(1)"), "1"),
         BenchImage("large", debian_large_image,
                    ("python3", "-c", "import numpy, scipy.linalg; print('ok')"), "ok"),
+        BenchImage("gcc", debian_gcc_image, GCC_WORKLOAD, "hello"),
+        BenchImage("postgres", debian_postgres_image, POSTGRES_WORKLOAD, "ok"),
     )
 }
 
@@ -275,8 +355,10 @@ def _cached(root: Path, name: str, tag: str, build: Builder) -> tuple[Path, str]
 
 
 def _layer_on(base_layout: Path, base_tag: str, packages: list[str],
-              cmd: list[str] | None = None) -> Builder:
-    """A builder: ``base_layout`` plus one layer of ``apt-get install packages``."""
+              cmd: list[str] | None = None,
+              after: Callable[[Path, Path], None] | None = None) -> Builder:
+    """A builder: ``base_layout`` plus one layer of ``apt-get install packages``;
+    ``after(work, rootfs)`` runs before the layer is packed."""
 
     def build(work: Path, layout: Path, tag: str) -> None:
         _progress(f"copying {base_layout.name} as the base")
@@ -284,6 +366,8 @@ def _layer_on(base_layout: Path, base_tag: str, packages: list[str],
         bundle = work / "bundle"
         _umoci(work, "unpack", "--image", f"{layout}:{base_tag}", str(bundle))
         _apt_install_layer(work, bundle / "rootfs", packages)
+        if after is not None:
+            after(work, bundle / "rootfs")
         _umoci(
             work, "repack", "--history.created_by", f"apt-get install {' '.join(packages)}",
             "--image", f"{layout}:{tag}", str(bundle),

@@ -46,16 +46,21 @@ def timer() -> Iterator[list[float]]:
 
 @contextlib.contextmanager
 def mounted(image: str, mnt: Path, cache: Path, *extra: str) -> Iterator[Path]:
-    """``rafs mount`` for the duration of the block; always unmounted."""
+    """``rafs mount`` for the duration of the block; always unmounted (``fused.client``:
+    plainly, else by force)."""
+    from fused import client
+    from rafs.errors import RafsError
+
     mnt.mkdir(parents=True, exist_ok=True)
     rafs("mount", image, str(mnt), "--cache-dir", str(cache), *extra)
     try:
         yield mnt
     finally:
-        res = rafs("umount", str(mnt), check=False)
-        if res.returncode != 0:
-            print(f"rafs umount {mnt}: {res.stderr.strip()}; unmounting lazily", file=sys.stderr)
-            rafs("umount", "-z", str(mnt), check=False)
+        try:
+            client.unmount(mnt)
+        except RafsError as e:
+            print(f"rafs umount {mnt}: {e}; by force", file=sys.stderr)
+            client.unmount(mnt, force=True)
 
 
 def stats(mnt: Path) -> dict[str, object]:

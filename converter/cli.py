@@ -1,37 +1,46 @@
-"""The ``rafs convert`` subcommand."""
+"""The ``rafs convert`` subcommand: options, the prefetch list file, what is printed.
+
+It prints ``DST@DIGEST`` (``--json``: ``describe_result``, also what
+``rafs optimize --json`` prints). The transports SRC, DST and ``--chunk-dict``
+take are ``rafs.transports``' table.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import re
+import os
+from typing import TYPE_CHECKING, Any
 
+from rafs import sizes, transports
 from rafs.codec import BOOTSTRAP_LEVEL, DEFAULT_LEVEL
+from rafs.output import add_json_flag, print_json
 
 from .chunker import DEFAULT_CHUNK_SIZE
 from .errors import OptionError
 
+if TYPE_CHECKING:
+    from .convert import ConvertResult
+
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
 def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``1M``, ``1MiB`` -> bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    """``4096``, ``64K``, ``1M``, ``1MiB`` -> bytes (``rafs.sizes``, for argparse)."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "convert", help="convert an OCI image into a RAFS image",
-        description="Convert SRC (oci:DIR[:TAG] or docker-archive:FILE[:REPO:TAG]) into a "
-                    "RAFS image tagged in the OCI layout DST (oci:DIR[:TAG], tag defaults "
-                    "to latest).")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
+        description=f"Convert SRC ({transports.CONVERT_SRC.syntax}) into a RAFS image "
+                    f"written to DST ({transports.CONVERT_DST.syntax}; the tag defaults to "
+                    "latest in a layout; a registry is checked for push access first). "
+                    "Prints DST@DIGEST.")
+    transports.CONVERT_SRC.add_argument(p, "src")
+    transports.CONVERT_DST.add_argument(p, "dst")
     p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
                    help="chunk size, a power of two from 4K to 16M (default 1M)")
     p.add_argument("--compression", choices=("zstd", "none"), default="zstd",
@@ -47,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="absolute paths to prefetch, one per line (`rafs trace` output): "
                    "stored in the bootstrap, and those files are laid out first in the blobs")
     p.add_argument("--chunk-dict", metavar="IMAGE",
-                   help="an earlier RAFS image (oci:, docker://): chunks it already has are "
+                   help="an earlier RAFS image "
+                   f"({transports.CONVERT_CHUNK_DICT.syntax}): chunks it already has are "
                    "referenced in its blobs instead of being stored again")
     p.add_argument("--creds", metavar="USER:PASS",
                    help="credentials for docker:// sources and targets (default: "
@@ -60,10 +70,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    "/etc/containerd/certs.d); pushes go to the registry")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress (default: when stderr is a terminal)")
+    add_json_flag(p, "what was written (references, digests and sizes)")
     p.set_defaults(func=run)
 
 
 def _read_prefetch(path: str | None) -> list[bytes]:
+    """The paths of a prefetch list file: one absolute path per line (``rafs trace``
+    output); blank lines and ``#`` comments are skipped. OptionError names the line of
+    the first entry that is not an absolute path inside the image."""
     if path is None:
         return []
     try:
@@ -71,7 +85,38 @@ def _read_prefetch(path: str | None) -> list[bytes]:
             lines = f.read().splitlines()
     except OSError as e:
         raise OptionError(f"{path}: {e.strerror}") from None
-    return [line.strip() for line in lines if line.strip() and not line.startswith(b"#")]
+    out = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        shown = os.fsdecode(line)
+        if not line.startswith(b"/"):
+            raise OptionError(f"{path}:{number}: {shown!r} is not an absolute path "
+                              "(a prefetch list names paths in the image: /usr/bin/python3)")
+        if b"/../" in line + b"/" or b"\0" in line:
+            raise OptionError(f"{path}:{number}: {shown!r}: '..' has no place in a "
+                              "prefetch list path")
+        out.append(line)
+    return out
+
+
+def describe_result(result: ConvertResult) -> dict[str, Any]:
+    """What ``rafs convert --json`` prints: every reference, digest and size written."""
+    manifest = result.manifest
+    return {
+        "reference": str(result.target),
+        "digest": manifest.digest,
+        "manifest": {"mediaType": manifest.media_type, "digest": manifest.digest,
+                     "size": len(manifest.raw)},
+        "config": manifest.config.to_json(),
+        "blobs": [d.to_json() for d in result.blobs],
+        "bootstrap": result.bootstrap.to_json(),
+        "chunks": result.chunks,
+        "file_bytes": result.file_bytes,
+        "layer_bytes": result.layer_bytes,
+        "seconds": round(result.seconds, 3),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     if args.hosts_dir:
         use_hosts_dir(args.hosts_dir)  # every registry client of this process reads it
 
+    transports.CONVERT_SRC.parse(args.src)
+    transports.CONVERT_DST.parse(args.dst)
+    if args.chunk_dict:
+        transports.CONVERT_CHUNK_DICT.parse(args.chunk_dict)
     options = ConvertOptions(
         chunk_size=args.chunk_size, compression=args.compression, level=args.level,
         bootstrap_level=args.bootstrap_level, workers=args.jobs,
@@ -90,10 +139,13 @@ def run(args: argparse.Namespace) -> int:
         chunk_dict=args.chunk_dict, creds=parse_creds(args.creds),
         insecure=True if args.insecure else None)
     result = convert(args.src, args.dst, options)
-    print(f"{result.target}@{result.manifest.digest}")
+    if args.json:
+        print_json(describe_result(result) | {"source": args.src})
+    else:
+        print(f"{result.target}@{result.manifest.digest}")
     log.info("%d blobs, %d chunks, %.1f MiB of layers in %.1fs", len(result.blobs),
              result.chunks, result.layer_bytes / (1 << 20), result.seconds)
     return 0
 
 
-__all__ = ["parse_size", "register", "run"]
+__all__ = ["describe_result", "parse_size", "register", "run"]

@@ -198,6 +198,10 @@ def convert(src: ImageRef | str, dst: ImageRef | str,
                 clients[ref.registry] = stack.enter_context(options.registry_client(ref))
             return clients[ref.registry]
 
+        if dst.transport == "docker":
+            from .push import check_push_target
+
+            check_push_target(dst, options, client_for(dst))  # before any work
         source = stack.enter_context(open_source(
             src, client_for(src) if src.transport == "docker" else None))
         if dst.transport == "docker":

@@ -7,6 +7,10 @@ pushing a second image that shares blobs with the first uploads none of them
 again, and blobs that live in another repository of the same registry (a chunk
 dictionary's) are cross-mounted rather than uploaded. The manifest goes last,
 byte for byte as stored in the layout, so its digest does not change.
+
+``check_push_target`` runs before any conversion to a registry: the registry
+must answer and take our pushes (``RegistryClient.check_push``), so a typo in
+the host or missing credentials fail in a second, not after the conversion.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from rafs.oci import ImageRef, Manifest, OCILayout
 if TYPE_CHECKING:
     from rafs.registry import RegistryClient
 
-__all__ = ["PushResult", "push_image"]
+    from .convert import ConvertOptions
+
+__all__ = ["PushResult", "check_push_target", "push_image"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,18 @@ class PushResult:
     uploaded: list[str] = field(default_factory=list)  # blob digests sent
     present: list[str] = field(default_factory=list)  # already there, or cross-mounted
     bytes_uploaded: int = 0
+
+
+def check_push_target(dst: ImageRef, options: ConvertOptions,
+                      client: RegistryClient | None = None) -> None:
+    """Fail now unless a ``docker://`` target takes our pushes (nothing to do for a layout)."""
+    if dst.transport != "docker":
+        return
+    if client is not None:
+        client.check_push(dst.repository)
+        return
+    with options.registry_client(dst) as own:
+        own.check_push(dst.repository)
 
 
 def push_image(layout: OCILayout, manifest: Manifest, client: RegistryClient, dst: ImageRef,

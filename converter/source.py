@@ -12,6 +12,7 @@ This module owns the difference between source transports:
   a ``manifest.json`` naming the config and the layer tars (legacy
   ``ID/layer.tar`` or, since Docker 25, ``blobs/sha256/HEX``). Layers named by
   digest are checked against it; every layer is checked against its ``diff_id``.
+  An archive that ends early is a ``BadTarError`` naming the member it ends in.
 
 Either way the result is an ``ImageSource``: the parsed config, its digest,
 the source manifest digest when there is one, and ``LayerSource`` records
@@ -24,6 +25,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -44,7 +46,7 @@ from rafs.oci import (
     sha256_digest,
 )
 
-from .errors import ConvertError
+from .errors import BadTarError, ConvertError
 
 if TYPE_CHECKING:
     from rafs.registry import RegistryClient
@@ -93,7 +95,7 @@ class ImageSource:
 def _parse_config(raw: bytes, digest: str, layer_count: int) -> dict[str, Any]:
     try:
         config = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting
         raise ImageError(f"config {digest} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise ImageError(f"config {digest} is not a JSON object")
@@ -182,7 +184,11 @@ def _open_docker_archive(ref: ImageRef) -> Iterator[ImageSource]:
     except (tarfile.TarError, OSError) as e:
         raise ImageError(f"{ref.path} is not a docker archive: {e}") from None
     with tf:
-        members = {m.name.removeprefix("./"): m for m in tf.getmembers()}
+        try:
+            listed = tf.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise BadTarError(_archive_damage(tf, ref.path, e)) from None
+        members = {m.name.removeprefix("./"): m for m in listed}
 
         def read(name: str, limit: int = MAX_CONFIG) -> bytes:
             m = members.get(name.removeprefix("./"))
@@ -196,7 +202,7 @@ def _open_docker_archive(ref: ImageRef) -> Iterator[ImageSource]:
 
         try:
             images = json.loads(read("manifest.json"))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting
             raise ImageError(f"{ref.path}: manifest.json is not valid JSON: {e}") from None
         if not isinstance(images, list) or not all(isinstance(i, dict) for i in images):
             raise ImageError(f"{ref.path}: manifest.json is not a list of images")
@@ -231,6 +237,23 @@ def _open_docker_archive(ref: ImageRef) -> Iterator[ImageSource]:
                 index=i, diff_id=diff_id, media_type=None, digest=digest,
                 size=m.size if digest is not None and m.isfile() else None, opener=opener))
         yield ImageSource(ref, config, config_digest, None, layers)
+
+
+def _archive_damage(tf: tarfile.TarFile, path: str, cause: BaseException) -> str:
+    """Where a docker archive that cannot be listed to its end is damaged: the member
+    (a layer, usually) it ends inside, or the one after which it goes wrong."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    last = tf.members[-1] if tf.members else None
+    if last is None:
+        return f"{path} is not a readable docker archive ({cause})"
+    end = last.offset_data + last.size
+    if size is not None and end > size:
+        return (f"{path} is truncated: it ends at byte {size}, inside its member "
+                f"{last.name} (bytes {last.offset_data} to {end})")
+    return f"{path} is damaged after {last.name} ({cause})"
 
 
 def _pick_archive_image(images: list[dict[str, Any]], ref: ImageRef) -> dict[str, Any]:

@@ -1,10 +1,14 @@
-"""The daemon's side of the control socket (protocol in ``fused.control``)."""
+"""The daemon's side of the control socket (protocol in ``fused.control``).
+
+The socket lives in the daemon instance's own run-state directory, so no
+other daemon ever uses its name; a file left there is this instance's own and
+is replaced. The socket file is removed when serving ends.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,7 +18,8 @@ import trio
 
 from rafs.errors import RafsError
 
-from .control import MAX_MESSAGE, SUN_PATH_MAX, Handler, daemon_alive
+from . import wire
+from .control import SUN_PATH_MAX, Handler
 from .errors import MountError
 
 __all__ = ["serve"]
@@ -22,6 +27,7 @@ __all__ = ["serve"]
 log = logging.getLogger(__name__)
 
 HANDLER_TIMEOUT = 90.0
+REQUEST_TIMEOUT = 30.0
 
 
 async def serve(
@@ -33,10 +39,7 @@ async def serve(
     """Answer requests on ``sock_path`` until cancelled; the socket file is removed after."""
     if len(str(sock_path)) > SUN_PATH_MAX:
         raise MountError(f"control socket path is too long: {sock_path} (set RAFS_RUN_DIR)")
-    if sock_path.exists() or sock_path.is_symlink():
-        if await trio.to_thread.run_sync(daemon_alive, sock_path):
-            raise MountError(f"another daemon already answers on {sock_path}")
-        sock_path.unlink(missing_ok=True)
+    sock_path.unlink(missing_ok=True)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
@@ -62,23 +65,38 @@ async def serve(
                 log.warning("cannot remove control socket %s: %s", sock_path, e.strerror)
 
 
+async def _receive_frame(stream: trio.SocketStream) -> Any:
+    buf = bytearray()
+
+    async def fill(n: int) -> bool:
+        while len(buf) < n:
+            piece = await stream.receive_some(65536)
+            if not piece:
+                return False
+            buf.extend(piece)
+        return True
+
+    if not await fill(wire.HEADER.size):
+        raise wire.WireError("truncated request")
+    size = wire.payload_size(bytes(buf[:wire.HEADER.size]))
+    if not await fill(wire.HEADER.size + size):
+        raise wire.WireError("truncated request")
+    return wire.decode(bytes(buf[wire.HEADER.size:wire.HEADER.size + size]))
+
+
 async def _session(stream: trio.SocketStream, handlers: dict[str, Handler]) -> None:
     async with stream:
-        buf = bytearray()
-        with trio.move_on_after(30):
-            while not buf.endswith(b"\n") and len(buf) <= MAX_MESSAGE:
-                piece = await stream.receive_some(65536)
-                if not piece:
-                    break
-                buf += piece
+        message: Any = None
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            with contextlib.suppress(wire.WireError, trio.BrokenResourceError):
+                message = await _receive_frame(stream)
         # Shielded: a shutdown ends the daemon while its own request is being
         # answered, and the client must still get the reply.
         with trio.CancelScope(shield=True), trio.move_on_after(HANDLER_TIMEOUT):
             try:
-                message = json.loads(buf)
                 cmd = message["cmd"]
                 handler = handlers[cmd]
-            except (ValueError, KeyError, TypeError):
+            except (KeyError, TypeError):
                 reply: dict[str, Any] = {"ok": False, "error": "bad request"}
             else:
                 try:
@@ -89,4 +107,4 @@ async def _session(stream: trio.SocketStream, handlers: dict[str, Handler]) -> N
                     log.exception("control command %r failed", cmd)
                     reply = {"ok": False, "error": f"internal error: {e}"}
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
+                await stream.send_all(wire.frame(reply))

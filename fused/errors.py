@@ -9,12 +9,14 @@
         ├── ReadOnlyError          EROFS    any attempt to change the filesystem
         ├── ChunkError             EIO      a chunk could not be fetched or verified
         ├── CacheError             EIO      the cache directory is unusable
+        │   └── UnknownImageError  ENOENT   `rafs cache` names an image the cache lacks
+        ├── ConfigError            EINVAL   a SIZE, or the host config file, is bad
         ├── MountError             EIO      mounting or unmounting failed
         │   └── NotMountedError    EINVAL   a path is not a rafs mount
         └── ControlError           EIO      the control socket did not answer
 
 The errno of any exception is computed by ``rafs.errors.to_errno``; the FUSE
-adapter (``fused.fuseops``) calls it in exactly one place.
+adapter base (``fused.adapter``) calls it in exactly one place.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rafs.errors import RafsError
 __all__ = [
     "CacheError",
     "ChunkError",
+    "ConfigError",
     "ControlError",
     "FusedError",
     "MountError",
@@ -35,6 +38,7 @@ __all__ = [
     "NotDirectoryError",
     "NotMountedError",
     "ReadOnlyError",
+    "UnknownImageError",
 ]
 
 
@@ -70,6 +74,14 @@ class ChunkError(FusedError):
 
 class CacheError(FusedError):
     errno = errno.EIO
+
+
+class UnknownImageError(CacheError):
+    errno = errno.ENOENT
+
+
+class ConfigError(FusedError):
+    errno = errno.EINVAL
 
 
 class MountError(FusedError):

@@ -29,6 +29,31 @@ per source of the backend (``Backend.distrust`` first: a registry's mirror that
 sent it is passed over), and if it fails every time the readers get
 ``ChunkError`` (EIO), the failure is logged and counted, and nothing is
 written to the cache. Wrong bytes never reach the cache or a reader.
+
+Every request gets an answer, in bounded time. Two rules make it so:
+
+- *Every claim has an owner.* A chunk claimed in ``_inflight`` (by ``ensure``,
+  amplification or prefetch) is finished by whoever claimed it until a fetch
+  task takes it over, and by that task's ``finally`` after: an exception
+  anywhere (a bad record, a bug, a cancellation) still wakes every waiter with
+  an error, never leaves one waiting on an event nobody will set.
+- *Every wait has a deadline.* A fetch run (all attempts, backoff, queueing
+  for a request slot, verification, the refetches of a chunk that failed its
+  digest) is cancelled after ``fetch_deadline`` =
+  ``RetryPolicy.longest_wait(timeout)`` = ``timeout × (retries + 1)`` plus the
+  longest backoff sleeps (each at most ``max(cap, retry_after_cap)``): 190 s
+  with the defaults (30 s × 5 + 10 s × 4), failing its chunks. A read
+  (``ensure``, ``read``, ``readinto``; ``Vfs.read`` and ``BlobFs.read`` give all
+  their calls for one request one ``deadline``) waits at most ``answer_bound``
+  = ``fetch_deadline + ANSWER_GRACE`` (195 s) in all, then gets ``ChunkError``
+  (EIO). A wait that ends this way is counted in ``internal_errors``: it can
+  only happen when the first rule was broken or a worker thread is stuck, and
+  it retires the stuck claim so the next reader fetches again.
+
+What the bound does not cover: the local disk. Cache reads are ``pread`` in
+the trio thread (``fused.cache``; cheaper than a worker thread per read) and
+worker threads (decode, write, probe) cannot be cancelled; a cache disk that
+never answers stalls the daemon, as it would any local filesystem.
 """
 
 from __future__ import annotations
@@ -55,13 +80,21 @@ from .errors import ChunkError
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
+ANSWER_GRACE = 5.0  # seconds a reader waits past fetch_deadline (cancellation, worker threads)
+READ_ATTEMPTS = 4  # a chunk lost from the cache this often in one read: EIO
 # Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
 READER_RETRY = RetryPolicy(retry_after_cap=10.0)
 
-__all__ = ["DEFAULT_AMPLIFY", "DEFAULT_FETCH_TIMEOUT", "DEFAULT_RETRIES", "Fetcher", "error_class"]
+__all__ = [
+    "ANSWER_GRACE",
+    "DEFAULT_AMPLIFY",
+    "DEFAULT_FETCH_TIMEOUT",
+    "DEFAULT_RETRIES",
+    "Fetcher",
+    "error_class",
+]
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(slots=True)
@@ -104,6 +137,21 @@ class Fetcher:
         self._inflight: dict[int, _Pending] = {}
         self._nursery: trio.Nursery | None = None
 
+    @property
+    def fetch_deadline(self) -> float:
+        """Seconds after which a fetch run is given up, whatever it is waiting for: every
+        attempt taking ``timeout`` and every backoff sleeping as long as the policy allows."""
+        return self.retry.longest_wait(self.timeout)
+
+    @property
+    def answer_bound(self) -> float:
+        """The longest one read (one FUSE request) waits for its chunks before an answer."""
+        return self.fetch_deadline + ANSWER_GRACE
+
+    def deadline(self) -> float:
+        """The trio clock time by which a read that starts now is answered."""
+        return trio.current_time() + self.answer_bound
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Fetcher]:
         """Open the nursery that owns every fetch; cancel them all on exit."""
@@ -117,35 +165,86 @@ class Fetcher:
 
     # -- the read path ------------------------------------------------------
 
-    async def ensure(self, indices: Sequence[int]) -> None:
+    async def ensure(self, indices: Sequence[int], deadline: float | None = None) -> None:
         """Return once every chunk in ``indices`` can be read from the cache.
 
-        Raises ``ChunkError`` if one of them could not be fetched and verified.
+        Raises ``ChunkError`` if one of them could not be fetched and verified,
+        or got no answer by ``deadline`` (trio clock; default ``answer_bound``
+        seconds from now).
         """
         cache, stats = self.cache, self.stats
-        waits: list[_Pending] = []
+        waits: list[tuple[int, _Pending]] = []
         missing: list[int] = []
-        for index in indices:
-            if cache.is_ready(index):
-                stats.cache_hits += 1
-                continue
-            pending = self._inflight.get(index)
-            if pending is None:
-                if await cache.probe(index):
+        claimed: set[int] = set()  # ours to finish until a fetch task takes them over
+        try:
+            for index in indices:
+                if cache.is_ready(index):
                     stats.cache_hits += 1
                     continue
-                pending = self._inflight.get(index)  # someone may have started meanwhile
+                pending = self._inflight.get(index)
                 if pending is None:
-                    pending = self._inflight[index] = _Pending()
-                    missing.append(index)
-            stats.cache_misses += 1
-            waits.append(pending)
-        if missing:
-            self._start(missing)
-        for pending in waits:
-            await pending.done.wait()
-            if pending.error is not None:
-                raise ChunkError(pending.error)
+                    if await cache.probe(index):
+                        stats.cache_hits += 1
+                        continue
+                    pending = self._inflight.get(index)  # someone may have started meanwhile
+                    if pending is None:
+                        pending = self._inflight[index] = _Pending()
+                        claimed.add(index)
+                        missing.append(index)
+                stats.cache_misses += 1
+                waits.append((index, pending))
+            if missing:
+                self._start(missing, claimed)
+        except BaseException as e:
+            for index in claimed:
+                self._finish(index, f"chunk {index}: {e or type(e).__name__}")
+            raise
+        if waits:
+            await self._wait(waits, self.deadline() if deadline is None else deadline)
+
+    async def _wait(self, waits: list[tuple[int, _Pending]], deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            for _index, pending in waits:
+                await pending.done.wait()
+                if pending.error is not None:
+                    raise ChunkError(pending.error)
+            return
+        stuck = [(i, p) for i, p in waits if not p.done.is_set()]
+        bound = self.answer_bound
+        self.stats.internal_errors += 1
+        log.error("chunks %s got no answer within %.0fs; retiring their fetches",
+                  [i for i, _ in stuck][:8], bound)
+        for index, pending in stuck:
+            self._finish(index, f"chunk {index}: no answer within {bound:.0f}s", pending)
+        raise ChunkError(f"chunk {stuck[0][0]}: no answer within {bound:.0f}s")
+
+    async def read(self, index: int, offset: int, size: int,
+                   deadline: float | None = None) -> bytes:
+        """The verified bytes [offset, offset+size) of a chunk, fetched (again) as needed.
+
+        A cached chunk that fails its read check (``fused.cache`` rule 5: evicted
+        under the reader, or changed on disk) is settled and made ready again.
+        Every attempt shares one ``deadline`` (as ``ensure``).
+        """
+        deadline = self.deadline() if deadline is None else deadline
+        for _attempt in range(READ_ATTEMPTS):
+            await self.cache.settle(index)
+            await self.ensure((index,), deadline)
+            data = self.cache.read(index, offset, size)
+            if data is not None:
+                return data
+        raise ChunkError(f"chunk {index}: lost from the cache {READ_ATTEMPTS} times in a row")
+
+    async def readinto(self, index: int, offset: int, view: memoryview,
+                       deadline: float | None = None) -> None:
+        """``read`` into a buffer."""
+        deadline = self.deadline() if deadline is None else deadline
+        for _attempt in range(READ_ATTEMPTS):
+            await self.cache.settle(index)
+            await self.ensure((index,), deadline)
+            if self.cache.readinto(index, offset, view):
+                return
+        raise ChunkError(f"chunk {index}: lost from the cache {READ_ATTEMPTS} times in a row")
 
     # -- background prefetch -------------------------------------------------
 
@@ -189,9 +288,17 @@ class Fetcher:
             run = [i for i, _ in planned if i not in self._inflight and not self.cache.is_ready(i)]
             if not run:
                 continue
-            pending = {i: self._inflight.setdefault(i, _Pending()) for i in run}
-            for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):  # readers took some
-                await self._fetch_run(piece, "prefetch")
+            pending: dict[int, _Pending] = {}
+            for piece in self._plan(run, self.prefetch_merge, PREFETCH_GAP):
+                # Each piece is claimed as it starts: a reader never waits behind more
+                # than one fetch_deadline; pieces a reader took meanwhile are skipped.
+                piece = [(i, c) for i, c in piece
+                         if i not in self._inflight and not self.cache.is_ready(i)]
+                if not piece:
+                    continue
+                for i, _ in piece:
+                    pending[i] = self._inflight[i] = _Pending()
+                await self._fetch_run(piece, "prefetch")  # finishes every chunk it claims
             for i, p in pending.items():
                 if p.error is None:
                     ok += 1
@@ -200,14 +307,15 @@ class Fetcher:
         self.stats.prefetch_chunks += ok
         return ok
 
-    def _start(self, missing: list[int]) -> None:
+    def _start(self, missing: list[int], claimed: set[int]) -> None:
+        """Hand the claimed chunks ``missing`` to fetch tasks, amplified; each index
+        leaves ``claimed`` once a task owns it (the caller finishes the rest on error)."""
         if self._nursery is None:
-            err = "the fetcher is not running"
-            for index in missing:
-                self._finish(index, err)
-            raise ChunkError(err)
+            raise ChunkError("the fetcher is not running")
         for run in self._plan(missing, self.amplify_bytes):
-            self._nursery.start_soon(self._fetch_run, self._amplify(run), "ondemand")
+            run = self._amplify(run, claimed)
+            self._nursery.start_soon(self._fetch_run, run, "ondemand")
+            claimed.difference_update(i for i, _ in run)
 
     def _plan(self, missing: list[int], limit: int,
               max_gap: int = 0) -> list[list[tuple[int, Chunk]]]:
@@ -242,22 +350,28 @@ class Fetcher:
         blob_index = self.cache.chunk(index).blob_index
         table = self._next.get(blob_index)
         if table is None:
+            table = self._next[blob_index] = {}
             blob = self.blobs[blob_index]
             chunk = self.cache.chunk
-            order = sorted(range(blob.chunk_start, blob.chunk_start + blob.chunk_count),
-                           key=lambda i: chunk(i).compressed_offset)
-            table = self._next[blob_index] = {}
-            for a, b in itertools.pairwise(order):
-                ca, cb = chunk(a), chunk(b)
-                if cb.compressed_offset == ca.compressed_offset + ca.compressed_size:
-                    table[a] = b
+            try:
+                order = sorted(range(blob.chunk_start, blob.chunk_start + blob.chunk_count),
+                               key=lambda i: chunk(i).compressed_offset)
+                for a, b in itertools.pairwise(order):
+                    ca, cb = chunk(a), chunk(b)
+                    if cb.compressed_offset == ca.compressed_offset + ca.compressed_size:
+                        table[a] = b
+            except RafsError as e:  # a bad record: readers of it get the error, not amplification
+                log.warning("blob %d: no read amplification: %s", blob_index, e)
+                table.clear()
         return table.get(index)
 
-    def _amplify(self, run: list[tuple[int, Chunk]]) -> list[tuple[int, Chunk]]:
+    def _amplify(self, run: list[tuple[int, Chunk]],
+                 claimed: set[int]) -> list[tuple[int, Chunk]]:
         """Extend ``run`` with the chunks that follow it while it is below amplify_bytes.
 
-        Each added chunk is claimed in ``_inflight`` like a requested one, so a
-        reader that wants it meanwhile waits for this fetch.
+        Each added chunk is claimed in ``_inflight`` (and in ``claimed``) like a
+        requested one, so a reader that wants it meanwhile waits for this fetch.
+        Amplification is an optimisation: any error stops it, never the read.
         """
         start = run[0][1].compressed_offset
         last_index, last = run[-1]
@@ -266,21 +380,33 @@ class Fetcher:
         if last.compressed_offset + last.compressed_size - start >= self.amplify_bytes:
             return run
         while True:
-            index = self._successor(last_index)
-            if index is None or index in self._inflight or self.cache.is_ready(index):
+            try:
+                index = self._successor(last_index)
+                if (index is None or index in self._inflight or self.cache.is_ready(index)
+                        or self.cache.maybe_local(index)):  # on this host already: no refetch
+                    return run
+                c = self.cache.chunk(index)
+            except RafsError as e:
+                log.warning("read amplification stopped: %s", e)
                 return run
-            c = self.cache.chunk(index)
             if c.compressed_offset + c.compressed_size - start > self.amplify_bytes:
                 return run
             self._inflight[index] = _Pending()
+            claimed.add(index)
             run.append((index, c))
             last_index = index
 
-    def _finish(self, index: int, error: str | None) -> None:
-        pending = self._inflight.pop(index, None)
-        if pending is not None:
-            pending.error = error
-            pending.done.set()
+    def _finish(self, index: int, error: str | None, pending: _Pending | None = None) -> None:
+        """Wake the waiters of chunk ``index`` (of ``pending``, if given) with ``error``."""
+        current = self._inflight.get(index)
+        if pending is None:
+            pending = current
+        if pending is None:
+            return
+        if current is pending:
+            del self._inflight[index]
+        pending.error = error
+        pending.done.set()
 
     # -- fetching -----------------------------------------------------------
 
@@ -289,36 +415,52 @@ class Fetcher:
 
         A transient failure part way keeps the chunks already received and asks
         again for the rest, with backoff; a permanent one (or running out of
-        retries) fails the chunks not yet received.
+        retries, or ``fetch_deadline``) fails the chunks not yet received.
+        Whatever happens, every chunk of the run is finished when this returns.
         """
-        blob = self.blobs[run[0][1].blob_index]
-        claimed = [(i, self._inflight.get(i)) for i, _ in run]
+        # The claims this run finishes: only these (a claim a reader retired after
+        # answer_bound may have a successor, which is another run's to finish).
+        mine = {i: self._inflight.get(i) for i, _ in run}
         todo = list(run)
-        backoff = self.retry.start(log)
         try:
-            async with trio.open_nursery() as verifiers:
-                while todo:
-                    try:
-                        await self._stream_run(blob, todo, kind, verifiers)
-                    except (TransientError, trio.TooSlowError) as e:
-                        self.stats.failed(error_class(e))
-                        if not await self._backoff(backoff, e, f"blob {blob.digest}: "
-                                                   f"{len(todo)} chunks from "
-                                                   f"{todo[0][1].compressed_offset}"):
-                            self._fail(todo, f"blob {blob.digest}: giving up after "
-                                       f"{backoff.attempts} attempts: {e or 'timed out'}")
-                            return
-                    except RafsError as e:
-                        self.stats.failed(error_class(e))
-                        self._fail(todo, str(e))
-                        return
+            blob = self.blobs[run[0][1].blob_index]
+            with trio.move_on_after(self.fetch_deadline) as deadline:
+                await self._attempts(blob, todo, kind, mine)
+            if deadline.cancelled_caught:
+                self.stats.failed("deadline")
+                self._fail(todo, f"blob {blob.digest}: no complete answer within "
+                           f"{self.fetch_deadline:.0f}s", mine)
+        except Exception as e:  # a bug or a record nothing checked: fail the run, not the daemon
+            log.exception("fetching chunks %s failed unexpectedly", [i for i, _ in run][:8])
+            self.stats.internal_errors += 1
+            self._fail(todo, f"internal error: {type(e).__name__}: {e}", mine)
         finally:  # cancelled or crashed: never leave a waiter hanging
-            for index, pending in claimed:
+            for index, pending in mine.items():
                 if pending is not None and not pending.done.is_set():
-                    self._finish(index, f"chunk {index}: fetch abandoned")
+                    self._finish(index, f"chunk {index}: fetch abandoned", pending)
+
+    async def _attempts(self, blob: Blob, todo: list[tuple[int, Chunk]], kind: str,
+                        mine: dict[int, _Pending | None]) -> None:
+        backoff = self.retry.start(log)
+        async with trio.open_nursery() as verifiers:
+            while todo:
+                try:
+                    await self._stream_run(blob, todo, kind, verifiers, mine)
+                except (TransientError, trio.TooSlowError) as e:
+                    self.stats.failed(error_class(e))
+                    if not await self._backoff(backoff, e, f"blob {blob.digest}: "
+                                               f"{len(todo)} chunks from "
+                                               f"{todo[0][1].compressed_offset}"):
+                        self._fail(todo, f"blob {blob.digest}: giving up after "
+                                   f"{backoff.attempts} attempts: {e or 'timed out'}", mine)
+                        return
+                except RafsError as e:
+                    self.stats.failed(error_class(e))
+                    self._fail(todo, str(e), mine)
+                    return
 
     async def _stream_run(self, blob: Blob, todo: list[tuple[int, Chunk]], kind: str,
-                          verifiers: trio.Nursery) -> None:
+                          verifiers: trio.Nursery, mine: dict[int, _Pending | None]) -> None:
         """One backend request for ``todo``; the chunks received are removed from it."""
         start = todo[0][1].compressed_offset
         end = todo[-1][1].compressed_offset + todo[-1][1].compressed_size
@@ -343,7 +485,8 @@ class Fetcher:
                         if len(buf) < a + c.compressed_size:
                             break
                         verifiers.start_soon(self._verify_and_store, blob, index, c,
-                                             bytes(buf[a : a + c.compressed_size]), kind)
+                                             bytes(buf[a : a + c.compressed_size]), kind,
+                                             mine.get(index))
                         k += 1
                     if k and todo[k - 1][1].compressed_offset - base > 1 << 20:
                         done = todo[k - 1][1].compressed_offset - base  # keep what is unsent
@@ -361,10 +504,13 @@ class Fetcher:
             raise TransientError(f"blob {blob.digest}: response ended after {received} of "
                                  f"{end - start} bytes", error_class="truncated")
 
-    def _fail(self, todo: list[tuple[int, Chunk]], message: str) -> None:
-        log.error("%s", message)
+    def _fail(self, todo: list[tuple[int, Chunk]], message: str,
+              mine: dict[int, _Pending | None]) -> None:
+        if todo:
+            log.error("%s", message)
         for index, _ in todo:
-            self._finish(index, f"chunk {index}: {message}")
+            self._finish(index, f"chunk {index}: {message}", mine.get(index))
+        todo.clear()
 
     async def _backoff(self, backoff: Backoff, e: BaseException, context: str) -> bool:
         """Sleep before the next attempt after ``e``; False when the retries are spent."""
@@ -376,7 +522,7 @@ class Fetcher:
         return True
 
     async def _verify_and_store(self, blob: Blob, index: int, c: Chunk, payload: bytes,
-                                kind: str) -> None:
+                                kind: str, pending: _Pending | None = None) -> None:
         """Decode, verify and cache one chunk; a digest mismatch is fetched again, once
         per source of the backend (a registry's mirrors and the registry), each time
         after telling the backend, so that the refetch comes from the next source."""
@@ -396,19 +542,33 @@ class Fetcher:
                         "chunk %d of blob %s failed verification %d times, giving up: %s",
                         index, blob.digest, attempts, e,
                     )
-                    self._finish(index, f"chunk {index} of blob {blob.digest}: {e}")
+                    self._finish(index, f"chunk {index} of blob {blob.digest}: {e}", pending)
                     return
                 log.warning("chunk %d of blob %s: %s; fetching it again", index, blob.digest, e)
             except RafsError as e:
                 log.error("chunk %d of blob %s: %s", index, blob.digest, e)
-                self._finish(index, f"chunk {index}: {e}")
+                self._finish(index, f"chunk {index}: {e}", pending)
+                return
+            except Exception as e:  # never let one chunk take the run (and the daemon) down
+                log.exception("chunk %d of blob %s: storing it failed unexpectedly",
+                              index, blob.digest)
+                self.stats.internal_errors += 1
+                self._finish(index, f"chunk {index}: internal error: {type(e).__name__}: {e}",
+                             pending)
                 return
             try:
                 payload = await self._read_one(blob, c, kind)
             except RafsError as e:
-                self._finish(index, f"chunk {index}: {e}")
+                self._finish(index, f"chunk {index}: {e}", pending)
                 return
-        self._finish(index, None)
+            except Exception as e:
+                log.exception("chunk %d of blob %s: refetch failed unexpectedly",
+                              index, blob.digest)
+                self.stats.internal_errors += 1
+                self._finish(index, f"chunk {index}: internal error: {type(e).__name__}: {e}",
+                             pending)
+                return
+        self._finish(index, None, pending)
 
     async def _read_one(self, blob: Blob, c: Chunk, kind: str) -> bytes:
         """The compressed bytes of one chunk, fetched on their own with retries."""

@@ -17,45 +17,50 @@ blob FUSE filesystem), which needs
 ``check_kernel_mode`` answers with a ``KernelSupport`` (ok and a reason for the
 log line or the error); every input can be passed in, so tests can fake an old
 kernel without touching the real one. ``resolve_mode`` turns ``auto`` /
-``fuse`` / ``kernel`` into the mode to use. ``mount_erofs`` and ``umount``
-call the syscalls through ctypes: util-linux ``mount`` would put a loop
-device under a regular file, which is not what file-backed EROFS wants.
+``fuse`` / ``kernel`` into the mode to use. ``mount_erofs`` calls
+``mount(2)`` through ctypes: util-linux ``mount`` would put a loop device
+under a regular file, which is not what file-backed EROFS wants.
+
+``KernelMounts`` holds the two mounts of one kernel-mode daemon, the blob
+filesystem and EROFS over it, and undoes them in the only safe order: EROFS
+first, *while the blob filesystem still answers* (the EROFS driver waits for
+its reads in flight while it unmounts), the blob filesystem after it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import gzip
+import logging
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MountError
+from .mounts import find_mount, libc, read_mounts, umount2
+from .options import MODES
 
 __all__ = [
     "MIN_KERNEL",
     "MODES",
+    "KernelMounts",
     "KernelSupport",
     "check_kernel_mode",
     "mount_erofs",
     "resolve_mode",
-    "umount",
 ]
 
-MODES = ("auto", "fuse", "kernel")
+log = logging.getLogger(__name__)
+
 MIN_KERNEL = (6, 12)
 CONFIG_OPTION = "CONFIG_EROFS_FS_BACKED_BY_FILE"
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
-MNT_DETACH = 0x2
-UMOUNT_NOFOLLOW = 0x8
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class KernelModeError(MountError):
@@ -152,20 +157,81 @@ def mount_erofs(bootstrap: str | os.PathLike[str], target: str | os.PathLike[str
             raise MountError(f"device path {d} contains ',', which mount options cannot carry")
     opts = ",".join(f"device={os.fspath(d)}" for d in devices)
     flags = MS_RDONLY | MS_NOSUID | MS_NODEV
-    if _libc.mount(os.fsencode(bootstrap), os.fsencode(target), b"erofs", flags,
+    if libc.mount(os.fsencode(bootstrap), os.fsencode(target), b"erofs", flags,
                    opts.encode()) != 0:
         err = ctypes.get_errno()
         raise MountError(f"mount -t erofs {bootstrap} on {target}: {os.strerror(err)}")
 
 
-def umount(target: str | os.PathLike[str], *, lazy: bool = False) -> bool:
-    """``umount2(target)``; False if nothing is mounted there. EBUSY raises MountError."""
-    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
-    if _libc.umount2(os.fsencode(target), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):
-        return False
-    if err == errno.EBUSY:
-        raise MountError(f"{target} is busy")
-    raise MountError(f"umount {target}: {os.strerror(err)}")
+def _erofs_bdis() -> set[str]:
+    try:
+        return {name for name in os.listdir("/sys/class/bdi") if name.startswith("erofs-")}
+    except OSError:
+        return set()
+
+
+class KernelMounts:
+    """The two mounts of kernel mode: the blob filesystem, and EROFS over it."""
+
+    def __init__(self, bootstrap: Path, mountpoint: str, blob_dir: Path,
+                 device_names: Sequence[str]) -> None:
+        self.bootstrap = bootstrap
+        self.mountpoint = mountpoint
+        self.blob_dir = blob_dir
+        self.devices = [str(blob_dir / name) for name in device_names]
+        self.erofs: dict[str, object] | None = None  # identity of our EROFS mount
+        self.bdi: str | None = None
+
+    def prepare(self) -> None:
+        """An empty private directory for the blob filesystem."""
+        try:
+            self.blob_dir.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise MountError(f"cannot create {self.blob_dir}: {e.strerror}") from None
+
+    def mount_erofs(self) -> None:
+        before = _erofs_bdis()
+        mount_erofs(self.bootstrap, self.mountpoint, self.devices)
+        entry = find_mount(self.mountpoint)
+        self.erofs = entry.identity if entry is not None else {}
+        # A file-backed EROFS mount has a bdi of its own named by a counter, not by
+        # st_dev; the one that appeared is ours unless another mount raced us.
+        new = _erofs_bdis() - before
+        self.bdi = new.pop() if len(new) == 1 else None
+        log.info("kernel EROFS mount of %s on %s with %d blob devices", self.bootstrap,
+                 self.mountpoint, len(self.devices))
+
+    def erofs_present(self) -> bool:
+        """Whether our EROFS mount is still in the mount table (by identity, not path,
+        so a mount someone else put on the same path is not taken for it)."""
+        return self.erofs is not None and any(e.is_same(self.erofs) for e in read_mounts())
+
+    def unmount_erofs(self, *, lazy: bool) -> None:
+        """MountError (busy) leaves it mounted. Someone may have unmounted it already
+        (and mounted something else there): only our own mount is touched. Call it
+        while the blob filesystem still answers: the driver waits for its reads."""
+        if self.erofs is None:
+            return
+        entry = find_mount(self.mountpoint)
+        if entry is not None and entry.is_same(self.erofs):
+            umount2(self.mountpoint, lazy=lazy)
+        self.erofs = None
+
+    def unmount_blobs(self) -> None:
+        """Unmount the blob filesystem; the EROFS driver may hold it for a moment
+        (its device files are released after its unmount returns)."""
+        for _attempt in range(50):
+            if not self.blobs_busy() or find_mount(self.blob_dir, resolve=False) is None:
+                return
+            time.sleep(0.02)
+        log.warning("blob mount %s stays busy; detaching it", self.blob_dir)
+        umount2(self.blob_dir, lazy=True)
+
+    def blobs_busy(self) -> bool:
+        """Try to unmount the blob filesystem: True while something still uses it, and
+        also when it is no longer there to try (someone detached it: then only the end
+        of the FUSE session tells that the kernel let go of it)."""
+        try:
+            return not umount2(self.blob_dir)  # root only, like kernel mode itself
+        except MountError:
+            return True

@@ -24,7 +24,10 @@ from .stats import HELP, KINDS, LATENCY_BUCKETS, Stats
 __all__ = ["StatsCollector", "new_registry", "parse_address", "render", "serve_http"]
 
 _PLAIN = ("read_requests", "read_bytes", "cache_hits", "cache_misses", "cache_corrupt",
-          "retries", "range_ignored", "prefetch_chunks", "digest_failures", "errors")
+          "cache_lost", "cache_refetched", "cache_enospc", "cache_write_errors",
+          "cache_evictions", "cache_evicted_bytes", "dedup_hits", "dedup_bytes",
+          "retries", "range_ignored", "prefetch_chunks", "digest_failures", "errors",
+          "internal_errors")
 
 
 class StatsCollector(Collector):
@@ -60,6 +63,14 @@ class StatsCollector(Collector):
         for op, n in sorted(s.fuse_requests.items()):
             family.add_metric([*self.values, op], n)
         yield family
+        for name, value, doc in (
+            ("rafs_cache_bytes", s.cache_bytes, "size of the chunk cache directory on disk, "
+             "last measured"),
+            ("rafs_cache_cap_bytes", s.cache_cap, "the cache's cap in force (0: none)"),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=self.names)
+            gauge.add_metric(self.values, value)
+            yield gauge
         yield from self._endpoints()
         gauge = GaugeMetricFamily("rafs_prefetch_planned_chunks",
                                   "chunks on the image's prefetch list", labels=self.names)

@@ -1,29 +1,55 @@
-"""What the kernel says is mounted, and the fusermount3 calls that undo a mount.
+"""What the kernel says is mounted, and the calls that undo a mount.
 
-``find_mount`` reads ``/proc/self/mountinfo``. A rafs mount in fuse mode shows
-file system type ``fuse.rafs`` (mount option ``subtype=rafs``); in kernel mode
-it is an ``erofs`` mount whose source is a bootstrap in a chunk cache
-(``.../bootstraps/sha256/<hex>``), and the blob filesystem under it is
-``fuse.rafs-blobs``. Unmounting FUSE goes through ``fusermount3`` so it works
-for root and for users alike.
+The mount table is ``/proc/self/mountinfo`` (``read_mounts``, ``find_mount``).
+A rafs mount in fuse mode has file system type ``fuse.rafs``; in kernel mode it
+is an ``erofs`` mount whose source is a bootstrap in a chunk cache
+(``.../bootstraps/sha256/<hex>``), over a blob filesystem ``fuse.rafs-blobs``.
+Each entry carries the mount's identity: its mount id and the ``MAJOR:MINOR``
+of its filesystem (for FUSE, the minor also names the connection in fusectl).
+
+Undoing: ``unmount`` (``umount2``, or ``fusermount3`` for a user's FUSE
+mount), ``abort_connection`` (fusectl's ``abort``: every request of a FUSE
+connection fails at once, even when its daemon is stopped or stuck; mounts
+fusectl if needed), and ``MountTableWatch`` (wakes up when the mount table
+changes: ``poll()`` reports POLLPRI|POLLERR on ``/proc/self/mountinfo``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
+import errno
 import os
 import re
+import select
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MountError
 
-__all__ = ["BLOB_FSTYPE", "FSTYPE", "MountEntry", "canonical", "find_mount", "fusermount_unmount"]
+__all__ = [
+    "BLOB_FSTYPE",
+    "FSTYPE",
+    "MountEntry",
+    "MountTableWatch",
+    "abort_connection",
+    "canonical",
+    "find_mount",
+    "libc",
+    "read_mounts",
+    "umount2",
+    "unmount",
+]
 
 FSTYPE = "fuse.rafs"
 BLOB_FSTYPE = "fuse.rafs-blobs"
+FUSECTL = Path("/sys/fs/fuse/connections")
 _BOOTSTRAP_SOURCE = re.compile(r"/bootstraps/[a-z0-9]+/[0-9a-f]{64}$")
+
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +58,8 @@ class MountEntry:
     fstype: str
     source: str
     major_minor: str  # "MAJOR:MINOR" of the mounted filesystem (st_dev)
+    mount_id: int = 0
+    super_options: str = ""
 
     @property
     def is_kernel(self) -> bool:
@@ -39,86 +67,164 @@ class MountEntry:
         return self.fstype == "erofs" and _BOOTSTRAP_SOURCE.search(self.source) is not None
 
     @property
+    def is_fuse(self) -> bool:
+        return self.fstype == "fuse" or self.fstype.startswith("fuse.")
+
+    @property
     def is_rafs(self) -> bool:
         return self.fstype == FSTYPE or self.is_kernel
 
+    @property
+    def identity(self) -> dict[str, object]:
+        """What a state file records to recognise this very mount later. Mount ids and
+        device numbers are reused as soon as a mount goes, so the type, place and
+        source count too: a FUSE mount of rafs has a source no other mount has (its
+        daemon instance's directory)."""
+        return {"id": self.mount_id, "dev": self.major_minor, "fstype": self.fstype,
+                "mountpoint": self.mountpoint, "source": self.source}
+
+    def is_same(self, identity: object) -> bool:
+        return isinstance(identity, dict) and bool(identity) and identity == self.identity
+
 
 def canonical(path: str | os.PathLike[str]) -> str:
-    """Absolute, symlink-free path; works on a dead FUSE mount (ENOTCONN)."""
-    return os.path.realpath(os.path.abspath(path))
+    """Absolute, symlink-free path, without looking at the path itself when it is a
+    mount point: a FUSE mount whose daemon does not answer (stopped, stuck, not yet
+    past INIT) would block any ``stat`` of it, and so any ``realpath``."""
+    p = os.path.abspath(path)
+    head, tail = os.path.split(p)
+    if not tail:
+        return p
+    candidate = os.path.join(os.path.realpath(head), tail)
+    if any(e.mountpoint == candidate for e in read_mounts()):
+        return candidate
+    return os.path.realpath(p)
 
 
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \\ooo octal
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def find_mount(path: str | os.PathLike[str]) -> MountEntry | None:
-    """The topmost mount whose mount point is exactly ``path``, or None."""
-    target = canonical(path)
-    found = None
+def read_mounts() -> list[MountEntry]:
+    """Every mount of this mount namespace, in mount order."""
     try:
         text = Path("/proc/self/mountinfo").read_text()
     except OSError as e:
         raise MountError(f"cannot read /proc/self/mountinfo: {e.strerror}") from None
+    out = []
     for line in text.splitlines():
         left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
         fields = left.split()
         rfields = right.split()
-        if len(fields) < 5 or len(rfields) < 2:
+        if not sep or len(fields) < 5 or len(rfields) < 2 or not fields[0].isdigit():
             continue
-        if _unescape(fields[4]) == target:
-            found = MountEntry(target, rfields[0], _unescape(rfields[1]), fields[2])
+        out.append(MountEntry(_unescape(fields[4]), rfields[0], _unescape(rfields[1]),
+                              fields[2], int(fields[0]), rfields[2] if len(rfields) > 2 else ""))
+    return out
+
+
+def find_mount(path: str | os.PathLike[str], *, resolve: bool = True) -> MountEntry | None:
+    """The topmost mount whose mount point is exactly ``path``, or None. ``resolve``:
+    canonicalise ``path`` first, which looks at it: a FUSE daemon must not do that
+    to its own mount point (it would wait for itself), so it passes a canonical path."""
+    target = canonical(path) if resolve else os.fspath(path)
+    found = None
+    for entry in read_mounts():
+        if entry.mountpoint == target:
+            found = entry
     return found
 
 
-def fusermount_unmount(path: str | os.PathLike[str], *, lazy: bool = False) -> None:
-    """Unmount the mount on ``path`` without its daemon (``lazy``: detach it even if busy).
+# -- undoing mounts ---------------------------------------------------------------
 
-    A FUSE mount goes with ``fusermount3 -u`` (``-z``). A kernel-mode rafs mount
-    goes with ``umount2`` of the EROFS mount, then its blob filesystem (found in
-    this process's run directory) is detached and its directory removed: a live
-    daemon then sees its session end and exits. MountError with the reason.
-    """
-    entry = find_mount(path)
-    if entry is not None and entry.is_kernel:
-        _unmount_kernel_mode(entry.mountpoint, lazy)
+
+def umount2(target: str | os.PathLike[str], *, lazy: bool = False) -> bool:
+    """``umount2(target)``; False if nothing is mounted there. EBUSY raises MountError."""
+    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
+    if libc.umount2(os.fsencode(target), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return False
+    if err == errno.EBUSY:
+        raise MountError(f"{target} is busy")
+    raise MountError(f"umount {target}: {os.strerror(err)}")
+
+
+def unmount(path: str | os.PathLike[str], *, lazy: bool = False) -> None:
+    """Unmount the topmost mount on ``path`` (``lazy``: detach it even if busy).
+
+    Root calls ``umount2``; a user's FUSE mount goes through ``fusermount3``.
+    MountError with the reason ("busy" when it is busy)."""
+    mp = canonical(path)
+    if os.geteuid() == 0:
+        umount2(mp, lazy=lazy)
         return
-    _fusermount(path, lazy)
-
-
-def _unmount_kernel_mode(mountpoint: str, lazy: bool) -> None:
-    from .control import paths_for  # control imports this module
-    from .kernelmount import umount
-
-    umount(mountpoint, lazy=lazy)
-    blobs = paths_for(mountpoint).blobs
-    entry = find_mount(blobs)
-    if entry is not None and entry.fstype == BLOB_FSTYPE:
-        _fusermount(blobs, True)  # EROFS may still hold it a moment; nobody else uses it
-    with contextlib.suppress(OSError):
-        blobs.rmdir()
-
-
-def _fusermount(path: str | os.PathLike[str], lazy: bool) -> None:
-    args = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", canonical(path)]
+    args = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", mp]
     try:
         res = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
     except FileNotFoundError:
         raise MountError("fusermount3 is not installed (Debian package fuse3)") from None
     except subprocess.TimeoutExpired:
-        raise MountError(f"fusermount3 -u {path} timed out") from None
+        raise MountError(f"fusermount3 -u {mp} timed out") from None
     if res.returncode != 0:
         lines = (res.stderr or res.stdout).strip().splitlines()
         msg = lines[-1] if lines else f"exit status {res.returncode}"
+        if "not found in /etc/mtab" in msg or "not mounted" in msg:
+            return
         raise MountError(msg.removeprefix("fusermount3: "))
+
+
+def _mount_fusectl() -> None:
+    if any(e.fstype == "fusectl" and e.mountpoint == str(FUSECTL) for e in read_mounts()):
+        return
+    if libc.mount(b"fusectl", os.fsencode(FUSECTL), b"fusectl", 0, None) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EBUSY:
+            raise MountError(f"cannot mount fusectl on {FUSECTL}: {os.strerror(err)}")
+
+
+def abort_connection(major_minor: str) -> bool:
+    """Abort the FUSE connection of the filesystem ``MAJOR:MINOR`` through fusectl:
+    its pending and future requests fail at once. False if there is no such
+    connection (any more); MountError if it cannot be done (not root)."""
+    major, _, minor = major_minor.partition(":")
+    if major != "0" or not minor.isdigit():
+        return False  # FUSE filesystems have anonymous device numbers
+    _mount_fusectl()
+    abort = FUSECTL / minor / "abort"
+    try:
+        with open(abort, "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise MountError(f"cannot abort FUSE connection {minor}: {e.strerror}") from None
+    return True
+
+
+class MountTableWatch:
+    """Tells when this mount namespace's mount table changes.
+
+    An epoll instance watching ``/proc/self/mountinfo`` for POLLPRI: ``wait``
+    blocks for a change (True) or the timeout (False); an event loop can wait
+    for ``fileno()`` to become readable instead (trio's ``wait_readable``).
+    Every change anywhere in the namespace wakes it: check what you care about."""
+
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._ep = select.epoll()
+        self._ep.register(self._fd, select.EPOLLPRI | select.EPOLLERR)
+
+    def fileno(self) -> int:
+        return self._ep.fileno()
+
+    def wait(self, timeout: float) -> bool:
+        return bool(self._ep.poll(timeout))
+
+    def close(self) -> None:
+        self._ep.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

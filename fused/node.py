@@ -3,24 +3,26 @@
 A cold ``python -m fused.daemon`` spends 0.3-0.5 s starting the interpreter and
 importing trio, pyfuse3, httpx and the daemon before it does anything for the
 mount. The node service pays that once: it imports the daemon, the worker and
-the supervisor, then waits on ``<run>/node.sock`` (``fused.control.run_dir``).
-A mount request carries the argv of ``fused.supervisor`` or ``fused.daemon``
-and, over SCM_RIGHTS, the write end of the caller's readiness pipe and its log
-file; the service forks (it is single-threaded and never runs trio, so the fork
-is clean), and the child, in a session of its own with its output in the log,
-runs that module's ``main`` at once. The caller then waits on its pipe as it
-would for a spawned daemon (``fused.cli.mount_background`` does both, and
-spawns when no service answers). A supervisor forked this way forks its
+the supervisor, then waits on ``<run>/node.sock`` (``fused.runstate.run_dir``).
+A mount request names ``fused.supervisor`` or ``fused.daemon`` and carries,
+over SCM_RIGHTS, the read end of the caller's configuration pipe, the write
+end of its readiness pipe and its log file; the service forks (it is
+single-threaded and never runs trio, so the fork is clean), and the child, in
+a session of its own with its output in the log, runs that module's ``main``
+at once on those descriptors. The caller then writes the configuration and
+waits on its pipe as it would for a spawned daemon (``fused.client.mount``
+does both, and spawns when no service answers). A supervisor forked this way forks its
 workers too (``fused.supervisor``), so a failover does not start an
 interpreter either; ``rafs upgrade`` still starts a fresh one, for new code.
 
 Children outlive the service: stopping or restarting it (SIGTERM) leaves every
 mount served (a systemd unit needs ``KillMode=process``, see the README).
 
-Protocol: one JSON line each way, as ``fused.control``; commands ``ping``
-(pid and version) and ``mount`` (``{"cmd": "mount", "module": "fused.supervisor",
-"argv": [...], "env": {...}}`` with two descriptors attached), answered with
-``{"ok": true, "pid": CHILD}``.
+Protocol: one JSON line each way; commands ``ping`` (pid and version) and
+``mount`` (``{"cmd": "mount", "module": "fused.supervisor", "argv": [...],
+"env": {...}}`` with the three descriptors attached), answered with
+``{"ok": true, "pid": CHILD}``. The configuration (credentials included) never
+passes through the service: it goes from the caller to the child on the pipe.
 """
 
 from __future__ import annotations
@@ -36,15 +38,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .control import MAX_MESSAGE, SUN_PATH_MAX, ensure_run_dir, run_dir
+from .control import SUN_PATH_MAX
 from .errors import ControlError, MountError
+from .runstate import ensure_run_dir, run_dir
 
 __all__ = ["MODULES", "main", "node_socket", "request_mount", "serve"]
 
 log = logging.getLogger("fused.node")  # also when run as __main__
 
 MODULES = ("fused.supervisor", "fused.daemon")
-_ENV_ALLOWED = ("RAFS_REGISTRY_CREDS", "RAFS_RUN_DIR", "RAFS_HOSTS_DIR", "REGISTRY_AUTH_FILE",
+MAX_MESSAGE = 1 << 16
+_ENV_ALLOWED = ("RAFS_RUN_DIR", "RAFS_HOSTS_DIR", "REGISTRY_AUTH_FILE",
                 "DOCKER_CONFIG", "HOME")
 
 # Set in the service and so in every process forked from it: what code they run.
@@ -58,8 +62,8 @@ def node_socket() -> Path:
 # -- client -------------------------------------------------------------------------
 
 
-def request_mount(module: str, argv: list[str], env: dict[str, str], ready_fd: int,
-                  log_fd: int, timeout: float = 10.0) -> int | None:
+def request_mount(module: str, argv: list[str], env: dict[str, str], config_fd: int,
+                  ready_fd: int, log_fd: int, timeout: float = 10.0) -> int | None:
     """Ask the node service to start ``module`` with ``argv``: the child's pid, or None
     when no service answers (the caller then spawns the process itself)."""
     path = node_socket()
@@ -77,7 +81,7 @@ def request_mount(module: str, argv: list[str], env: dict[str, str], ready_fd: i
             log.warning("node service %s: %s; starting the daemon myself", path, e.strerror)
             return None
         try:
-            socket.send_fds(s, [message], [ready_fd, log_fd])
+            socket.send_fds(s, [message], [config_fd, ready_fd, log_fd])
             reply = _read_line(s)
         except (OSError, ValueError) as e:
             raise ControlError(f"the node service did not answer: {e}") from None
@@ -207,10 +211,10 @@ def _session(conn: socket.socket, listener: socket.socket, version: str) -> None
 def _fork_mount(message: dict[str, Any], fds: list[int], listener: socket.socket,
                 conn: socket.socket) -> dict[str, Any]:
     module, argv, env = message.get("module"), message.get("argv"), message.get("env") or {}
-    if (module not in MODULES or not isinstance(argv, list) or len(fds) != 2
+    if (module not in MODULES or not isinstance(argv, list) or len(fds) != 3
             or not all(isinstance(a, str) for a in argv) or not isinstance(env, dict)):
         return {"ok": False, "error": "bad mount request"}
-    ready_fd, log_fd = fds
+    config_fd, ready_fd, log_fd = fds
     pid = os.fork()
     if pid:
         return {"ok": True, "pid": pid}
@@ -240,7 +244,7 @@ def _fork_mount(message: dict[str, Any], fds: list[int], listener: socket.socket
             from .supervisor import main as entry
         else:
             from .daemon import main as entry
-        code = entry([*argv, "--ready-fd", str(ready_fd)])
+        code = entry(["--config-fd", str(config_fd), "--ready-fd", str(ready_fd), *argv])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 2
     except BaseException:

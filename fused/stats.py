@@ -38,6 +38,14 @@ HELP = {
     "cache_hits": "chunks a read found in the local cache",
     "cache_misses": "chunks a read had to fetch (or wait for)",
     "cache_corrupt": "cached chunks whose xxh3 did not match and were refetched",
+    "cache_lost": "chunks a reader found evicted under it (by any process) and got again",
+    "cache_refetched": "chunks fetched again after an eviction had removed them",
+    "cache_enospc": "chunk writes that found the disk full (served from memory)",
+    "cache_write_errors": "chunk writes that failed otherwise (served from memory)",
+    "cache_evictions": "chunks this daemon evicted to keep the cache under its cap",
+    "cache_evicted_bytes": "bytes this daemon's evictions freed",
+    "dedup_hits": "chunks found in another blob on this host instead of being fetched",
+    "dedup_bytes": "compressed bytes not fetched because a local copy existed",
     "backend_requests": "requests made to the blob backend",
     "backend_bytes": "compressed bytes fetched from the backend",
     "backend_chunks": "chunks fetched from the backend",
@@ -47,6 +55,8 @@ HELP = {
     "prefetch_chunks": "chunks fetched ahead of readers by the prefetch list",
     "digest_failures": "fetched chunks whose sha256 did not match",
     "errors": "read requests answered with an error",
+    "internal_errors": "requests answered EIO because of an unexpected exception or a missed "
+                       "deadline (a bug or a bad image the validator let through)",
     "fuse_requests": "FUSE requests the daemon answered, by operation",
 }
 
@@ -57,19 +67,31 @@ def _kinds() -> dict[str, int]:
 
 @dataclass(slots=True)
 class Stats:
-    """Counters of one mount; every number except the prefetch state is monotonic."""
+    """Counters of one mount; every number is monotonic except the prefetch state and the
+    ``cache_bytes``/``cache_cap`` gauges."""
 
     read_requests: int = 0
     read_bytes: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
     cache_corrupt: int = 0
+    cache_lost: int = 0
+    cache_refetched: int = 0
+    cache_enospc: int = 0
+    cache_write_errors: int = 0
+    cache_evictions: int = 0
+    cache_evicted_bytes: int = 0
+    dedup_hits: int = 0
+    dedup_bytes: int = 0
+    cache_bytes: int = 0  # gauge: the cache directory's size on disk, last measured
+    cache_cap: int = 0  # gauge: the cap in force (0: none)
     backend_errors: int = 0
     retries: int = 0
     range_ignored: int = 0
     prefetch_chunks: int = 0
     digest_failures: int = 0
     errors: int = 0
+    internal_errors: int = 0
     requests: dict[str, int] = field(default_factory=_kinds)
     bytes: dict[str, int] = field(default_factory=_kinds)
     chunks: dict[str, int] = field(default_factory=_kinds)
@@ -121,6 +143,16 @@ class Stats:
             "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses,
             "cache_corrupt": self.cache_corrupt,
+            "cache_lost": self.cache_lost,
+            "cache_refetched": self.cache_refetched,
+            "cache_enospc": self.cache_enospc,
+            "cache_write_errors": self.cache_write_errors,
+            "cache_evictions": self.cache_evictions,
+            "cache_evicted_bytes": self.cache_evicted_bytes,
+            "cache_bytes": self.cache_bytes,
+            "cache_cap": self.cache_cap,
+            "dedup_hits": self.dedup_hits,
+            "dedup_bytes": self.dedup_bytes,
             "backend_requests": self.backend_requests,
             "backend_bytes": self.backend_bytes,
             "backend_chunks": self.backend_chunks,
@@ -130,6 +162,7 @@ class Stats:
             "prefetch_chunks": self.prefetch_chunks,
             "digest_failures": self.digest_failures,
             "errors": self.errors,
+            "internal_errors": self.internal_errors,
             "requests": dict(self.requests),
             "bytes": dict(self.bytes),
             "chunks": dict(self.chunks),

@@ -1,13 +1,17 @@
 """The supervisor: owns a mount and its FUSE connection; workers come and go under it.
 
-``python -m fused.supervisor IMAGE MOUNTPOINT --cache-dir DIR [daemon options]``
-mounts the FUSE filesystem itself (``fused.fusedev``: the image in fuse mode,
-the blob filesystem in kernel mode), takes the kernel's ``FUSE_INIT`` off the
-device and starts a worker (``python -m fused.worker``, the daemon on an
-inherited connection, see ``fused.takeover``). The worker reads and answers
-``/dev/fuse`` directly; the supervisor sleeps in ``poll`` on the workers'
-pidfds, its signals, its control commands and the device (POLLERR: the
-connection ended). Steady state costs the read path nothing.
+``python -m fused.supervisor --config-fd N --ready-fd M`` (the same
+configuration frame and readiness report as ``fused.daemon``, see
+``fused.client``) is the *owner* of the daemon instance (``fused.runstate``):
+it holds the instance's lock for its whole life, writes its state file, mounts
+the FUSE filesystem itself (``fused.fusedev``: the image in fuse mode, the
+blob filesystem in kernel mode, ``fsname`` naming the instance), takes the
+kernel's ``FUSE_INIT`` off the device and starts a worker (``python -m
+fused.worker``, the daemon on an inherited connection, see ``fused.takeover``).
+The worker reads and answers ``/dev/fuse`` directly; the supervisor sleeps in
+``poll`` on the workers' pidfds, its signals, its control commands, the mount
+table (kernel mode) and the device (POLLERR: the connection ended). Steady
+state costs the read path nothing.
 
 Failover: a worker that dies (SIGKILL, OOM, a crash) is replaced at once by a
 fresh one on the same connection: the mount stays, and readers see a delay.
@@ -17,34 +21,41 @@ was mounted, which holds the kernel's INIT; each later one a
 device. When a worker dies, the supervisor writes ``FUSE_NOTIFY_RESEND``
 (Linux >= 6.9): the requests it had read but not answered go back in the
 input queue and the next worker answers them. Where the kernel lacks that
-(``--no-resend`` simulates it), closing the dead worker's device makes the
-kernel end exactly those requests with ECONNABORTED: their readers get that
-error at once, nothing hangs, and the mount serves on. Without access to
-``/dev/fuse`` (a user whose host keeps it root's only) workers share the
-mounted device; an old kernel then leaves those requests waiting.
+(``resend=False`` in the options simulates it), closing the dead worker's
+device makes the kernel end exactly those requests with ECONNABORTED: their
+readers get that error at once, nothing hangs, and the mount serves on.
+Without access to ``/dev/fuse`` (a user whose host keeps it root's only)
+workers share the mounted device; an old kernel then leaves those requests
+waiting. A standby worker, started and set up beforehand, takes over at once
+(``standby``); the state says ``recovering`` until the new worker serves.
 
-Crash loops: after ``--max-crashes`` crashes within ``--crash-window``
-seconds the supervisor gives up: it closes every device, which aborts the
-connection (readers get ENOTCONN, never a hang), unmounts and exits 1.
+Crash loops: after ``max_crashes`` crashes within ``crash_window`` seconds the
+supervisor gives up: it closes every device, which aborts the connection
+(readers get ENOTCONN, never a hang), unmounts and exits 1.
 
 Hot upgrade (control command ``upgrade``): a new worker starts from a fresh
 interpreter (so new code) on a clone of the device; once it serves, the old
 one gets SIGTERM, answers what it has in hand and exits; after a bound it is
 killed and its requests resent.
 
-The control socket (``fused.control``) is the supervisor's: it answers
-``ping``, ``shutdown`` (unmount, then the worker ends with the connection)
-and ``upgrade`` itself and forwards everything else (stats, metrics, trace)
-to the worker's private socket, adding its own view under ``"supervisor"``.
-The state file carries the same view (state ``serving`` or ``recovering``,
-worker pid, version, restarts).
+The control socket (the instance's ``sock``, ``fused.control`` protocol) is
+the supervisor's: it answers ``ping``, ``shutdown`` and ``upgrade`` itself and
+forwards everything else (status, stats, metrics, trace) to the serving
+worker's private socket, adding its own view (``owner_pid``, the worker's
+``version``, ``supervisor``). The state file carries the same view.
 
-Stopping: SIGTERM or SIGINT unmount lazily (kernel mode: EROFS, then the blob
-filesystem) and stop the worker. SIGHUP is ignored. The supervisor lowers its
-own ``oom_score_adj`` so that the kernel's OOM killer picks a worker instead.
-If it is killed anyway, the worker keeps serving its connection; lost then are
-failover, upgrade and the control socket (``rafs umount`` falls back to
-unmounting without it, which ends the worker too).
+Stopping, one teardown whatever the cause (EROFS detached before the blob
+filesystem, the connection aborted if a worker is still on it, the workers
+stopped, the run state removed): ``shutdown`` (plain: refused while busy;
+``lazy``: detached, served until the last open file is closed), SIGTERM or
+SIGINT (detached now), the mount disappearing outside rafs (fuse mode: the
+device reports the end of the connection; kernel mode: the mount table
+watch sees our EROFS mount go, then the blob mount is undone once the EROFS
+driver lets go of it). SIGHUP is ignored. The supervisor lowers its own
+``oom_score_adj`` so that the kernel's OOM killer picks a worker instead. If
+it is killed anyway, its lock goes with it: ``fused.client`` then sees the
+instance as dead and undoes it (aborting the connection ends the workers;
+the ones still alive, checked by pid and start time, are killed).
 
 Imports: the standard library and the light parts of fused only, no trio or
 pyfuse3 (a small, quick process).
@@ -55,7 +66,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -75,24 +85,22 @@ from typing import Any
 
 from rafs.errors import RafsError
 
-from . import fusedev
-from .control import MAX_MESSAGE, SUN_PATH_MAX, ControlPaths, daemon_alive, ensure_run_dir
-from .control import paths_for, request
+from . import fusedev, wire
+from .control import SUN_PATH_MAX, request
 from .errors import ControlError, MountError
-from .kernelmount import MODES, resolve_mode
-from .kernelmount import umount as kernel_umount
-from .mounts import BLOB_FSTYPE, canonical, find_mount, fusermount_unmount
-from .options import BLOB_MOUNT_OPTIONS, MOUNT_OPTIONS
+from .kernelmount import resolve_mode
+from .mounts import MountTableWatch, find_mount, read_mounts, umount2
+from .mounts import unmount as unmount_path
+from .options import BLOB_MOUNT_OPTIONS, MOUNT_OPTIONS, MountOptions
+from .runstate import OwnedInstance, pid_start
 
 __all__ = ["Supervisor", "SupervisorConfig", "code_version", "main"]
 
 log = logging.getLogger("fused.supervisor")  # also when run as __main__
 
-CREDS_ENV = "RAFS_REGISTRY_CREDS"  # as fused.cli (not imported: it would pull the daemon's)
-DEFAULT_MAX_CRASHES = 5
-DEFAULT_CRASH_WINDOW = 60.0
 DRAIN_TIMEOUT = 30.0  # an old worker's grace after an upgrade, then SIGKILL and resend
 READY_TIMEOUT = 120.0
+BLOBS_POLL = 0.25  # kernel mode, EROFS gone: how often to try the blob mount again
 OOM_SCORE_ADJ = -900
 
 
@@ -117,16 +125,9 @@ def code_version() -> str:
 class SupervisorConfig:
     image: str
     mountpoint: str  # canonical
-    cache_dir: str
-    mode: str = "auto"
-    worker_args: list[str] = field(default_factory=list)  # daemon options, passed on
-    log_level: str = "INFO"
-    resend: bool = True  # False: behave as on a kernel without FUSE_NOTIFY_RESEND
-    max_crashes: int = DEFAULT_MAX_CRASHES
-    crash_window: float = DEFAULT_CRASH_WINDOW
+    options: MountOptions
+    config: dict[str, Any]  # the configuration frame, passed on to every worker
     drain_timeout: float = DRAIN_TIMEOUT
-    creds: str | None = None
-    standby: bool = True  # keep a started worker ready to take over at once
 
 
 @dataclass(slots=True)
@@ -144,6 +145,7 @@ class Worker:
     started: float = field(default_factory=time.monotonic)
     ready_buf: bytes = b""
     killed_at: float | None = None
+    start_time: int | None = None  # /proc start time: names this process, not its pid
 
     @property
     def pid(self) -> int:
@@ -155,12 +157,18 @@ class GiveUp(Exception):
 
 
 class Supervisor:
-    def __init__(self, cfg: SupervisorConfig, ready: Callable[[str | None], None]) -> None:
+    def __init__(self, cfg: SupervisorConfig, owner: OwnedInstance,
+                 ready: Callable[[str | None], None]) -> None:
         self.cfg = cfg
+        self.opts = cfg.options
+        self.owner = owner
+        self.inst = owner.instance
         self.ready = ready
-        self.paths: ControlPaths = paths_for(cfg.mountpoint)
         self.mode = "fuse"
         self.fuse_dir = cfg.mountpoint
+        self.fuse_dev: str | None = None
+        self.erofs: dict[str, object] | None = None  # kernel mode: identity of EROFS
+        self.device = -1
         self.init_request = b""
         self.workers: dict[int, Worker] = {}  # by pidfd
         self.current: Worker | None = None
@@ -171,7 +179,8 @@ class Supervisor:
         self.stopping = False
         self.announced = False
         self.upgraded = False
-        self.resend_ok = cfg.resend and fusedev.kernel_has_resend()
+        self.releasing_blobs = False  # kernel mode: EROFS gone, the blob mount goes next
+        self.resend_ok = self.opts.resend and fusedev.kernel_has_resend()
         self.commands: queue.Queue[tuple[str, dict[str, Any], queue.Queue[dict[str, Any]]]] = (
             queue.Queue())
         self.pending_upgrade: list[queue.Queue[dict[str, Any]]] = []
@@ -182,6 +191,7 @@ class Supervisor:
         self._signals: list[int] = []
         self._listener: socket.socket | None = None
         self._sessions: list[threading.Thread] = []
+        self._watch: MountTableWatch | None = None
 
     # -- setup ------------------------------------------------------------
 
@@ -218,15 +228,15 @@ class Supervisor:
         entry = find_mount(cfg.mountpoint)
         if entry is not None and entry.is_rafs:
             raise MountError(f"{cfg.mountpoint} is already a rafs mount (`rafs umount` it first)")
-        self.mode, why = resolve_mode(cfg.mode)
+        self.mode, why = resolve_mode(self.opts.mode)
         log.info("%s mode: %s", self.mode, why)
-        ensure_run_dir()
+        self.owner.write_state(
+            owner_pid=os.getpid(), worker_pid=None, mode=self.mode, mountpoint=cfg.mountpoint,
+            image=cfg.image, cache_dir=self.opts.cache_dir, log=str(self.inst.log),
+            rafs_version=code_version(), started=time.time(), phase="starting",
+            supervised=True, resend=self.resend_ok, restarts=0, workers=[], standby_pid=None)
         if self.mode == "kernel":
-            blobs = self.paths.blobs
-            entry = find_mount(blobs)
-            if entry is not None and entry.fstype == BLOB_FSTYPE:
-                log.warning("removing a stale blob mount on %s", blobs)
-                kernel_umount(blobs, lazy=True)
+            blobs = self.inst.blobs
             try:
                 blobs.mkdir(mode=0o700, exist_ok=True)
             except OSError as e:
@@ -238,22 +248,29 @@ class Supervisor:
                 log.warning("not root and /etc/fuse.conf lacks user_allow_other: mounting "
                             "without allow_other, only you can see the files")
                 options.discard("allow_other")
+        fsname = str(self.inst.dir)  # df and `rafs ls` name the instance
+        options = {o for o in options if not o.startswith("fsname=")}
+        options.add(f"fsname={fsname}" if not set(",\\ \t\n") & set(fsname) else "fsname=rafs")
         self.device = fusedev.mount(self.fuse_dir, options)
+        entry = find_mount(self.fuse_dir, resolve=False)  # no stat: nobody answers yet
+        self.fuse_dev = entry.major_minor if entry is not None else None
+        if self.mode == "kernel":
+            self.owner.write_state(fuse_dev=self.fuse_dev, mount=None, erofs_pending=True)
+        else:
+            self.owner.write_state(fuse_dev=self.fuse_dev,
+                                   mount=entry.identity if entry is not None else None)
         log.info("mounted the FUSE connection on %s", self.fuse_dir)
         self.init_request = fusedev.read_init(self.device)
         if not self.resend_ok:
             log.info("requests in flight when a worker dies fail with ECONNABORTED "
-                     "(%s)", "--no-resend" if not cfg.resend else "kernel without "
+                     "(%s)", "resend is off" if not self.opts.resend else "kernel without "
                      "FUSE_NOTIFY_RESEND")
 
     def _serve_control(self) -> None:
-        sock_path = self.paths.socket
+        sock_path = self.inst.socket
         if len(str(sock_path)) > SUN_PATH_MAX:
             raise MountError(f"control socket path is too long: {sock_path} (set RAFS_RUN_DIR)")
-        if sock_path.exists() or sock_path.is_symlink():
-            if daemon_alive(sock_path):
-                raise MountError(f"another daemon already answers on {sock_path}")
-            sock_path.unlink(missing_ok=True)
+        sock_path.unlink(missing_ok=True)  # the instance is ours alone: a leftover of ours
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o177)
         try:
@@ -271,7 +288,6 @@ class Supervisor:
 
     def _start_worker(self, *, first: bool = False, device: int | None = None,
                       role: str = "current") -> Worker:
-        cfg = self.cfg
         if device is None:
             device = self.device
         self.serial += 1
@@ -280,37 +296,38 @@ class Supervisor:
             os.write(session_w, self.init_request)  # < a pipe buffer: never blocks
             os.close(session_w)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        control = self.paths.socket.with_name(
-            f"{self.paths.socket.stem}.worker{self.serial}.sock")
+        config_r, config_w = os.pipe2(os.O_CLOEXEC)
+        try:  # a few hundred bytes: fits the pipe, never blocks
+            os.write(config_w, wire.frame(self.cfg.config))
+        finally:
+            os.close(config_w)
+        control = self.inst.dir / f"worker{self.serial}.sock"
         args = [sys.executable, "-m", "fused.worker",
                 "--session-fd", str(session_r), "--device-fd", str(device),
-                "--control-socket", str(control), "--blob-dir",
-                str(self.paths.blobs) if self.mode == "kernel" else "",
+                "--control-socket", str(control),
+                *(["--fuse-dev", self.fuse_dev] if self.fuse_dev else []),
                 *(["--first"] if first else []), *(["--standby"] if role == "standby" else []),
-                cfg.image, cfg.mountpoint, "--cache-dir", cfg.cache_dir,
-                "--mode", self.mode, "--ready-fd", str(ready_w),
-                "--log-level", cfg.log_level, *cfg.worker_args]
+                "--config-fd", str(config_r), "--ready-fd", str(ready_w),
+                "--mountpoint", self.cfg.mountpoint]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
-        if cfg.creds is not None:
-            env[CREDS_ENV] = cfg.creds
         from . import node  # light; set when this process was forked by the node service
 
         forking = node.preloaded_version is not None and role != "upgrade" and not self.upgraded
         version = node.preloaded_version if forking else code_version()
+        keep = (session_r, device, ready_w, config_r)
         try:
             if forking:  # everything is imported already: no interpreter to start
-                proc: subprocess.Popen[bytes] | _Forked = _fork_worker(
-                    args[3:], (session_r, device, ready_w), cfg.creds)
+                proc: subprocess.Popen[bytes] | _Forked = _fork_worker(args[3:], keep)
             else:
                 # Its own process group: a signal to the supervisor's group does not reach it.
-                proc = subprocess.Popen(args, pass_fds=(session_r, device, ready_w),
-                                        stdin=subprocess.DEVNULL, cwd="/", env=env,
-                                        process_group=0)
+                proc = subprocess.Popen(args, pass_fds=keep, stdin=subprocess.DEVNULL, cwd="/",
+                                        env=env, process_group=0)
         finally:
             os.close(session_r)
             os.close(ready_w)
+            os.close(config_r)
         try:
             pidfd = os.pidfd_open(proc.pid)
         except OSError:
@@ -318,8 +335,10 @@ class Supervisor:
             proc.wait()
             os.close(ready_r)
             raise
+        os.set_blocking(ready_r, False)
         worker = Worker(self.serial, proc, pidfd, device, ready_r, control, str(version), role,
-                        session_w if role == "standby" else None)
+                        session_w if role == "standby" else None,
+                        start_time=pid_start(proc.pid))
         with self.lock:
             self.workers[pidfd] = worker
         if role == "current":
@@ -327,6 +346,7 @@ class Supervisor:
                 self.current = worker
         log.info("worker %d started (pid %d, version %s%s)", worker.serial, worker.pid, version,
                  ", standby" if role == "standby" else "")
+        self._write_state()
         return worker
 
     def _standby(self) -> Worker | None:
@@ -334,7 +354,7 @@ class Supervisor:
 
     def _start_standby(self) -> None:
         cur = self.current
-        if not self.cfg.standby or self.stopping or cur is None or self._standby() is not None:
+        if not self.opts.standby or self.stopping or cur is None or self._standby() is not None:
             return
         self._start_worker(device=self._next_device(cur), role="standby")
 
@@ -383,14 +403,28 @@ class Supervisor:
         except BlockingIOError:
             return
         worker.ready_buf += piece
-        if piece and not worker.ready_buf.endswith(b"\n"):
-            return
+        buf = worker.ready_buf
+        size = wire.payload_size(buf[:wire.HEADER.size]) if len(buf) >= wire.HEADER.size else -1
+        if piece and (size < 0 or len(buf) < wire.HEADER.size + size):
+            return  # more to come
         os.close(fd)
         worker.ready_fd = None
-        line = worker.ready_buf.decode("utf-8", "replace").strip()
-        if not line.startswith("OK"):
-            log.warning("worker %d did not get ready: %s", worker.serial, line or "no answer")
+        try:
+            reply = wire.decode(buf[wire.HEADER.size:]) if size >= 0 else {}
+        except wire.WireError:
+            reply = {}
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            error = reply.get("error") if isinstance(reply, dict) else None
+            log.warning("worker %d did not get ready: %s", worker.serial,
+                        error or "no answer")
+            if not self.announced and error:
+                raise GiveUp(error)  # the first worker: the mount cannot be served
             return  # it exits; the exit is handled as a crash
+        recorded = reply.get("state")
+        if self.mode == "kernel" and isinstance(recorded, dict) and "mount" in recorded \
+                and recorded.get("erofs_pending") is False:
+            self.erofs = recorded["mount"]  # the first worker mounted EROFS
+            self.owner.write_state(mount=self.erofs, erofs_pending=False)
         if worker.role == "standby":
             worker.state = "standby"
             log.info("worker %d (pid %d) stands by", worker.serial, worker.pid)
@@ -413,9 +447,9 @@ class Supervisor:
         self._write_state()
         self._report(None)
         self._start_standby()
-        for reply in self.pending_upgrade:
-            reply.put({"ok": True, "pid": os.getpid(), "worker_pid": worker.pid,
-                       "version": worker.version})
+        for box in self.pending_upgrade:
+            box.put({"ok": True, "pid": worker.pid, "owner_pid": os.getpid(),
+                     "version": worker.version})
         self.pending_upgrade.clear()
 
     def _retire(self, worker: Worker) -> None:
@@ -497,11 +531,11 @@ class Supervisor:
     def _count_crash(self, code: int) -> None:
         now = time.monotonic()
         self.crashes.append(now)
-        while self.crashes and self.crashes[0] < now - self.cfg.crash_window:
+        while self.crashes and self.crashes[0] < now - self.opts.crash_window:
             self.crashes.popleft()
-        if len(self.crashes) >= self.cfg.max_crashes:
+        if len(self.crashes) >= self.opts.max_crashes:
             raise GiveUp(f"{len(self.crashes)} worker crashes within "
-                         f"{self.cfg.crash_window:g}s (the last: {_describe(code)}): "
+                         f"{self.opts.crash_window:g}s (the last: {_describe(code)}): "
                          "giving up the mount")
 
     # -- the loop -----------------------------------------------------------
@@ -511,6 +545,8 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.set_wakeup_fd(self._wake_w)
+        if self.mode == "kernel":
+            self._watch = MountTableWatch()
         deadline_ready = time.monotonic() + READY_TIMEOUT
         while True:
             if self.stopping and not self.workers:
@@ -520,6 +556,8 @@ class Supervisor:
             poller.register(self._cmd_r, select.POLLIN)
             if self.device >= 0 and not self.stopping:
                 poller.register(self.device, 0)  # POLLERR: the connection ended
+            if self._watch is not None and self.erofs is not None:
+                poller.register(self._watch.fileno(), select.POLLIN)
             for w in self.workers.values():
                 poller.register(w.pidfd, select.POLLIN)
                 if w.ready_fd is not None:
@@ -535,12 +573,13 @@ class Supervisor:
                         os.read(self._cmd_r, 256)
                 elif fd == self.device:
                     if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                        still = find_mount(self.fuse_dir)
-                        log.info("the FUSE connection of %s has ended (poll 0x%x; %s)",
-                                 self.cfg.mountpoint, ev, "still mounted" if still is not None
-                                 and still.fstype.startswith("fuse") else
-                                 f"{self.fuse_dir} was unmounted")
+                        log.info("the FUSE connection of %s has ended (%s)",
+                                 self.cfg.mountpoint, "unmounted" if find_mount(
+                                     self.fuse_dir, resolve=False) is None else "aborted")
                         self._stop_workers()
+                elif self._watch is not None and fd == self._watch.fileno():
+                    self._watch.wait(0)
+                    self._check_erofs()
                 elif fd in self.workers:
                     self._worker_exited(self.workers[fd])
                 else:
@@ -554,6 +593,27 @@ class Supervisor:
         self._teardown(abort=False)
         return 0
 
+    def _check_erofs(self) -> None:
+        """Kernel mode: our EROFS mount left the mount table outside rafs (``umount``,
+        a runtime's cleanup): the blob mount goes once the driver lets go of it."""
+        if self.erofs is None or any(e.is_same(self.erofs) for e in read_mounts()):
+            return
+        log.info("the EROFS mount on %s is gone (unmounted outside rafs)", self.cfg.mountpoint)
+        self.erofs = None
+        self.owner.write_state(mount=None)
+        self._set_state("stopping")
+        self.releasing_blobs = True
+
+    def _try_release_blobs(self) -> None:
+        """Unmount the blob filesystem unless the (detached) EROFS mount still uses it;
+        the end of the connection then stops the workers."""
+        try:
+            umount2(self.fuse_dir)
+        except MountError:
+            return  # busy: the EROFS driver still holds the blob files
+        log.info("the EROFS driver let go of the blob files; stopping")
+        self.releasing_blobs = False
+
     def _next_timeout(self, deadline_ready: float) -> float | None:
         now = time.monotonic()
         times = [w.killed_at + self.cfg.drain_timeout - now
@@ -562,12 +622,16 @@ class Supervisor:
                   for w in self.workers.values() if w.state == "starting"]
         if not self.announced:
             times.append(deadline_ready - now)
+        if self.releasing_blobs:
+            times.append(BLOBS_POLL)
         return min(times) if times else None
 
     def _check_deadlines(self, deadline_ready: float) -> None:
         now = time.monotonic()
         if not self.announced and now > deadline_ready:
             raise GiveUp(f"the worker did not get ready within {READY_TIMEOUT:g}s")
+        if self.releasing_blobs:
+            self._try_release_blobs()
         for w in self.workers.values():
             if w.state == "starting" and self.announced and now > w.started + READY_TIMEOUT:
                 log.warning("worker %d (pid %d) did not get ready in %gs; killing it",
@@ -593,11 +657,14 @@ class Supervisor:
                 log.info("got %s: already stopping", name)
                 continue
             log.info("got %s: unmounting", name)
-            self._unmount(lazy=True)
+            self._set_state("stopping")
+            with contextlib.suppress(MountError):
+                self._unmount(lazy=True, release=True)
             self._stop_workers()
 
     def _stop_workers(self) -> None:
         self.stopping = True
+        self._set_state("stopping")
         for w in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 w.proc.send_signal(signal.SIGTERM)
@@ -610,23 +677,40 @@ class Supervisor:
             if w.role in ("standby", "upgrade"):
                 self._retire(w)
 
-    def _unmount(self, *, lazy: bool) -> None:
-        """Unmount what is ours; MountError (busy) leaves it mounted."""
+    def _unmount(self, *, lazy: bool, release: bool = False) -> None:
+        """Unmount what is ours, EROFS before the blob filesystem (while workers still
+        answer: the driver waits for its reads). MountError (busy) leaves it mounted.
+        Kernel mode, ``lazy``: the blob mount goes once the detached EROFS mount lets
+        go of it, or now if ``release`` (its open files then fail)."""
         mp = self.cfg.mountpoint
-        entry = find_mount(mp)
-        if entry is not None and entry.is_rafs:
-            fusermount_unmount(mp, lazy=lazy)
-        elif self.mode == "kernel":
-            blobs = self.paths.blobs
-            entry = find_mount(blobs)
-            if entry is not None and entry.fstype == BLOB_FSTYPE:
-                kernel_umount(blobs, lazy=True)
-            with contextlib.suppress(OSError):
-                blobs.rmdir()
+        if self.mode == "kernel":
+            if self.erofs is not None:
+                entry = find_mount(mp, resolve=False)
+                if entry is not None and entry.is_same(self.erofs):
+                    umount2(mp, lazy=lazy)
+                self.erofs = None
+                self.owner.write_state(mount=None)
+            if lazy and not release:
+                self.releasing_blobs = True
+                return
+            for _attempt in range(50):  # the driver lets go of the files just after
+                try:
+                    umount2(self.fuse_dir)
+                    return
+                except MountError:
+                    time.sleep(0.02)
+            umount2(self.fuse_dir, lazy=True)
+            return
+        entry = find_mount(mp, resolve=False)
+        recorded = self.owner.state.get("mount")
+        if entry is not None and entry.is_same(recorded):
+            unmount_path(mp, lazy=lazy)
 
     def _teardown(self, *, abort: bool) -> None:
         """Nothing left behind: workers, devices (the last one closed aborts the
-        connection), mounts, socket, state."""
+        connection), mounts, the control socket. The run state goes after it
+        (``main``, ``OwnedInstance.close``)."""
+        self._set_state("stopping")
         for w in list(self.workers.values()):
             with contextlib.suppress(ProcessLookupError):
                 w.proc.kill()
@@ -634,24 +718,33 @@ class Supervisor:
             fusedev.close_quietly(w.device)
             fusedev.close_quietly(w.session_w)
             os.close(w.pidfd)
+            w.control_socket.unlink(missing_ok=True)
         with self.lock:
             self.workers.clear()
-        if abort:
-            fusedev.close_quietly(self.device)
-            self.device = -1
+            self.current = None
+        # No worker is left: abort the connection before detaching, so that nothing
+        # (EROFS above all) waits for an answer that cannot come.
+        fusedev.close_quietly(self.device)
+        self.device = -1
         try:
-            self._unmount(lazy=True)
+            self._unmount(lazy=True, release=True)
         except MountError as e:
             log.error("cannot unmount %s: %s", self.cfg.mountpoint, e)
-        fusedev.close_quietly(self.device)
+        if self.mode == "fuse":
+            entry = find_mount(self.fuse_dir, resolve=False)
+            if entry is not None and entry.is_same(self.owner.state.get("mount")):
+                with contextlib.suppress(MountError):
+                    umount2(self.fuse_dir, lazy=True)
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._listener is not None:
             self._listener.close()
-            self.paths.socket.unlink(missing_ok=True)
-        self.paths.state.unlink(missing_ok=True)
-        for reply in self.pending_upgrade:
-            reply.put({"ok": False, "error": "the mount went away"})
-        for reply, result in self.pending_shutdown:
-            reply.put(result)
+            self.inst.socket.unlink(missing_ok=True)
+        for box in self.pending_upgrade:
+            box.put({"ok": False, "error": "the mount went away"})
+        for box, result in self.pending_shutdown:
+            box.put(result)
         with self.lock:
             sessions = list(self._sessions)
         deadline = time.monotonic() + 5
@@ -659,21 +752,27 @@ class Supervisor:
             thread.join(max(0.0, deadline - time.monotonic()))
         log.info("supervisor of %s done", self.cfg.mountpoint)
 
+    def _set_state(self, state: str) -> None:
+        if self.state != state:
+            self.state = state
+            self._write_state()
+
     def _write_state(self) -> None:
-        info = self.view()
-        info.update({"pid": os.getpid(), "mountpoint": self.cfg.mountpoint,
-                     "image": self.cfg.image, "mode": self.mode,
-                     "cache_dir": self.cfg.cache_dir, "log": str(self.paths.log)})
-        tmp = self.paths.state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info) + "\n")
-        tmp.replace(self.paths.state)
+        view = self.view()
+        with self.lock:
+            workers = [{"pid": w.pid, "start": w.start_time} for w in self.workers.values()]
+        phase = view["state"]
+        self.owner.write_state(phase="stopping" if self.stopping else phase,
+                               worker_pid=view["worker_pid"], standby_pid=view["standby_pid"],
+                               restarts=self.restarts, resend=self.resend_ok, workers=workers,
+                               **({"rafs_version": view["version"]} if view["version"] else {}))
 
     def view(self) -> dict[str, Any]:
         """What the supervisor adds to stats and the state file."""
         with self.lock:
             cur = self.current
             standby = self._standby()
-        return {"supervised": True, "state": self.state, "supervisor_pid": os.getpid(),
+        return {"supervised": True, "state": self.state, "owner_pid": os.getpid(),
                 "worker_pid": cur.pid if cur else None,
                 "version": cur.version if cur else None, "restarts": self.restarts,
                 "resend": self.resend_ok,
@@ -703,6 +802,7 @@ class Supervisor:
             return
         log.info("shutdown requested (lazy=%s)", lazy)
         self._unmount(lazy=lazy)  # MountError (busy): refused, still serving
+        self._set_state("stopping")
         result = {"ok": True, "pid": os.getpid(), "detached": lazy}
         if lazy:
             reply.put(result)  # the worker serves the open files until the connection ends
@@ -721,10 +821,10 @@ class Supervisor:
         if cur is None or cur.state != "serving" or self.stopping:
             reply.put({"ok": False, "error": f"cannot upgrade while {self.state}"})
             return
-        log.info("upgrade requested: starting a new worker beside worker %d", cur.serial)
         if any(w.role == "upgrade" for w in self.workers.values()):
             reply.put({"ok": False, "error": "an upgrade is already under way"})
             return
+        log.info("upgrade requested: starting a new worker beside worker %d", cur.serial)
         self.pending_upgrade.append(reply)
         self._start_worker(device=self._next_device(cur), role="upgrade")
 
@@ -744,26 +844,38 @@ class Supervisor:
     def _session(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(30)
-            buf = bytearray()
-            try:
-                while not buf.endswith(b"\n") and len(buf) <= MAX_MESSAGE:
-                    piece = conn.recv(65536)
+
+            def read_exactly(n: int) -> bytes:
+                buf = bytearray()
+                while len(buf) < n:
+                    piece = conn.recv(min(n - len(buf), 1 << 20))
                     if not piece:
                         break
                     buf += piece
-                message = json.loads(buf)
+                return bytes(buf)
+
+            try:
+                message = wire.read_frame(read_exactly)
                 cmd = message["cmd"]
-            except (OSError, ValueError, KeyError, TypeError):
+                if not isinstance(cmd, str):
+                    raise TypeError(cmd)
+            except (OSError, ControlError, KeyError, TypeError):
                 reply: dict[str, Any] = {"ok": False, "error": "bad request"}
             else:
-                reply = self._answer(cmd, message)
+                try:
+                    reply = self._answer(cmd, message)
+                except Exception as e:  # a control thread must answer, whatever happens
+                    log.exception("control command %r failed", cmd)
+                    reply = {"ok": False, "error": f"internal error: {e}"}
             conn.settimeout(None)
             with contextlib.suppress(OSError):
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                conn.sendall(wire.frame(reply))
 
     def _answer(self, cmd: str, message: dict[str, Any]) -> dict[str, Any]:
+        view = self.view()
         if cmd == "ping":
-            return {"ok": True, "pid": os.getpid(), **self.view()}
+            return {"ok": True, "pid": view["worker_pid"] or os.getpid(),
+                    "owner_pid": os.getpid()}
         if cmd in ("shutdown", "upgrade"):
             box: queue.Queue[dict[str, Any]] = queue.Queue()
             self.commands.put((cmd, message, box))
@@ -773,19 +885,18 @@ class Supervisor:
         with self.lock:
             cur = self.current
         if cur is None or cur.state == "starting":
-            if cmd == "stats":
-                return {"ok": True, "pid": os.getpid(), "mountpoint": self.cfg.mountpoint,
-                        "mode": self.mode, "image": self.cfg.image,
-                        "supervisor": self.view()}
+            if cmd == "status":
+                return {"ok": True, "pid": None, "owner_pid": os.getpid(), "mode": self.mode,
+                        "image": self.cfg.image, "phase": self.state, "version": None}
             return {"ok": False, "error": f"the mount is {self.state}"}
         try:
             reply = request(cur.control_socket, message, timeout=120)
         except (ControlError, OSError) as e:
             return {"ok": False, "error": f"worker {cur.pid} did not answer: {e}"}
-        if cmd == "stats" and reply.get("ok"):
-            reply["worker_pid"] = reply.get("pid")
-            reply["pid"] = os.getpid()
-            reply["supervisor"] = self.view()
+        if reply.get("ok") and cmd in ("status", "stats"):
+            reply.update(owner_pid=os.getpid(), version=cur.version, supervisor=view)
+            if cmd == "status":
+                reply["phase"] = self.state
         return reply
 
 
@@ -810,7 +921,7 @@ class _Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def _fork_worker(argv: list[str], keep: tuple[int, ...], creds: str | None) -> _Forked:
+def _fork_worker(argv: list[str], keep: tuple[int, ...]) -> _Forked:
     """Fork and run ``fused.worker`` in the child with only ``keep`` (and 0-2) open.
 
     The supervisor has threads (the control socket); the child uses none of their
@@ -834,8 +945,6 @@ def _fork_worker(argv: list[str], keep: tuple[int, ...], creds: str | None) -> _
                     os.close(fd)
         for fd in keep:
             os.set_inheritable(fd, False)
-        if creds is not None:
-            os.environ[CREDS_ENV] = creds
         os.chdir("/")
         code = worker_main(argv)
     except SystemExit as e:
@@ -880,50 +989,56 @@ def _pipe_reporter(fd: int | None) -> Callable[[str | None], None]:
     def report(error: str | None) -> None:
         if fd is None:
             return
-        line = f"OK {os.getpid()}\n" if error is None else "ERR " + " ".join(error.split()) + "\n"
+        reply = ({"ok": True, "pid": os.getpid()} if error is None
+                 else {"ok": False, "error": " ".join(error.split())})
         try:
-            os.write(fd, line.encode("utf-8", "replace"))
+            os.write(fd, wire.frame(reply))
             os.close(fd)
         except OSError:
-            pass
+            pass  # the client went away; keep serving
 
     return report
+
+
+def _read_config(fd: int) -> dict[str, Any]:
+    with os.fdopen(fd, "rb") as f:
+        config = wire.read_frame(f.read)
+    if not isinstance(config, dict):
+        raise MountError("the supervisor's configuration is not a map")
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fused.supervisor",
-        description="Mount IMAGE on MOUNTPOINT and keep it served by a worker; any other "
-        "option is the daemon's (python -m fused.daemon --help).")
-    parser.add_argument("image")
-    parser.add_argument("mountpoint")
-    parser.add_argument("--cache-dir", required=True)
+        description="Own a mount and keep it served by workers (started by fused.client).")
+    parser.add_argument("--config-fd", type=int, required=True)
     parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--mode", choices=MODES, default="auto")
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--no-resend", action="store_true",
-                        help="do not resend the requests of a dead worker (what a kernel "
-                        "older than 6.9 does): they fail with ECONNABORTED")
-    parser.add_argument("--max-crashes", type=int, default=DEFAULT_MAX_CRASHES)
-    parser.add_argument("--crash-window", type=float, default=DEFAULT_CRASH_WINDOW)
-    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT)
-    parser.add_argument("--no-standby", action="store_true",
-                        help="no worker standing by: a failover starts a fresh one (slower, "
-                        "half the memory)")
-    args, worker_args = parser.parse_known_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-    )
-    _lower_oom_score()
-    cfg = SupervisorConfig(args.image, canonical(args.mountpoint), os.path.abspath(args.cache_dir),
-                           mode=args.mode, worker_args=worker_args, log_level=args.log_level,
-                           resend=not args.no_resend, max_crashes=max(1, args.max_crashes),
-                           crash_window=args.crash_window, drain_timeout=args.drain_timeout,
-                           creds=os.environ.pop(CREDS_ENV, None), standby=not args.no_standby)
+    parser.add_argument("--mountpoint", help="for ps(1) only; the configuration says")
+    args = parser.parse_args(argv)
     if args.ready_fd is not None:
         os.set_inheritable(args.ready_fd, False)
-    return Supervisor(cfg, _pipe_reporter(args.ready_fd)).run()
+    report = _pipe_reporter(args.ready_fd)
+    try:
+        config = _read_config(args.config_fd)
+        logging.basicConfig(
+            level=str(config.get("log_level", "INFO")).upper(),
+            format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+        )
+        options = MountOptions.from_wire(config["options"])
+        cfg = SupervisorConfig(str(config["image"]), str(config["mountpoint"]), options, config)
+        owner = OwnedInstance.create(config["instance"])
+    except (RafsError, KeyError, TypeError, ValueError) as e:
+        report(f"bad supervisor configuration: {e}")
+        return 1
+    _lower_oom_score()
+    try:
+        status = Supervisor(cfg, owner, report).run()
+    finally:
+        owner.close()
+    if status == 0:  # a clean exit: its log is not worth keeping
+        owner.instance.log.unlink(missing_ok=True)
+    return status
 
 
 if __name__ == "__main__":

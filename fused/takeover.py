@@ -27,13 +27,13 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-from .control import ControlPaths
+from .runstate import Instance
 
-__all__ = ["Attachment", "Handover", "after_init", "arm", "at_init", "attach", "attachment",
-           "worker_paths"]
+__all__ = ["Attachment", "Handover", "WorkerSeat", "after_init", "arm", "at_init", "attach",
+           "attachment"]
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,35 @@ class Attachment:
     device_fd: int  # the /dev/fuse device of the connection
     first: bool  # the first worker of a mount (kernel mode: it mounts EROFS)
     control_socket: str  # this worker's own control socket (the supervisor forwards to it)
-    blob_dir: str = ""  # kernel mode: where the supervisor mounted the blob filesystem
+    fuse_dev: str | None = None  # MAJOR:MINOR of the connection (read-ahead tuning)
     standby: bool = False  # waits for its INIT, set up; prefetch starts once it serves
 
 
+class WorkerSeat:
+    """A worker's view of the instance its supervisor owns (``runstate.OwnedInstance``
+    is the owner's): the same paths, a private control socket, and the state fields
+    the daemon would record, kept here to go back to the supervisor in the worker's
+    readiness report (the supervisor alone writes the state file)."""
+
+    def __init__(self, inst: Instance, attachment: Attachment) -> None:
+        self.instance = inst
+        self.control_socket = Path(attachment.control_socket)
+        self._state: dict[str, Any] = {}
+
+    def write_state(self, **fields: Any) -> None:
+        self._state.update(fields)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def close(self) -> None:
+        """Nothing to remove: the run state is the supervisor's."""
+
+
 class Handover:
+    """The armed takeover of one worker: ``swap`` moves the device into the session fd."""
+
     def __init__(self, session_fd: int, device_fd: int) -> None:
         import trio
 
@@ -90,14 +114,6 @@ def attach(attachment: Attachment) -> None:
 
 def attachment() -> Attachment | None:
     return _attachment
-
-
-def worker_paths(mountpoint: str, attachment: Attachment) -> ControlPaths:
-    """The worker's paths, from what the supervisor passed: none is derived from the
-    mount point, since resolving it would stat the mount before anyone serves it."""
-    sock = Path(attachment.control_socket)
-    return ControlPaths(mountpoint, sock, sock.with_suffix(".state"), sock.with_suffix(".log"),
-                        Path(attachment.blob_dir))
 
 
 def arm(attachment: Attachment) -> Handover:

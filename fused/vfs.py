@@ -4,7 +4,7 @@
 (attributes, lookup, readdir, readlink, xattrs, statfs, read) in terms of
 inode numbers, and raises ``FusedError`` subclasses (which carry their errno).
 It can be driven from tests inside ``trio.run`` without a kernel; the FUSE
-adapter (``fused.fuseops``) only translates types.
+adapter (``fused.fuseops`` on ``fused.adapter``) only translates types.
 
 Inode numbers are derived from EROFS nids so they are stable across mounts and
 daemons: FUSE requires the root to be inode 1, so
@@ -15,8 +15,10 @@ daemons: FUSE requires the root to be inode 1, so
   a kernel EROFS mount of the same bootstrap. nid 0 is then not addressable
   (the builder never uses that slot) and is reported as a corrupt bootstrap.
 
-Reads ask the fetcher to make the chunks they cover ready, then pread them from
-the cache's data files; holes read as zeros; reads are clamped to the file size.
+Reads ask the fetcher to make the chunks they cover ready, then read them from
+the cache, which verifies every byte it returns (``fused.cache`` rule 5; a
+chunk that fails is fetched again); holes read as zeros; reads are clamped to
+the file size.
 """
 
 from __future__ import annotations
@@ -245,16 +247,18 @@ class Vfs:
             index = table[first]
             if index is None:
                 data: bytes | bytearray = bytes(end - offset)
-            else:
-                if not self.cache.is_ready(index):
-                    await self.fetcher.ensure((index,))
+            else:  # verified reads (fused.cache rule 5); None: not ready, or it went bad
+                got = self.cache.read(index, offset - first * cs, end - offset)
+                if got is None:  # within answer_bound, whatever it takes
+                    got = await self.fetcher.read(index, offset - first * cs, end - offset)
                 else:
                     stats.cache_hits += 1
-                data = self.cache.pread(index, offset - first * cs, end - offset)
+                data = got
             stats.read_bytes += len(data)
             return data
         indices = [i for i in table[first : last + 1] if i is not None]
-        await self.fetcher.ensure(indices)
+        deadline = self.fetcher.deadline()  # one for the whole request (fused.fetcher)
+        await self.fetcher.ensure(indices, deadline)
         buf = bytearray(end - offset)
         view = memoryview(buf)
         pos = offset
@@ -263,7 +267,9 @@ class Vfs:
             stop = min((k + 1) * cs, end)
             index = table[k]
             if index is not None:  # holes stay zero
-                self.cache.preadinto(index, pos - k * cs, view[pos - offset : stop - offset])
+                part = view[pos - offset : stop - offset]
+                if not self.cache.readinto(index, pos - k * cs, part):
+                    await self.fetcher.readinto(index, pos - k * cs, part, deadline)
             pos = stop
         stats.read_bytes += len(buf)
         return buf

@@ -1,13 +1,13 @@
 """``python -m fused.worker``: the daemon, started by a supervisor on a connection it mounted.
 
-Takes the daemon's own arguments (``python -m fused.daemon --help``) plus the
-descriptors the supervisor passes (``fused.takeover.Attachment``)::
+Takes the daemon's own arguments (``--config-fd``, ``--ready-fd``, see
+``fused.daemon``) plus what the supervisor passes (``fused.takeover.Attachment``)::
 
     --session-fd N      pipe holding the replayed FUSE_INIT (becomes the device)
     --device-fd M       the /dev/fuse device of the connection
     --first             the mount's first worker (kernel mode: it mounts EROFS)
     --control-socket P  this worker's private control socket
-    --blob-dir D        kernel mode: where the blob filesystem is mounted
+    --fuse-dev MAJ:MIN  the connection's device number (read-ahead tuning)
     --standby           the INIT comes later, when the supervisor needs this worker
 
 Stopping: SIGTERM ends the main loop after the requests in progress are
@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-fd", type=int, required=True)
     parser.add_argument("--first", action="store_true")
     parser.add_argument("--control-socket", required=True)
-    parser.add_argument("--blob-dir", default="")
+    parser.add_argument("--fuse-dev")
     parser.add_argument("--standby", action="store_true")
     args, rest = parser.parse_known_args(argv)
     with contextlib.suppress(OSError):  # the supervisor lowered its own; a worker goes first
         Path("/proc/self/oom_score_adj").write_text("0\n")
     takeover.attach(takeover.Attachment(args.session_fd, args.device_fd, args.first,
-                                        args.control_socket, args.blob_dir, args.standby))
+                                        args.control_socket, args.fuse_dev, args.standby))
     from .daemon import main as daemon_main
 
     return daemon_main(rest)

@@ -1,27 +1,44 @@
 """Bootstrap reader: the filesystem tree and chunk tables of a bootstrap, over mmap.
 
-Opening validates the headers only, so it takes the same time for ten files or
-a million. An inode is found from its nid in O(1); a name in a directory by
-binary search over the sorted directory blocks; a chunk record from a chunk
-index by binary search over the blob's sorted range of the chunk table.
+Nothing trusts a bootstrap before ``rafs.validate`` has accepted it: the
+constructor runs the validator (O(size), every structural rule the readers
+and the kernel rely on) unless told the bytes were validated already.
+``Bootstrap.open(path, stamp=True)`` is the daemon's load: a bootstrap in the
+cache that passed this validator version carries a stamp file beside it
+(``.<name>.validated``: validator version, the file's identity, whether
+``fsck.erofs`` passed too), so later mounts skip the walk and open in the same
+time for ten files or a million. With ``fsck=True`` (kernel mode, before the
+kernel's EROFS driver ever sees the file) ``rafs.fsck`` runs as well.
 
-Every access is bounds-checked: a corrupt bootstrap raises ``FormatError``
+After that, an inode is found from its nid in O(1); a name in a directory by
+binary search over the sorted directory blocks; a chunk record from a chunk
+index by binary search over the blob's sorted range of the chunk table. Every
+access stays bounds-checked: a corrupt bootstrap raises ``FormatError``
 naming the offset, never an IndexError or a hang.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import logging
 import mmap
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Self
 
 from . import erofs, section
+from . import validate as validator
 from .errors import FormatError
 from .model import Blob, Chunk
+
+log = logging.getLogger(__name__)
+
+STAMP_SUFFIX = ".validated"
+DIR_BLOCKS = 4096  # decoded directory blocks kept per bootstrap
 
 BS = erofs.BLOCK_SIZE
 
@@ -51,10 +68,15 @@ class Inode:
 class Bootstrap:
     """A read-only view of one bootstrap image."""
 
-    def __init__(self, buf: bytes | bytearray | mmap.mmap, *, _owner: mmap.mmap | None = None):
+    def __init__(self, buf: bytes | bytearray | mmap.mmap, *, validate: bool = True,
+                 _owner: mmap.mmap | None = None):
         self._mmap = _owner
         self.buf = memoryview(buf)
+        self.validated: validator.Validated | None = None
+        self._blocks: dict[tuple[int, int], list[tuple[bytes, int, int]]] = {}
         try:
+            if validate:
+                self.validated = validator.validate(self.buf)
             self._parse()
         except BaseException:
             self.buf.release()
@@ -95,21 +117,45 @@ class Bootstrap:
             raise FormatError("root inode is not a directory", self.inode_offset(self.root_nid))
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Bootstrap:
+    def open(cls, path: str | os.PathLike[str], *, stamp: bool = False,
+             fsck: bool = False) -> Bootstrap:
+        """Map and validate the bootstrap at ``path``.
+
+        ``stamp``: skip the validation when the stamp (``stamp_path_of``) says this file
+        passed this validator version, and write that stamp after a pass (for
+        the daemon's cache of verified bootstraps). ``fsck``: also require
+        ``fsck.erofs`` to accept the file (kernel mode; stamped the same way).
+        """
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
+            st = os.fstat(f.fileno())
+            if st.st_size == 0:
                 raise FormatError("empty bootstrap file", 0)
             m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        stamp_path = stamp_path_of(path)
+        trusted = stamp and _stamp_covers(stamp_path, st, fsck)
         try:
-            return cls(m, _owner=m)
+            boot = cls(m, _owner=m, validate=not trusted)
         except BaseException:
             m.close()
             raise
+        if trusted:
+            return boot
+        try:
+            fscked = False
+            if fsck:
+                from .fsck import fsck_erofs
+
+                fscked = fsck_erofs(path, len(boot.blobs))
+            if stamp:
+                _write_stamp(stamp_path, st, fscked)
+        except BaseException:
+            boot.close()
+            raise
+        return boot
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Bootstrap:
-        return cls(data)
+    def from_bytes(cls, data: bytes, *, validate: bool = True) -> Bootstrap:
+        return cls(data, validate=validate)
 
     def close(self) -> None:
         self.buf.release()
@@ -176,9 +222,19 @@ class Bootstrap:
     # --- directories ----------------------------------------------------------------
 
     def _dir_block(self, ino: Inode, index: int) -> list[tuple[bytes, int, int]]:
-        start = index * BS
-        length = min(BS, ino.size - start)
-        return erofs.unpack_dir_block(self._data(ino, start, length), start)
+        """The decoded entries of one directory block (the last ``DIR_BLOCKS`` are kept:
+        a lookup's binary search decodes the same few blocks again and again)."""
+        key = (ino.nid, index)
+        entries = self._blocks.get(key)
+        if entries is None:
+            start = index * BS
+            length = min(BS, ino.size - start)
+            entries = erofs.unpack_dir_block(self._data(ino, start, length), start)
+            if len(self._blocks) >= DIR_BLOCKS:  # oldest first; a racing thread may win
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    del self._blocks[next(iter(self._blocks))]
+            self._blocks[key] = entries
+        return entries
 
     def _dir_blocks(self, ino: Inode) -> int:
         if not ino.is_dir:
@@ -319,3 +375,43 @@ class Bootstrap:
                         seen_dirs.add(nid)
                     children.append((path.rstrip(b"/") + b"/" + name, child))
                 stack.extend(reversed(children))
+
+
+# --- validation stamps ---------------------------------------------------------------
+
+
+def stamp_path_of(path: str | os.PathLike[str]) -> Path:
+    """Where the validation stamp of the bootstrap at ``path`` lives: ``.<name>.validated``
+    beside it (a dot file, so listings of cached bootstraps pass it over)."""
+    p = Path(path)
+    return p.with_name(f".{p.name}{STAMP_SUFFIX}")
+
+
+def _stamp_text(st: os.stat_result, fsck: bool) -> str:
+    """What a stamp holds: validator version, the file's identity, and whether fsck.erofs ran.
+
+    The file's identity (device, inode, size, mtime, ctime) changes with any
+    rewrite or replacement of it, so a stamp never vouches for other bytes.
+    """
+    return (f"rafs-validate {validator.VERSION} {st.st_dev} {st.st_ino} {st.st_size} "
+            f"{st.st_mtime_ns} {st.st_ctime_ns} {'fsck.erofs' if fsck else '-'}\n")
+
+
+def _stamp_covers(path: Path, st: os.stat_result, fsck: bool) -> bool:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text == _stamp_text(st, True) or (not fsck and text == _stamp_text(st, False))
+
+
+def _write_stamp(path: Path, st: os.stat_result, fsck: bool) -> None:
+    """Best effort: without a stamp the next open validates again."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(_stamp_text(st, fsck))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("cannot record the validation of %s: %s", path, e.strerror)
+        with contextlib.suppress(OSError):
+            tmp.unlink()

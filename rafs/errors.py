@@ -1,6 +1,7 @@
 """The rafs exception tree, and the one place that maps it to errno.
 
     RafsError
+    ├── UsageError         the command line is wrong (an unknown option, a bad value)
     ├── FormatError        a bootstrap or structure is malformed (names the offset)
     ├── DigestError        bytes do not match the digest that vouches for them
     ├── ImageError         an OCI image, layout, manifest or reference is unusable
@@ -10,7 +11,8 @@
         ├── AuthError      the registry refused our credentials, or wants some
         └── TransientError worth retrying (connection reset, 5xx, 429, truncation)
 
-Every message is one line meant for a user; the CLI prints it without a traceback.
+Every message is one line meant for a user; the CLI prints it without a traceback
+(``runtime.cli.main``) and exits with ``runtime.errors.exit_status`` of it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,22 @@ class RafsError(Exception):
     """Base of every error rafs raises on purpose."""
 
     errno: int = errno.EIO
+
+
+class UsageError(RafsError):
+    """The command line is wrong; ``prog`` is the command it is about (``rafs run``)."""
+
+    errno = errno.EINVAL
+
+    def __init__(self, message: str, prog: str = "rafs") -> None:
+        super().__init__(message)
+        self.prog = prog
+
+    @property
+    def command(self) -> str | None:
+        """The subcommand (``run``), None for the top level."""
+        words = self.prog.split()
+        return words[1] if len(words) > 1 else None
 
 
 class FormatError(RafsError):

@@ -115,8 +115,16 @@ _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm6
 
 
 def canonical_json(value: Any) -> bytes:
-    """The one JSON encoding rafs writes: sorted keys, compact, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The one JSON encoding rafs writes: sorted keys, compact, UTF-8.
+
+    Strings holding lone surrogates (legal ``\\udcff`` escapes in the JSON we
+    read) cannot be UTF-8: such a document is written with ASCII escapes instead.
+    """
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def sha256_digest(data: bytes) -> str:
@@ -142,7 +150,7 @@ def host_platform() -> tuple[str, str]:
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting
         raise ImageError(f"{what} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise ImageError(f"{what} is not a JSON object")

@@ -1,4 +1,5 @@
-"""The OCI distribution API client, shared by the converter and the daemon.
+"""The OCI distribution API client of every part of rafs (converter, runtime, snapshotter,
+daemon).
 
 This module owns how rafs talks to a registry (on httpx):
 
@@ -15,7 +16,8 @@ This module owns how rafs talks to a registry (on httpx):
 - uploads: a HEAD first (a blob the registry has is never sent twice), a
   cross-repository mount when the blob lives in another repository of the
   same registry, else a monolithic PUT or, above ``chunk_threshold``, a
-  chunked PATCH sequence;
+  chunked PATCH sequence; ``check_push``, an upload session opened and
+  cancelled, proves push access before a long conversion starts;
 - transport policy: plain HTTP for localhost and 127.0.0.1 (as containerd
   does), HTTPS elsewhere unless ``insecure``; redirects followed (httpx drops
   Authorization when a redirect leaves the host); authentication through
@@ -182,7 +184,7 @@ def _registry_message(response: httpx.Response, body: bytes) -> str:
     try:
         first = json.loads(body).get("errors")[0]
         text = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
-    except (ValueError, AttributeError, IndexError, KeyError, TypeError):
+    except (ValueError, AttributeError, IndexError, KeyError, TypeError, RecursionError):
         text = ""
     return text[:200] or response.reason_phrase or f"HTTP {response.status_code}"
 
@@ -274,7 +276,7 @@ def _is_index(raw: bytes, content_type: str) -> bool:
         return True
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting
         return False
     return isinstance(value, dict) and (value.get("mediaType") in INDEX_TYPES
                                         or ("manifests" in value and "layers" not in value))
@@ -818,6 +820,14 @@ class _Core:
             yield from self._exchange(endpoint, "DELETE", location, "cancel upload",
                                       ok=(200, 202, 204, 404))
 
+    def _check_push(self, repo: str) -> Flow[None]:
+        """Start an upload session in ``repo`` and cancel it: the registry answers, and
+        our credentials may push there (a token scoped to push, in the bearer flow)."""
+        what = f"push to {self.registry}/{repo}"
+        response, _ = yield from self._retrying(what, lambda endpoint: self._exchange(
+            endpoint, "POST", f"/{repo}/blobs/uploads/", what, ok=(201, 202)), need="push")
+        yield from self._cancel(self.hosts.serving("push")[0], response)
+
     def _upload(self, endpoint: Endpoint, repo: str, digest: str, size: int,
                 source: Path | bytes, what: str) -> Flow[None]:
         response, _ = yield from self._exchange(endpoint, "POST", f"/{repo}/blobs/uploads/",
@@ -923,6 +933,11 @@ class RegistryClient(_Core):
         """Make ``repo`` hold the blob; True if its bytes were uploaded, False if the
         registry had it (or mounted it from ``mount_from``)."""
         return self._run(self._push_blob(repo, digest, size, source, mount_from))
+
+    def check_push(self, repo: str) -> None:
+        """Fail now (AuthError, BackendError, TransientError) unless ``repo`` takes
+        pushes from us: before work whose result is to be pushed there."""
+        self._run(self._check_push(repo))
 
     # -- running flows --
 

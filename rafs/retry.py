@@ -29,9 +29,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_RETRIES", "Backoff", "RetryPolicy"]
+__all__ = ["DEFAULT_RETRIES", "RETRY_RECORD", "Backoff", "RetryPolicy"]
 
 log = logging.getLogger(__name__)
+
+#: The attribute that marks the log record of a retry (``extra=``), for handlers that
+#: show outcomes only (the CLI at its default verbosity).
+RETRY_RECORD = "rafs_retry"
 
 DEFAULT_RETRIES = 4
 
@@ -107,7 +111,8 @@ class Backoff:
         delay = self.policy.delay(self.retry, getattr(error, "retry_after", None))
         self.logger.log(self.policy.level(self.retry), "%s%s; retry %d of %d in %.2fs",
                         f"{context}: " if context else "", str(error) or type(error).__name__,
-                        self.retry, self.policy.retries, delay)
+                        self.retry, self.policy.retries, delay,
+                        extra={RETRY_RECORD: self.retry})
         return delay
 
     def reset(self) -> None:

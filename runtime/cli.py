@@ -2,37 +2,38 @@
 
 Each package that offers commands has a ``cli`` module with
 ``register(subparsers)``; every subparser sets ``func`` (a callable taking the
-parsed ``argparse.Namespace`` and returning an exit status). A ``RafsError`` is
-a user error: it is printed as one line, without a traceback, and the process
-exits with ``runtime.errors.exit_status`` of it.
+parsed ``argparse.Namespace`` and returning an exit status). What every
+command gets without doing anything (one-line errors, exit statuses, ``-v``
+after the subcommand, a closed stdout) is ``runtime.console``'s; which image
+transports a command takes is ``rafs.transports``'; ``--json`` output is
+``rafs.output``'s.
 
 This module also registers the runtime's own commands: ``run``, ``ps``,
-``rm`` and ``optimize``.
+``rm``, ``optimize``, ``image ls|prune`` and ``bench``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from typing import TYPE_CHECKING
 
+from converter.cli import parse_size
+from rafs import transports, version
 from rafs.errors import RafsError
+from rafs.output import add_json_flag, print_json
 
-from .errors import RunError
+from .console import Parser, add_verbosity, error, run_command, setup_logging, verbosity
+from .errors import RunError, exit_status
+
+if TYPE_CHECKING:
+    from .unpacked import Unpacked
 
 DEFAULT_STOP_TIMEOUT = 10.0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "run", help="run a command in a new container on an image",
-        description="Run CMD (default: the image's Entrypoint/Cmd) in a container on IMAGE "
-        "(oci:DIR[:TAG] or docker://HOST/REPO:TAG). A RAFS image is mounted lazily, shared "
-        "with the other containers of the same image; a plain OCI image is pulled and "
-        "unpacked whole first. Exits with the container's status (125: rafs run failed).",
-    )
-    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
-    p.add_argument("--name", metavar="NAME", help="name the container (default rafs-<id>)")
+def _container_args(p: argparse.ArgumentParser) -> None:
+    """The options of the container that `run` starts and `optimize` traces."""
     p.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
                    help="set an environment variable (K alone: take it from here)")
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the container")
@@ -42,6 +43,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--net", choices=("host", "none"), default="host",
                    help="host network, or a network namespace with loopback only "
                    "(default %(default)s)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    image = transports.RUN_IMAGE
+    p = sub.add_parser(
+        "run", help="run a command in a new container on an image",
+        description=f"Run CMD (default: the image's Entrypoint/Cmd) in a container on IMAGE "
+        f"({image.syntax}). A RAFS image is mounted lazily, shared with the other "
+        "containers of the same image; a plain OCI image is pulled and unpacked whole "
+        "first. Exits with the container's status; 125: rafs run failed, 126: the command "
+        "cannot be executed, 127: it is not in the image. Needs root.",
+    )
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("--name", metavar="NAME", help="name the container (default rafs-<id>)")
+    _container_args(p)
     p.add_argument("--mode", default="auto", metavar="MODE",
                    help="how a RAFS image is mounted: fuse (the daemon answers every "
                    "request), kernel (the kernel mounts the bootstrap as EROFS; the daemon "
@@ -49,9 +65,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "the default); the daemon already serving the image keeps its mode")
     p.add_argument("--keep-mounted", action="store_true",
                    help="keep the image mounted (and its daemon running) after the last "
-                   "container using it has exited; `rafs umount` it later")
+                   "container using it has exited; stderr's last line names the mount "
+                   "point to `rafs umount` later")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="chunk cache of lazily mounted images (default <root>/cache)")
+                   help="chunk cache of lazily mounted images (default: the host's, as for "
+                   "`rafs mount`)")
     p.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT,
                    metavar="SECONDS", help="after a SIGTERM, kill a container still "
                    "running after this long (default %(default)g)")
@@ -61,12 +79,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="registry mirrors, containerd's layout (DIR/HOST[:PORT]/hosts.toml; "
                    "default $RAFS_HOSTS_DIR or /etc/containerd/certs.d), for the pull and "
                    "the image's daemon")
-    p.add_argument("image", metavar="IMAGE")
+    image.add_argument(p, "image")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("ps", help="list containers")
     p.add_argument("-q", "--quiet", action="store_true", help="print names only")
+    add_json_flag(p, "the containers (name, id, image, digest, status, exit code, pid, "
+                  "lazy, created)")
     p.set_defaults(func=_cmd_ps)
 
     p = sub.add_parser("rm", help="remove containers")
@@ -74,24 +94,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("names", nargs="+", metavar="NAME")
     p.set_defaults(func=_cmd_rm)
 
+    src, dst = transports.OPTIMIZE_SRC, transports.OPTIMIZE_DST
     p = sub.add_parser(
         "optimize", help="trace a workload and write an image that prefetches what it reads",
-        description="Run CMD in a container on SRC with access tracing, then write DST "
-        "converted with the traced files as its prefetch list and first in blob order. SRC "
-        "is a plain OCI image (oci:DIR[:TAG] or docker://...), or a RAFS image whose "
-        "original (named by its io.rafs.source.digest annotation) is in the same OCI "
-        "layout or registry repository.",
+        description=f"Run CMD in a container on SRC ({src.syntax}) with access tracing, then "
+        f"write DST ({dst.syntax}) converted with the traced files as its prefetch list and "
+        "first in blob order. SRC is a plain OCI image, or a RAFS image whose original "
+        "(named by its io.rafs.source.digest annotation) is in the same OCI layout or "
+        "registry repository. Prints DST@DIGEST, as `rafs convert` does. Needs root.",
     )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
+    src.add_argument(p, "src")
+    dst.add_argument(p, "dst")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
-    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
-    p.add_argument("-u", "--user", metavar="USER[:GROUP]")
-    p.add_argument("-w", "--workdir", metavar="DIR")
-    p.add_argument("--net", choices=("host", "none"), default="host")
-    p.add_argument("--chunk-size", type=int, default=None, metavar="BYTES",
-                   help="chunk size of DST (default: the converter's)")
+    _container_args(p)
+    p.add_argument("--chunk-size", type=parse_size, default=None, metavar="BYTES",
+                   help="chunk size of DST (default: the converter's, 1M)")
+    add_json_flag(p, "what was written (as `rafs convert --json`, and the traced files)")
     p.set_defaults(func=_cmd_optimize)
+
+    p = sub.add_parser(
+        "image", help="the plain images `rafs run` has unpacked",
+        description="`rafs run` of a plain (non-RAFS) image unpacks it whole into "
+        "<root>/rootfs/<digest> and keeps it for the next run; these commands list and "
+        "remove those unpacks.")
+    images = p.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
+    q = images.add_parser("ls", help="list unpacked images, their disk use and containers")
+    add_json_flag(q, "the unpacked images")
+    q.set_defaults(func=_cmd_image_ls)
+    q = images.add_parser(
+        "prune", help="remove unpacked images no container uses",
+        description="Remove the unpacked images no container (`rafs ps`) uses; with --all "
+        "also those only stopped containers use. Never one a running container uses, nor "
+        "one being unpacked.")
+    q.add_argument("-a", "--all", action="store_true",
+                   help="also the images of stopped containers")
+    add_json_flag(q, "what was removed")
+    q.set_defaults(func=_cmd_image_prune)
 
     p = sub.add_parser(
         "bench", help="measure cold start: rafs against OCI through containerd",
@@ -114,6 +152,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .run import RunOptions, run_container
 
+    transports.RUN_IMAGE.parse(args.image)
     if args.hosts_dir:
         use_hosts_dir(args.hosts_dir)  # this process's pulls and the daemons it starts
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -128,7 +167,9 @@ def _cmd_ps(args: argparse.Namespace) -> int:
     from .manage import format_table, list_rows
 
     rows = list_rows()
-    if args.quiet:
+    if args.json:
+        print_json([r.to_json() for r in rows])
+    elif args.quiet:
         for r in rows:
             print(r.name)
     else:
@@ -139,22 +180,72 @@ def _cmd_ps(args: argparse.Namespace) -> int:
 def _cmd_rm(args: argparse.Namespace) -> int:
     from .manage import remove
 
-    failed = 0
+    status = 0
     for name in args.names:
         try:
             print(remove(name, args.force))
         except RafsError as e:
-            print(f"rafs: error: {e}", file=sys.stderr)
-            failed += 1
-    return 1 if failed else 0
+            error(str(e))
+            status = exit_status(e, "rm")
+    return status
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
+    from converter.cli import describe_result
+
     from .optimize import optimize
 
+    transports.OPTIMIZE_SRC.parse(args.src)
+    transports.OPTIMIZE_DST.parse(args.dst)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    return optimize(args.src, args.dst, cmd, env=args.env, user=args.user,
+    done = optimize(args.src, args.dst, cmd, env=args.env, user=args.user,
                     workdir=args.workdir, net=args.net, chunk_size=args.chunk_size)
+    if done.result is not None:
+        if args.json:
+            print_json(describe_result(done.result) | {"traced_files": done.traced})
+        else:
+            print(f"{done.result.target}@{done.result.manifest.digest}")
+    return done.status
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _cmd_image_ls(args: argparse.Namespace) -> int:
+    from .unpacked import list_unpacked
+
+    found = list_unpacked()
+    if args.json:
+        print_json([_unpacked_json(u) for u in found])
+        return 0
+    rows = [("DIGEST", "SIZE", "CONTAINERS")]
+    for u in found:
+        users = ", ".join(u.containers) or ("-" if u.complete else "(interrupted unpack)")
+        rows.append((u.digest, _mib(u.bytes), users))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]}".rstrip())
+    return 0
+
+
+def _unpacked_json(u: Unpacked) -> dict[str, object]:
+    return {"digest": u.digest, "path": str(u.path), "bytes": u.bytes, "complete": u.complete,
+            "containers": u.containers, "running": u.running}
+
+
+def _cmd_image_prune(args: argparse.Namespace) -> int:
+    from .unpacked import prune
+
+    removed = prune(all_unused=args.all)
+    if args.json:
+        print_json([_unpacked_json(u) for u in removed])
+        return 0
+    for u in removed:
+        print(f"removed {u.digest} ({_mib(u.bytes)})")
+    print(f"{len(removed)} unpacked images removed, {_mib(sum(u.bytes for u in removed))} "
+          "freed")
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -169,40 +260,42 @@ def _no_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from converter import cli as converter_cli
+    from fused import cachecli as fused_cachecli
     from fused import cli as fused_cli
     from rafs import cli as rafs_cli
     from snapshotter import cli as snapshotter_cli
 
-    parser = argparse.ArgumentParser(
-        prog="rafs", description="Lazy-loading container image filesystem."
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser = Parser(prog="rafs", description="Lazy-loading container image filesystem.")
+    parser.add_argument("--version", action="version", version=f"rafs {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     converter_cli.register(sub)
     fused_cli.register(sub)
+    fused_cachecli.register(sub)
     rafs_cli.register(sub)
     register(sub)
     snapshotter_cli.register(sub)
+    add_verbosity(parser)  # last: every subcommand, whoever registered it
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .errors import exit_status
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.verbose < 2:  # one line per HTTP request only at -vv
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     try:
-        return int(args.func(args) or 0)
-    except RafsError as e:
-        print(f"rafs: error: {e}", file=sys.stderr)
-        return exit_status(e, args.command)
-    except KeyboardInterrupt:
-        print("rafs: interrupted", file=sys.stderr)
-        return 130
+        return parser.parse_args(argv)
+    except SystemExit:  # --help, --version: printed; a closed stdout is found here
+        sys.stdout.flush()
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    parsed: list[argparse.Namespace] = []
+    status = run_command(lambda: parsed.append(_parse(parser, argv)), None, 0)
+    if not parsed:
+        return status  # a usage error, already reported
+    args = parsed[0]
+    verbose = verbosity(args)
+    setup_logging(verbose)
+    return run_command(lambda: args.func(args), args.command, verbose)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
     └── RunError                     `rafs run`/`ps`/`rm`/`optimize` could not do its work
         ├── RuncMissingError         the OCI runtime binary (runc) is not installed
         ├── FuseMissingError         /dev/fuse is missing or unusable
+        ├── NeedsRootError           the command needs root and was run by another user
         ├── NoCommandError           neither the image nor the command line names a command
+        ├── CommandNotFoundError     the command is not in the image (exit 127)
+        ├── CannotExecuteError       the command is in the image but cannot run (exit 126)
         ├── UnknownUserError         a user or group name is not in the image's passwd/group
         ├── ContainerNotFoundError   no container by that name or id
         ├── ContainerExistsError     the name is taken
@@ -13,24 +16,46 @@
         └── OptimizeError            `rafs optimize` cannot find or trace its source
 
 ``exit_status`` is the one mapping from an exception to the status of the
-``rafs`` process. As docker and podman do, a failure of the runtime itself
-(any error of ``rafs run`` or ``rafs optimize``, which pass the container's
-own status through, and every ``RunError``) is 125, so a caller can tell it
-from the container's status. Other commands exit 1 on an error.
+``rafs`` process; the README's "Exit status" table is this function:
+
+=====  ============================================================================
+0      success
+1      an error (one ``rafs: error: ...`` line); ``rafs rm`` of several: any failed
+2      a usage error: an unknown option, a bad value (``rafs COMMAND --help``)
+3      ``rafs cache verify`` found (and dropped) bad chunks (``fused.cachecli``)
+125    ``rafs run``/``rafs optimize``: rafs itself failed, usage errors included
+       (as docker and podman do: their other statuses are the container's)
+126    ``rafs run``/``optimize``: the command is in the image but cannot be executed
+127    ``rafs run``/``optimize``: the command is not in the image
+130    interrupted (SIGINT) before the work was done
+141    stdout was closed (``rafs ... | head -1``): rafs stops quietly, as ``cat`` does
+=====  ============================================================================
+
+A container's own status passes through ``rafs run`` unchanged (128+N if
+signal N ended it).
 """
 
 from __future__ import annotations
 
 import errno
 
-from rafs.errors import RafsError
+from rafs.errors import RafsError, UsageError
 
 __all__ = [
+    "EXIT_CANNOT_EXECUTE",
+    "EXIT_CLOSED_STDOUT",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
     "EXIT_RUNTIME",
+    "EXIT_USAGE",
+    "CannotExecuteError",
+    "CommandNotFoundError",
     "ContainerExistsError",
     "ContainerNotFoundError",
     "ContainerRunningError",
     "FuseMissingError",
+    "NeedsRootError",
     "NoCommandError",
     "OptimizeError",
     "RunError",
@@ -40,7 +65,13 @@ __all__ = [
     "exit_status",
 ]
 
+EXIT_ERROR = 1
+EXIT_USAGE = 2  # argparse's
 EXIT_RUNTIME = 125  # rafs run itself failed
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_CLOSED_STDOUT = 141  # 128 + SIGPIPE, what a shell sees of `cat` on a closed pipe
 CONTAINER_COMMANDS = frozenset({"run", "optimize"})  # their status is the container's
 
 
@@ -56,6 +87,18 @@ class RuncMissingError(RunError):
 
 class FuseMissingError(RunError):
     errno = errno.ENODEV
+
+
+class NeedsRootError(RunError):
+    errno = errno.EPERM
+
+
+class CommandNotFoundError(RunError):
+    errno = errno.ENOENT
+
+
+class CannotExecuteError(RunError):
+    errno = errno.EACCES
 
 
 class NoCommandError(RunError):
@@ -88,6 +131,16 @@ class OptimizeError(RunError):
 
 def exit_status(exc: BaseException, command: str | None = None) -> int:
     """The exit status of the ``rafs COMMAND`` process that failed with ``exc``."""
-    if isinstance(exc, RunError) or command in CONTAINER_COMMANDS:
+    if isinstance(exc, UsageError) and exc.command is not None:
+        command = exc.command
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, CommandNotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, CannotExecuteError):
+        return EXIT_CANNOT_EXECUTE
+    if command in CONTAINER_COMMANDS:
         return EXIT_RUNTIME
-    return 1
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    return EXIT_ERROR

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from rafs.errors import ImageError
 from rafs.oci import ImageRef, Manifest, OCILayout, is_rafs, parse_image_ref
+from rafs.transports import RUN_IMAGE
 
 if TYPE_CHECKING:
     from rafs.registry import RegistryClient
@@ -64,10 +65,9 @@ class ResolvedImage:
 
 @contextlib.contextmanager
 def registry_client(ref: ImageRef) -> Iterator[RegistryClient]:
-    try:
-        from rafs.registry import RegistryClient
-    except ImportError:
-        raise ImageError(f"{ref}: this build has no registry client yet") from None
+    """A registry client for ``ref`` (credentials from the usual auth files)."""
+    from rafs.registry import RegistryClient
+
     with RegistryClient.for_ref(ref) as client:
         yield client
 
@@ -103,7 +103,7 @@ def resolve_image(image: str | ImageRef) -> ResolvedImage:
             manifest = client.resolve(ref)
             raw = client.get_blob(ref.repository, manifest.config.digest, MAX_CONFIG)
     else:
-        raise ImageError(f"{ref}: containers run from oci:DIR[:TAG] or docker://HOST/REPO:TAG")
+        raise ImageError(f"{ref}: containers run from {RUN_IMAGE.syntax}")
     config = _load_config(raw, manifest.config.digest)
     log.info("image %s: manifest %s (%s)", ref, manifest.digest,
              "RAFS" if is_rafs(manifest) else "plain OCI")

@@ -10,12 +10,14 @@ Layout (under ``paths.images_run_dir()``)::
 
 Rules (all under the lock, so concurrent ``rafs run``s are safe):
 
-- acquire: if ``mnt`` is a rafs mount whose daemon answers, reuse it; a dead
-  mount (daemon gone) is detached first; otherwise mount it with
-  ``fused.cli.mount_background``. Then add the user file.
+- acquire: if ``mnt`` is a rafs mount whose daemon serves, reuse it;
+  otherwise mount it with ``fused.client.mount`` (which first undoes what a
+  dead daemon left there; a daemon that does not answer is ended with
+  ``force``). Then add the user file.
 - release: remove the user file; drop the files of users whose owner process
   is dead (a ``rafs run`` killed with SIGKILL); if no user is left and there is
-  no ``keep`` marker, unmount (``fused.cli.umount``, lazily if busy).
+  no ``keep`` marker, unmount (``fused.client.unmount``: plainly, lazily if
+  busy, by force if the daemon does not answer).
 
 The daemon serving a mount is whichever ``rafs run`` came first: later users
 share its cache directory and options.
@@ -25,19 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fused.cli import MountOptions, mount_background, umount
-from fused.control import daemon_alive, paths_for
-from fused.errors import MountError
-from fused.mounts import find_mount, fusermount_unmount
+from fused import client
+from fused.errors import ControlError, MountError
+from fused.mounts import find_mount, read_mounts
+from fused.options import MODES, MountOptions
+from fused.runstate import pid_alive
 
 from .errors import FuseMissingError, RunError
 from .image import ResolvedImage
@@ -86,7 +86,7 @@ class ImageMount:
                 pid = int((self.users / name).read_text().strip() or "0")
             except (OSError, ValueError):
                 pid = 0
-            if _alive(pid):
+            if pid_alive(pid):
                 out.append(name)
             else:
                 log.info("dropping stale user %s of image %s (pid %d is gone)",
@@ -100,76 +100,29 @@ def mount_dir_for(digest: str) -> Path:
     return ImageMount(digest.removeprefix("sha256:")).mnt
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _overlays_on(mnt: Path) -> list[str]:
     """Mount points of the overlays (in this mount namespace) whose lower dir is ``mnt``.
 
     An overlay holds a private clone of its lower mount, so unmounting ``mnt``
     would succeed under it and the daemon would stop serving its files."""
     needle = f"lowerdir={mnt}"
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        fields = right.split()
-        if len(fields) >= 3 and fields[0] == "overlay" and any(
-                opt == needle or opt.startswith(needle + ":") for opt in fields[2].split(",")):
-            out.append(left.split()[4])
-    return out
-
-
-def _daemon_pid(mnt: Path) -> int | None:
-    try:
-        pid = json.loads(paths_for(mnt).state.read_text()).get("pid")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return pid if isinstance(pid, int) else None
+    return [e.mountpoint for e in read_mounts() if e.fstype == "overlay" and any(
+        opt == needle or opt.startswith(needle + ":") for opt in e.super_options.split(","))]
 
 
 def _unmount(mnt: Path) -> None:
-    """Unmount the image and make sure its daemon goes: plainly; lazily if that fails
-    while it is still mounted; and a daemon left running with nothing mounted (a
-    failed shutdown) is stopped with SIGTERM."""
-    pid = _daemon_pid(mnt)
-    try:
-        umount(str(mnt))
-        return
-    except MountError as e:
-        log.warning("unmounting %s: %s", mnt, e)
-    entry = find_mount(mnt)
-    if entry is not None and entry.is_rafs:
+    """Unmount the image and make sure its daemon goes: plainly; lazily if it is busy;
+    by force if its daemon does not answer."""
+    for how in ({}, {"lazy": True}, {"force": True}):
         try:
-            umount(str(mnt), lazy=True)  # the daemon exits once the mount is let go
+            client.unmount(mnt, **how)
             return
-        except MountError as e:
-            log.warning("detaching %s: %s", mnt, e)
-    if pid is not None and _alive(pid):
-        log.warning("stopping daemon %d of %s", pid, mnt)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        except (MountError, ControlError) as e:
+            log.warning("unmounting %s: %s", mnt, e)
 
 
 def mount_modes() -> tuple[str, ...]:
     """The ``--mode`` values this build's daemon accepts."""
-    from fused.kernelmount import MODES
-
     return MODES
 
 
@@ -190,39 +143,28 @@ def check_fuse() -> None:
         raise FuseMissingError(f"{FUSE_DEVICE} is not readable and writable for this user")
 
 
-def _mount_options(mode: str) -> MountOptions:
-    if mode not in mount_modes():
-        raise RunError(f"unknown --mode {mode} (choose from {', '.join(mount_modes())})")
-    return MountOptions(mode=mode)
-
-
 def acquire(image: ResolvedImage, user: str, owner_pid: int, cache_dir: str, *,
             mode: str = "fuse", keep: bool = False, timeout: float = 120.0) -> Path:
     """Register ``user`` (a container id) on the image's shared mount, mounting it if
     needed; return the mount point."""
     check_fuse()
-    options = _mount_options(mode)
+    if mode not in MODES:
+        raise RunError(f"unknown --mode {mode} (choose from {', '.join(MODES)})")
     m = ImageMount(image.key)
     with m.locked():
-        if m.is_mounted() and not daemon_alive(paths_for(m.mnt).socket):
-            log.warning("the daemon of %s is gone; detaching its mount", m.mnt)
-            entry = find_mount(m.mnt)
-            with contextlib.suppress(MountError):
-                if entry is not None and entry.is_kernel:
-                    from fused.kernelmount import umount as kernel_umount
-
-                    kernel_umount(m.mnt, lazy=True)
-                else:
-                    fusermount_unmount(m.mnt, lazy=True)
-        if not m.is_mounted():
+        info = client.find(m.mnt)
+        if info is not None and info.mounted and info.state == "serving":
+            log.info("reusing the mount of %s on %s", image.ref, m.mnt)
+        else:
+            if info is not None and info.state not in ("dead", "unknown"):
+                log.warning("the daemon of %s is %s; ending it", m.mnt, info.state)
+                client.unmount(m.mnt, force=True)
             m.mnt.mkdir(parents=True, exist_ok=True)
             m.users.mkdir(exist_ok=True)
             m.keep_marker.unlink(missing_ok=True)
-            pid = mount_background(image.pinned, str(m.mnt), cache_dir, timeout=timeout,
-                                   options=options)
-            log.info("mounted %s on %s (daemon %d)", image.ref, m.mnt, pid)
-        else:
-            log.info("reusing the mount of %s on %s", image.ref, m.mnt)
+            mounted = client.mount(image.pinned, m.mnt, MountOptions(cache_dir, mode=mode),
+                                   timeout=timeout)
+            log.info("mounted %s on %s (daemon %s)", image.ref, m.mnt, mounted.pid)
         m.users.mkdir(exist_ok=True)
         (m.users / user).write_text(f"{owner_pid}\n")
         if keep:

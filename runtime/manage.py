@@ -17,6 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from fused.runstate import pid_alive
+
 from . import imagemount, overlay, store
 from .errors import ContainerRunningError, RunError
 from .runc import Runc
@@ -34,10 +36,20 @@ class Row:
     status: str
     pid: int | None
     created: float
+    digest: str = ""  # the image's manifest digest
+    lazy: bool = False  # a RAFS image on the shared lazy mount (else unpacked)
+    exit_code: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """What ``rafs ps --json`` prints of the container."""
+        return {"name": self.name, "id": self.id, "image": self.image, "digest": self.digest,
+                "status": self.status, "exit_code": self.exit_code, "pid": self.pid,
+                "lazy": self.lazy, "created": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))}
 
 
 def _owner_alive(c: store.Container) -> bool:
-    return imagemount._alive(c.owner_pid)
+    return pid_alive(c.owner_pid)
 
 
 def _status(c: store.Container, runc: Runc | None) -> tuple[str, int | None]:
@@ -64,7 +76,8 @@ def list_rows() -> list[Row]:
     rows = []
     for c in store.list_all():
         status, pid = _status(c, runc)
-        rows.append(Row(c.name, c.id, c.image, status, pid, c.created))
+        rows.append(Row(c.name, c.id, c.image, status, pid, c.created, c.digest, c.lazy,
+                        c.exit_code))
     return rows
 
 

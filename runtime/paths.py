@@ -7,9 +7,10 @@ Durable state lives under the runtime root: ``$RAFS_ROOT`` if set, else
                               rootfs/ (the overlay mount point), upper/, work/,
                               hosts, hostname, resolv.conf
     <root>/rootfs/<digest>/   unpacked plain (non-RAFS) images, one per manifest digest
-    <root>/cache/             the chunk cache of lazily mounted images (default)
+    <root>/cache/             the chunk cache of lazily mounted images, when $RAFS_ROOT
+                              is set (else the host's: ``fused.cacheconf``)
 
-What dies with a reboot lives in the run directory of ``fused.control.run_dir``
+What dies with a reboot lives in the run directory of ``fused.runstate.run_dir``
 (``$RAFS_RUN_DIR``, ``/run/rafs``, ...):
 
     <run>/images/<digest>/mnt    the shared rafs mount of one image
@@ -22,7 +23,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fused.control import run_dir
+from fused.cacheconf import default_cache_dir
+from fused.runstate import run_dir
 
 __all__ = ["cache_dir", "containers_dir", "images_run_dir", "rootfs_cache_dir",
            "runc_root", "runtime_root"]
@@ -47,7 +49,8 @@ def rootfs_cache_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    return runtime_root() / "cache"
+    """The host's chunk cache (``fused.cacheconf``: ``$RAFS_ROOT/cache`` when set)."""
+    return default_cache_dir()
 
 
 def images_run_dir() -> Path:

@@ -2,8 +2,9 @@
 
 Symlinks met on the way are followed within the root: an absolute target
 restarts at the root, ``..`` never climbs above it. Used to read the image's
-own ``/etc/passwd`` and to unpack layers, whose symlinks must never lead a
-write outside the root (a layer with ``etc -> /`` and then ``etc/passwd``).
+own ``/etc/passwd`` and ``/etc/group`` (a file that may be ``etc -> /`` away
+from the host's). Unpacking layers does not resolve paths on disk: the layer
+model gives it real paths (``converter.layermodel``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ The order of work, each step registering its undo on one ``ExitStack``:
    a plain image is pulled and unpacked whole (``unpack``), with a note on
    stderr that it is not lazy;
 4. resolve the user in the image, write hosts/hostname/resolv.conf and the
-   OCI spec, mount the overlay (``overlay``);
+   OCI spec, mount the overlay (``overlay``), and find the command in it
+   (``executable``: 127 if it is not there, 126 if it cannot be executed, as
+   docker says, instead of runc's 1);
 5. ``runc run`` attached to our stdio (with a terminal when stdin is one);
    signals are forwarded to runc, which forwards them to the container.
    SIGTERM also starts a stop timer: a container still running after
@@ -20,6 +22,9 @@ The order of work, each step registering its undo on one ``ExitStack``:
    its status and exit code are recorded.
 
 The exit status is the container's (128 + N when a signal N ended it).
+``rafs run`` needs root (``NeedsRootError`` says so before anything is touched).
+With ``--keep-mounted`` the last line on stderr names the mount point the
+image stays mounted on.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from types import FrameType
 from rafs.oci import canonical_json
 
 from . import imagemount, overlay, store
-from .errors import RunError
+from .errors import NeedsRootError, RunError
+from .executable import check_command
 from .image import ResolvedImage, resolve_image
 from .paths import cache_dir as default_cache_dir
 from .runc import Runc
@@ -47,7 +53,7 @@ from .spec import SpecInput, build_spec, command_of
 from .unpack import ensure_rootfs
 from .users import resolve_user
 
-__all__ = ["RunOptions", "run_container"]
+__all__ = ["RunOptions", "require_root", "run_container"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +170,13 @@ def _lower_dir(image: ResolvedImage, c: store.Container, opts: RunOptions,
     return ensure_rootfs(image)
 
 
+def require_root(command: str) -> None:
+    """NeedsRootError unless this process runs as root."""
+    if os.geteuid() != 0:
+        raise NeedsRootError(f"{command} needs root: it mounts the image and an overlay and "
+                             "starts runc (run it as root, e.g. with sudo)")
+
+
 def run_container(opts: RunOptions, *, image: ResolvedImage | None = None,
                   lower: Path | None = None) -> int:
     """Run one container to its end; return its exit status.
@@ -171,6 +184,7 @@ def run_container(opts: RunOptions, *, image: ResolvedImage | None = None,
     ``image``/``lower`` let a caller (``rafs optimize``) run on an image it has
     resolved and mounted itself.
     """
+    require_root("rafs run")
     if opts.net not in ("host", "none"):
         raise RunError(f"--net {opts.net}: only host and none are supported")
     runc = Runc()
@@ -217,6 +231,10 @@ def _setup_and_run(opts: RunOptions, runc: Runc, forwarder: _Forwarder,
     with forwarder.deferred():
         stack.callback(overlay.unmount, c.rootfs)
         overlay.mount_overlay(lower, c.upper, c.work, c.rootfs)
+    process = spec["process"]
+    check_command(c.rootfs, process["args"], process["env"], process["cwd"], user)
+    if opts.keep_mounted and c.lazy:
+        stack.callback(_say_kept, lower)
     stack.callback(_delete_runc_state, runc, c.id)
     status = _run_runc(runc, c, forwarder, terminal)
     forwarder.cleaning = True
@@ -245,6 +263,11 @@ def _run_runc(runc: Runc, c: store.Container, forwarder: _Forwarder, terminal: b
             log.info("container %s did not stop on SIGTERM; killing it", c.name)
             runc.kill(c.id, "KILL")
             killed = True
+
+
+def _say_kept(mnt: Path) -> None:
+    print(f"rafs: the image stays mounted on {mnt} (`rafs umount {mnt}` when done)",
+          file=sys.stderr)
 
 
 def _delete_runc_state(runc: Runc, cid: str) -> None:

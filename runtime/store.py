@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import ContainerExistsError, ContainerNotFoundError, RunError
 from .paths import containers_dir
 
-__all__ = ["Container", "create", "find", "list_all"]
+__all__ = ["Container", "create", "find", "list_all", "locked"]
 
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
 
@@ -67,7 +67,8 @@ class Container:
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[None]:
+def locked() -> Iterator[None]:
+    """The containers lock: no container record is created while it is held."""
     base = containers_dir()
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(base / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -116,7 +117,7 @@ def create(name: str | None, image: str, digest: str, lazy: bool,
     if name is not None and not _NAME.fullmatch(name):
         raise RunError(f"bad container name {name!r} (letters, digits, '_', '.', '-')")
     cid = secrets.token_hex(32)
-    with _locked():
+    with locked():
         taken = {c.name for c in list_all()}
         if name is None:
             name = f"rafs-{cid[:8]}"

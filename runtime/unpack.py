@@ -1,4 +1,4 @@
-"""The eager baseline: pull a plain OCI image whole and unpack it into a rootfs cache.
+"""The eager tree: pull a plain OCI image whole and unpack it into a rootfs cache.
 
 ``ensure_rootfs`` returns ``<root>/rootfs/<digest>/rootfs``, unpacking it first
 if needed (under a per-image lock, into a temp dir renamed into place when
@@ -6,13 +6,17 @@ complete, so an interrupted unpack never leaves a half tree that looks done).
 
 Layers are read through ``converter.source.open_source`` and
 ``converter.tarstream.LayerStream`` (compression sniffed, digests and diff_ids
-verified) and applied in order with OCI semantics: ``.wh.NAME`` removes NAME
-from the layers below, ``.wh..wh..opq`` empties its directory of what the
-layers below put there, a new entry replaces whatever was at its path. Names
-are normalised by ``converter.layers.normalise`` (no absolute or escaping
-names) and every parent path is resolved inside the root
-(``rootpath.resolve_in_root``), so a symlink in the image never leads a write
-outside it. Ownership, modes, xattrs, device nodes and mtimes are kept.
+verified). What each entry means (whiteouts, opaque directories, replacement,
+hardlinks, implied parents, symlinks in parent paths, unsafe names) is decided
+by ``converter.layermodel``, the same model the converter builds its tree
+with; ``Unpacker`` only performs the model's operations on disk and, after the
+last layer, gives every directory its final metadata from the model's tree.
+
+The model's paths are real paths: no symlink, no ``..``. On disk every parent
+is opened component by component with ``O_NOFOLLOW | O_DIRECTORY`` and every
+change is made relative to that directory fd, so even a disk that disagreed
+with the model could not lead a write outside the root. Ownership, modes,
+xattrs, device nodes and mtimes are kept.
 """
 
 from __future__ import annotations
@@ -28,32 +32,24 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
-from converter.layers import WHITEOUT_META_PREFIX, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, normalise
+from converter.layermodel import Create, Layer, Link, Op, RealPath, Remove, directories, new_root
 from converter.source import open_source
-from converter.tarstream import (
-    BLOCK,
-    CHAR,
-    DIR,
-    FIFO,
-    FILE,
-    HARDLINK,
-    SYMLINK,
-    Entry,
-    LayerStream,
-)
+from converter.tarstream import Entry, LayerStream
 from rafs.errors import RafsError
+from rafs.model import Node
 
 from .errors import UnpackError
 from .image import ResolvedImage, registry_client
 from .paths import rootfs_cache_dir
-from .rootpath import resolve_in_root
 
-__all__ = ["ensure_rootfs", "unpack_layer_entries"]
+__all__ = ["Unpacker", "ensure_rootfs", "unpack_into"]
 
 log = logging.getLogger(__name__)
 
 _COPY = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def ensure_rootfs(image: ResolvedImage) -> Path:
@@ -71,8 +67,7 @@ def ensure_rootfs(image: ResolvedImage) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix="unpack-", dir=base))
         try:
             started = time.monotonic()
-            nbytes = _unpack(image, tmp)
-            os.chmod(tmp, 0o755)
+            nbytes = unpack_into(image, tmp)
             os.rename(tmp, done)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -84,13 +79,15 @@ def ensure_rootfs(image: ResolvedImage) -> Path:
     return done
 
 
-def _unpack(image: ResolvedImage, root: Path) -> int:
+def unpack_into(image: ResolvedImage, root: Path) -> int:
+    """Unpack every layer of ``image`` into the empty directory ``root``; returns the
+    layers' uncompressed size."""
     total = 0
     with contextlib.ExitStack() as stack:
         client = (stack.enter_context(registry_client(image.ref))
                   if image.ref.transport == "docker" else None)
         source = stack.enter_context(open_source(image.ref, client))
-        dir_times: dict[bytes, tuple[int, int]] = {}
+        unpacker = stack.enter_context(Unpacker(root))
         for layer in source.layers:
             if sys.stderr.isatty():
                 print(f"rafs: unpacking layer {layer.index + 1}/{len(source.layers)}",
@@ -99,151 +96,192 @@ def _unpack(image: ResolvedImage, root: Path) -> int:
                 stream = LayerStream(raw, what=layer.label, media_type=layer.media_type,
                                      digest=layer.digest, size=layer.size,
                                      diff_id=layer.diff_id)
-                unpack_layer_entries(stream.entries(), os.fsencode(root), layer.label,
-                                     dir_times)
+                unpacker.apply_layer(stream.entries(), layer.label)
                 total += stream.uncompressed_size
-        _set_dir_times(dir_times)
+        unpacker.finish()
     return total
 
 
-def _set_dir_times(dir_times: dict[bytes, tuple[int, int]]) -> None:
-    """Directory mtimes last: every later entry in a directory changes its mtime."""
-    for path in sorted(dir_times, key=len, reverse=True):
-        sec, nsec = dir_times[path]
-        ns = sec * 1_000_000_000 + nsec
-        with contextlib.suppress(OSError):
-            os.utime(path, ns=(ns, ns), follow_symlinks=False)
+class Unpacker:
+    """Unpacks layers, in order, into the empty directory ``root``.
 
+    ``apply_layer`` for each layer, then ``finish`` (directory metadata);
+    ``close`` (or the ``with`` block) releases the directory fds.
+    """
 
-def unpack_layer_entries(entries: Iterable[Entry], root: bytes, what: str,
-                         dir_times: dict[bytes, tuple[int, int]]) -> None:
-    """Apply one layer's entries onto the tree at ``root``; the mtimes of the directories
-    it names go into ``dir_times`` (set them after the last layer)."""
-    applier = _Applier(root, what, dir_times)
-    for entry in entries:
-        try:
-            applier.apply(entry)
-        except RafsError:
-            raise
-        except OSError as e:
-            raise UnpackError(f"{what}: {os.fsdecode(entry.name)!r}: "
-                              f"{e.strerror or e}") from None
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.tree = new_root()
+        self._root_fd = os.open(root, _DIR_FLAGS)
+        # Open fds of the directories from the root down to the last one used:
+        # entries come grouped by directory, so most lookups reuse them.
+        self._names: list[bytes] = []
+        self._fds: list[int] = []
 
+    def __enter__(self) -> Unpacker:
+        return self
 
-def _remove(path: bytes) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
+    def close(self) -> None:
+        self._forget(())
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
 
-class _Applier:
-    def __init__(self, root: bytes, what: str,
-                 dir_times: dict[bytes, tuple[int, int]]) -> None:
-        self.root = root
-        self.what = what
-        self.created: set[bytes] = set()  # relative paths this layer wrote
-        self.dir_times = dir_times
+    def apply_layer(self, entries: Iterable[Entry], what: str) -> None:
+        """Apply one layer's entries."""
+        layer = Layer(self.tree, what)
+        for entry in entries:
+            ops = layer.apply(entry)  # model errors (RafsError) pass through as they are
+            try:
+                for op in ops:
+                    self._do(op)
+            except RafsError:
+                raise
+            except OSError as e:
+                raise UnpackError(f"{what}: {os.fsdecode(entry.name)!r}: "
+                                  f"{e.strerror or e}") from None
 
-    def _parent(self, parts: list[bytes]) -> bytes:
-        """The host path of the parent directory of ``parts``, created if missing."""
-        parent = resolve_in_root(self.root, b"/".join(parts[:-1]))
-        if not os.path.isdir(parent):
-            if os.path.lexists(parent):
-                os.unlink(parent)
-            os.makedirs(parent, mode=0o755, exist_ok=True)
-        return parent
+    def finish(self) -> None:
+        """Give every directory its final metadata (and mtime: after its last change)."""
+        for path, node in directories(self.tree):
+            try:
+                fd = self._dir(path)
+                os.chown(fd, node.uid, node.gid)
+                os.chmod(fd, stat.S_IMODE(node.mode))
+                for key, value in node.xattrs.items():
+                    self._setxattr(fd, key, value, path)
+                os.utime(fd, ns=(_ns(node), _ns(node)))
+            except OSError as e:
+                raise UnpackError(f"{os.fsdecode(b'/'.join(path)) or '/'}: "
+                                  f"{e.strerror or e}") from None
 
-    def apply(self, entry: Entry) -> None:
-        parts = normalise(entry.name, self.what)
-        if not parts:  # the root directory itself
-            if entry.kind == DIR:
-                self._meta(self.root, entry)
-                self.dir_times[self.root] = (entry.mtime, entry.mtime_nsec)
-            return
-        base = parts[-1]
-        rel = b"/".join(parts)
-        if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(parts)
-            return
-        parent = self._parent(parts)
-        path = os.path.join(parent, base)
-        self.created.add(rel)
-        if entry.kind == DIR:
-            if not os.path.isdir(path) or os.path.islink(path):
-                _remove(path)
-                os.mkdir(path, 0o700)
-            self._meta(path, entry)
-            self.dir_times[path] = (entry.mtime, entry.mtime_nsec)
-            return
-        _remove(path)
-        self.dir_times.pop(path, None)
-        if entry.kind == FILE:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                if entry.data is not None and entry.size:
-                    shutil.copyfileobj(entry.data, f, _COPY)
-        elif entry.kind == SYMLINK:
-            os.symlink(entry.linkname, path)
-        elif entry.kind == HARDLINK:
-            target_parts = normalise(entry.linkname, self.what)
-            target = resolve_in_root(self.root, b"/".join(target_parts), follow_last=False)
-            os.link(target, path, follow_symlinks=False)
-            return  # a hard link shares its target's metadata
-        elif entry.kind in (CHAR, BLOCK):
-            kind = stat.S_IFCHR if entry.kind == CHAR else stat.S_IFBLK
-            os.mknod(path, kind | 0o600, entry.rdev)
-        elif entry.kind == FIFO:
-            os.mkfifo(path, 0o600)
+    # -- operations -----------------------------------------------------------
+
+    def _do(self, op: Op) -> None:
+        if isinstance(op, Remove):
+            self._remove(op.path)
+        elif isinstance(op, Link):
+            self._link(op.path, op.target)
         else:
-            raise UnpackError(f"{self.what}: {os.fsdecode(entry.name)!r}: unknown entry kind")
-        self._meta(path, entry)
+            self._create(op)
 
-    def _meta(self, path: bytes, entry: Entry) -> None:
-        is_link = entry.kind == SYMLINK
-        os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
-        if not is_link:
-            os.chmod(path, entry.mode & 0o7777)
-            for key, value in entry.xattrs.items():
+    def _remove(self, path: RealPath) -> None:
+        self._forget(path)
+        fd = self._dir(path[:-1])
+        st = os.lstat(path[-1], dir_fd=fd)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path[-1], dir_fd=fd)
+        else:
+            os.unlink(path[-1], dir_fd=fd)
+
+    def _link(self, path: RealPath, target: RealPath) -> None:
+        fd = self._dir(path[:-1])
+        target_fd = self._open_dir(target[:-1])
+        try:
+            os.link(target[-1], path[-1], src_dir_fd=target_fd, dst_dir_fd=fd,
+                    follow_symlinks=False)
+        finally:
+            os.close(target_fd)
+
+    def _create(self, op: Create) -> None:
+        node, name = op.node, op.path[-1]
+        fd = self._dir(op.path[:-1])
+        kind = stat.S_IFMT(node.mode)
+        if kind == stat.S_IFDIR:
+            os.mkdir(name, 0o700, dir_fd=fd)  # its metadata comes in finish()
+        elif kind == stat.S_IFREG:
+            self._write_file(fd, op.path, node, op.data)
+        elif kind == stat.S_IFLNK:
+            os.symlink(node.target, name, dir_fd=fd)
+            self._set_meta(fd, op.path, node)
+        else:
+            if kind in (stat.S_IFCHR, stat.S_IFBLK):
+                os.mknod(name, kind | 0o600, node.rdev, dir_fd=fd)
+            else:
+                os.mkfifo(name, 0o600, dir_fd=fd)
+            self._set_meta(fd, op.path, node)
+
+    def _write_file(self, dir_fd: int, path: RealPath, node: Node, data: BinaryIO | None
+                    ) -> None:
+        fd = os.open(path[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        with os.fdopen(fd, "wb") as f:
+            if node.size:
+                assert data is not None
+                shutil.copyfileobj(data, f, _COPY)
+            f.flush()
+            os.chown(fd, node.uid, node.gid)  # before chmod: chown clears setuid bits
+            os.chmod(fd, stat.S_IMODE(node.mode))
+            for key, value in node.xattrs.items():
+                self._setxattr(fd, key, value, path)
+            os.utime(fd, ns=(_ns(node), _ns(node)))
+
+    def _set_meta(self, dir_fd: int, path: RealPath, node: Node) -> None:
+        """Metadata of a symlink, device or fifo (which cannot be opened to set it)."""
+        name = path[-1]
+        os.chown(name, node.uid, node.gid, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISLNK(node.mode):  # a symlink's mode is always 0777
+            os.chmod(name, stat.S_IMODE(node.mode), dir_fd=dir_fd)
+        if node.xattrs:
+            # l*xattr by a path through the directory fd: never follows ``name`` itself.
+            where = os.fsencode(f"/proc/self/fd/{dir_fd}/") + name
+            for key, value in node.xattrs.items():
+                self._setxattr(where, key, value, path)
+        os.utime(name, ns=(_ns(node), _ns(node)), dir_fd=dir_fd, follow_symlinks=False)
+
+    @staticmethod
+    def _setxattr(target: int | bytes, key: bytes, value: bytes, path: RealPath) -> None:
+        try:
+            if isinstance(target, int):
+                os.setxattr(target, key, value)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=False)
+        except OSError as e:  # e.g. a host filesystem without trusted.* or security.*
+            log.info("%r: cannot set xattr %r: %s", os.fsdecode(b"/".join(path)),
+                     os.fsdecode(key), e.strerror)
+
+    # -- directory fds --------------------------------------------------------
+
+    def _dir(self, path: RealPath) -> int:
+        """An fd of the directory at ``path`` (owned by the cache: do not close it)."""
+        keep = 0
+        while keep < min(len(path), len(self._names)) and self._names[keep] == path[keep]:
+            keep += 1
+        self._truncate(keep)
+        for name in path[keep:]:
+            parent = self._fds[-1] if self._fds else self._root_fd
+            self._fds.append(os.open(name, _DIR_FLAGS, dir_fd=parent))
+            self._names.append(name)
+        return self._fds[-1] if self._fds else self._root_fd
+
+    def _open_dir(self, path: RealPath) -> int:
+        """A new fd of the directory at ``path`` (the caller closes it)."""
+        fd = os.dup(self._root_fd)
+        try:
+            for name in path:
+                parent, fd = fd, -1
                 try:
-                    os.setxattr(path, key, value, follow_symlinks=False)
-                except OSError as e:
-                    log.info("%s: %r: cannot set xattr %r: %s", self.what,
-                             os.fsdecode(entry.name), os.fsdecode(key), e.strerror)
-        if entry.kind != DIR:
-            ns = entry.mtime * 1_000_000_000 + entry.mtime_nsec
-            os.utime(path, ns=(ns, ns), follow_symlinks=False)
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+                finally:
+                    os.close(parent)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        return fd
 
-    def _whiteout(self, parts: list[bytes]) -> None:
-        base = parts[-1]
-        parent = resolve_in_root(self.root, b"/".join(parts[:-1]))
-        parent_rel = b"/".join(parts[:-1])
-        if not os.path.isdir(parent):
-            return
-        if base == WHITEOUT_OPAQUE:
-            self._prune(parent, parent_rel)
-            return
-        if base.startswith(WHITEOUT_META_PREFIX):
-            return
-        victim = base[len(WHITEOUT_PREFIX):]
-        if victim in (b"", b".", b".."):
-            raise UnpackError(f"{self.what}: bad whiteout name {os.fsdecode(base)!r}")
-        rel = parent_rel + b"/" + victim if parent_rel else victim
-        if rel not in self.created:
-            _remove(os.path.join(parent, victim))
-            self.dir_times.pop(os.path.join(parent, victim), None)
+    def _forget(self, path: RealPath) -> None:
+        """Close the cached fds of ``path`` and of everything below it."""
+        if tuple(self._names[: len(path)]) == path:
+            self._truncate(max(len(path) - 1, 0) if path else 0)
 
-    def _prune(self, directory: bytes, rel: bytes) -> None:
-        """Remove what the layers below put in ``directory``, keep what this layer did."""
-        for name in os.listdir(directory):
-            child_rel = rel + b"/" + name if rel else name
-            child = os.path.join(directory, name)
-            if child_rel not in self.created:
-                _remove(child)
-            elif os.path.isdir(child) and not os.path.islink(child):
-                self._prune(child, child_rel)
+    def _truncate(self, keep: int) -> None:
+        while len(self._fds) > keep:
+            os.close(self._fds.pop())
+            self._names.pop()
+
+
+def _ns(node: Node) -> int:
+    return node.mtime * 1_000_000_000 + node.mtime_nsec

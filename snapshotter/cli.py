@@ -12,7 +12,10 @@ plugin, so that pull credentials reach the snapshotter (``snapshotter.imageproxy
 
 The process serves until SIGTERM/SIGINT; the fused daemons it started keep
 running (and keep serving running containers) after it exits, and a new
-snapshotter on the same root picks up its metadata and mounts.
+snapshotter on the same root picks up its metadata and mounts: at startup it
+adopts the mounts of its bootstrap snapshots whose daemons serve and tears
+down every other rafs mount under its root. A second snapshotter on the same
+root or address is refused while the first one lives.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--address", default=DEFAULT_ADDRESS,
                    help=f"unix socket to listen on (default {DEFAULT_ADDRESS})")
     p.add_argument("--root", default=DEFAULT_ROOT,
-                   help=f"snapshots, metadata and chunk cache (default {DEFAULT_ROOT})")
-    p.add_argument("--cache-dir", help="fused chunk cache (default ROOT/cache)")
+                   help=f"snapshots and metadata (default {DEFAULT_ROOT})")
+    p.add_argument("--cache-dir", help="fused chunk cache (default: the host's, as for "
+                   "`rafs mount`)")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP to every registry (localhost always uses it)")
     p.add_argument("--hosts-dir", metavar="DIR",
@@ -69,32 +73,41 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _cmd_snapshotter(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fused.cli import MountOptions
+    from fused.cacheconf import default_cache_dir
+    from fused.options import MountOptions
     from rafs.hosts import use_hosts_dir
 
     from .keychain import Keychain
     from .remote import FusedRemote
-    from .service import serve
-    from .snapshots import Snapshotter
+    from .service import claim, serve
+    from .snapshots import ROLE_BOOTSTRAP, Snapshotter
 
     root = Path(args.root)
-    hosts_dir = use_hosts_dir(args.hosts_dir) if args.hosts_dir else None  # manifest lookups
-    options = MountOptions(prefetch=not args.no_prefetch, insecure=args.insecure or None,
-                           mode=args.mode, hosts_dir=hosts_dir)
-    keychain = Keychain()
-    remote = FusedRemote(args.cache_dir or root / "cache", options, keychain=keychain)
+    claimed = claim(root, Path(args.address))
     try:
-        snapshotter = Snapshotter(root, remote)
-    except (OSError, sqlite3.Error) as e:
-        raise SnapshotterError(f"cannot use root {root}: {_reason(e)}") from None
-    with contextlib.ExitStack() as stack:
-        if args.cri_image_service:
-            from .imageproxy import ImageProxy
+        hosts_dir = use_hosts_dir(args.hosts_dir) if args.hosts_dir else None
+        options = MountOptions(str(args.cache_dir or default_cache_dir()),
+                               prefetch=not args.no_prefetch, insecure=args.insecure or None,
+                               mode=args.mode, hosts_dir=hosts_dir)
+        keychain = Keychain()
+        remote = FusedRemote(options, keychain=keychain)
+        try:
+            snapshotter = Snapshotter(root, remote)
+        except (OSError, sqlite3.Error) as e:
+            raise SnapshotterError(f"cannot use root {root}: {_reason(e)}") from None
+        keep = {snapshotter.fs_dir(s) for s in snapshotter.walk()
+                if s.remote is not None and s.remote.get("role") == ROLE_BOOTSTRAP}
+        remote.reconcile(snapshotter.root / "snapshots", keep)
+        with contextlib.ExitStack() as stack:
+            if args.cri_image_service:
+                from .imageproxy import ImageProxy
 
-            proxy = ImageProxy(args.cri_image_service, args.cri_runtime_endpoint, keychain)
-            proxy.start()
-            stack.callback(proxy.stop)
-        serve(snapshotter, args.address)
+                proxy = ImageProxy(args.cri_image_service, args.cri_runtime_endpoint, keychain)
+                proxy.start()
+                stack.callback(proxy.stop)
+            serve(snapshotter, claimed)
+    finally:
+        claimed.release()
     return 0
 
 

@@ -14,11 +14,14 @@ Credentials: ``--creds`` if the snapshotter was given them, else those a CRI
 pull of the image sent (``keychain``, filled by ``snapshotter.imageproxy``),
 else the node's (``$REGISTRY_AUTH_FILE``, ``~/.docker/config.json``).
 
-``mount``/``unmount`` drive fused's daemon (``fused.cli.mount_background``,
+``mount``/``unmount`` drive fused's daemons through ``fused.client`` (each
 detached in its own session: it outlives the snapshotter) with the shared chunk
 cache under the snapshotter root. A mount is either a FUSE mount or, in
-kernel mode, an EROFS mount over the daemon's blob files; fused's ``find_mount``
-and ``umount`` handle both.
+kernel mode, an EROFS mount over the daemon's blob files; the client handles
+both. ``reconcile`` runs at startup: of the rafs mounts under the root, it
+adopts those that serve a bootstrap snapshot the metadata still has and tears
+down the rest (dead daemons, daemons that do not answer, mounts no snapshot
+owns: what an earlier snapshotter process left when it was killed).
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Set
 from pathlib import Path
 
-from fused.cli import MountOptions, mount_background, stats, umount
-from fused.errors import MountError, NotMountedError
-from fused.mounts import find_mount
+from fused import client
+from fused.errors import ControlError, MountError, NotMountedError
+from fused.mounts import canonical, find_mount
+from fused.options import MountOptions
 from rafs.errors import AuthError, RafsError
 from rafs.oci import ImageRef, Manifest, bootstrap_descriptor, is_rafs, parse_image_ref
 
@@ -48,12 +53,11 @@ _MANIFEST_TTL = 60.0
 
 
 class FusedRemote:
-    """RAFS layers served by fused daemons, chunks cached under ``cache_dir``."""
+    """RAFS layers served by fused daemons, chunks cached under ``options.cache_dir``."""
 
-    def __init__(self, cache_dir: str | Path, options: MountOptions | None = None,
-                 mount_timeout: float = 120.0, keychain: Keychain | None = None) -> None:
-        self.cache_dir = Path(cache_dir)
-        self.options = options or MountOptions()
+    def __init__(self, options: MountOptions, mount_timeout: float = 120.0,
+                 keychain: Keychain | None = None) -> None:
+        self.options = options
         self.mount_timeout = mount_timeout
         self.keychain = keychain
         self._manifests: dict[str, tuple[float, Manifest]] = {}
@@ -110,9 +114,8 @@ class FusedRemote:
 
     def mount(self, image: str, mountpoint: Path) -> None:
         options = dataclasses.replace(self.options, creds=self._creds(parse_image_ref(image)))
-        pid = mount_background(image, str(mountpoint), str(self.cache_dir),
-                               timeout=self.mount_timeout, options=options)
-        log.info("mounted %s on %s (daemon pid %d)", image, mountpoint, pid)
+        info = client.mount(image, mountpoint, options, timeout=self.mount_timeout)
+        log.info("mounted %s on %s (daemon pid %s)", image, mountpoint, info.pid)
 
     def is_mounted(self, mountpoint: Path) -> bool:
         """A rafs mount is on ``mountpoint``, serving or not."""
@@ -124,21 +127,50 @@ class FusedRemote:
 
         (A stat of the mount point proves nothing: the kernel answers it from its
         attribute cache long after the daemon died.)"""
-        if not self.is_mounted(mountpoint):
+        info = client.find(mountpoint)
+        if info is None or not info.mounted:
             return False
-        try:
-            stats(str(mountpoint))
-        except RafsError as e:
-            log.warning("rafs mount on %s does not answer: %s", mountpoint, e)
+        if info.state != "serving":
+            log.warning("rafs mount on %s is %s", mountpoint, info.state)
             return False
         return True
 
     def unmount(self, mountpoint: Path) -> None:
+        """Unmount plainly; lazily if busy; by force if its daemon does not answer."""
         try:
-            umount(str(mountpoint), timeout=30)
+            client.unmount(mountpoint, timeout=30)
         except NotMountedError:
             return
-        except MountError as e:
+        except (MountError, ControlError) as e:
             log.warning("unmounting %s: %s; detaching it lazily", mountpoint, e)
-            umount(str(mountpoint), lazy=True, timeout=30)
+            try:
+                client.unmount(mountpoint, lazy=True, timeout=30)
+            except (MountError, ControlError) as e2:
+                log.warning("detaching %s: %s; ending its daemon", mountpoint, e2)
+                client.unmount(mountpoint, force=True, timeout=30)
         log.info("unmounted %s", mountpoint)
+
+    def reconcile(self, under: Path, keep: Set[Path]) -> None:
+        """Adopt the serving mounts below ``under`` that are in ``keep``; tear down
+        every other rafs mount and daemon below it."""
+        base = canonical(under)
+        wanted = {canonical(p) for p in keep}
+        for info in client.list_mounts():
+            mp = info.mountpoint
+            if not mp.startswith(base + "/") or info.state == "unknown":
+                continue
+            if info.state == "serving" and info.mounted and mp in wanted:
+                log.info("adopting the rafs mount on %s (daemon pid %s)", mp, info.pid)
+                continue
+            why = "no snapshot owns it" if mp not in wanted else f"its daemon is {info.state}"
+            log.warning("tearing down the rafs mount on %s: %s", mp, why)
+            try:
+                if info.state == "serving" and info.mounted:
+                    self.unmount(Path(mp))
+                else:
+                    client.unmount(mp, force=True, timeout=30)
+            except NotMountedError:
+                pass
+            except (MountError, ControlError) as e:
+                log.error("cannot tear down %s: %s", mp, e)
+        client.sweep()

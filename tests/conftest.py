@@ -2,7 +2,9 @@
 
 Owns: the loud failure when the machine cannot run the suite (no ``/dev/fuse``),
 making ``tests.helpers`` importable however pytest is started, a private run
-directory for the daemons the tests start (``RAFS_RUN_DIR``), the
+directory for the daemons the tests start (``RAFS_RUN_DIR``; removed when the
+session passes, kept with its daemon logs and named in the summary when a
+test failed), the
 session-scoped Debian image fixtures from ``bench.corpus``, and the real
 registries (Debian's ``docker-registry``, see ``bench.registry``): ``registry``
 (anonymous), ``registry_basic`` (htpasswd) and ``registry_token`` (bearer
@@ -14,6 +16,7 @@ Tests run as root (CI does); nothing here skips for lack of privileges.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -45,6 +48,28 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # of this session, not in the host's /run/rafs.
     run_dir = tempfile.mkdtemp(prefix="rafs-test-run-")
     os.environ["RAFS_RUN_DIR"] = run_dir
+    session.config.stash[_RUN_DIR] = run_dir
+
+
+_RUN_DIR = pytest.StashKey[str]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's run directory, unless a test failed: then its daemon logs
+    may say why, and the terminal summary names it."""
+    run_dir = session.config.stash.get(_RUN_DIR, None)
+    if run_dir is None or exitstatus != 0:
+        return
+    mounted = Path("/proc/self/mountinfo").read_text()
+    if f" {run_dir}/" in mounted:
+        return  # a test left a mount behind (its own test fails on that): keep the evidence
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
+    run_dir = terminalreporter.config.stash.get(_RUN_DIR, None)
+    if run_dir is not None and os.path.isdir(run_dir):
+        terminalreporter.write_line(f"daemon logs of this session kept in {run_dir}")
 
 
 @pytest.fixture(scope="session")

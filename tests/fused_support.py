@@ -111,14 +111,17 @@ class Stack:
 
 @asynccontextmanager
 async def open_stack(
-    image: WrittenImage, cache_dir: Path, backend: Backend | None = None, **fetcher_kw: Any
+    image: WrittenImage, cache_dir: Path, backend: Backend | None = None, *,
+    validate: bool = True, **fetcher_kw: Any
 ) -> AsyncIterator[Stack]:
     """Run the cache committer and the fetcher for ``image``; close everything after.
 
     Amplification is off unless asked for, so tests see exactly the reads they cause.
+    ``validate=False`` skips the bootstrap validator, to show what the layers below it
+    do with a record it would have refused.
     """
     fetcher_kw.setdefault("amplify", False)
-    bootstrap = Bootstrap.from_bytes(image.bootstrap)
+    bootstrap = Bootstrap.from_bytes(image.bootstrap, validate=validate)
     counting = CountingBackend(backend or LocalBackend(image.layout))
     stats = Stats()
     cache = ChunkCache(cache_dir, bootstrap.blobs, bootstrap.chunk, stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import stat
 import subprocess
 from pathlib import Path
@@ -29,7 +30,7 @@ def rich_image() -> ImageParts:
     parts.new_blob()
     root = parts.root
     assert root.children is not None
-    big = os.urandom(3 * CS + 17)
+    big = random.Random(3).randbytes(3 * CS + 17)  # incompressible, the same every run
     root.children[b"big"] = parts.file(big, uid=70000, gid=80000, mtime=1_700_000_000,
                                        mtime_nsec=123456789)
     root.children[b"dup"] = parts.file(big, blob=1, mtime=1_600_000_000)  # dedup: same chunks

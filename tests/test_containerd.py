@@ -19,6 +19,7 @@ The tests run in file order; the last one cleans everything up.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -39,7 +40,7 @@ from tests.helpers.containerd import (
     snapshotter_process,
     unmount_under,
 )
-from tests.helpers.mounts import read_stats
+from tests.helpers.mounts import rafs_cmd, read_stats
 
 NUMPY = ["python3", "-c", "import numpy; print(numpy.__version__)"]
 
@@ -107,6 +108,11 @@ def test_rpull_then_run_imports_numpy_lazily(stack: Stack, rafs_image: str) -> N
     layers = image_layers(rafs_image)
     assert not set(content) & {d for d, _ in layers}, "rpull downloaded a layer"
     assert len(stack.rafs_mounts()) == 1
+    listed = [m for m in json.loads(subprocess.run(
+        rafs_cmd("ls", "--json"), capture_output=True, text=True, check=True).stdout)
+        if m["mountpoint"] == stack.rafs_mounts()[0]]  # `rafs ls` sees the snapshotter's
+    assert [(m["state"], m["mode"], m["mounted"]) for m in listed] == \
+        [("serving", "kernel", True)], listed
 
     res = stack.cd.ctr("run", "--rm", "--snapshotter", "rafs", rafs_image, "numpy-1", *NUMPY)
     assert re.fullmatch(r"\d+\.\d+\.\d+\s*", res.stdout), res.stdout
@@ -169,12 +175,14 @@ def test_a_killed_daemon_is_mounted_again_for_the_next_container(
 def test_removing_containers_and_images_leaves_no_mounts(
     stack: Stack, rafs_image: str, plain_image: str
 ) -> None:
-    from fused.control import paths_for
+    from fused.client import find
 
     cd = stack.cd
     [mp] = stack.rafs_mounts()
     pid = read_stats(mp)["pid"]
-    blobs = str(paths_for(mp).blobs)  # the daemon's blob mount in kernel mode
+    info = find(mp)
+    assert info is not None and info.instance is not None
+    blobs = str(info.instance.blobs)  # the daemon's blob mount in kernel mode
     assert cd.ctr("container", "ls", "-q").stdout.split() == []
     cd.ctr("image", "rm", "--sync", rafs_image, plain_image)
     assert stack.snapshots() == []

@@ -225,6 +225,13 @@ def test_symlink_replaces_file(image: Image) -> None:
     assert a is not None and stat.S_ISLNK(a.mode) and a.target == b"/target"
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o600, 0o755, 0o777])
+def test_a_symlink_is_0777_whatever_its_header_says(image: Image, mode: int) -> None:
+    image.apply([symlink_entry("l", "/usr/lib/libz.so.1", mode=mode, uid=3)])
+    node = image.node("l")
+    assert node is not None and (node.mode, node.uid) == (stat.S_IFLNK | 0o777, 3)
+
+
 # -- hardlinks ----------------------------------------------------------------
 
 
@@ -370,6 +377,23 @@ def test_overlay_xattrs_are_dropped(image: Image) -> None:
     assert d is not None and d.xattrs == {b"user.k": b"v"}
 
 
+def test_host_xattrs_and_user_xattrs_where_linux_refuses_them_are_dropped(
+        image: Image) -> None:
+    image.apply([file_entry("f", b"", xattrs={"security.selinux": b"system_u:object_r:x",
+                                              "user.k": b"v", "security.capability": b"c"}),
+                 symlink_entry("l", "f", xattrs={"user.k": b"v", "trusted.t": b"t"})])
+    f, link = image.node("f"), image.node("l")
+    assert f is not None and f.xattrs == {b"user.k": b"v", b"security.capability": b"c"}
+    assert link is not None and link.xattrs == {b"trusted.t": b"t"}
+
+
+def test_implied_directories_below_a_setgid_directory_inherit_it(image: Image) -> None:
+    image.apply([dir_entry("g", mode=0o2775, gid=50), file_entry("g/a/b/f", b"", gid=7)])
+    for path in ("g/a", "g/a/b"):
+        node = image.node(path)
+        assert node is not None and (node.mode, node.gid) == (stat.S_IFDIR | 0o2755, 50)
+
+
 def test_devices_fifos_and_nanosecond_mtimes(image: Image) -> None:
     image.apply([
         Entry("dev/null", "chardev", mode=0o666, devmajor=1, devminor=3),
@@ -501,6 +525,13 @@ def test_gzip_layers_and_truncated_gzip(image: Image) -> None:
         with pytest.raises(BadTarError):
             image.apply(stored[:cut], compression="none", media_type=MEDIA_TYPES["gzip"],
                         diff_id=None)
+
+
+def test_hardlink_target_reached_through_the_replaced_path_is_missing(image: Image) -> None:
+    # As containerd and umoci: the link's path is removed before the target is looked up.
+    image.apply([dir_entry("real"), file_entry("real/f", b"x"), symlink_entry("s", "real")])
+    with pytest.raises(LinkTargetError, match="does not exist"):
+        image.apply([Entry("s", "hardlink", linkname="s/f")])
 
 
 def test_hardlink_to_itself_or_below_itself_is_rejected(image: Image) -> None:

@@ -236,11 +236,13 @@ def test_a_plain_oci_image_runs_on_the_same_node(
 def test_remove_image_unmounts_the_rafs_image_and_ends_its_daemon(
     node: Node, rafs_image: str
 ) -> None:
-    from fused.control import paths_for
+    from fused.client import find
 
     [mp] = node.rafs_mounts()
     pid = int(read_stats(mp)["pid"])  # type: ignore[call-overload]
-    blobs = paths_for(mp).blobs  # the daemon's blob mount in kernel mode
+    info = find(mp)
+    assert info is not None and info.instance is not None
+    blobs = info.instance.blobs  # the daemon's blob mount in kernel mode
     before = node.snapshots()
     node.kubelet.remove_image(rafs_image)
     assert node.kubelet.image_status(rafs_image) is None

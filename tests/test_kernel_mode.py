@@ -229,18 +229,3 @@ def test_umount_refuses_a_busy_kernel_mount_and_lazy_umount_serves_until_closed(
             time.sleep(0.1)
         assert not daemon_pids(tmp_path)
         assert not blob_mounts_of_this_session()
-
-
-def test_unmounting_without_the_daemon_takes_both_mounts_and_the_daemon_goes(image, tmp_path):
-    from fused.mounts import fusermount_unmount
-
-    img, files = image
-    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache", mode="kernel") as mnt:
-        assert read(mnt / "small") == files["small"]
-        fusermount_unmount(mnt)  # what other components use as their fallback
-        assert str(mnt) not in rafs_mounts()
-        deadline = time.monotonic() + 20
-        while daemon_pids(tmp_path) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not daemon_pids(tmp_path)
-        assert not blob_mounts_of_this_session()

@@ -26,7 +26,7 @@ from rafs.errors import AuthError
 from rafs.oci import parse_image_ref, sha256_digest
 from rafs.registry import RegistryClient
 from tests.helpers.edgecases import LAYERS
-from tests.helpers.mounts import mounted, rafs_cmd
+from tests.helpers.mounts import mounted, rafs_cmd, read_stats
 from tests.helpers.ocibuild import build_oci_image
 from tests.helpers.procs import run
 from tests.helpers.registries import READER_PASSWORD, READER_USER
@@ -71,8 +71,16 @@ def test_push_and_mount_with_credentials_from_each_source(
     for env in ({"REGISTRY_AUTH_FILE": str(auth_file)}, {"DOCKER_CONFIG": str(docker_dir)}):
         with mounted(ref, tmp_path / "mnt", tmp_path / "cache", env=env) as mnt:
             assert sorted(p.name for p in mnt.iterdir())
+    # From --creds: they reach the daemon through a pipe, never its argv or environment.
+    with mounted(ref, tmp_path / "mnt", tmp_path / "cache",
+                 env={"DOCKER_CONFIG": str(tmp_path / "empty")},
+                 extra_args=["--creds", reg.creds]) as mnt:
+        assert sorted(p.name for p in mnt.iterdir())
+        pid = read_stats(mnt)["pid"]
+        for what in ("cmdline", "environ"):
+            assert reg.password.encode() not in Path(f"/proc/{pid}/{what}").read_bytes()
     run_dir = Path(os.environ["RAFS_RUN_DIR"])  # the daemon logs never hold the password
-    for daemon_log in run_dir.glob("*.log"):
+    for daemon_log in run_dir.rglob("*.log"):
         assert reg.password not in daemon_log.read_text(errors="replace")
 
 

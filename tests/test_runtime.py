@@ -8,6 +8,7 @@ leaves no mount, daemon or runc container behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -233,6 +234,10 @@ def test_two_containers_share_one_daemon_and_one_cache(
         assert len(os.listdir(mnt.parent / "users")) == 2
         daemon = read_stats(mnt, env)
         assert daemon["cache_dir"] == str(root / "cache")
+        listed = [m for m in json.loads(rafs(env, "ls", "--json").stdout)
+                  if m["mountpoint"] == str(mnt)]  # `rafs ls` sees what `rafs run` mounted
+        assert [(m["state"], m["pid"], m["image"]) for m in listed] == \
+            [("serving", daemon["pid"], daemon["image"])], listed
         a.send_signal(signal.SIGTERM)
         a.wait(timeout=60)
         assert a.returncode in (137, 143), a.stderr.read() if a.stderr else ""

@@ -20,7 +20,7 @@ from google.protobuf import field_mask_pb2
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.labels import remote_request
-from snapshotter.service import start_server
+from snapshotter.service import claim, start_server
 from snapshotter.snapshots import ROLE_BLOB, ROLE_BOOTSTRAP, Snapshotter
 
 
@@ -30,14 +30,17 @@ class Client:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.socket = root.parent / f"{root.name}.sock"
+        self.claim = claim(root, self.socket)
         self.sn = Snapshotter(root)
         self.server = start_server(self.sn, self.socket)
+        self.claim.bound()
         self.channel = grpc.insecure_channel(f"unix:{self.socket}")
         self.stub = pb_grpc.SnapshotsStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
         self.server.stop(grace=1).wait()
+        self.claim.release()
         self.sn.close()
 
     def prepare(self, key: str, parent: str = "", **labels: str) -> list[pb.Mount]:  # type: ignore[name-defined]
@@ -243,7 +246,7 @@ def rpull_labels(reference: str, layer: str, target: str) -> dict[str, str]:
 def test_rafs_layers_are_recognised_from_rpull_and_cri_labels(
     registry, rafs_python_ref: str, debian_image: tuple[Path, str]  # type: ignore[no-untyped-def]
 ) -> None:
-    from fused.cli import MountOptions
+    from fused.options import MountOptions
     from rafs.registry import RegistryClient
     from rafs.oci import parse_image_ref
     from snapshotter.remote import FusedRemote
@@ -259,7 +262,7 @@ def test_rafs_layers_are_recognised_from_rpull_and_cri_labels(
     with RegistryClient.for_ref(pref) as rc:
         plain_manifest = rc.resolve(pref)
 
-    remote = FusedRemote("/nonexistent", MountOptions())
+    remote = FusedRemote(MountOptions("/nonexistent"))
     name = rafs_python_ref.removeprefix("docker://")
     pinned = f"docker://{ref.path}@{manifest.digest}"
     *blobs, boot = [d.digest for d in manifest.layers]

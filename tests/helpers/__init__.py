@@ -10,5 +10,7 @@ fused:
 - ``procs``: run commands with a timeout; assert a clean one-line CLI error.
 
 ``images`` and ``kernel`` serve the format tests (in-memory RAFS images built
-straight through the bootstrap writer; kernel EROFS mounts).
+straight through the bootstrap writer; kernel EROFS mounts). ``mutate`` and
+``fuzzing`` are the fuzzer (mutations that know the format, resealing, the
+case runners); ``treeread`` is its reader of mounted trees (independent of rafs).
 """

@@ -2,8 +2,9 @@
 
 Owns: ``mounted`` (mount through the real CLI in a subprocess, yield the mount
 point, and in ``finally`` always unmount: ``rafs umount``, then
-``umount -l`` / ``fusermount3 -u -z`` of whatever is left, kernel mode's blob
-mount included, then SIGKILL for a daemon that is still alive), ``is_mounted``,
+``rafs umount --force``, then ``umount -l`` / ``fusermount3 -u -z`` of whatever
+is left, kernel mode's blob mount included, then SIGKILL for a daemon that is
+still alive), ``is_mounted``,
 ``fuse_mounts`` and ``rafs_mounts`` (read ``/proc/self/mountinfo``, for
 asserting that nothing leaked).
 
@@ -92,9 +93,11 @@ def _force_unmount(mountpoint: str | os.PathLike[str]) -> None:
             subprocess.run(["fusermount3", "-u", "-z", mp], check=False)
 
 
-def blob_mounts() -> list[str]:
-    """Kernel mode's blob filesystems (``fuse.rafs-blobs``) still mounted."""
-    return [mp for mp, t in fuse_mounts().items() if t == "fuse.rafs-blobs"]
+def blob_mounts(run_dir: str | None = None) -> list[str]:
+    """Kernel mode's blob filesystems (``fuse.rafs-blobs``) still mounted; with
+    ``run_dir``, only those below it (other processes' daemons are not ours)."""
+    return [mp for mp, t in fuse_mounts().items() if t == "fuse.rafs-blobs"
+            and (run_dir is None or mp.startswith(run_dir.rstrip("/") + "/"))]
 
 
 def read_stats(
@@ -135,7 +138,10 @@ def mounted(
     """
     mp = Path(mountpoint)
     mp.mkdir(parents=True, exist_ok=True)
-    blobs_before = set(blob_mounts())
+    # The daemons of other tests and benchmarks on this machine have other run
+    # directories: never clean up their blob mounts.
+    run_dir = {**os.environ, **(env or {})}.get("RAFS_RUN_DIR")
+    blobs_before = set(blob_mounts(run_dir))
     res = run(
         rafs_cmd("mount", image_ref, mp, "--cache-dir", cache_dir, "--mode", mode, *extra_args),
         env=_env(env), timeout=timeout,
@@ -152,14 +158,11 @@ def mounted(
         yield mp
     finally:
         with contextlib.suppress(Exception):
-            run(rafs_cmd("umount", mp), env=_env(env), timeout=90)
+            if run(rafs_cmd("umount", mp), env=_env(env), timeout=90).returncode != 0:
+                run(rafs_cmd("umount", "--force", mp), env=_env(env), timeout=90)
         _force_unmount(mp)
-        # Only blob mounts of this mount's run directory: other tests on the host
-        # (other sessions too) mount blob filesystems of their own meanwhile.
-        run_dir = (env or {}).get("RAFS_RUN_DIR") or os.environ.get("RAFS_RUN_DIR")
-        for leftover in set(blob_mounts()) - blobs_before:
-            if run_dir is None or leftover.startswith(os.path.realpath(run_dir) + "/"):
-                subprocess.run(["fusermount3", "-u", "-z", leftover], check=False)
+        for leftover in set(blob_mounts(run_dir)) - blobs_before:
+            subprocess.run(["fusermount3", "-u", "-z", leftover], check=False)
         if pid is not None:
             deadline = time.monotonic() + 10
             while _pid_alive(pid) and time.monotonic() < deadline:

@@ -54,6 +54,7 @@ def _umoci_raw_unpack(layout_dir: Path, tag: str, dest: Path, timeout: float) ->
         ["umoci", "raw", "unpack", "--image", f"{layout_dir}:{tag}", str(dest)],
         capture_output=True,
         text=True,
+        errors="backslashreplace",  # umoci names non-UTF-8 paths as they are
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )

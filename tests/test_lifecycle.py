@@ -1,0 +1,382 @@
+"""A daemon's whole life on a real kernel: run state, external unmounts, forced teardown.
+
+Real FUSE and EROFS mounts through the ``rafs`` CLI, in both modes: a plain
+``umount`` (or ``umount -l``) outside rafs ends the daemon and leaves clean run
+state; a mount point whose daemon was killed mounts again; ``rafs umount
+--force`` ends a SIGSTOPped daemon while a reader is blocked on it; SIGTERM
+ends a daemon whose reads never return (a blob that is a FIFO: its reads block
+forever in a worker thread); ``rafs ls`` and ``rafs umount --all``; the import
+graph of ``fused``. ``no_leaks`` fails a test that leaves a mount, a daemon or
+run state behind. Times are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from rafs.model import Node
+from tests.fused_support import WrittenImage, write_rafs_image
+from tests.helpers.images import ImageParts
+from tests.helpers.mounts import mounted, rafs_cmd, rafs_mounts, read_stats
+from tests.helpers.procs import assert_clean_error, run
+
+CS = 64 * 1024
+MTIME = 1_600_000_000
+REPO = Path(__file__).resolve().parent.parent
+MODES = ["fuse", "kernel"]
+
+
+def run_dir() -> Path:
+    return Path(os.environ["RAFS_RUN_DIR"])
+
+
+def instance_dirs() -> set[str]:
+    d = run_dir() / "mounts"
+    return {p.name for p in d.iterdir() if p.is_dir()} if d.exists() else set()
+
+
+def blob_mounts() -> set[str]:
+    return {mp for mp, t in rafs_mounts().items()
+            if t == "fuse.rafs-blobs" and mp.startswith(f"{run_dir()}/")}
+
+
+def daemon_pids(under: Path) -> list[int]:
+    res = subprocess.run(["pgrep", "-f", f"fused[.]daemon .* {under}/"],
+                         capture_output=True, text=True, check=False)
+    return [int(p) for p in res.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until ``predicate()``; fails the test after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def ls() -> list[dict[str, object]]:
+    return json.loads(run(rafs_cmd("ls", "--json"), timeout=60, check=True).stdout)
+
+
+def mine(under: Path) -> list[dict[str, object]]:
+    return [m for m in ls() if str(m["mountpoint"]).startswith(f"{under}/")]
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(tmp_path: Path):
+    dirs_before, blobs_before = instance_dirs(), blob_mounts()
+    yield
+    leaked = [mp for mp in rafs_mounts() if mp.startswith(f"{tmp_path}/")]
+    leaked += sorted(blob_mounts() - blobs_before)
+    for mp in leaked:
+        subprocess.run(["umount", "-l", mp], check=False)
+    pids = daemon_pids(tmp_path)
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGKILL)
+    state = sorted(instance_dirs() - dirs_before)
+    assert not leaked, f"leaked mounts: {leaked}"
+    assert not pids, f"leaked daemons: {pids}"
+    assert not state, f"leaked run state: {state}"
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[WrittenImage, dict[str, bytes]]:
+    """Two blobs; ``other`` is the only file of blob 1."""
+    parts = ImageParts(Node.directory(0o755, mtime=MTIME), chunk_size=CS)
+    parts.new_blob()
+    parts.new_blob()
+    assert parts.root.children is not None
+    files = {"big": os.urandom(24 * CS + 5), "small": b"hello\n", "other": os.urandom(3 * CS)}
+    for name, data in files.items():
+        parts.root.children[name.encode()] = parts.file(
+            data, blob=1 if name == "other" else 0, mtime=MTIME)
+    return write_rafs_image(parts, tmp_path / "img"), files
+
+
+def read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def mount(img: WrittenImage, mnt: Path, cache: Path, mode: str, *extra: str) -> int:
+    mnt.mkdir(exist_ok=True)
+    res = run(rafs_cmd("mount", img.ref, mnt, "--cache-dir", cache, "--mode", mode,
+                       "--no-prefetch", *extra), timeout=180)
+    assert res.returncode == 0, res.stderr
+    return int(read_stats(mnt)["pid"])  # type: ignore[call-overload]
+
+
+def assert_gone(mnt: Path, pid: int) -> None:
+    assert str(mnt) not in rafs_mounts()
+    assert not alive(pid)
+    assert not [i for i in instance_dirs() if i.startswith(_key(mnt))]
+    assert not [m for m in mine(mnt.parent) if m["mountpoint"] == str(mnt)]
+
+
+def _key(mnt: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(mnt).encode()).hexdigest()[:16]
+
+
+# -- the import graph --------------------------------------------------------------
+
+
+def _imports(path: Path) -> set[str]:
+    """fused modules a module imports, at any level (lazy imports included; imports for
+    type checkers only, under ``if TYPE_CHECKING:``, are not imports at run time)."""
+    out = set()
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                out |= {n.split(".")[0] for n in names}
+            elif node.module and node.module.startswith("fused."):
+                out.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("fused.")}
+    return out
+
+
+def test_fused_has_no_import_cycles_and_every_module_imports_alone():
+    modules = {p.stem: p for p in (REPO / "fused").glob("*.py") if p.stem != "__init__"}
+    graph = {m: _imports(p) & set(modules) - {m} for m, p in modules.items()}
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        if m in path:
+            raise AssertionError(f"import cycle: {' -> '.join([*path[path.index(m):], m])}")
+        if m in done:
+            return
+        for dep in sorted(graph[m]):
+            visit(dep, [*path, m])
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m, [])
+    light = ("cli", "client", "options", "runstate", "mounts", "control", "wire", "kernelmount")
+    for m in sorted(modules):
+        code = (f"import sys, fused.{m}; heavy = {{'trio', 'pyfuse3'}} & set(sys.modules); "
+                f"print(','.join(sorted(heavy)))")
+        res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert res.returncode == 0, f"fused.{m} does not import alone:\n{res.stderr}"
+        if m in light:  # the command line must start without them
+            assert res.stdout.strip() == "", f"fused.{m} pulls in {res.stdout.strip()}"
+
+
+# -- following the kernel --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_plain_umount_ends_the_daemon_and_the_mount_point_mounts_again(
+        image, tmp_path, mode):
+    img, files = image
+    mnt = tmp_path / "mnt"
+    pid = mount(img, mnt, tmp_path / "cache", mode)
+    assert read(mnt / "small") == files["small"]
+    subprocess.run(["umount", str(mnt)], check=True)
+    took = wait_until(lambda: not alive(pid), 30, "the daemon to exit")
+    print(f"{mode}: daemon gone {took:.3f}s after umount")
+    wait_until(lambda: not [i for i in instance_dirs() if i.startswith(_key(mnt))], 10,
+               "its run state to go")
+    assert_gone(mnt, pid)
+    assert not [m for m in blob_mounts() if _key(mnt) in m]
+    log = list((run_dir() / "logs").glob(f"{_key(mnt)}-*.log"))
+    assert log == [], f"a clean exit keeps no log: {log}"
+    with mounted(img.ref, mnt, tmp_path / "cache", mode=mode) as again:
+        assert read(again / "big") == files["big"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_lazy_umount_outside_rafs_serves_open_files_then_ends_the_daemon(
+        image, tmp_path, mode):
+    img, files = image
+    mnt = tmp_path / "mnt"
+    pid = mount(img, mnt, tmp_path / "cache", mode)
+    with open(mnt / "big", "rb") as f:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+        assert str(mnt) not in rafs_mounts()
+        time.sleep(1)
+        assert alive(pid), "the daemon must serve the files still open"
+        assert f.read() == files["big"]
+    took = wait_until(lambda: not alive(pid), 30, "the daemon to exit after the last close")
+    print(f"{mode}: daemon gone {took:.3f}s after the last close")
+    wait_until(lambda: not [i for i in instance_dirs() if i.startswith(_key(mnt))], 10,
+               "its run state to go")
+    assert_gone(mnt, pid)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_mount_point_whose_daemon_was_killed_mounts_again(image, tmp_path, mode):
+    img, files = image
+    mnt = tmp_path / "mnt"
+    pid = mount(img, mnt, tmp_path / "cache", mode)
+    [dead] = [i for i in instance_dirs() if i.startswith(_key(mnt))]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), 10, "the daemon to die")
+    [entry] = [m for m in mine(tmp_path) if m["id"] == dead]
+    assert entry["state"] == "dead" and entry["mounted"], entry
+    with mounted(img.ref, mnt, tmp_path / "cache", mode=mode) as again:
+        assert read(again / "other") == files["other"]
+        assert dead not in instance_dirs()
+        [live] = mine(tmp_path)
+        assert live["state"] == "serving" and live["id"] != dead and live["mode"] == mode
+        if mode == "kernel":
+            assert [m for m in blob_mounts() if _key(mnt) in m] == \
+                [str(run_dir() / "mounts" / str(live["id"]) / "blobs")]
+
+
+def test_two_mounts_of_one_mount_point_at_once_give_one_mount(image, tmp_path):
+    img, _ = image
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    argv = rafs_cmd("mount", img.ref, mnt, "--cache-dir", tmp_path / "cache", "--mode", "fuse")
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    try:
+        assert sorted(r for r, _ in results) == [0, 1], results
+        assert "already a rafs mount" in next(e for r, e in results if r)
+        assert len([m for m in mine(tmp_path) if m["mounted"]]) == 1
+    finally:
+        run(rafs_cmd("umount", mnt), timeout=60)
+
+
+# -- teardown that always works ----------------------------------------------------
+
+
+def blocked_reader(path: Path) -> subprocess.Popen[bytes]:
+    reader = subprocess.Popen(["cat", str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    assert reader.poll() is None, "the reader should be blocked"
+    return reader
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_umount_force_ends_a_stopped_daemon_while_a_reader_waits_on_it(
+        image, tmp_path, mode):
+    img, _ = image
+    mnt = tmp_path / "mnt"
+    pid = mount(img, mnt, tmp_path / "cache", mode)
+    os.kill(pid, signal.SIGSTOP)
+    reader = blocked_reader(mnt / "big")
+    try:
+        plain = run(rafs_cmd("umount", "--timeout", "5", mnt), timeout=120)
+        assert "--force" in assert_clean_error(plain)
+        start = time.monotonic()
+        res = run(rafs_cmd("umount", "--force", mnt), timeout=120)
+        print(f"{mode}: rafs umount --force took {time.monotonic() - start:.3f}s")
+        assert res.returncode == 0, res.stderr
+        assert reader.wait(timeout=30) != 0  # an error, at once, never wrong bytes
+        assert_gone(mnt, pid)
+        assert not [m for m in blob_mounts() if _key(mnt) in m]
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def fifo_blob(img: WrittenImage) -> None:
+    """Blob 1 becomes a FIFO nobody writes: reading it blocks forever, in a thread."""
+    blob = img.layout / "blobs" / "sha256" / img.blob_digests[1].removeprefix("sha256:")
+    blob.unlink()
+    os.mkfifo(blob)
+
+
+@pytest.mark.parametrize(("mode", "kill_reader"),
+                         [("fuse", False), ("kernel", False), ("kernel", True)])
+def test_sigterm_ends_a_daemon_whose_reads_never_return(image, tmp_path, mode, kill_reader):
+    """``kill_reader``: the reader is killed first, so EROFS holds a locked page whose
+    read never completes, and unmounting it waits for that read (issue 18's zombie)."""
+    img, files = image
+    fifo_blob(img)
+    mnt = tmp_path / "mnt"
+    pid = mount(img, mnt, tmp_path / "cache", mode, "--fetch-timeout", "600")
+    assert read(mnt / "small") == files["small"]
+    reader = blocked_reader(mnt / "other")
+    try:
+        if kill_reader:
+            reader.kill()
+            reader.wait(timeout=30)
+        os.kill(pid, signal.SIGTERM)
+        took = wait_until(lambda: not alive(pid), 60, "the daemon to exit after SIGTERM")
+        print(f"{mode}: daemon gone {took:.3f}s after SIGTERM")
+        assert reader.wait(timeout=30) != 0
+        assert_gone(mnt, pid)
+        assert not [m for m in blob_mounts() if _key(mnt) in m]
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- one view of the node --------------------------------------------------------------
+
+
+def test_ls_shows_every_mount_with_its_state_and_umount_all_ends_them(
+        image, tmp_path, monkeypatch):
+    import shutil
+    import tempfile
+
+    img, _ = image
+    cache = tmp_path / "cache"
+    # `umount --all` ends every mount of a run directory: give this test its own
+    private = tempfile.mkdtemp(prefix="rafs-ls-")
+    monkeypatch.setenv("RAFS_RUN_DIR", private)
+    pids = {mode: mount(img, tmp_path / mode, cache, mode) for mode in MODES}
+    dead_pid = mount(img, tmp_path / "dead", cache, "fuse")
+    stopped = mount(img, tmp_path / "stopped", cache, "kernel")
+    os.kill(dead_pid, signal.SIGKILL)
+    wait_until(lambda: not alive(dead_pid), 10, "the daemon to die")
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        listed = {Path(str(m["mountpoint"])).name: m for m in mine(tmp_path)}
+        assert set(listed) == {"fuse", "kernel", "dead", "stopped"}
+        for mode in MODES:
+            m = listed[mode]
+            assert (m["state"], m["mode"], m["pid"], m["image"], m["mounted"]) == \
+                ("serving", mode, pids[mode], img.ref, True), m
+            assert m["version"] and isinstance(m["cache_bytes"], int)
+        assert (listed["dead"]["state"], listed["dead"]["pid"]) == ("dead", dead_pid)
+        assert listed["stopped"]["state"] == "unresponsive"
+        table = run(rafs_cmd("ls"), timeout=60, check=True).stdout
+        assert str(tmp_path / "kernel") in table and "serving" in table
+        res = run(rafs_cmd("umount", "--all", "--force"), timeout=180)
+        assert res.returncode == 0, res.stderr
+        assert mine(tmp_path) == []
+        assert not [mp for mp in rafs_mounts() if mp.startswith(f"{tmp_path}/")]
+        assert not any(alive(p) for p in [*pids.values(), stopped])
+        assert list((Path(private) / "mounts").iterdir()) == []
+    finally:
+        if alive(stopped):
+            os.kill(stopped, signal.SIGKILL)
+        run(rafs_cmd("umount", "--all", "--force"), timeout=180)
+        shutil.rmtree(private, ignore_errors=True)
