@@ -493,11 +493,13 @@ class _KernelMode(_Mode):
         self.trace = ChunkTrace()
         self.ops = BlobOperations(BlobFs(img.bootstrap, img.fetcher, daemon.stats, self.trace),
                                   daemon.stats)
-        self.fuse_dir = Path(canonical(daemon.owner.instance.blobs))
+        blobs = daemon.owner.instance.blobs  # a worker's: mounted, not answering yet
+        self.fuse_dir = blobs if daemon.attached is not None else Path(canonical(blobs))
         self.fuse_options = self._fuse_options(BLOB_MOUNT_OPTIONS)
         self.mounts = KernelMounts(img.boot_path, daemon.mountpoint, self.fuse_dir,
                                    [blob_file_name(k) for k in range(len(img.bootstrap.blobs))])
-        self.mounts.prepare()
+        if daemon.attached is None:  # a worker's blob directory is mounted already
+            self.mounts.prepare()
 
     def _mount_record(self, entry: MountEntry | None) -> dict[str, Any]:
         return {}  # the mount users see is EROFS, recorded once it exists
