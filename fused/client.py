@@ -530,7 +530,7 @@ def _last_line(path: Path) -> str:
 def serve_foreground(image: str, mountpoint: str | os.PathLike[str], options: MountOptions,
                      on_ready: Callable[[], None] | None = None) -> None:
     """Serve in this process until unmounted (``rafs mount --foreground``)."""
-    from . import daemon  # trio and pyfuse3: only now
+    from . import daemon  # trio and pyfuse3: only now (a supervisor's workers need them too)
 
     image, options = _prepared(image, options)
     mp = canonical(mountpoint)
@@ -549,7 +549,17 @@ def serve_foreground(image: str, mountpoint: str | os.PathLike[str], options: Mo
             on_ready()
 
     try:
-        daemon.run(image, mp, options, owner, ready)
+        if options.supervise:  # this process is the supervisor; workers are spawned
+            from .supervisor import Supervisor, SupervisorConfig
+
+            config = {"image": image, "mountpoint": mp, "instance": owner.instance.id,
+                      "log_level": _log_level(), "options": options.to_wire()}
+            status = Supervisor(SupervisorConfig(image, mp, options, config), owner,
+                                ready).run()
+            if status != 0:
+                raise MountError(f"the supervised mount of {mp} failed (see the log above)")
+        else:
+            daemon.run(image, mp, options, owner, ready)
     finally:
         lock.release()
         owner.close()
@@ -740,8 +750,8 @@ def upgrade(mountpoint: str | os.PathLike[str], *, timeout: float = UPGRADE_TIME
     mp = canonical(mountpoint)
     inst = _serving(mp)
     if not _state(inst).get("supervised"):
-        raise MountError(f"{mp} is not supervised: only a mount made with supervision "
-                         "can be upgraded (remount it without --no-supervise)")
+        raise MountError(f"cannot upgrade {mp}: it is not supervised (mount it with "
+                         "--supervise)")
     try:
         reply = request(inst.socket, {"cmd": "upgrade"}, timeout=timeout)
     except (OSError, ControlError) as e:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from fused.control import paths_for
+from fused.runstate import instances
 from tests.helpers.faultproxy import Fault, FaultProxy
 from tests.helpers.mounts import mounted, rafs_cmd, rafs_mounts, read_stats
 from tests.helpers.procs import run
@@ -91,10 +91,12 @@ def no_leaks(tmp_path: Path, env: dict[str, str]) -> Iterator[None]:
 
 
 def state(mp: Path) -> dict[str, object]:
-    try:
-        return json.loads(paths_for(mp).state.read_text())
-    except (OSError, ValueError):
-        return {}
+    """The state file of the (one) daemon instance of ``mp``, {} if there is none."""
+    for inst in instances(mp):
+        st = inst.state()
+        if st:
+            return st
+    return {}
 
 
 def wait_serving(mp: Path, not_pid: int | None = None, timeout: float = 120) -> int:
@@ -103,7 +105,7 @@ def wait_serving(mp: Path, not_pid: int | None = None, timeout: float = 120) -> 
     while time.monotonic() < deadline:
         st = state(mp)
         pid = st.get("worker_pid")
-        if st.get("state") == "serving" and isinstance(pid, int) and pid != not_pid:
+        if st.get("phase") == "serving" and isinstance(pid, int) and pid != not_pid:
             return pid
         time.sleep(0.02)
     raise AssertionError(f"no new worker serves {mp} after {timeout}s: {state(mp)}")
@@ -163,7 +165,7 @@ def test_64_readers_see_no_error_while_the_worker_is_killed_20_times(
     assert_clean(result)
     assert result.reads >= 64  # (no throughput figure: the machine is shared)
     assert stats["supervisor"]["restarts"] == 20  # type: ignore[index]
-    assert stats["worker_pid"] == pid
+    assert stats["pid"] == pid
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -285,7 +287,8 @@ def test_a_crash_loop_gives_the_mount_up_cleanly(
                        "--mode", "fuse", "--supervise", "--max-crashes", "3",
                        "--crash-window", "600"), env=env, timeout=180)
     assert res.returncode == 0, res.stderr
-    supervisor = int(state(mp)["pid"])  # type: ignore[call-overload]
+    supervisor = int(state(mp)["owner_pid"])  # type: ignore[call-overload]
+    log = Path(str(state(mp)["log"]))
     with ReaderLoad(mp, expected, tmp_path, threads=8) as load:
         pid = wait_serving(mp)
         for _ in range(2):
@@ -296,9 +299,8 @@ def test_a_crash_loop_gives_the_mount_up_cleanly(
         result = load.stop()  # no reader hangs
     assert not result.mismatches
     assert str(mp) not in rafs_mounts()
-    assert not paths_for(mp).state.exists()
-    assert not paths_for(mp).socket.exists()
-    assert "giving up" in paths_for(mp).log.read_text()
+    assert not instances(mp), "the run state outlived the supervisor"
+    assert "giving up" in log.read_text()
 
 
 def test_sigterm_to_the_supervisor_unmounts_and_ends_everything(
@@ -308,12 +310,12 @@ def test_sigterm_to_the_supervisor_unmounts_and_ends_everything(
     with mounted(rafs_python_ref, mp, tmp_path / "cache", env=env, mode="kernel",
                  extra_args=supervised()):
         worker = wait_serving(mp)
-        supervisor = int(state(mp)["pid"])  # type: ignore[call-overload]
+        supervisor = int(state(mp)["owner_pid"])  # type: ignore[call-overload]
         os.kill(supervisor, signal.SIGTERM)
         assert pid_gone(supervisor) and pid_gone(worker)
         assert str(mp) not in rafs_mounts()
         assert not [m for m in rafs_mounts() if m.startswith(env["RAFS_RUN_DIR"])]
-        assert not paths_for(mp).state.exists()
+        assert not instances(mp)
 
 
 def test_a_killed_supervisor_leaves_the_worker_serving(
@@ -324,16 +326,69 @@ def test_a_killed_supervisor_leaves_the_worker_serving(
     with mounted(rafs_python_ref, mp, tmp_path / "cache", env=env, mode="fuse",
                  extra_args=supervised()):
         worker = wait_serving(mp)
-        os.kill(int(state(mp)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        standby = state(mp)["standby_pid"]
+        os.kill(int(state(mp)["owner_pid"]), signal.SIGKILL)  # type: ignore[call-overload]
         with ReaderLoad(mp, some, tmp_path, threads=4) as load:
             time.sleep(2.0)
             result = load.stop()
         assert_clean(result)
         assert result.reads > 0
-        res = run(rafs_cmd("umount", mp), env=env, timeout=60)  # falls back to fusermount3
+        listed = json.loads(run(rafs_cmd("ls", "--json"), env=env, timeout=60).stdout)
+        assert [m["state"] for m in listed if m["mountpoint"] == str(mp)] == ["dead"]
+        # The instance is dead (its lock went with the supervisor): undone, workers too.
+        res = run(rafs_cmd("umount", mp), env=env, timeout=60)
         assert res.returncode == 0, res.stderr
         assert pid_gone(worker)
+        assert not isinstance(standby, int) or pid_gone(standby)
     assert str(mp) not in rafs_mounts()
+    assert not instances(mp)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_plain_umount_of_a_supervised_mount_ends_it_and_the_path_mounts_again(
+    mode: str, rafs_python_ref: str, env: dict[str, str], tmp_path: Path,
+) -> None:
+    """Follow the kernel: ``umount`` outside rafs (fuse mode: the connection ends;
+    kernel mode: EROFS leaves the mount table, then the blob mount goes) ends the
+    supervisor and its workers, with the run state; the same path mounts again."""
+    with mounted(rafs_python_ref, tmp_path / "mnt", tmp_path / "cache", env=env, mode=mode,
+                 extra_args=supervised()) as mp:
+        wait_serving(mp)
+        st = state(mp)
+        pids = [int(st["owner_pid"])] + [w["pid"] for w in st["workers"]]  # type: ignore
+        subprocess.run(["umount", str(mp)], check=True)
+        assert all(pid_gone(p, 30) for p in pids), "the supervisor or a worker stays"
+        assert not instances(mp)
+        assert not [m for m in rafs_mounts() if m.startswith(env["RAFS_RUN_DIR"])]
+        res = run(rafs_cmd("mount", rafs_python_ref, mp, "--cache-dir", tmp_path / "cache",
+                           "--mode", mode, *supervised()), env=env, timeout=180)
+        assert res.returncode == 0, res.stderr
+        assert (mp / "etc/os-release").read_text()
+
+
+def test_rafs_ls_says_recovering_while_a_worker_is_replaced(
+    rafs_python_ref: str, env: dict[str, str], tmp_path: Path,
+) -> None:
+    from fused import client
+
+    with mounted(rafs_python_ref, tmp_path / "mnt", tmp_path / "cache", env=env,
+                 extra_args=supervised("--no-standby")) as mp:
+        pid = wait_serving(mp)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (new := state(mp).get("worker_pid")) in (pid, None):
+            assert time.monotonic() < deadline, "no new worker was started"
+            time.sleep(0.005)
+        os.kill(int(new), signal.SIGSTOP)  # type: ignore[call-overload]
+        try:  # held before it gets ready: the supervisor is still recovering
+            info = client.find(mp)
+            assert info is not None and info.state == "recovering", info
+            assert state(mp)["phase"] == "recovering"
+        finally:
+            os.kill(int(new), signal.SIGCONT)  # type: ignore[call-overload]
+        assert wait_serving(mp) == new
+        info = client.find(mp)
+        assert info is not None and (info.state, info.pid, info.restarts) == ("serving", new, 1)
 
 
 # -- hot upgrade ----------------------------------------------------------------------
@@ -353,7 +408,11 @@ def test_upgrade_under_read_load(
                 res = run(rafs_cmd("upgrade", mp), env=env, timeout=300)
                 assert res.returncode == 0, res.stderr
                 new = wait_serving(mp, not_pid=pid)
-                assert f"worker {new} version " in res.stdout
+                assert f"worker {new}, version " in res.stdout
+                version = res.stdout.strip().rpartition("version ")[2]
+                listed = json.loads(run(rafs_cmd("ls", "--json"), env=env, timeout=60).stdout)
+                row = next(m for m in listed if m["mountpoint"] == str(mp))
+                assert (row["state"], row["pid"], row["version"]) == ("serving", new, version)
                 assert pid_gone(pid), "the old worker did not exit"
                 pid = new
             time.sleep(1.0)
@@ -361,7 +420,7 @@ def test_upgrade_under_read_load(
         stats = read_stats(mp, env)
     assert_clean(result)
     assert result.reads >= 64
-    assert stats["worker_pid"] == pid
+    assert stats["pid"] == pid
     assert stats["supervisor"]["version"]  # type: ignore[index]
     assert stats["supervisor"]["restarts"] == 0  # type: ignore[index]
 
@@ -369,7 +428,8 @@ def test_upgrade_under_read_load(
 def test_upgrade_of_an_unsupervised_mount_is_one_clear_error(
     rafs_python_ref: str, env: dict[str, str], tmp_path: Path,
 ) -> None:
-    with mounted(rafs_python_ref, tmp_path / "mnt", tmp_path / "cache", env=env) as mp:
+    with mounted(rafs_python_ref, tmp_path / "mnt", tmp_path / "cache", env=env,
+                 extra_args=["--no-supervise"]) as mp:
         res = run(rafs_cmd("upgrade", mp), env=env, timeout=60)
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()

@@ -71,7 +71,7 @@ def test_a_supervised_mount_through_the_node_service_fails_over_on_forked_worker
     with mounted(rafs_python_ref, tmp_path / "mnt", tmp_path / "cache", env=env, mode=mode,
                  extra_args=["--supervise", "--max-crashes", "100"]) as mp:
         pid = wait_serving(mp)
-        supervisor = int(state(mp)["pid"])  # type: ignore[call-overload]
+        supervisor = int(state(mp)["owner_pid"])  # type: ignore[call-overload]
         assert _ppid(supervisor) == node  # forked by the service, not spawned
         assert _ppid(pid) == supervisor
         assert b"fused.worker" not in Path(f"/proc/{pid}/cmdline").read_bytes()  # forked too
@@ -85,7 +85,7 @@ def test_a_supervised_mount_through_the_node_service_fails_over_on_forked_worker
             time.sleep(0.5)
             result = load.stop()
         stats = read_stats(mp, env)
-        workers = [int(stats["worker_pid"])]  # type: ignore[call-overload]
+        workers = [int(stats["pid"])]  # type: ignore[call-overload]
         standby = stats["supervisor"]["standby_pid"]  # type: ignore[index]
     assert result.error_count == 0, result.errors
     assert not result.mismatches
@@ -100,7 +100,8 @@ def test_an_unsupervised_mount_through_the_node_service(
     tmp_path: Path,
 ) -> None:
     some = dict(list(expected.items())[:20])
-    with mounted(rafs_python_ref, tmp_path / "mnt", tmp_path / "cache", env=env) as mp:
+    with mounted(rafs_python_ref, tmp_path / "mnt", tmp_path / "cache", env=env,
+                 extra_args=["--no-supervise"]) as mp:
         daemon = int(read_stats(mp, env)["pid"])  # type: ignore[call-overload]
         assert _ppid(daemon) == node
         with ReaderLoad(mp, some, tmp_path, threads=4) as load:
