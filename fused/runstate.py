@@ -11,7 +11,7 @@ Layout under ``run_dir()`` (``$RAFS_RUN_DIR``; else ``/run/rafs`` for root,
         lock              flock(LOCK_EX)ed by the owner for its whole life
         state.json        what the owner tells the world (below), replaced atomically
         sock              the control socket (0600)
-        worker<N>.sock    supervised: worker N's own control socket (the supervisor's
+        w<N>              supervised: worker N's own control socket (the supervisor's
                           ``sock`` forwards to the worker that serves)
         blobs/            kernel mode: the blob filesystem's mount point
     mounts/<key>.lock     flock'ed while a client prepares a mount on that mount point
@@ -263,7 +263,7 @@ class Instance:
         """Remove the instance's directory (its owner is gone; mounts already undone).
         A blob mount that could not be undone stays, and so does its directory."""
         for path in (self.state_file, self.state_file.with_suffix(".tmp"), self.socket,
-                     *self.dir.glob("worker*.sock")):
+                     *self.dir.glob("w[0-9]*")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         with contextlib.suppress(FileNotFoundError):

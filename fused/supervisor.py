@@ -301,7 +301,8 @@ class Supervisor:
             os.write(config_w, wire.frame(self.cfg.config))
         finally:
             os.close(config_w)
-        control = self.inst.dir / f"worker{self.serial}.sock"
+        # No longer than the instance's own "sock": both must fit a unix socket address.
+        control = self.inst.dir / f"w{self.serial % 1000}"
         args = [sys.executable, "-m", "fused.worker",
                 "--session-fd", str(session_r), "--device-fd", str(device),
                 "--control-socket", str(control),
