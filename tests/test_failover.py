@@ -125,9 +125,13 @@ def pid_gone(pid: int, timeout: float = 30) -> bool:
 
 
 def prefetch_state(mp: Path, env: dict[str, str]) -> str:
+    """In process (``fused.client``, on the ``env`` fixture's run directory): quick."""
+    from fused import client
+    from fused.errors import ControlError
+
     try:
-        return str(read_stats(mp, env)["stats"]["prefetch"]["state"])  # type: ignore[index]
-    except AssertionError:  # between two workers
+        return str(client.stats(mp)["stats"]["prefetch"]["state"])
+    except ControlError:  # between two workers
         return "restarting"
 
 
@@ -211,8 +215,9 @@ def test_killing_the_worker_while_prefetch_runs(
     ref = registry.ref("rafs/failover", f"prefetch-{mode}")  # type: ignore[attr-defined]
     convert(f"oci:{src}:{tag}", ref, ConvertOptions(progress=False, prefetch=prefetch))
     with FaultProxy(registry.host) as proxy:  # type: ignore[attr-defined]
-        # Slow every blob fetch a little, so prefetch is still running when the worker dies.
-        proxy.inject(Fault.stall(0.3), times=1000, match=lambda r: r.method == "GET"
+        # Slow every blob fetch, so prefetch (a few merged ranges) still runs when the
+        # worker dies.
+        proxy.inject(Fault.stall(2.0), times=1000, match=lambda r: r.method == "GET"
                      and "/blobs/" in r.path and r.range is not None)
         ref = ref.replace(registry.host, proxy.host)  # type: ignore[attr-defined]
         with mounted(ref, tmp_path / "mnt", tmp_path / "cache", env=env, mode=mode,
