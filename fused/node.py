@@ -51,9 +51,6 @@ MAX_MESSAGE = 1 << 16
 _ENV_ALLOWED = ("RAFS_RUN_DIR", "RAFS_HOSTS_DIR", "REGISTRY_AUTH_FILE",
                 "DOCKER_CONFIG", "HOME")
 
-# Set in the service and so in every process forked from it: what code they run.
-preloaded_version: str | None = None
-
 
 def node_socket() -> Path:
     return run_dir() / "node.sock"
@@ -122,12 +119,12 @@ def _read_line(s: socket.socket) -> dict[str, Any]:
 
 def preload() -> str:
     """Import everything a daemon or a worker needs; the version of that code."""
-    global preloaded_version
     from . import daemon, supervisor, worker  # noqa: F401  (trio, pyfuse3, httpx with them)
     from .backend import open_backend  # noqa: F401
 
-    preloaded_version = supervisor.code_version()
-    return preloaded_version
+    # Every process forked from the service sees it: supervisors then fork their workers.
+    supervisor.preloaded_version = supervisor.code_version()
+    return supervisor.preloaded_version
 
 
 class _Stop(Exception):
@@ -268,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as fused.node, not as __main__: what preload() records must be seen by the
-    # supervisors forked from here, which import fused.node.
+    # Run as fused.node, not as __main__, so that this process has one fused.node.
     from fused.node import main as node_main
 
     sys.exit(node_main())

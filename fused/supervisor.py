@@ -103,6 +103,10 @@ READY_TIMEOUT = 120.0
 BLOBS_POLL = 0.25  # kernel mode, EROFS gone: how often to try the blob mount again
 OOM_SCORE_ADJ = -900
 
+# Set by the node service (``fused.node.preload``) before it forks supervisors: the
+# version of the code it has imported. A supervisor forked from it forks its workers.
+preloaded_version: str | None = None
+
 
 def code_version() -> str:
     """The package version and a digest of the code a new worker would run."""
@@ -313,10 +317,8 @@ class Supervisor:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
-        from . import node  # light; set when this process was forked by the node service
-
-        forking = node.preloaded_version is not None and role != "upgrade" and not self.upgraded
-        version = node.preloaded_version if forking else code_version()
+        forking = preloaded_version is not None and role != "upgrade" and not self.upgraded
+        version = preloaded_version if forking else code_version()
         keep = (session_r, device, ready_w, config_r)
         try:
             if forking:  # everything is imported already: no interpreter to start
