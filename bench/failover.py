@@ -17,9 +17,10 @@ local OCI layout (no link in the way):
   answered after it (median and max), and until the supervisor's state file
   names the new worker as serving.
 
-- mount to ready (``fused.cli.mount_background``, in this process, as the
-  snapshotter calls it): a spawned daemon, one forked by the node service
-  (``rafs daemon``), and a supervised mount forked by it.
+- mount to ready (``fused.client.mount``, in this process, as the snapshotter
+  and ``rafs run`` call it): a spawned daemon, a spawned supervisor (its first
+  worker a fresh interpreter too), one daemon and one supervisor forked by the
+  node service (``rafs daemon``).
 
 Prints a Markdown table and writes the JSON to ``--out``. Needs root for
 kernel mode. Nothing here drops the whole page cache.
@@ -77,7 +78,7 @@ def _read_dropped(path: str) -> int:
 
 def _steady(image: str, work: Path, mode: str, supervise: bool) -> dict[str, float]:
     mnt = work / f"mnt-{mode}-{'sup' if supervise else 'plain'}"
-    extra = ["--mode", mode, "--no-prefetch", *(["--supervise"] if supervise else [])]
+    extra = ["--mode", mode, "--no-prefetch", "--supervise" if supervise else "--no-supervise"]
     with mounted(image, mnt, work / "cache", *extra):
         if supervise:
             _wait_standby(mnt)  # its start would compete for the CPU: measure after it
@@ -93,12 +94,12 @@ def _steady(image: str, work: Path, mode: str, supervise: bool) -> dict[str, flo
 
 def _state(mnt: Path) -> dict[str, Any]:
     """The supervisor's state file (cheaper to poll than ``rafs stats``)."""
-    from fused.control import paths_for
+    from fused.runstate import instances
 
-    try:
-        return json.loads(paths_for(mnt).state.read_text())
-    except (OSError, ValueError):
-        return {}
+    for inst in instances(mnt):
+        if inst.owner_alive() and (st := inst.state()):
+            return st
+    return {}
 
 
 def _wait_standby(mnt: Path, timeout: float = 120) -> None:
@@ -113,7 +114,7 @@ def _wait_new_worker(mnt: Path, old: int, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = _state(mnt)
-        if st.get("state") == "serving" and st.get("worker_pid") not in (None, old):
+        if st.get("phase") == "serving" and st.get("worker_pid") not in (None, old):
             return int(st["worker_pid"])
         time.sleep(0.002)
     raise RuntimeError(f"no new worker on {mnt} after {timeout}s")
@@ -174,20 +175,23 @@ def gaps(image: str, work: Path, mode: str, kills: int) -> dict[str, Any]:
 
 
 def start_times(image: str, work: Path, mode: str, repeat: int) -> dict[str, float]:
-    """Mount-to-ready of ``fused.cli.mount_background`` (what the snapshotter and ``rafs
-    run`` call, in their own process) without and with the node service, and of a
-    supervised mount with it: the median of ``repeat`` mounts each, interleaved; the
-    image local and its bootstrap cached, so this is the daemon's own start."""
+    """Mount-to-ready of ``fused.client.mount`` (what the snapshotter and ``rafs run``
+    call, in their own process), plain and supervised, without and with the node
+    service: the median of ``repeat`` mounts each, interleaved; the image local and
+    its bootstrap cached, so this is the daemon's own start."""
     import subprocess
     import sys
 
     from bench.tools import REPO
-    from fused.cli import MountOptions, mount_background, umount
+    from fused import client
+    from fused.options import MountOptions
 
     run_dir = Path(os.environ["RAFS_RUN_DIR"])
-    kinds = {"spawned": MountOptions(mode=mode, prefetch=False),
-             "node": MountOptions(mode=mode, prefetch=False),
-             "node-supervised": MountOptions(mode=mode, prefetch=False, supervise=True)}
+    cache = str(work / "cache")
+    plain = MountOptions(cache, mode=mode, prefetch=False, supervise=False)
+    supervised = MountOptions(cache, mode=mode, prefetch=False, supervise=True)
+    kinds = {"spawned": plain, "spawned-supervised": supervised, "node": plain,
+             "node-supervised": supervised}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     with open(work / "node.log", "ab") as log:
         node = subprocess.Popen([sys.executable, "-m", "fused.node"], cwd=REPO, stdout=log,
@@ -199,18 +203,18 @@ def start_times(image: str, work: Path, mode: str, repeat: int) -> dict[str, flo
             for kind, opts in kinds.items():
                 sock = run_dir / "node.sock"
                 hidden = run_dir / "node.sock.hidden"
-                if kind == "spawned":
+                if kind.startswith("spawned"):
                     sock.rename(hidden)  # as if no service ran
                 mnt = work / f"start-{mode}-{kind}"
                 mnt.mkdir(parents=True, exist_ok=True)
                 try:
                     t = time.perf_counter()
-                    mount_background(image, str(mnt), str(work / "cache"), options=opts)
+                    client.mount(image, mnt, opts)
                     times[kind].append(time.perf_counter() - t)
                 finally:
-                    if kind == "spawned":
+                    if kind.startswith("spawned"):
                         hidden.rename(sock)
-                    umount(str(mnt))
+                    client.unmount(mnt)
     finally:
         node.terminate()
         node.wait(30)
@@ -227,7 +231,7 @@ def run(work: Path, repeat: int, kills: int, start_only: bool = False) -> dict[s
             result["modes"][mode] = {"start": start_times(image, work, mode, max(repeat, 5))}
             continue
         with mounted(image, work / f"warm-{mode}", work / "cache", "--mode", mode,
-                     "--no-prefetch") as mnt:
+                     "--no-prefetch", "--no-supervise") as mnt:
             for p in _files(mnt / "usr"):
                 _read_dropped(p)  # fill the chunk cache
         runs: dict[str, list[dict[str, float]]] = {"plain": [], "supervised": []}
@@ -259,12 +263,12 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {f['gap_median_s']:.3f} / {f['gap_max_s']:.3f} ({f['kills']} kills) "
                 f"| {f['new_worker_median_s']:.3f} | {f['read_errors']} of {f['reads']} |")
         lines.append("")
-    lines += ["| mode | mount to ready: spawned daemon / forked by the node service / "
-              "supervised, forked (s) |", "|---|---|"]
+    lines += ["| mode | mount to ready, spawned: daemon / supervised (s) | forked by the node "
+              "service: daemon / supervised (s) |", "|---|---|---|"]
     for mode, row in rows.items():
         st = row["start"]
-        lines.append(f"| {mode} | {st['spawned_s']:.3f} / {st['node_s']:.3f} / "
-                     f"{st['node-supervised_s']:.3f} |")
+        lines.append(f"| {mode} | {st['spawned_s']:.3f} / {st['spawned-supervised_s']:.3f} | "
+                     f"{st['node_s']:.3f} / {st['node-supervised_s']:.3f} |")
     return "\n".join(lines)
 
 
