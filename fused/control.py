@@ -14,6 +14,8 @@ Each daemon instance listens on ``sock`` in its run-state directory
 ``metrics``   the counters in the Prometheus text format, in ``text``
 ``trace``     ``paths`` in first-access order, ``truncated``
 ``shutdown``  ``lazy``: unmount and exit; refused while busy unless lazy
+``upgrade``   supervised mounts only (``fused.supervisor``): a new worker takes over;
+              ``pid`` and ``version`` of the new worker
 
 The daemon's side is ``fused.control_server``; this module stays free of trio
 so the command line starts fast.
