@@ -41,7 +41,7 @@ DEFAULT_FETCH_TIMEOUT = 30.0  # seconds without a byte before a fetch counts as 
 DEFAULT_READAHEAD_KB = 4096
 DEFAULT_MAX_REQUESTS = 8
 MODES = ("auto", "fuse", "kernel")
-DEFAULT_SUPERVISE = True  # rafs mount, rafs run and the snapshotter (see the README)
+DEFAULT_SUPERVISE = False  # rafs mount, rafs run and the snapshotter (see the README)
 
 # libfuse mount options of the image mount (fuse mode) and of the blob filesystem
 # (kernel mode). Here, not in the adapters, so a supervisor can mount without pyfuse3.
