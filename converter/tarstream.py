@@ -207,6 +207,17 @@ def _xattrs(pax: dict[str, str], what: str) -> dict[bytes, bytes]:
     return out
 
 
+_ID_MAX = 2**32 - 1  # uid, gid: 32 bits in Linux and in EROFS's extended inode
+_MAJOR_MAX, _MINOR_MAX = 0xFFF, 0xFFFFF  # the kernel's 32-bit dev_t (EROFS stores it so)
+
+
+def _bounded(value: int, limit: int, field: str, m: tarfile.TarInfo, what: str) -> int:
+    """A numeric header field (base-256 fields can be negative or huge) within 0..limit."""
+    if not 0 <= value <= limit:
+        raise BadTarError(f"{what}: {m.name!r}: {field} {value} is not in 0..{limit}")
+    return value
+
+
 def to_entry(m: tarfile.TarInfo, what: str) -> Entry:
     """Convert a ``TarInfo`` to an ``Entry`` (without data)."""
     if m.isreg():
@@ -224,13 +235,15 @@ def to_entry(m: tarfile.TarInfo, what: str) -> Entry:
         kind=kind,
         name=_b(m.name),
         mode=m.mode & 0o7777,
-        uid=m.uid,
-        gid=m.gid,
+        uid=_bounded(m.uid, _ID_MAX, "uid", m, what),
+        gid=_bounded(m.gid, _ID_MAX, "gid", m, what),
         mtime=mtime,
         mtime_nsec=nsec,
         size=m.size if kind == FILE else 0,
         linkname=_b(m.linkname) if kind in (SYMLINK, HARDLINK) else b"",
-        rdev=os.makedev(m.devmajor, m.devminor) if kind in (CHAR, BLOCK) else 0,
+        rdev=os.makedev(_bounded(m.devmajor, _MAJOR_MAX, "device major", m, what),
+                        _bounded(m.devminor, _MINOR_MAX, "device minor", m, what))
+        if kind in (CHAR, BLOCK) else 0,
         xattrs=_xattrs(pax, what) if pax else {},
     )
 

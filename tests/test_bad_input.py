@@ -45,6 +45,20 @@ def tar_of(*members: tuple[str, str, bytes | str]) -> bytes:
     return buf.getvalue()
 
 
+def gnu_tar_with(**fields: int) -> bytes:
+    """A GNU tar of one entry whose numeric fields are set as given (base-256 fields hold
+    negative and huge numbers): a char device when device numbers are given."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("odd")
+        if "devmajor" in fields or "devminor" in fields:
+            info.type = tarfile.CHRTYPE
+        for name, value in fields.items():
+            setattr(info, name, value)
+        tar.addfile(info, io.BytesIO(b""))
+    return buf.getvalue()
+
+
 GOOD = tar_of(("file", "etc/hostname", b"rafs\n"), ("file", "big", os.urandom(100_000)))
 
 LAYERS: dict[str, bytes] = {
@@ -53,6 +67,10 @@ LAYERS: dict[str, bytes] = {
     "dot-dot name": tar_of(("file", "../../etc/evil", b"x")),
     "absolute name": tar_of(("file", "/etc/evil", b"x")),
     "hardlink to a missing target": tar_of(("file", "a", b"x"), ("link", "b", "missing")),
+    "uid -1": gnu_tar_with(uid=-1),  # found by bench.fuzz: a struct.error from the builder
+    "gid 4294967296": gnu_tar_with(gid=2**32),
+    "device major 4096": gnu_tar_with(devmajor=4096, devminor=1),
+    "device minor -1": gnu_tar_with(devmajor=1, devminor=-1),
 }
 
 
@@ -74,7 +92,9 @@ def assert_refused(tmp_path: Path, src: str) -> str:
 @pytest.mark.parametrize("case", sorted(LAYERS))
 def test_broken_layers_are_refused_cleanly(tmp_path, case):
     src = layout_with_layer(tmp_path, LAYERS[case])
-    assert_refused(tmp_path, f"oci:{src}:v1")
+    message = assert_refused(tmp_path, f"oci:{src}:v1")
+    if case.startswith(("uid", "gid", "device")):  # the case's name is the field and value
+        assert f"{case} is not in 0.." in message, message
 
 
 def _manifest_path(layout: Path) -> Path:
