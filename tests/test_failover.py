@@ -441,3 +441,20 @@ def test_upgrade_of_an_unsupervised_mount_is_one_clear_error(
     assert len(lines) == 1 and lines[0].startswith("rafs: error: cannot upgrade"), res.stderr
     assert "--supervise" in lines[0]
 
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_supervised_mount_of_a_plain_oci_image_is_one_error_line_and_leaves_nothing(
+    mode: str, debian_image: tuple[Path, str], env: dict[str, str], tmp_path: Path,
+) -> None:
+    """The first worker's error reaches ``rafs mount`` through the supervisor."""
+    src, tag = debian_image
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    res = run(rafs_cmd("mount", f"oci:{src}:{tag}", mp, "--cache-dir", tmp_path / "cache",
+                       "--mode", mode, "--supervise"), env=env, timeout=180)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a RAFS image" in lines[0], res.stderr
+    assert not instances(mp)
+    assert not [m for m in rafs_mounts() if m.startswith(f"{tmp_path}/")]
