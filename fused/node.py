@@ -87,8 +87,9 @@ def request_mount(module: str, argv: list[str], env: dict[str, str], config_fd: 
     return int(reply["pid"])
 
 
-def ping(timeout: float = 5.0) -> dict[str, Any] | None:
-    path = node_socket()
+def ping(path: Path | None = None, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The service's ``{"pid", "version"}``, None when none answers on ``path``."""
+    path = node_socket() if path is None else path
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         try:
@@ -136,7 +137,7 @@ def serve(path: Path) -> int:
     version = preload()
     ensure_run_dir()
     if path.exists() or path.is_symlink():
-        if ping() is not None:
+        if ping(path) is not None:
             raise MountError(f"a node service already answers on {path}")
         path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
