@@ -53,14 +53,13 @@ def image(work: Path, size: int) -> str:
 def in_process(work: Path, ref: str, size: int) -> dict[str, float]:
     """µs per 128 KiB: verified ``ChunkCache.read`` against a bare pread."""
     import trio
+    import zstandard
 
     from fused.backend import LocalBackend
     from fused.cache import ChunkCache
     from fused.fetcher import Fetcher
     from fused.vfs import Vfs
     from rafs.bootstrap import Bootstrap
-    import zstandard
-
     from rafs.oci import OCILayout, bootstrap_descriptor
 
     layout = Path(ref.removeprefix("oci:").rsplit(":", 1)[0])

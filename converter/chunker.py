@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-
 from rafs.codec import DEFAULT_LEVEL, compress_chunk, digest_chunk
-from rafs.section import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from rafs.model import BLOCK_SIZE, Blob, Chunk, Node
+from rafs.section import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 from .errors import BadTarError, OptionError
 

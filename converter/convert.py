@@ -38,9 +38,9 @@ from rafs.model import Node
 from rafs.oci import Descriptor, ImageRef, Manifest, OCILayout, canonical_json
 
 from . import chunker
-from .errors import ConvertError, OptionError
 from .chunkdict import check_chunk_size as check_dict_chunk_size
 from .chunkdict import load_chunk_dict, prune_unused_blobs
+from .errors import ConvertError, OptionError
 from .imageconfig import rafs_config
 from .layers import LayerApplier, PrefetchRanks, new_root
 from .progress import Progress

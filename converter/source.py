@@ -169,6 +169,38 @@ _BLOB_NAME = re.compile(r"(?:\./)?blobs/sha256/([0-9a-f]{64})")
 _LEGACY_CONFIG = re.compile(r"(?:\./)?([0-9a-f]{64})\.json")
 
 
+def _archive_image(ref: ImageRef, manifest: bytes) -> dict[str, Any]:
+    """The entry of the archive's ``manifest.json`` that ``ref`` names."""
+    try:
+        images = json.loads(manifest)
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting
+        raise ImageError(f"{ref.path}: manifest.json is not valid JSON: {e}") from None
+    if not isinstance(images, list) or not all(isinstance(i, dict) for i in images):
+        raise ImageError(f"{ref.path}: manifest.json is not a list of images")
+    return _pick_archive_image(images, ref)
+
+
+def _archive_layer(ref: ImageRef, tf: tarfile.TarFile, members: dict[str, tarfile.TarInfo],
+                   index: int, name: str, diff_id: str) -> LayerSource:
+    """Layer ``index`` of the archive: its member, opened when the converter reads it."""
+    m = members.get(name.removeprefix("./"))
+    if m is None:
+        raise ImageError(f"{ref.path}: layer {name} is missing from the archive")
+
+    @contextlib.contextmanager
+    def opener() -> Iterator[BinaryIO]:
+        f = tf.extractfile(m)  # follows docker's layer.tar symlinks
+        if f is None:
+            raise ImageError(f"{ref.path}: layer {m.name} is not a file")
+        with f:
+            yield f  # type: ignore[misc]
+
+    digest = _member_digest(name)
+    return LayerSource(index=index, diff_id=diff_id, media_type=None, digest=digest,
+                       size=m.size if digest is not None and m.isfile() else None,
+                       opener=opener)
+
+
 def _member_digest(name: str) -> str | None:
     m = _BLOB_NAME.fullmatch(name) or _LEGACY_CONFIG.fullmatch(name)
     return "sha256:" + m.group(1) if m else None
@@ -200,13 +232,7 @@ def _open_docker_archive(ref: ImageRef) -> Iterator[ImageSource]:
             with f:
                 return f.read()
 
-        try:
-            images = json.loads(read("manifest.json"))
-        except (ValueError, RecursionError) as e:  # RecursionError: nesting
-            raise ImageError(f"{ref.path}: manifest.json is not valid JSON: {e}") from None
-        if not isinstance(images, list) or not all(isinstance(i, dict) for i in images):
-            raise ImageError(f"{ref.path}: manifest.json is not a list of images")
-        image = _pick_archive_image(images, ref)
+        image = _archive_image(ref, read("manifest.json"))
         config_name = image.get("Config")
         layer_names = image.get("Layers")
         if not isinstance(config_name, str) or not isinstance(layer_names, list):
@@ -217,25 +243,10 @@ def _open_docker_archive(ref: ImageRef) -> Iterator[ImageSource]:
         if named is not None and named != config_digest:
             raise DigestError(f"{ref.path}: config {config_name} is {config_digest}")
         config = _parse_config(raw, config_digest, len(layer_names))
-        layers = []
-        for i, (name, diff_id) in enumerate(zip(layer_names, config["rootfs"]["diff_ids"],
-                                                strict=True)):
-            m = members.get(str(name).removeprefix("./"))
-            if m is None:
-                raise ImageError(f"{ref.path}: layer {name} is missing from the archive")
-
-            @contextlib.contextmanager
-            def opener(m: tarfile.TarInfo = m) -> Iterator[BinaryIO]:
-                f = tf.extractfile(m)  # follows docker's layer.tar symlinks
-                if f is None:
-                    raise ImageError(f"{ref.path}: layer {m.name} is not a file")
-                with f:
-                    yield f  # type: ignore[misc]
-
-            digest = _member_digest(str(name))
-            layers.append(LayerSource(
-                index=i, diff_id=diff_id, media_type=None, digest=digest,
-                size=m.size if digest is not None and m.isfile() else None, opener=opener))
+        layers = [_archive_layer(ref, tf, members, i, str(name), diff_id)
+                  for i, (name, diff_id) in enumerate(zip(layer_names,
+                                                          config["rootfs"]["diff_ids"],
+                                                          strict=True))]
         yield ImageSource(ref, config, config_digest, None, layers)
 
 

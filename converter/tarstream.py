@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import zstandard
-
 from isal import igzip_threaded  # ISA-L inflate, 2-3x zlib's, on a thread of its own
 from isal.isal_zlib import error as _IsalError
 

@@ -239,48 +239,8 @@ def _verify_blob(root: Path, index: CacheIndex, digest: str,
             report.problems.append(f"blob {digest}: unusable bitmap, files removed")
         return
     try:
-        rows = {r.off: r for r in index.rows_of_blob(digest)}
-        stale: list[ChunkRow] = []
-        covered: dict[int, int] = {}  # offset -> size of chunks verified present
-        for r in rows.values():
-            if r.off + r.size > f.span or not f.has(r.off, r.size):
-                stale.append(r)
-                continue
-            data = os.pread(f.data_fd, r.size, r.off)
-            if len(data) == r.size and hashlib.sha256(data).digest() == r.digest:
-                report.good += 1
-                covered[r.off] = r.size
-            elif _drop_if_bad(f, r.off, r.size, r.digest):
-                report.bad += 1
-                stale.append(r)
-                report.problems.append(f"blob {digest}: chunk at {r.off} was bad: dropped")
-        if stale:
-            report.stale_rows += index.forget(stale)
-        # Present blocks no row explains: chunks of a cache from before the index (or
-        # whose row was lost): adopt them if a cached bootstrap knows them, else clear.
-        adopt: list[tuple[str, int, int, bytes]] = []
-        orphans: list[tuple[int, int]] = []
-        for start, length in f.set_ranges():
-            pos, end = start, start + length
-            while pos < end:
-                if pos in covered:
-                    pos = block_end(pos, covered[pos])
-                    continue
-                k = known.get(pos)
-                if k is not None and block_end(pos, k[0]) <= end:
-                    data = os.pread(f.data_fd, k[0], pos)
-                    if len(data) == k[0] and hashlib.sha256(data).digest() == k[1]:
-                        adopt.append((digest, pos, k[0], k[1]))
-                        covered[pos] = k[0]
-                        report.good += 1
-                    elif _drop_if_bad(f, pos, k[0], k[1]):
-                        report.bad += 1
-                        report.problems.append(f"blob {digest}: chunk at {pos} was bad: "
-                                               "dropped")
-                    pos = block_end(pos, k[0])
-                    continue
-                orphans.append((pos, 4096))
-                pos += 4096
+        covered = _verify_rows(f, index, digest, report)
+        adopt, orphans = _unexplained_blocks(f, digest, known, covered, report)
         if adopt:
             index.adopt(adopt)
             report.adopted += len(adopt)
@@ -296,6 +256,60 @@ def _verify_blob(root: Path, index: CacheIndex, digest: str,
         _punch_orphan_data(root, f, digest, covered, report)
     finally:
         f.close()
+
+
+def _verify_rows(f: BlobCache, index: CacheIndex, digest: str,
+                 report: VerifyReport) -> dict[int, int]:
+    """Re-hash every chunk the index lists for the blob; forget rows of chunks that are
+    missing or bad (bad ones are dropped). Returns offset -> size of the good ones."""
+    stale: list[ChunkRow] = []
+    covered: dict[int, int] = {}
+    for r in {r.off: r for r in index.rows_of_blob(digest)}.values():
+        if r.off + r.size > f.span or not f.has(r.off, r.size):
+            stale.append(r)
+            continue
+        data = os.pread(f.data_fd, r.size, r.off)
+        if len(data) == r.size and hashlib.sha256(data).digest() == r.digest:
+            report.good += 1
+            covered[r.off] = r.size
+        elif _drop_if_bad(f, r.off, r.size, r.digest):
+            report.bad += 1
+            stale.append(r)
+            report.problems.append(f"blob {digest}: chunk at {r.off} was bad: dropped")
+    if stale:
+        report.stale_rows += index.forget(stale)
+    return covered
+
+
+def _unexplained_blocks(f: BlobCache, digest: str, known: dict[int, tuple[int, bytes]],
+                        covered: dict[int, int], report: VerifyReport
+                        ) -> tuple[list[tuple[str, int, int, bytes]], list[tuple[int, int]]]:
+    """Present blocks no row explains: chunks of a cache from before the index (or whose
+    row was lost). Those a cached bootstrap knows and whose data is right are to be
+    adopted (and join ``covered``); the rest are orphan blocks to clear."""
+    adopt: list[tuple[str, int, int, bytes]] = []
+    orphans: list[tuple[int, int]] = []
+    for start, length in f.set_ranges():
+        pos, end = start, start + length
+        while pos < end:
+            if pos in covered:
+                pos = block_end(pos, covered[pos])
+                continue
+            k = known.get(pos)
+            if k is None or block_end(pos, k[0]) > end:
+                orphans.append((pos, 4096))
+                pos += 4096
+                continue
+            data = os.pread(f.data_fd, k[0], pos)
+            if len(data) == k[0] and hashlib.sha256(data).digest() == k[1]:
+                adopt.append((digest, pos, k[0], k[1]))
+                covered[pos] = k[0]
+                report.good += 1
+            elif _drop_if_bad(f, pos, k[0], k[1]):
+                report.bad += 1
+                report.problems.append(f"blob {digest}: chunk at {pos} was bad: dropped")
+            pos = block_end(pos, k[0])
+    return adopt, orphans
 
 
 def _punch_orphan_data(root: Path, f: BlobCache, digest: str,

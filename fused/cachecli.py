@@ -3,19 +3,23 @@
 Every subcommand takes ``--cache-dir`` (default: the host's cache,
 ``fused.cacheconf``) and is safe while daemons serve from the cache. Exit
 statuses: 0 done; 1 an error (one ``rafs: error: ...`` line: an unknown image,
-a SIZE that does not parse, an unusable cache directory); 3 ``verify`` found
-bad data (and dropped it: it will be fetched again).
+a cap in the host config that does not parse, an unusable cache directory); 2 a
+bad command line (``prune --to lots``); 3 ``verify`` found bad data (and
+dropped it: it will be fetched again). ``--json`` output is
+``rafs.output.print_json``'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from .cacheconf import CacheConfig, load_config, parse_size
+from rafs import sizes
+from rafs.output import add_json_flag, print_json
+
+from .cacheconf import CacheConfig, load_config
 from .errors import CacheError
 
 __all__ = ["EXIT_BAD_DATA", "register"]
@@ -38,18 +42,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     q = sub.add_parser("status", help="size, cap, free space, chunks, hit ratio, images")
     common(q)
-    q.add_argument("--json", action="store_true", help="print JSON")
+    add_json_flag(q)
     q.add_argument("--cache-max", metavar="SIZE", help="show the cap this would give")
     q.add_argument("--cache-min-free", metavar="SIZE")
     q.set_defaults(func=_cmd_status)
 
     q = sub.add_parser("prune", help="evict now: to the cap in force, to SIZE, or one image",
                        description="Evict least recently used chunks until the cache holds "
-                       "at most --to SIZE (default: 90%% of the cap in force, if it is over "
+                       "at most --to SIZE (default: 90% of the cap in force, if it is over "
                        "it), or every chunk of --image REF; bootstraps and blob files nobody "
                        "uses go too. Chunks a mount still reads are fetched again.")
     common(q)
-    q.add_argument("--to", metavar="SIZE", help="evict until the cache is at most this big")
+    q.add_argument("--to", metavar="SIZE", type=_size,
+                   help="evict until the cache is at most this big (e.g. 10G)")
     q.add_argument("--image", metavar="REF", help="evict this image's chunks (a reference a "
                    "mount used, or a bootstrap or manifest digest)")
     q.add_argument("--cache-max", metavar="SIZE")
@@ -58,12 +63,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     q = sub.add_parser("verify", help="re-hash every cached chunk; drop bad ones (exit 3)")
     common(q)
-    q.add_argument("--json", action="store_true", help="print JSON")
+    add_json_flag(q)
     q.set_defaults(func=_cmd_verify)
 
     q = sub.add_parser("clear", help="evict everything; remove every file nobody uses")
     common(q)
     q.set_defaults(func=_cmd_clear)
+
+
+def _size(text: str) -> int:
+    """A SIZE argument; a bad one is a usage error (exit 2, one line)."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _config(args: argparse.Namespace) -> tuple[Path, CacheConfig]:
@@ -87,7 +100,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise CacheError(f"no cache at {root}")
     s = status(root, config)
     if args.json:
-        print(json.dumps(s, indent=2, sort_keys=True))
+        print_json(s)
         return 0
     ratio = "n/a" if s["hit_ratio"] is None else f"{s['hit_ratio'] * 100:.1f}%"
     lines = [
@@ -121,7 +134,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     if args.to is not None and args.image is not None:
         raise CacheError("give --to or --image, not both")
-    to = parse_size(args.to) if args.to is not None else None
+    to = args.to
     root, config = _config(args)
     if not root.exists():
         raise CacheError(f"no cache at {root}")
@@ -143,7 +156,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         raise CacheError(f"no cache at {root}")
     r = verify(root)
     if args.json:
-        print(json.dumps(r.to_json(), indent=2, sort_keys=True))
+        print_json(r.to_json())
     else:
         print(f"verified {r.good:,} chunks: {r.bad} bad (dropped), {r.adopted} re-indexed, "
               f"{r.stale_rows} stale index rows, {r.orphan_bits} orphan blocks cleared, "

@@ -8,14 +8,16 @@ Argument parsing and printing only: every command is one call into
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
+import rafs
 from rafs import sizes
 from rafs.credentials import parse_creds
 from rafs.hosts import DEFAULT_HOSTS_DIR, HOSTS_DIR_ENV, use_hosts_dir
+from rafs.output import add_json_flag, print_json
+from rafs.transports import MOUNT_IMAGE
 
 from . import client
 from .errors import MountError
@@ -36,10 +38,10 @@ log = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "mount", help="mount a RAFS image with a lazy-loading daemon",
-        description="Mount IMAGE (oci:DIR[:TAG]) read-only on MOUNTPOINT. Returns once the "
-        "mount is ready; the daemon keeps running until `rafs umount`.",
+        description=f"Mount IMAGE ({MOUNT_IMAGE.syntax}) read-only on MOUNTPOINT. Returns "
+        "once the mount is ready; the daemon keeps running until `rafs umount`.",
     )
-    p.add_argument("image", metavar="IMAGE")
+    MOUNT_IMAGE.add_argument(p, "image", help="a RAFS image")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="chunk cache, shared by every mount on the host (default: the "
@@ -114,7 +116,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-a", "--all", action="store_true",
                    help="every mount of this run directory's daemons, and the leftovers "
                    "of dead ones")
-    p.add_argument("--timeout", type=float, default=client.EXIT_TIMEOUT, metavar="SECONDS")
+    p.add_argument("--timeout", type=float, default=client.EXIT_TIMEOUT, metavar="SECONDS",
+                   help="how long to wait for the daemon to unmount and exit; past it, "
+                   "it is killed and its mounts undone, as with --force (default "
+                   "%(default)g)")
     p.set_defaults(func=_cmd_umount)
 
     p = subparsers.add_parser(
@@ -122,9 +127,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Every rafs mount in the kernel's mount table and every daemon in the "
         "run directory, whoever started it (rafs mount, rafs run, the snapshotter): mount "
         "point, state (serving, starting, stopping, recovering, unresponsive, dead, "
-        "unknown), mode, daemon pid, cache use, version, image.",
+        "unknown), mode, daemon pid, cache use, version (marked * if it is not this "
+        "rafs's), image.",
     )
-    p.add_argument("--json", action="store_true", help="one JSON array")
+    add_json_flag(p, "the mounts as one JSON array")
     p.set_defaults(func=_cmd_ls)
 
     p = subparsers.add_parser("stats", help="print the counters of a rafs mount as JSON")
@@ -184,6 +190,7 @@ def _size(text: str) -> int:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
+    MOUNT_IMAGE.parse(args.image)  # a reference `rafs mount` cannot use: one line, first
     options = MountOptions(args.cache_dir, mode=args.mode, prefetch=args.prefetch,
                            amplify_bytes=args.amplify_bytes, fetch_timeout=args.fetch_timeout,
                            retries=args.retries, metrics_address=args.metrics_address,
@@ -238,16 +245,20 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     infos = client.list_mounts()
     if args.json:
-        print(json.dumps([i.to_json() for i in infos], indent=2, sort_keys=True))
+        print_json([i.to_json() for i in infos])
         return 0
+    ours = rafs.version()
     rows = [("MOUNTPOINT", "STATE", "MODE", "PID", "CACHE", "VERSION", "IMAGE")]
     for i in infos:
+        version = "-" if i.version is None else i.version + ("" if i.version == ours else "*")
         rows.append((i.mountpoint + ("" if i.mounted or i.state == "unknown" else " (gone)"),
                      i.state, i.mode or "-", str(i.pid or "-"), _human(i.cache_bytes),
-                     i.version or "-", i.image or "-"))
+                     version, i.image or "-"))
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    if any(r[5].endswith("*") for r in rows[1:]):
+        print(f"* a daemon of another rafs than this one ({ours})")
     return 0
 
 
@@ -266,7 +277,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.prometheus:
         sys.stdout.write(client.metrics(args.mountpoint))
         return 0
-    print(json.dumps(client.stats(args.mountpoint), indent=2, sort_keys=True))
+    print_json(client.stats(args.mountpoint))
     return 0
 
 

@@ -49,6 +49,12 @@ says why, in one line.
   pid *and* start time in the state, never a pid alone) get SIGKILL;
   ``sweep`` does it for every dead instance.
 
+**Another user's mount** (a FUSE mount's ``user_id``; EROFS is root's): a
+caller who is neither root nor that user gets ``NotOwnerError`` ("MNT belongs
+to root's rafs; run as root") from ``stats``, ``metrics``, ``trace`` and
+``unmount``, and nothing is touched. A failed mount's error carries what
+libfuse printed to the daemon's log (``failed to open /dev/fuse: ...``).
+
 **States** ``list_mounts`` reports: ``serving`` (answers), ``starting``,
 ``stopping``, ``recovering`` (its owner lives, its worker does not: a
 supervisor is replacing it),
@@ -65,6 +71,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
+import re
 import select
 import signal
 import subprocess
@@ -82,7 +90,7 @@ from rafs.oci import parse_image_ref
 from . import mounts, node, wire
 from .cacheconf import load_config
 from .control import request
-from .errors import ControlError, MountError, NotMountedError
+from .errors import ControlError, MountError, NotMountedError, NotOwnerError
 from .kernelmount import resolve_mode
 from .mounts import BLOB_FSTYPE, MountEntry, abort_connection, canonical, read_mounts
 from .options import MountOptions
@@ -275,8 +283,24 @@ def _serving(mountpoint: str | os.PathLike[str]) -> Instance:
     if info is None or (not info.mounted and info.state == "dead"):
         raise NotMountedError(f"{mp} is not a rafs mount")
     if info.instance is None or info.state == "dead":
+        top = mounts.find_mount(mp, resolve=False)
+        if top is not None:
+            _refuse_foreign(top)
         raise ControlError(f"no daemon answers for {mp}")
     return info.instance
+
+
+def _refuse_foreign(entry: MountEntry) -> None:
+    """NotOwnerError if ``entry`` is another user's rafs mount and we are not root: its
+    daemon, run state and control socket are that user's; nothing here may touch them."""
+    uid = entry.owner_uid
+    if os.geteuid() in (0, uid):
+        return
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid {uid}"
+    raise NotOwnerError(f"{entry.mountpoint} belongs to {user}'s rafs; run as {user}")
 
 
 def _ask(mountpoint: str | os.PathLike[str], cmd: str, timeout: float = 30.0
@@ -401,6 +425,7 @@ def mount(image: str, mountpoint: str | os.PathLike[str], options: MountOptions,
         message = reply.get("error") or (
             f"the daemon did not get ready within {timeout:g}s" if timed_out
             else _last_line(inst.log) or f"the daemon exited with {proc.returncode}")
+        message = _with_native_cause(message, inst.log)
         raise MountError(f"mounting {image} on {mp} failed: {message} (log: {inst.log})")
 
 
@@ -461,7 +486,8 @@ def _spawn(image: str, mp: str, inst: Instance, options: MountOptions
                 )
     except OSError as e:
         os.close(ready_r)
-        raise MountError(f"cannot start the daemon: {e.strerror}") from None
+        inst.log.unlink(missing_ok=True)  # nothing was written: no reason to keep it
+        raise MountError(f"cannot start the daemon ({sys.executable}): {e.strerror}") from None
     finally:
         os.close(config_r)
         os.close(ready_w)
@@ -517,6 +543,23 @@ def _wait_or_kill(proc: subprocess.Popen[bytes] | _NodeChild, grace: float) -> N
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+#: A line libfuse or fusermount3 wrote to the daemon's stderr (its log), not our logging:
+#: ``fuse: failed to open /dev/fuse: Permission denied``.
+_NATIVE_LINE = re.compile(r"^(?:fuse|fusermount3?): (.+)$")
+
+
+def _with_native_cause(message: str, log_path: Path) -> str:
+    """``message`` with what libfuse said in the log: its own error (``fuse_session_mount
+    failed``) names no cause, the line libfuse printed before it does."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return message
+    causes = [m.group(1).strip() for line in lines if (m := _NATIVE_LINE.match(line.strip()))]
+    causes = [c for c in dict.fromkeys(causes) if c not in message]
+    return f"{message}: {'; '.join(causes)}" if causes else message
 
 
 def _last_line(path: Path) -> str:
@@ -696,6 +739,7 @@ def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False, force: bo
             _force(inst, timeout)
         return
     if top is not None and top.is_rafs:
+        _refuse_foreign(top)
         log.warning("no daemon of this run directory serves %s; detaching it", mp)
         _detach(top, abort=force or _foreign(top).state == "dead")
         return

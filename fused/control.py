@@ -13,12 +13,15 @@ Each daemon instance listens on ``sock`` in its run-state directory
               ``cache_dir``, ``ready_seconds``, ``metrics_address``
 ``metrics``   the counters in the Prometheus text format, in ``text``
 ``trace``     ``paths`` in first-access order, ``truncated``
-``shutdown``  ``lazy``: unmount and exit; refused while busy unless lazy
+``shutdown``  ``lazy``: unmount and exit; refused while busy unless lazy; replies
+              ``pid`` and ``detached`` (lazy: the daemon serves open files, then exits)
 ``upgrade``   supervised mounts only (``fused.supervisor``): a new worker takes over;
               ``pid`` and ``version`` of the new worker
 
-The daemon's side is ``fused.control_server``; this module stays free of trio
-so the command line starts fast.
+The socket is the owner's (0600 in a 0700 directory): another user's client
+cannot connect, and ``fused.client`` tells them whose mount it is
+(``NotOwnerError``) before trying. The daemon's side is ``fused.control_server``;
+this module stays free of trio so the command line starts fast.
 """
 
 from __future__ import annotations

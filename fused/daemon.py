@@ -79,6 +79,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+import rafs
 from rafs.bootstrap import Bootstrap
 from rafs.errors import RafsError
 from rafs.oci import ImageRef, parse_image_ref
@@ -238,7 +239,7 @@ class Daemon:
         return {"owner_pid": os.getpid(), "worker_pid": os.getpid(), "mode": mode,
                 "mountpoint": self.mountpoint, "image": self.image_ref,
                 "cache_dir": self.options.cache_dir, "log": str(self.owner.instance.log),
-                "rafs_version": _version(), "started": time.time()}
+                "rafs_version": rafs.version(), "started": time.time()}
 
     def _serve_metrics(self) -> None:
         if not self.options.metrics_address:
@@ -635,15 +636,6 @@ def _tune_readahead(bdi: str | None, kb: int) -> None:
         log.info("cannot set %s: %s", path, e.strerror)
     else:
         log.debug("set %s to %d", path, kb)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("rafs")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 async def _prefetch(image: _Image, stats: Stats) -> None:

@@ -12,7 +12,9 @@
         │   └── UnknownImageError  ENOENT   `rafs cache` names an image the cache lacks
         ├── ConfigError            EINVAL   a SIZE, or the host config file, is bad
         ├── MountError             EIO      mounting or unmounting failed
-        │   └── NotMountedError    EINVAL   a path is not a rafs mount
+        │   ├── NotMountedError    EINVAL   a path is not a rafs mount
+        │   ├── NotOwnerError      EPERM    another user's rafs serves the mount
+        │   └── KernelModeError    EIO      `--mode kernel` on a host that cannot do it
         └── ControlError           EIO      the control socket did not answer
 
 The errno of any exception is computed by ``rafs.errors.to_errno``; the FUSE
@@ -31,12 +33,14 @@ __all__ = [
     "ConfigError",
     "ControlError",
     "FusedError",
+    "KernelModeError",
     "MountError",
     "NoAttributeError",
     "NoEntryError",
     "NotASymlinkError",
     "NotDirectoryError",
     "NotMountedError",
+    "NotOwnerError",
     "ReadOnlyError",
     "UnknownImageError",
 ]
@@ -90,6 +94,17 @@ class MountError(FusedError):
 
 class NotMountedError(MountError):
     errno = errno.EINVAL
+
+
+class NotOwnerError(MountError):
+    """The mount is another user's (``rafs stats|trace|umount`` by a user on root's
+    mount): nothing is touched, the message says whom to run as."""
+
+    errno = errno.EPERM
+
+
+class KernelModeError(MountError):
+    """Kernel mode was asked for and this host cannot do it (``fused.kernelmount``)."""
 
 
 class ControlError(FusedError):

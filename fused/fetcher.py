@@ -74,9 +74,9 @@ from rafs.model import Blob, Chunk
 from rafs.retry import Backoff, RetryPolicy
 
 from .backend import Backend
-from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
 from .cache import ChunkCache
 from .errors import ChunkError
+from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)

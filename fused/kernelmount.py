@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MountError
+from .errors import KernelModeError, MountError
 from .mounts import find_mount, libc, read_mounts, umount2
 from .options import MODES
 
@@ -61,10 +61,6 @@ CONFIG_OPTION = "CONFIG_EROFS_FS_BACKED_BY_FILE"
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
-
-
-class KernelModeError(MountError):
-    """Kernel mode was asked for and this host cannot do it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,18 @@ class MountEntry:
         return {"id": self.mount_id, "dev": self.major_minor, "fstype": self.fstype,
                 "mountpoint": self.mountpoint, "source": self.source}
 
+    @property
+    def owner_uid(self) -> int:
+        """Whose mount this is: a FUSE mount's ``user_id`` (the user whose daemon serves
+        it); 0 for anything else (only root mounts EROFS, or mounts at all without
+        fusermount3)."""
+        if self.is_fuse:
+            for option in self.super_options.split(","):
+                key, _, value = option.partition("=")
+                if key == "user_id" and value.isdigit():
+                    return int(value)
+        return 0
+
     def is_same(self, identity: object) -> bool:
         return isinstance(identity, dict) and bool(identity) and identity == self.identity
 

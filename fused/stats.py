@@ -8,8 +8,15 @@ Prometheus through ``prometheus_client``.
 
 Backend traffic is counted by kind: ``ondemand`` (a reader is waiting) and
 ``prefetch`` (the background prefetch list). The ``backend_*`` totals are the
-sums of both kinds. Errors are counted by class (``timeout``, ``connection``,
-``http_5xx``, ``http_429``, ``truncated``, ``digest``, ``other``).
+sums of both kinds. Failed fetches are counted by class in ``error_classes``
+(the ``error_class`` of ``rafs.errors.TransientError``: ``connection``,
+``timeout``, ``5xx``, ``429``, ``truncated``, ``range``; ``digest`` for a chunk
+whose sha256 did not match; ``other``). ``errors`` counts requests answered
+with an error, ``internal_errors`` those answered EIO because of a bug or a
+missed deadline (``fused.adapter``), ``fuse_requests`` every request answered,
+by operation. The cache counters (hits, misses, corrupt and lost entries,
+refetches, evictions, ENOSPC, dedup) and the ``cache_bytes``/``cache_cap``
+gauges come from the shared chunk cache (``fused.cache``).
 
 ``endpoints`` are the registry endpoints of the mount (mirrors and the
 registry, ``rafs.endpoints.EndpointHealth`` objects set by the backend): each

@@ -398,26 +398,35 @@ class Supervisor:
         if worker.device == self.device:
             self.device = self.current.device if self.current is not None else -1
 
-    def _worker_ready(self, worker: Worker) -> None:
+    @staticmethod
+    def _read_ready(worker: Worker) -> dict[str, Any] | None:
+        """The worker's readiness report once it is whole (``{}`` at EOF without one),
+        None while more is to come."""
         fd = worker.ready_fd
         assert fd is not None
         try:
             piece = os.read(fd, 4096)
         except BlockingIOError:
-            return
+            return None
         worker.ready_buf += piece
         buf = worker.ready_buf
         size = wire.payload_size(buf[:wire.HEADER.size]) if len(buf) >= wire.HEADER.size else -1
         if piece and (size < 0 or len(buf) < wire.HEADER.size + size):
-            return  # more to come
+            return None
         os.close(fd)
         worker.ready_fd = None
         try:
             reply = wire.decode(buf[wire.HEADER.size:]) if size >= 0 else {}
         except wire.WireError:
-            reply = {}
-        if not isinstance(reply, dict) or not reply.get("ok"):
-            error = reply.get("error") if isinstance(reply, dict) else None
+            return {}
+        return reply if isinstance(reply, dict) else {}
+
+    def _worker_ready(self, worker: Worker) -> None:
+        reply = self._read_ready(worker)
+        if reply is None:
+            return
+        if not reply.get("ok"):
+            error = reply.get("error")
             log.warning("worker %d did not get ready: %s", worker.serial,
                         error or "no answer")
             if not self.announced and error:
@@ -437,15 +446,7 @@ class Supervisor:
         log.info("worker %d (pid %d) serves %s", worker.serial, worker.pid,
                  self.cfg.mountpoint)
         if worker.role == "upgrade":
-            worker.role = "current"
-            self.upgraded = True  # later workers start from the new code too, not forked
-            for other in list(self.workers.values()):
-                if other is not worker and other.role != "standby":
-                    self._drain(other)
-                elif other.role == "standby":  # old code: make way for a new standby
-                    self._retire(other)
-            with self.lock:
-                self.current = worker
+            self._promote(worker)
         self.state = "serving"
         self._write_state()
         self._report(None)
@@ -454,6 +455,18 @@ class Supervisor:
             box.put({"ok": True, "pid": worker.pid, "owner_pid": os.getpid(),
                      "version": worker.version})
         self.pending_upgrade.clear()
+
+    def _promote(self, worker: Worker) -> None:
+        """An upgrade's new worker serves: the old ones drain, the old standby goes."""
+        worker.role = "current"
+        self.upgraded = True  # later workers start from the new code too, not forked
+        for other in list(self.workers.values()):
+            if other is not worker and other.role != "standby":
+                self._drain(other)
+            elif other.role == "standby":  # old code: make way for a new standby
+                self._retire(other)
+        with self.lock:
+            self.current = worker
 
     def _retire(self, worker: Worker) -> None:
         """Stop a standby that is no longer wanted (it never served: nothing to resend)."""
@@ -496,17 +509,8 @@ class Supervisor:
                 self.stopping = True
                 self._retire_standbys()
             return
-        if worker.role in ("standby", "retired", "upgrade"):  # it never served
-            self._release_device(worker, resend=False)
-            if worker.role == "retired":
-                return
-            if worker.role == "upgrade":
-                for reply in self.pending_upgrade:
-                    reply.put({"ok": False, "error": f"the new worker exited ({_describe(code)}) "
-                               "before it served; the old one serves on"})
-                self.pending_upgrade.clear()
-            self._count_crash(code)
-            self._start_standby()
+        if worker.role in ("standby", "retired", "upgrade"):
+            self._lost_unserved(worker, code)
             return
         if not was_current:
             # An old worker after an upgrade. Even a clean exit can leave requests
@@ -531,6 +535,19 @@ class Supervisor:
             self._start_standby()
         self._write_state()
 
+    def _lost_unserved(self, worker: Worker, code: int) -> None:
+        """A worker that never served exited: nothing to resend; a new standby."""
+        self._release_device(worker, resend=False)
+        if worker.role == "retired":
+            return
+        if worker.role == "upgrade":
+            for reply in self.pending_upgrade:
+                reply.put({"ok": False, "error": f"the new worker exited ({_describe(code)}) "
+                           "before it served; the old one serves on"})
+            self.pending_upgrade.clear()
+        self._count_crash(code)
+        self._start_standby()
+
     def _count_crash(self, code: int) -> None:
         now = time.monotonic()
         self.crashes.append(now)
@@ -554,47 +571,50 @@ class Supervisor:
         while True:
             if self.stopping and not self.workers:
                 break
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            poller.register(self._cmd_r, select.POLLIN)
-            if self.device >= 0 and not self.stopping:
-                poller.register(self.device, 0)  # POLLERR: the connection ended
-            if self._watch is not None and self.erofs is not None:
-                poller.register(self._watch.fileno(), select.POLLIN)
-            for w in self.workers.values():
-                poller.register(w.pidfd, select.POLLIN)
-                if w.ready_fd is not None:
-                    poller.register(w.ready_fd, select.POLLIN)
             timeout = self._next_timeout(deadline_ready)
-            events = poller.poll(None if timeout is None else max(0, timeout) * 1000)
+            events = self._poller().poll(None if timeout is None else max(0, timeout) * 1000)
             for fd, ev in events:
-                if fd == self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 256)
-                elif fd == self._cmd_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._cmd_r, 256)
-                elif fd == self.device:
-                    if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                        log.info("the FUSE connection of %s has ended (%s)",
-                                 self.cfg.mountpoint, "unmounted" if find_mount(
-                                     self.fuse_dir, resolve=False) is None else "aborted")
-                        self._stop_workers()
-                elif self._watch is not None and fd == self._watch.fileno():
-                    self._watch.wait(0)
-                    self._check_erofs()
-                elif fd in self.workers:
-                    self._worker_exited(self.workers[fd])
-                else:
-                    for w in self.workers.values():
-                        if w.ready_fd == fd:
-                            self._worker_ready(w)
-                            break
+                self._dispatch(fd, ev)
             self._handle_signals()
             self._handle_commands()
             self._check_deadlines(deadline_ready)
         self._teardown(abort=False)
         return 0
+
+    def _poller(self) -> select.poll:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._cmd_r, select.POLLIN)
+        if self.device >= 0 and not self.stopping:
+            poller.register(self.device, 0)  # POLLERR: the connection ended
+        if self._watch is not None and self.erofs is not None:
+            poller.register(self._watch.fileno(), select.POLLIN)
+        for w in self.workers.values():
+            poller.register(w.pidfd, select.POLLIN)
+            if w.ready_fd is not None:
+                poller.register(w.ready_fd, select.POLLIN)
+        return poller
+
+    def _dispatch(self, fd: int, ev: int) -> None:
+        if fd in (self._wake_r, self._cmd_r):
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 256)
+        elif fd == self.device:
+            if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                log.info("the FUSE connection of %s has ended (%s)", self.cfg.mountpoint,
+                         "unmounted" if find_mount(self.fuse_dir, resolve=False) is None
+                         else "aborted")
+                self._stop_workers()
+        elif self._watch is not None and fd == self._watch.fileno():
+            self._watch.wait(0)
+            self._check_erofs()
+        elif fd in self.workers:
+            self._worker_exited(self.workers[fd])
+        else:
+            for w in list(self.workers.values()):
+                if w.ready_fd == fd:
+                    self._worker_ready(w)
+                    break
 
     def _check_erofs(self) -> None:
         """Kernel mode: our EROFS mount left the mount table outside rafs (``umount``,

@@ -218,56 +218,65 @@ def _parse_host(table: Mapping[str, Any], url: str | None, base: Path, *, server
     for key in table:
         if key not in _HOST_KEYS and not (server and key in ("server", "host")):
             warnings.append(f"{what}: unknown key {key!r} ignored")
-    override = table.get("override_path", False)
-    if not isinstance(override, bool):
-        raise err(f"{what}: override_path must be true or false")
-    fields: dict[str, Any] = {"server": server}
+    override = _flag(table, "override_path", err, what)
+    fields: dict[str, Any] = {"server": server,
+                              "skip_verify": _flag(table, "skip_verify", err, what)}
     if url is not None:
         fields["url"], fields["root"] = _endpoint_url(url, override, err, what)
     caps = table.get("capabilities")
     if caps is not None and caps != []:  # none listed: every capability (as containerd)
-        names = _strings(caps, f"{what}: capabilities", err)
-        wanted = set()
-        for c in names:
-            if c.lower() not in _ALL:
-                raise err(f"{what}: unknown capability {c!r} (known: pull, resolve, push)")
-            wanted.add(c.lower())
-        fields["capabilities"] = frozenset(wanted & CAPABILITIES)
-    skip = table.get("skip_verify", False)
-    if not isinstance(skip, bool):
-        raise err(f"{what}: skip_verify must be true or false")
-    fields["skip_verify"] = skip
+        fields["capabilities"] = _capabilities(caps, err, what)
     if "ca" in table:
         fields["ca"] = tuple(_path(p, base) for p in _strings(table["ca"], f"{what}: ca", err))
     if "client" in table:
-        pairs: list[tuple[str, str | None]] = []
-        value = table["client"]
-        for item in [value] if isinstance(value, str) else value if isinstance(value, list) \
-                else [None]:
-            if isinstance(item, str):
-                pairs.append((_path(item, base), None))
-            elif (isinstance(item, list) and len(item) == 2
-                  and all(isinstance(p, str) for p in item)):
-                pairs.append((_path(item[0], base), _path(item[1], base) if item[1] else None))
-            else:
-                raise err(f"{what}: client must be a path, a list of paths or a list of "
-                          "[certificate, key] pairs")
-        fields["client"] = tuple(pairs)
-    header = table.get("header")
-    if header is not None:
-        if not isinstance(header, dict):
-            raise err(f"{what}: header must be a table")
-        headers = []
-        for name, values in header.items():
-            for v in _strings(values, f"{what}: header {name!r}", err):
-                headers.append((name, v))
-        fields["headers"] = tuple(headers)
+        fields["client"] = _client_pairs(table["client"], base, err, what)
+    if table.get("header") is not None:
+        fields["headers"] = _headers(table["header"], err, what)
     if "dial_timeout" in table:
         fields["dial_timeout"] = _duration(
             table["dial_timeout"],
             err(f"{what}: dial_timeout {table['dial_timeout']!r} is not a duration like "
                 "\"2s\" or \"500ms\""))
     return fields
+
+
+def _flag(table: Mapping[str, Any], key: str, err: Any, what: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise err(f"{what}: {key} must be true or false")
+    return value
+
+
+def _capabilities(caps: Any, err: Any, what: str) -> frozenset[str]:
+    wanted = set()
+    for c in _strings(caps, f"{what}: capabilities", err):
+        if c.lower() not in _ALL:
+            raise err(f"{what}: unknown capability {c!r} (known: pull, resolve, push)")
+        wanted.add(c.lower())
+    return frozenset(wanted & CAPABILITIES)
+
+
+def _client_pairs(value: Any, base: Path, err: Any, what: str
+                  ) -> tuple[tuple[str, str | None], ...]:
+    """``client``: a path, a list of paths, or a list of [certificate, key] pairs."""
+    pairs: list[tuple[str, str | None]] = []
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else [None]
+    for item in items:
+        if isinstance(item, str):
+            pairs.append((_path(item, base), None))
+        elif isinstance(item, list) and len(item) == 2 and all(isinstance(p, str) for p in item):
+            pairs.append((_path(item[0], base), _path(item[1], base) if item[1] else None))
+        else:
+            raise err(f"{what}: client must be a path, a list of paths or a list of "
+                      "[certificate, key] pairs")
+    return tuple(pairs)
+
+
+def _headers(header: Any, err: Any, what: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(header, dict):
+        raise err(f"{what}: header must be a table")
+    return tuple((name, v) for name, values in header.items()
+                 for v in _strings(values, f"{what}: header {name!r}", err))
 
 
 def parse_hosts(text: str, registry: str, *, base_dir: Path | str, name: str = "hosts.toml",

@@ -108,6 +108,7 @@ from .errors import (
     RafsError,
     TransientError,
 )
+from .hosts import Endpoint, RegistryHosts, load_hosts, origin_url
 from .oci import (
     INDEX_TYPES,
     MEDIA_TYPE_DOCKER_LIST,
@@ -121,7 +122,6 @@ from .oci import (
     select_platform,
     sha256_digest,
 )
-from .hosts import Endpoint, RegistryHosts, load_hosts, origin_url
 from .retry import RetryPolicy
 from .trust import bootstrap_layer, verify_bootstrap, verify_manifest
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import trio
 
 from fused.cacheindex import CacheIndex
-from fused.evict import evict_to, measure
 from fused.errors import ChunkError
+from fused.evict import evict_to, measure
 from tests.cache_support import capped_stack, read_file
 from tests.fused_support import WrittenImage
 

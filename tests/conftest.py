@@ -1,6 +1,8 @@
 """Session-wide test setup: environment checks and the shared image fixtures.
 
-Owns: the loud failure when the machine cannot run the suite (no ``/dev/fuse``),
+Owns: the test markers' rules (``registry`` set on every test using a registry
+fixture; the loud failure, before anything runs, when a selected test needs
+what the machine lacks: ``fuse`` without ``/dev/fuse``, ``root`` as a user),
 making ``tests.helpers`` importable however pytest is started, a private run
 directory for the daemons the tests start (``RAFS_RUN_DIR``; removed when the
 session passes, kept with its daemon logs and named in the summary when a
@@ -10,7 +12,10 @@ registries (Debian's ``docker-registry``, see ``bench.registry``): ``registry``
 (anonymous), ``registry_basic`` (htpasswd) and ``registry_token`` (bearer
 tokens from ``tests.helpers.token_issuer``).
 
-Tests run as root (CI does); nothing here skips for lack of privileges.
+``make test`` runs every test, as root (CI does); nothing here skips for lack of
+privileges. ``pytest -m "not fuse and not root"`` is the selection a machine without
+/dev/fuse or root runs (the markers are listed in pyproject.toml; ``kernel`` implies
+``root``).
 """
 
 from __future__ import annotations
@@ -33,17 +38,12 @@ from bench import corpus  # noqa: E402
 from bench.registry import RegistryServer  # noqa: E402
 from tests.helpers.registries import AuthRegistry, basic_registry, token_registry  # noqa: E402
 
+#: Fixtures that start a real docker-registry: a test using one is marked ``registry``.
+REGISTRY_FIXTURES = frozenset({"registry", "registry_basic", "registry_token",
+                               "rafs_python_ref", "rafs_numpy_ref"})
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    try:
-        st = os.stat("/dev/fuse")
-    except FileNotFoundError:
-        raise pytest.UsageError(
-            "/dev/fuse is missing: run `make setup` as root (or load the fuse module); "
-            "the FUSE tests cannot run without it"
-        ) from None
-    if not stat.S_ISCHR(st.st_mode):
-        raise pytest.UsageError("/dev/fuse is not a character device")
     # Daemons started by tests keep their sockets, state and logs in a directory
     # of this session, not in the host's /run/rafs.
     run_dir = tempfile.mkdtemp(prefix="rafs-test-run-")
@@ -51,14 +51,51 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_RUN_DIR] = run_dir
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if REGISTRY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.registry)
+        if item.get_closest_marker("kernel"):
+            item.add_marker(pytest.mark.root)  # only root mounts EROFS
+
+
+def _missing_fuse() -> str | None:
+    try:
+        st = os.stat("/dev/fuse")
+    except FileNotFoundError:
+        return ("/dev/fuse is missing: run `make setup` as root (or load the fuse module), "
+                'or select the tests that need no FUSE: -m "not fuse and not root"')
+    if not stat.S_ISCHR(st.st_mode):
+        return "/dev/fuse is not a character device"
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fail loudly, before anything runs, when a selected test needs what this machine
+    lacks (nothing is skipped): FUSE tests without /dev/fuse, root tests as a user."""
+    fuse = [i for i in session.items if i.get_closest_marker("fuse")]
+    root = [i for i in session.items if i.get_closest_marker("root")]
+    problems = []
+    if fuse and (why := _missing_fuse()):
+        problems.append(f"{len(fuse)} selected tests mount through FUSE; {why}")
+    if root and os.geteuid() != 0:
+        problems.append(f"{len(root)} selected tests need root: run them as root, or "
+                        'select -m "not fuse and not root"')
+    if problems:
+        pytest.exit("; ".join(problems), returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 _RUN_DIR = pytest.StashKey[str]()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Remove the session's run directory, unless a test failed: then its daemon logs
-    may say why, and the terminal summary names it."""
+    """Remove the session's run directory, unless a test failed and a daemon left files
+    there: then its logs may say why, and the terminal summary names it."""
     run_dir = session.config.stash.get(_RUN_DIR, None)
-    if run_dir is None or exitstatus != 0:
+    if run_dir is None:
+        return
+    if exitstatus != 0 and any(files for _d, _s, files in os.walk(run_dir)):
         return
     mounted = Path("/proc/self/mountinfo").read_text()
     if f" {run_dir}/" in mounted:

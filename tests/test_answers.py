@@ -415,6 +415,7 @@ def pushed(registry, tmp_path_factory) -> str:
     return ref
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("mode", ["fuse", "kernel"])
 def test_a_registry_that_stops_answering_gives_eio_and_a_clean_unmount(mode, registry, pushed,
                                                                       tmp_path):
@@ -436,9 +437,9 @@ def test_a_registry_that_stops_answering_gives_eio_and_a_clean_unmount(mode, reg
 @pytest.fixture
 def recorded(image, tmp_path) -> Iterator[str]:
     """The issue's case on a real layout: chunk 1's record is inconsistent, re-sealed."""
-    from tests.helpers.mutate import Layout
-
     import json
+
+    from tests.helpers.mutate import Layout
 
     bad = with_record(image, 1, 28, "<I", 1 << 30)
     layout = Layout(image.layout, tmp_path / "recorded")
@@ -447,6 +448,7 @@ def recorded(image, tmp_path) -> Iterator[str]:
     yield layout.reseal_bootstrap(manifest, bad.bootstrap)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("mode", ["fuse", "kernel"])
 def test_the_recorded_image_is_refused_with_one_line_naming_offset_and_rule(mode, recorded,
                                                                             tmp_path):

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bench.tools import oci_layout_of_tar
 from rafs.oci import (
     ANNOTATION_RAFS_BOOTSTRAP_DIGEST,
     MEDIA_TYPE_RAFS_BOOTSTRAP,
@@ -25,7 +24,7 @@ from rafs.oci import (
     OCILayout,
 )
 from tests.helpers.mounts import rafs_cmd
-from tests.helpers.ocibuild import build_oci_image, file_entry
+from tests.helpers.ocibuild import build_oci_image, build_oci_image_of_tars, file_entry
 from tests.helpers.procs import assert_clean_error, run
 
 
@@ -75,9 +74,7 @@ LAYERS: dict[str, bytes] = {
 
 
 def layout_with_layer(tmp_path: Path, data: bytes) -> Path:
-    tar = tmp_path / "layer.tar"
-    tar.write_bytes(data)
-    oci_layout_of_tar(tmp_path / "src", "v1", tar)
+    build_oci_image_of_tars(tmp_path / "src", "v1", [data])
     return tmp_path / "src"
 
 

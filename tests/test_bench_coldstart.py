@@ -24,6 +24,8 @@ import pytest
 from bench.coldstart import SCENARIOS, SUMMARY_KEYS
 from bench.peers import estargz
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.containerd]
+
 REPO = Path(__file__).resolve().parent.parent
 
 

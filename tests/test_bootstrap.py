@@ -190,6 +190,7 @@ def test_readdir_resumes_from_any_cookie(image):
             assert list(boot.readdir(wide, cookie)) == full[k + 1:]
 
 
+@pytest.mark.root
 def test_fsck_erofs_accepts_the_bootstrap_and_extracts_the_same_tree(image, tmp_path):
     parts, boot, _, flats = image
     devices = [f"--device={f}" for f in flats]
@@ -207,6 +208,7 @@ def test_fsck_erofs_accepts_the_bootstrap_and_extracts_the_same_tree(image, tmp_
         p: (r[0] & ~0o7000, r[3], r[7], r[9]) for p, r in expected.items() if p != b"/"}
 
 
+@pytest.mark.kernel
 def test_kernel_mounts_the_bootstrap_with_the_same_tree(image, tmp_path):
     parts, boot, _, flats = image
     with erofs_mounted(boot, tmp_path / "mnt", flats) as mnt:

@@ -37,6 +37,8 @@ from tests.helpers.containerd import (
     unmount_under,
 )
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.containerd]
+
 CYCLES = 50
 SEED = int(os.environ.get("RAFS_CHURN_SEED", "20261203"))
 PLACES = ("before-pull", "during-pull", "after-pull", "after-run", "after-remove")

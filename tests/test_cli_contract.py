@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,8 @@ import pytest
 from tests.helpers.mounts import REPO_ROOT, mounted, rafs_cmd, rafs_mounts
 from tests.helpers.ocibuild import build_docker_archive, build_oci_image, file_entry
 from tests.helpers.registries import READER_PASSWORD, READER_USER
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_RUNTIME, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_CLOSED_STDOUT = 125, 126, 127, 141
@@ -56,6 +61,10 @@ class Workspace:
     registry: str  # host:port of a registry that takes pushes
     token_registry: str  # host:port of a token-auth registry
     mnt: Path  # a rafs mount of ``rafs``
+    shared: Path  # a directory nobody can enter (pytest's tmp is root's only): a copy of
+    # ``rafs`` (shared/rafs:v1), an empty mount point and a cache directory nobody may use
+    user_mnt: Path
+    user_cache: Path
 
     def missing(self, name: str = "nothing") -> Path:
         return self.dir / "missing" / name
@@ -70,7 +79,8 @@ class Case:
     user: str = "root"  # or "nobody"
     stdout: str = "pipe"  # or "closed": the reader of stdout has gone
     writes: Callable[[Workspace], Path] | None = None  # must not exist afterwards
-    env: tuple[tuple[str, str], ...] = ()  # more environment
+    env: tuple[tuple[str, str], ...] = ()  # more environment ({shared}: ws.shared)
+    no_fuse_device: bool = False  # /dev/fuse is root's only (0600), whatever the host has
 
 
 CASES = [
@@ -86,6 +96,13 @@ CASES = [
     Case("run: no image", lambda w: ["run"], EXIT_RUNTIME, "IMAGE"),
     Case("optimize: bad --net", lambda w: ["optimize", "--net", "x", w.plain, w.plain],
          EXIT_RUNTIME, "invalid choice"),
+    Case("mount: no transport", lambda w: ["mount", "foo", str(w.mnt)], EXIT_ERROR,
+         "`rafs mount` takes oci:DIR[:TAG] or docker://"),
+    Case("mount: docker-archive", lambda w: ["mount", f"docker-archive:{w.archive}",
+                                             str(w.dir / "m1")],
+         EXIT_ERROR, "as IMAGE, not a `docker save` archive"),
+    Case("umount: bad --timeout", lambda w: ["umount", "--timeout", "soon", str(w.mnt)],
+         EXIT_USAGE, "--timeout"),
     Case("mount: bad --mode", lambda w: ["mount", "--mode", "fusee", w.rafs, str(w.mnt),
                                          "--cache-dir", str(w.dir / "c")],
          EXIT_USAGE, "invalid choice: 'fusee'"),
@@ -164,6 +181,18 @@ CASES = [
     Case("ps as nobody", lambda w: ["ps", "-q"], EXIT_OK, user="nobody"),
     Case("ls as nobody", lambda w: ["ls"], EXIT_OK, user="nobody"),
     Case("image prune as nobody", lambda w: ["image", "prune"], EXIT_OK, user="nobody"),
+    Case("mount as nobody", lambda w: ["mount", f"oci:{w.shared}/rafs:v1", str(w.user_mnt),
+                                       "--cache-dir", str(w.user_cache)],
+         EXIT_ERROR, "/dev/fuse: Permission denied", user="nobody", no_fuse_device=True,
+         env=(("XDG_RUNTIME_DIR", "{shared}/xdg"),)),  # its run dir: <xdg>/rafs, ours
+    Case("stats as nobody on root's mount", lambda w: ["stats", str(w.mnt)], EXIT_ERROR,
+         "{mnt} belongs to root's rafs; run as root", user="nobody"),
+    Case("trace as nobody on root's mount", lambda w: ["trace", str(w.mnt)], EXIT_ERROR,
+         "belongs to root's rafs; run as root", user="nobody"),
+    Case("umount as nobody on root's mount", lambda w: ["umount", str(w.mnt)], EXIT_ERROR,
+         "belongs to root's rafs; run as root", user="nobody"),
+    Case("umount --force as nobody on root's mount", lambda w: ["umount", "-f", str(w.mnt)],
+         EXIT_ERROR, "belongs to root's rafs; run as root", user="nobody"),
     Case("bench as nobody", lambda w: ["bench", "--quick"], EXIT_ERROR,
          "rafs bench needs root", user="nobody"),
     Case("bench: corpus cannot be built", lambda w: ["bench", "--quick", "--out",
@@ -190,6 +219,12 @@ CASES = [
     Case("cache: no cache there", lambda w: ["cache", "status", "--cache-dir",
                                              str(w.missing("cache"))],
          EXIT_ERROR, "no cache at"),
+    Case("cache prune: bad --to", lambda w: ["cache", "prune", "--to", "lots", "--cache-dir",
+                                             str(w.dir / "cache")],
+         EXIT_USAGE, "argument --to: bad size 'lots'"),
+    Case("cache verify | closed", lambda w: ["cache", "verify", "--json", "--cache-dir",
+                                             str(w.dir / "cache")],
+         EXIT_CLOSED_STDOUT, stdout="closed"),
     Case("cache: unknown subcommand", lambda w: ["cache", "bogus"], EXIT_USAGE,
          "invalid choice: 'bogus'"),
     Case("cache status | closed", lambda w: ["cache", "status", "--json", "--cache-dir",
@@ -237,17 +272,27 @@ def ws(tmp_path_factory: pytest.TempPathFactory, registry, registry_token) -> It
     truncated.write_bytes(archive.read_bytes()[:100_000])
     (base / "relative.list").write_text("/etc/hostname\netc/relative\n")
     (base / "dotdot.list").write_text("/../etc/passwd\n")
+    shared = Path(tempfile.mkdtemp(prefix="rafs-contract-"))
+    os.chmod(shared, 0o755)
     w = Workspace(
         dir=base, run=base / "run", root=base / "root", plain=f"oci:{base}/plain:v1",
         rafs=f"oci:{base}/rafs:v1", archive=archive, truncated=truncated,
         prefetch_relative=base / "relative.list", prefetch_dotdot=base / "dotdot.list",
         down=f"127.0.0.1:{_free_port()}", registry=registry.host,
-        token_registry=registry_token.host, mnt=base / "mnt")
-    subprocess.run(rafs_cmd("convert", w.plain, w.rafs, "--no-progress"), env=_rafs_env(w),
-                   check=True, capture_output=True)
-    with mounted(w.rafs, w.mnt, base / "cache", env={"RAFS_RUN_DIR": str(w.run)}):
-        (w.mnt / "etc" / "hostname").read_bytes()  # something for `rafs trace`
-        yield w
+        token_registry=registry_token.host, mnt=base / "mnt", shared=shared,
+        user_mnt=shared / "mnt", user_cache=shared / "cache")
+    try:
+        for d in (w.user_mnt, w.user_cache, shared / "xdg"):
+            d.mkdir()
+            os.chmod(d, 0o777)
+        subprocess.run(rafs_cmd("convert", w.plain, w.rafs, "--no-progress"),
+                       env=_rafs_env(w), check=True, capture_output=True)
+        shutil.copytree(base / "rafs", shared / "rafs")
+        with mounted(w.rafs, w.mnt, base / "cache", env={"RAFS_RUN_DIR": str(w.run)}):
+            (w.mnt / "etc" / "hostname").read_bytes()  # something for `rafs trace`
+            yield w
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @dataclass
@@ -298,19 +343,56 @@ def _snapshot(ws: Workspace) -> Snapshot:
                     _daemons(ws))
 
 
+def _says(case: Case, ws: Workspace) -> str:
+    return case.says.replace("{down}", ws.down).replace("{mnt}", str(ws.mnt))
+
+
+def _reachable_by_others(path: str) -> bool:
+    """Whether a user who is neither owner nor group may execute ``path`` (every
+    directory on the way searchable, the file executable, for "other")."""
+    real = Path(os.path.realpath(path))
+    return all(os.stat(p).st_mode & 0o001 for p in [real, *real.parents])
+
+
+def _python_for_nobody() -> tuple[str, list[str]]:
+    """An interpreter nobody can execute, and what its PYTHONPATH needs. The daemon of
+    `rafs mount` is started with ``sys.executable``: when this test's venv sits on an
+    interpreter below a directory nobody may enter (pyenv in root's home), the system's
+    python of the same version runs it with the venv's packages."""
+    if _reachable_by_others(sys.executable):
+        return sys.executable, []
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    assert os.path.exists(system) and _reachable_by_others(system), (
+        f"no python {sys.version_info[:2]} that user nobody may execute")
+    site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
+    return system, site
+
+
+#: What `no_fuse_device` runs the row in: a private mount namespace whose /dev/fuse is a
+#: root-only node (as on a host that does not give users FUSE), gone with the process.
+_NO_FUSE_DEVICE = ('d=$(mktemp -d) && mknod -m 0600 "$d/fuse" c 10 229 && '
+                   'mount --bind "$d/fuse" /dev/fuse && rm -r "$d" && exec "$@"')
+
+
 def _argv(case: Case, ws: Workspace) -> list[str]:
     args = [a.replace("{down}", ws.down) for a in case.argv(ws)]
     argv = rafs_cmd(*args)
     if case.user == "nobody":
-        return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv]
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                _python_for_nobody()[0], *argv[1:]]
+    if case.no_fuse_device:
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _NO_FUSE_DEVICE,
+                "sh", *argv]
     return argv
 
 
 def _env(case: Case, ws: Workspace) -> dict[str, str]:
+    extra = {k: v.replace("{shared}", str(ws.shared)) for k, v in case.env}
     if case.user == "nobody":  # what a login of nobody has: no RAFS_* of ours
+        path = os.pathsep.join([str(REPO_ROOT), *_python_for_nobody()[1]])
         return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent",
-                "PYTHONPATH": str(REPO_ROOT), **dict(case.env)}
-    return _rafs_env(ws) | dict(case.env)
+                "PYTHONPATH": path, **extra}
+    return _rafs_env(ws) | extra
 
 
 def _run(case: Case, ws: Workspace) -> subprocess.CompletedProcess[str]:
@@ -341,7 +423,7 @@ def test_every_command_keeps_the_contract(case: Case, ws: Workspace) -> None:
         assert "\n" not in message, f"more than one line on stderr\n{shown}"
         assert message.startswith("rafs: error: "), shown
         assert "internal error" not in message, shown
-        assert case.says.replace("{down}", ws.down) in message, shown
+        assert _says(case, ws) in message, shown
     else:
         assert res.stderr == "", shown
     after = _snapshot(ws)
@@ -373,6 +455,20 @@ def test_version_is_the_package_version() -> None:
     res = subprocess.run([sys.executable, "-m", "runtime.cli", "--version"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True)
     assert res.stdout.strip() == f"rafs {version('rafs')}" == f"rafs {rafs.version()}"
+
+
+def test_ls_shows_the_daemons_version_and_marks_none_of_this_rafs(ws: Workspace) -> None:
+    import rafs
+
+    env = _rafs_env(ws)
+    res = subprocess.run(rafs_cmd("ls", "--json"), env=env, capture_output=True, text=True,
+                         check=True)
+    (ours,) = [m for m in json.loads(res.stdout) if m["mountpoint"] == str(ws.mnt)]
+    assert ours["version"] == rafs.version() and ours["state"] == "serving"
+    table = subprocess.run(rafs_cmd("ls"), env=env, capture_output=True, text=True,
+                           check=True).stdout
+    (row,) = [line for line in table.splitlines() if line.startswith(f"{ws.mnt} ")]
+    assert f" {rafs.version()} " in row and "*" not in row, table
 
 
 # -- the mechanism itself, in process ---------------------------------------------------

@@ -22,6 +22,8 @@ from tests.helpers.mounts import REPO_ROOT, is_mounted, rafs_cmd, rafs_mounts
 from tests.helpers.ocibuild import build_oci_image, file_entry
 from tests.helpers.procs import assert_clean_error, run
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:

@@ -42,6 +42,8 @@ from tests.helpers.containerd import (
 )
 from tests.helpers.mounts import rafs_cmd, read_stats
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.containerd]
+
 NUMPY = ["python3", "-c", "import numpy; print(numpy.__version__)"]
 
 

@@ -21,6 +21,8 @@ import pytest
 
 from tests.helpers.layerprop import cases_from_seeds, check_cases
 
+pytestmark = [pytest.mark.root]
+
 SEEDS = range(8)
 PER_IMAGE = 40  # 8 x 40 = 320 cases, about one image and two mounts per seed
 

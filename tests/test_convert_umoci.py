@@ -14,6 +14,8 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from converter.convert import ConvertOptions, convert
 from rafs import image as rafs_image
 from rafs.bootstrap import Bootstrap
@@ -22,6 +24,8 @@ from tests.helpers.edgecases import LAYERS
 from tests.helpers.ocibuild import build_oci_image
 from tests.helpers.treecmp import FIELDS, IGNORED_XATTRS, walk_tree
 from tests.helpers.umoci import umoci_unpack
+
+pytestmark = [pytest.mark.root]
 
 _KIND = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
          stat.S_IFCHR: "chardev", stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo",

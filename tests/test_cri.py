@@ -55,6 +55,8 @@ from tests.helpers.mounts import read_stats
 from tests.helpers.pause import push_pause_image
 from tests.helpers.registries import AuthRegistry
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.containerd]
+
 NUMPY = ["python3", "-c", "import numpy; print('numpy', numpy.__version__)"]
 NUMPY_OUT = re.compile(r"numpy \d+\.\d+\.\d+")
 

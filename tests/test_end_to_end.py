@@ -24,6 +24,8 @@ from tests.helpers.procs import run
 from tests.helpers.treecmp import compare_trees
 from tests.helpers.umoci import umoci_unpack
 
+pytestmark = [pytest.mark.fuse]
+
 
 @pytest.fixture(params=["synthetic", "debian"], scope="module")
 def converted(request, tmp_path_factory):

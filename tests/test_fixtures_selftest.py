@@ -37,6 +37,8 @@ from tests.helpers.procs import CommandTimeout, assert_clean_error, run
 from tests.helpers.treecmp import compare_trees, walk_tree
 from tests.helpers.umoci import umoci_unpack
 
+pytestmark = [pytest.mark.root]
+
 MTIME = 1_600_000_000
 LONG_DIR = "long-" + "d" * 120  # one component, 125 bytes: needs a PAX path record
 LONG_NAME = f"{LONG_DIR}/{'f' * 150}.txt"

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
 from fused.cacheindex import CacheIndex
@@ -160,6 +161,7 @@ def _rows(cache: Path) -> int:
         db.close()
 
 
+@pytest.mark.fuse
 def test_kill_9_in_the_middle_of_eviction_leaves_a_cache_verify_finds_clean(tmp_path: Path):
     img, files, cache, total = _populate_many(tmp_path)
     assert total > 2000
@@ -196,6 +198,7 @@ def test_kill_9_in_the_middle_of_eviction_leaves_a_cache_verify_finds_clean(tmp_
     assert any(0 < n < total for n in killed_at), killed_at  # killed mid-way at least once
 
 
+@pytest.mark.fuse
 def test_readers_and_evictors_in_other_processes_interleave_safely(tmp_path: Path):
     files = random_files(30, 20_000, 250_000)
     img = files_image(tmp_path / "img", files)
@@ -235,6 +238,7 @@ def test_readers_and_evictors_in_other_processes_interleave_safely(tmp_path: Pat
     assert res.returncode == 0 and json.loads(res.stdout)["bad"] == 0, res.stdout
 
 
+@pytest.mark.fuse
 def test_a_full_disk_does_not_fail_reads(tmp_path: Path):
     files = random_files(20, 100_000, 300_000)
     img = files_image(tmp_path / "img", files)

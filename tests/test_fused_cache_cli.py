@@ -50,6 +50,7 @@ def test_limits_take_a_share_of_the_file_system() -> None:
         parse_limit("150%")
 
 
+@pytest.mark.root
 def test_the_default_cache_dir_and_the_config_file(tmp_path: Path, monkeypatch) -> None:
     conf = tmp_path / "rafs.toml"
     conf.write_text('[cache]\ndir = "/srv/rafs-cache"\nmax = "20G"\nmin_free = "10%"\n')

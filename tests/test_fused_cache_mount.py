@@ -30,6 +30,8 @@ from tests.helpers.mounts import mounted, rafs_cmd, rafs_mounts, read_stats
 from tests.helpers.ocibuild import build_oci_image, file_entry
 from tests.helpers.procs import assert_clean_error, run
 
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
+
 MODES = ("fuse", "kernel")
 CHUNK = 256 << 10
 WINDOW = 8 * CHUNK  # one fetch window: 8 requests of one chunk (amplification = 1 chunk)

@@ -26,6 +26,8 @@ from tests.helpers.images import ImageParts
 from tests.helpers.mounts import fuse_mounts, is_mounted, mounted, rafs_cmd, read_stats
 from tests.helpers.procs import assert_clean_error, run
 
+pytestmark = [pytest.mark.fuse]
+
 CS = 64 * 1024
 MTIME = 1_600_000_000
 

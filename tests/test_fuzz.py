@@ -65,6 +65,7 @@ def test_hundreds_of_hostile_images_in_process(seed, tmp_path):
     assert row["refused"] > 50 and row["read"] > 50, _report(tally)  # both paths exercised
 
 
+@pytest.mark.fuse
 def test_hostile_images_mounted_in_fuse_mode(seed, tmp_path):
     rng = random.Random(SEED + 1)
     tally = fuzzing.Tally()
@@ -98,6 +99,8 @@ def test_validated_hostile_images_mounted_in_kernel_mode(seed, tmp_path):
     _nothing_left(tmp_path)
 
 
+@pytest.mark.fuse
+@pytest.mark.kernel
 @pytest.mark.parametrize("mode", ["fuse", "kernel"])
 def test_the_fuzzer_sees_a_hang_and_still_cleans_up(seed, tmp_path, mode, monkeypatch):
     """A daemon that never answers (stopped with SIGSTOP): the reader is a hang, the FUSE

@@ -94,6 +94,7 @@ def _image(tmp_path: Path, case: str, bait: Path) -> tuple[str, dict[str, bytes]
     return f"oci:{tmp_path / 'src'}:t", expected
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_eager_unpack_stays_inside_the_root(tmp_path: Path, bait: Path, case: str) -> None:
     src, expected = _image(tmp_path, case, bait)

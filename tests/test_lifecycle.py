@@ -30,6 +30,8 @@ from tests.helpers.images import ImageParts
 from tests.helpers.mounts import mounted, rafs_cmd, rafs_mounts, read_stats
 from tests.helpers.procs import assert_clean_error, run
 
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
+
 CS = 64 * 1024
 MTIME = 1_600_000_000
 REPO = Path(__file__).resolve().parent.parent

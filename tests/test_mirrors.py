@@ -36,6 +36,8 @@ from tests.helpers.mirrors import (
 from tests.helpers.mounts import mounted, rafs_cmd, read_stats
 from tests.helpers.procs import assert_clean_error, run
 
+pytestmark = [pytest.mark.fuse]
+
 FILES, SIZE, CHUNK = 120, 96 << 10, 64 << 10
 LAZY = ["--no-prefetch", "--amplify-bytes", "0"]  # every file read is its own fetch
 

@@ -180,11 +180,14 @@ def python_rootfs(debian_image, tmp_path_factory) -> Path:
     return umoci_unpack(src, tag, tmp_path_factory.mktemp("umoci") / "bundle")
 
 
+@pytest.mark.fuse
+@pytest.mark.root
 def test_the_registry_mount_shows_what_umoci_unpacks(rafs_python_ref, python_rootfs, tmp_path):
     with mounted(rafs_python_ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
         assert compare_trees(python_rootfs, mnt, ignore={b"."}) == []
 
 
+@pytest.mark.fuse
 def test_one_small_file_costs_the_bootstrap_and_one_amplified_range(
     registry, rafs_python_ref, tmp_path
 ):
@@ -205,6 +208,7 @@ def test_one_small_file_costs_the_bootstrap_and_one_amplified_range(
     assert sum(g.body_bytes for g in gets) <= bootstrap.size + AMPLIFY
 
 
+@pytest.mark.fuse
 def test_concurrent_readers_of_one_chunk_cause_one_range_request(
     registry, rafs_python_ref, tmp_path
 ):
@@ -230,6 +234,7 @@ def test_concurrent_readers_of_one_chunk_cause_one_range_request(
         assert read_stats(mnt)["stats"]["backend_requests"] == 1
 
 
+@pytest.mark.fuse
 def test_the_cli_pushes_to_and_mounts_from_the_registry(registry, rafs_python_ref, tmp_path):
     with mounted(rafs_python_ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
         res = subprocess.run(["chroot", str(mnt), "python3", "-c", "print(6 * 7)"],
@@ -240,6 +245,7 @@ def test_the_cli_pushes_to_and_mounts_from_the_registry(registry, rafs_python_re
         assert 0 < stats["stats"]["backend_bytes"] < 30 << 20
 
 
+@pytest.mark.fuse
 def test_a_chunk_dictionary_in_the_registry_is_mounted_not_uploaded(
     registry, rafs_python_ref, debian_numpy_image, tmp_path
 ):

@@ -53,6 +53,7 @@ def _one_line_error(res, *needles: str) -> None:
         assert needle in res.stderr, res.stderr
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("kind", ["basic", "token"])
 def test_push_and_mount_with_credentials_from_each_source(
     kind, request, small_image, tmp_path

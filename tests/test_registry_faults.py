@@ -22,6 +22,8 @@ from rafs.oci import parse_image_ref
 from tests.helpers.faultproxy import Fault, FaultProxy, Request
 from tests.helpers.mounts import mounted, read_stats
 
+pytestmark = [pytest.mark.fuse]
+
 FILE = "usr/bin/python3.11"  # several MiB: a few chunks, more than one amplified request
 SMALL = "etc/debian_version"
 FETCH_TIMEOUT = 3.0

@@ -4,8 +4,8 @@ asks for credentials, takes the right ones, and itself rejects forged tokens."""
 from __future__ import annotations
 
 import base64
-import subprocess
 import json
+import subprocess
 import time
 from pathlib import Path
 

@@ -13,8 +13,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.mounts import mounted, rafs_cmd, read_stats
 from tests.helpers.procs import run
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root]  # a chroot on the mount
 
 WORKLOAD = ["python3", "-c", "import numpy"]
 

@@ -29,6 +29,8 @@ from tests.helpers.procs import assert_clean_error, run
 from tests.helpers.treecmp import compare_trees
 from tests.helpers.umoci import umoci_unpack
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
 NUMPY_CMD = ["python3", "-c", "import numpy; print(numpy.__version__)"]
 RUN_DIR = Path(os.environ.get("RAFS_RUN_DIR", "/nonexistent"))
 

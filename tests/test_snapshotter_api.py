@@ -23,6 +23,8 @@ from snapshotter.labels import remote_request
 from snapshotter.service import claim, start_server
 from snapshotter.snapshots import ROLE_BLOB, ROLE_BOOTSTRAP, Snapshotter
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.containerd]
+
 
 class Client:
     """A snapshotter on ``root`` served on a socket, and a stub talking to it."""
@@ -247,8 +249,8 @@ def test_rafs_layers_are_recognised_from_rpull_and_cri_labels(
     registry, rafs_python_ref: str, debian_image: tuple[Path, str]  # type: ignore[no-untyped-def]
 ) -> None:
     from fused.options import MountOptions
-    from rafs.registry import RegistryClient
     from rafs.oci import parse_image_ref
+    from rafs.registry import RegistryClient
     from snapshotter.remote import FusedRemote
 
     ref = parse_image_ref(rafs_python_ref)

@@ -27,6 +27,8 @@ from tests.helpers.images import ImageParts
 from tests.helpers.mounts import rafs_cmd, rafs_mounts, read_stats
 from tests.helpers.procs import assert_clean_error, run
 
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.containerd]
+
 
 def accepts(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -23,6 +23,8 @@ from tests.helpers.mounts import mounted
 from tests.helpers.ocibuild import build_oci_image, dir_entry, file_entry, symlink_entry
 from tests.helpers.umoci import umoci_unpack
 
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
+
 LINKS = {
     "etc/localtime": b"/usr/share/zoneinfo/UTC",  # absolute (and dangling here)
     "usr/lib/libgone.so": b"libgone.so.1",  # dangling

@@ -21,6 +21,8 @@ from runtime.image import resolve_image
 from runtime.unpack import ensure_rootfs, unpack_into
 from tests.helpers.ocibuild import Entry, build_oci_image, dir_entry, file_entry
 
+pytestmark = [pytest.mark.root]
+
 
 def _unpack(tmp_path: Path, layers: list[list[Entry]]) -> Path:
     build_oci_image(tmp_path / "src", "t", layers)

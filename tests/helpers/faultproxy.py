@@ -391,34 +391,10 @@ class FaultProxy:
         head = raw_head
         if fault is not None and fault.kind == "ignore_range":
             head = _drop_header(raw_head, b"range")
-        if upstream is None or up_reader is None:
-            upstream, up_reader = self._connect()
-        assert upstream is not None and up_reader is not None
-        try:
-            upstream.sendall(head)
-            _relay_request_body(reader, req.headers, upstream.sendall)
-            resp = _read_response(up_reader, req.method)
-        except (OSError, _Closed):
-            # the kept-alive upstream connection went away: one fresh try when no
-            # request body had to be sent (we cannot replay a body we streamed)
-            if _has_body(req.headers):
-                raise
-            self._drop(upstream, up_reader)
-            upstream, up_reader = self._connect()
-            assert upstream is not None and up_reader is not None
-            upstream.sendall(head)
-            resp = _read_response(up_reader, req.method)
-
+        upstream, up_reader, resp = self._forward(head, req, reader, upstream, up_reader)
         rec.status = resp.status
         client.sendall(resp.head)
-        keep_bytes: int | None = None
-        flip_at: int | None = None
-        if fault is not None and fault.kind == "truncate":
-            keep_bytes = fault.keep_bytes
-            if keep_bytes is None:
-                keep_bytes = max(resp.length or 0, 0) // 2
-        if fault is not None and fault.kind == "flip":
-            flip_at = fault.offset if fault.offset is not None else max(resp.length or 0, 0) // 2
+        keep_bytes, flip_at = _body_faults(fault, resp)
         sent, complete = _relay_response_body(up_reader, resp, client.sendall, keep_bytes, flip_at)
         rec.body_bytes = sent
         rec.seconds = time.monotonic() - started
@@ -429,6 +405,38 @@ class FaultProxy:
         if resp.length == -1 or resp.headers.get("connection", "").lower() == "close":
             return upstream, up_reader, False
         return upstream, up_reader, req.headers.get("connection", "").lower() != "close"
+
+
+    def _forward(self, head: bytes, req: Request, reader: BinaryIO,
+                 upstream: socket.socket | None, up_reader: BinaryIO | None
+                 ) -> tuple[socket.socket, BinaryIO, _Response]:
+        """Send the request upstream (on the kept-alive connection, or a new one) and
+        read the answer's head: (the connection used, its reader, the answer)."""
+        if upstream is None or up_reader is None:
+            upstream, up_reader = self._connect()
+        try:
+            upstream.sendall(head)
+            _relay_request_body(reader, req.headers, upstream.sendall)
+            return upstream, up_reader, _read_response(up_reader, req.method)
+        except (OSError, _Closed):
+            # the kept-alive upstream connection went away: one fresh try when no
+            # request body had to be sent (we cannot replay a body we streamed)
+            if _has_body(req.headers):
+                raise
+            self._drop(upstream, up_reader)
+            upstream, up_reader = self._connect()
+            upstream.sendall(head)
+            return upstream, up_reader, _read_response(up_reader, req.method)
+
+
+def _body_faults(fault: Fault | None, resp: _Response) -> tuple[int | None, int | None]:
+    """(bytes of the body to send before breaking off, offset of the byte to flip)."""
+    half = max(resp.length or 0, 0) // 2
+    if fault is not None and fault.kind == "truncate":
+        return (half if fault.keep_bytes is None else fault.keep_bytes), None
+    if fault is not None and fault.kind == "flip":
+        return None, (half if fault.offset is None else fault.offset)
+    return None, None
 
 
 # -- HTTP/1.1 framing --------------------------------------------------------

@@ -520,13 +520,13 @@ async def _op(out: Outcome, what: str, coro_fn, *args):  # type: ignore[no-untyp
 
 
 async def _read_fuse(ops: Operations, boot: Bootstrap, expect: _Expect, out: Outcome) -> None:
-    ctx = None
+    """Walk the whole tree through the adapter: every entry looked up, stat'ed, its
+    xattrs, links and file data read (and checked)."""
     seen_dirs = {ROOT_INO}
     queue = [(ROOT_INO, b"/")]
-    cs = boot.chunk_size
     while queue and not out.hang:
         ino, path = queue.pop()
-        fh, err = await _op(out, f"opendir {path!r}", ops.opendir, ino, ctx)
+        fh, err = await _op(out, f"opendir {path!r}", ops.opendir, ino, None)
         if err is not None:
             continue
         token: list[tuple[bytes, pyfuse3.EntryAttributes, int]] = []
@@ -535,42 +535,54 @@ async def _read_fuse(ops: Operations, boot: Bootstrap, expect: _Expect, out: Out
         for name, _attr, _cookie in token:
             out.entries += 1
             child = path.rstrip(b"/") + b"/" + name
-            entry, err = await _op(out, f"lookup {child!r}", ops.lookup, ino, name, ctx)
-            if err is not None or entry is None:
+            entry = await _visit_entry(ops, ino, name, child, out)
+            if entry is None:
                 continue
-            await _op(out, f"getattr {child!r}", ops.getattr, entry.st_ino, ctx)
-            names, err = await _op(out, f"listxattr {child!r}", ops.listxattr, entry.st_ino,
-                                   ctx)
-            for xname in names or ():
-                await _op(out, f"getxattr {child!r}", ops.getxattr, entry.st_ino, xname, ctx)
             mode = entry.st_mode
-            if stat.S_ISDIR(mode):
-                if entry.st_ino not in seen_dirs:
-                    seen_dirs.add(entry.st_ino)
-                    queue.append((entry.st_ino, child))
+            if stat.S_ISDIR(mode) and entry.st_ino not in seen_dirs:
+                seen_dirs.add(entry.st_ino)
+                queue.append((entry.st_ino, child))
             elif stat.S_ISLNK(mode):
-                await _op(out, f"readlink {child!r}", ops.readlink, entry.st_ino, ctx)
+                await _op(out, f"readlink {child!r}", ops.readlink, entry.st_ino, None)
             elif stat.S_ISREG(mode):
-                fi, err = await _op(out, f"open {child!r}", ops.open, entry.st_ino,
-                                    os.O_RDONLY, ctx)
-                if err is not None:
-                    continue
-                want = expect.file(ops.vfs.nid(entry.st_ino))
-                offset = 0
-                while offset < entry.st_size and not out.hang:
-                    data, err = await _op(out, f"read {child!r} at {offset}", ops.read,
-                                          fi.fh, offset, 128 << 10)
-                    if err is not None:
-                        out.eio += 1
-                        break
-                    if not data:
-                        break
-                    bad = _check_file_read(want, cs, offset, bytes(data))
-                    if bad:
-                        out.wrong.append(f"{child!r}: {bad}")
-                        break
-                    offset += len(data)
-                await ops.release(fi.fh)
+                await _read_fuse_file(ops, entry, child, expect, boot.chunk_size, out)
+
+
+async def _visit_entry(ops: Operations, parent: int, name: bytes, child: bytes,
+                       out: Outcome) -> pyfuse3.EntryAttributes | None:
+    """lookup, getattr, listxattr and every getxattr of one entry; its attributes."""
+    entry, err = await _op(out, f"lookup {child!r}", ops.lookup, parent, name, None)
+    if err is not None or entry is None:
+        return None
+    await _op(out, f"getattr {child!r}", ops.getattr, entry.st_ino, None)
+    names, err = await _op(out, f"listxattr {child!r}", ops.listxattr, entry.st_ino, None)
+    for xname in names or ():
+        await _op(out, f"getxattr {child!r}", ops.getxattr, entry.st_ino, xname, None)
+    return entry
+
+
+async def _read_fuse_file(ops: Operations, entry: pyfuse3.EntryAttributes, child: bytes,
+                          expect: _Expect, chunk_size: int, out: Outcome) -> None:
+    """Read one regular file to its end, checking every piece against ``expect``."""
+    fi, err = await _op(out, f"open {child!r}", ops.open, entry.st_ino, os.O_RDONLY, None)
+    if err is not None:
+        return
+    want = expect.file(ops.vfs.nid(entry.st_ino))
+    offset = 0
+    while offset < entry.st_size and not out.hang:
+        data, err = await _op(out, f"read {child!r} at {offset}", ops.read, fi.fh, offset,
+                              128 << 10)
+        if err is not None:
+            out.eio += 1
+            break
+        if not data:
+            break
+        bad = _check_file_read(want, chunk_size, offset, bytes(data))
+        if bad:
+            out.wrong.append(f"{child!r}: {bad}")
+            break
+        offset += len(data)
+    await ops.release(fi.fh)
 
 
 async def _read_blobs(ops: BlobOperations, boot: Bootstrap, expect: _Expect,
@@ -793,9 +805,7 @@ def _teardown(work: Path, run_dir: Path, mnt: Path, env: dict[str, str], out: Ou
     prefixes = [str(mnt), str(run_dir)]
     if out.hang:  # it did not answer once: do not wait for it again, take it down
         for pid in _daemon_pids(run_dir):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                os.kill(pid, signal.SIGCONT)
+            _kill_stopped(pid)
     elif _mounts_under(prefixes):
         code, _o, _err = _run(rafs_cmd("umount", mnt), env, 60)
         if code is None:
@@ -805,19 +815,7 @@ def _teardown(work: Path, run_dir: Path, mnt: Path, env: dict[str, str], out: Ou
         abort_fuse_under(str(run_dir))
         for mp in reversed(_mounts_under(prefixes)):
             subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
-    deadline = time.monotonic() + 15
-    pids = _daemon_pids(run_dir)
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        if _alive(pid):
-            out.hang.append(f"daemon {pid} still running after unmount")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                os.kill(pid, signal.SIGCONT)
-            deadline = time.monotonic() + 15
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+    _wait_daemons_gone(run_dir, out)
     for log_file in run_dir.glob("logs/*.log"):
         with contextlib.suppress(OSError):
             if "Traceback" in log_file.read_text(errors="replace"):
@@ -828,6 +826,29 @@ def _teardown(work: Path, run_dir: Path, mnt: Path, env: dict[str, str], out: Ou
     shutil.rmtree(work, ignore_errors=True)
     if not left:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _kill_stopped(pid: int) -> None:
+    """SIGKILL, and SIGCONT in case it was stopped (a stopped process dies only then)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGCONT)
+
+
+def _wait_daemons_gone(run_dir: Path, out: Outcome) -> None:
+    """Give the daemons 15 s to exit after the unmount; one still running is a hang (and
+    is killed)."""
+    deadline = time.monotonic() + 15
+    pids = _daemon_pids(run_dir)
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            out.hang.append(f"daemon {pid} still running after unmount")
+            _kill_stopped(pid)
+            deadline = time.monotonic() + 15
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def chunk_record_inconsistent(seed: Seed) -> bytes:

@@ -35,6 +35,7 @@ __all__ = [
     "ImageConfig",
     "build_docker_archive",
     "build_oci_image",
+    "build_oci_image_of_tars",
     "dir_entry",
     "file_entry",
     "layer_tar",
@@ -199,13 +200,25 @@ def build_oci_image(
     added to ``index.json`` under ``tag`` (an existing entry with that tag is
     replaced, others are kept). Returns the manifest digest (``sha256:...``).
     """
+    return build_oci_image_of_tars(layout_dir, tag, [layer_tar(e) for e in layers],
+                                   compression, config)
+
+
+def build_oci_image_of_tars(
+    layout_dir: Path,
+    tag: str,
+    tars: Sequence[bytes],
+    compression: Sequence[Compression] | Compression = "none",
+    config: ImageConfig | None = None,
+) -> str:
+    """``build_oci_image`` with layer tars given as bytes, as they are: also ones no
+    ``Entry`` list can describe (truncated, garbage, hostile names)."""
     layout_dir = Path(layout_dir)
-    codecs = _per_layer(compression, len(layers))
+    codecs = _per_layer(compression, len(tars))
     config = config or ImageConfig()
 
     layer_descs, diff_ids = [], []
-    for entries, codec in zip(layers, codecs, strict=True):
-        tar = layer_tar(entries)
+    for tar, codec in zip(tars, codecs, strict=True):
         diff_ids.append(_digest(tar))
         layer_descs.append(_write_blob(layout_dir, compress(tar, codec), MEDIA_TYPES[codec]))
 
