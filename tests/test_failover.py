@@ -31,6 +31,8 @@ from tests.helpers.procs import run
 from tests.helpers.readers import ReaderLoad
 from tests.helpers.umoci import umoci_unpack
 
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
+
 MODES = ["fuse", "kernel"]
 
 

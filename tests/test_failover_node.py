@@ -22,6 +22,8 @@ from tests.helpers.procs import run
 from tests.helpers.readers import ReaderLoad
 from tests.test_failover import env, expected, pid_gone, state, wait_serving  # noqa: F401
 
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
+
 MODES = ["fuse", "kernel"]
 
 
