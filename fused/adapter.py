@@ -18,6 +18,12 @@ stuck in ``request_wait_answer``) and end the main loop. ``forget`` has no
 reply, so its boundary logs and swallows. Together with the deadlines of
 ``fused.fetcher`` this is why every request gets an answer in bounded time.
 
+``init`` is the one handler that is not a request: libfuse calls it while it
+answers FUSE_INIT, before any request is read. A supervised worker takes over
+its FUSE device there (``fused.takeover.at_init``, which exits the process if
+that fails, so that the supervisor starts another worker: a worker that cannot
+serve answers nothing, and the kernel keeps its requests for the next one).
+
 Kernel caching: the image never changes while mounted, so entries, negative
 lookups and attributes are cached for a day. The filesystem is read-only:
 every modifying request is answered with EROFS (the ``ro`` mount option
@@ -37,6 +43,7 @@ import pyfuse3
 
 from rafs.errors import RafsError, to_errno
 
+from . import takeover
 from .errors import ReadOnlyError
 from .stats import Stats
 from .vfs import Attr, StatFs
@@ -161,6 +168,10 @@ class BaseOperations(pyfuse3.Operations):
         e.st_mtime_ns = attr.mtime_ns
         e.st_ctime_ns = attr.mtime_ns
         return e
+
+    def init(self) -> None:
+        """libfuse answers FUSE_INIT now: a supervised worker takes over its device."""
+        takeover.at_init()
 
     # -- metadata -----------------------------------------------------------
 

@@ -29,14 +29,10 @@ import pyfuse3
 
 from .adapter import BaseOperations, errno_boundary
 from .blobfs import BlobFs
+from .options import BLOB_MOUNT_OPTIONS
 from .stats import Stats
 
 __all__ = ["BLOB_MOUNT_OPTIONS", "BlobOperations"]
-
-# allow_other: the EROFS driver may read the blob files on behalf of any user's
-# page fault; the run directory (0700) keeps everyone else out of the mount.
-BLOB_MOUNT_OPTIONS = frozenset({"ro", "allow_other", "default_permissions",
-                                "fsname=rafs-blobs", "subtype=rafs-blobs"})
 
 REPLY_BUFFER = 1 << 20  # the largest read the kernel sends (libfuse 3.14: 256 pages)
 

@@ -1,4 +1,5 @@
-"""``rafs mount``, ``rafs umount``, ``rafs ls``, ``rafs stats`` and ``rafs trace``.
+"""``rafs mount``, ``rafs umount``, ``rafs ls``, ``rafs stats``, ``rafs trace``,
+``rafs upgrade`` and ``rafs daemon`` (the node service, ``fused.node``).
 
 Argument parsing and printing only: every command is one call into
 ``fused.client``, the API the runtime and the snapshotter use too.
@@ -20,7 +21,14 @@ from rafs.transports import MOUNT_IMAGE
 
 from . import client
 from .errors import MountError
-from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES, MODES, MountOptions
+from .options import (
+    DEFAULT_AMPLIFY,
+    DEFAULT_FETCH_TIMEOUT,
+    DEFAULT_RETRIES,
+    DEFAULT_SUPERVISE,
+    MODES,
+    MountOptions,
+)
 
 __all__ = ["add_hosts_dir_argument", "register"]
 
@@ -75,7 +83,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="registry credentials (default: REGISTRY_AUTH_FILE or "
                    "~/.docker/config.json)")
     add_hosts_dir_argument(p)
+    add_supervise_arguments(p)
     p.set_defaults(func=_cmd_mount)
+
+    p = subparsers.add_parser(
+        "upgrade", help="hand a supervised mount to a new daemon without unmounting",
+        description="Start a new worker (the code installed now, from a fresh interpreter) "
+        "on the running mount; the old one finishes the requests it has and exits. Readers "
+        "keep reading. Prints the new worker's pid and version.",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("-a", "--all", action="store_true",
+                   help="every supervised mount of this run directory")
+    p.set_defaults(func=_cmd_upgrade)
+
+    p = subparsers.add_parser(
+        "daemon", help="the node service: start every mount from a process that has "
+        "imported everything once",
+        description="Serve mount requests on <run dir>/node.sock until SIGTERM. `rafs mount`, "
+        "`rafs run` and the snapshotter use it when it runs (a mount then starts without a "
+        "new interpreter) and work without it. Its mounts outlive it.",
+    )
+    p.add_argument("--socket", metavar="PATH", help="default: <run dir>/node.sock")
+    p.set_defaults(func=_cmd_daemon)
 
     p = subparsers.add_parser("umount", help="unmount a rafs mount and stop its daemon")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
@@ -134,6 +164,32 @@ def add_hosts_dir_argument(p: argparse.ArgumentParser) -> None:
                    + DEFAULT_HOSTS_DIR + ")")
 
 
+def add_supervise_arguments(p: argparse.ArgumentParser) -> None:
+    """``--supervise``/``--no-supervise`` and the supervisor's knobs (``fused.supervisor``)."""
+    p.add_argument("--supervise", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_SUPERVISE,
+                   help="serve through a supervisor that replaces a daemon that dies without "
+                   "unmounting (readers see a delay, not an error) and allows `rafs upgrade` "
+                   f"(default: {'on' if DEFAULT_SUPERVISE else 'off'})")
+    p.add_argument("--standby", action=argparse.BooleanOptionalAction, default=True,
+                   help="supervised: keep a second daemon ready to take over at once "
+                   "(default: on; off halves the memory, a failover then starts one)")
+    p.add_argument("--max-crashes", type=int, default=5, metavar="N",
+                   help="supervised: give the mount up after N crashes within "
+                   "--crash-window (default %(default)s)")
+    p.add_argument("--crash-window", type=float, default=60.0, metavar="SECONDS",
+                   help="supervised: see --max-crashes (default %(default)s)")
+    p.add_argument("--no-resend", dest="resend", action="store_false",
+                   help=argparse.SUPPRESS)  # what a kernel without FUSE_NOTIFY_RESEND does
+
+
+def supervise_options(args: argparse.Namespace) -> dict[str, object]:
+    """The ``MountOptions`` fields of ``add_supervise_arguments``."""
+    return {"supervise": args.supervise, "standby": args.standby,
+            "max_crashes": args.max_crashes, "crash_window": args.crash_window,
+            "resend": args.resend}
+
+
 def _size(text: str) -> int:
     try:
         return sizes.parse_size(text)
@@ -149,7 +205,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                            insecure=True if args.insecure else None,
                            creds=parse_creds(args.creds), cache_max=args.cache_max,
                            cache_min_free=args.cache_min_free,
-                           hosts_dir=use_hosts_dir(args.hosts_dir) if args.hosts_dir else None)
+                           hosts_dir=use_hosts_dir(args.hosts_dir) if args.hosts_dir else None,
+                           **supervise_options(args))  # type: ignore[arg-type]
     if args.foreground:
         client.serve_foreground(args.image, args.mountpoint, options, on_ready=lambda: log.info(
             "mounted %s on %s", args.image, os.path.abspath(args.mountpoint)))
@@ -169,6 +226,28 @@ def _cmd_umount(args: argparse.Namespace) -> int:
         return 0
     client.unmount(args.mountpoint, lazy=args.lazy, force=args.force, timeout=args.timeout)
     return 0
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    if args.all == (args.mountpoint is not None):
+        raise MountError("give a MOUNTPOINT or --all, not both")
+    if args.mountpoint is not None:
+        done, failed = [client.upgrade(args.mountpoint)], []
+    else:
+        done, failed = client.upgrade_all()
+    for info in done:
+        print(f"{info.mountpoint}: worker {info.pid}, version {info.version}")
+    if failed:
+        raise MountError(f"could not upgrade {', '.join(failed)}")
+    return 0
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import node
+
+    return node.serve(Path(args.socket) if args.socket else node.node_socket())
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:

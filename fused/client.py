@@ -15,12 +15,21 @@ nothing below them::
     stats(mountpoint) -> dict
     metrics(mountpoint) -> str
     trace(mountpoint) -> list[str]
+    upgrade(mountpoint) -> MountInfo
+    upgrade_all() -> tuple[list[MountInfo], list[str]]
 
 **Mount**: under the mount point's lock (``runstate.mountpoint_lock``), leftovers
 on the mount point are undone first (instances whose owner is dead, a dead
 rafs mount nobody owns), then ``python -m fused.daemon`` is started detached
 (its own session, output to its log) with its configuration on a pipe, and the
-call returns once the daemon reports the mount ready. If the daemon reports an
+call returns once the daemon reports the mount ready. ``options.supervise``
+starts ``python -m fused.supervisor`` instead: the supervisor owns the
+instance and the mounts, and workers (``fused.worker``) serve it; a worker
+that dies is replaced without unmounting, and ``upgrade`` hands the mount to
+a worker running the code installed now. When the node service (``rafs
+daemon``, ``fused.node``) answers, it forks the daemon or supervisor from a
+process that has imported everything (no interpreter start); without it the
+process is spawned as described. If the daemon reports an
 error, dies, or is not ready in time, nothing stays mounted and MountError
 says why, in one line.
 
@@ -35,7 +44,10 @@ says why, in one line.
   before the blob mount, the daemon's processes get SIGKILL, and its run
   state goes once its lock is free;
 - a dead instance (its owner's lock is free, however it died): the same
-  without the kill; ``sweep`` does it for every dead instance.
+  without the kill, except for the workers of a supervisor that died, which
+  outlive it: after their connection is aborted, those still alive (named by
+  pid *and* start time in the state, never a pid alone) get SIGKILL;
+  ``sweep`` does it for every dead instance.
 
 **Another user's mount** (a FUSE mount's ``user_id``; EROFS is root's): a
 caller who is neither root nor that user gets ``NotOwnerError`` ("MNT belongs
@@ -44,7 +56,8 @@ to root's rafs; run as root") from ``stats``, ``metrics``, ``trace`` and
 libfuse printed to the daemon's log (``failed to open /dev/fuse: ...``).
 
 **States** ``list_mounts`` reports: ``serving`` (answers), ``starting``,
-``stopping``, ``recovering`` (its owner lives, its worker does not),
+``stopping``, ``recovering`` (its owner lives, its worker does not: a
+supervisor is replacing it),
 ``unresponsive`` (its owner lives but does not answer), ``dead`` (run state
 or mount of a daemon that is gone), ``unknown`` (a rafs mount this run
 directory knows nothing about: another ``$RAFS_RUN_DIR``'s, or its state was
@@ -74,7 +87,7 @@ from typing import Any
 from rafs.hosts import load_hosts
 from rafs.oci import parse_image_ref
 
-from . import mounts, wire
+from . import mounts, node, wire
 from .cacheconf import load_config
 from .control import request
 from .errors import ControlError, MountError, NotMountedError, NotOwnerError
@@ -92,6 +105,7 @@ from .runstate import (
     lock_held,
     new_instance_id,
     pid_alive,
+    pid_start,
     prune,
     wait_pids_gone,
 )
@@ -110,6 +124,8 @@ __all__ = [
     "trace_report",
     "unmount",
     "unmount_all",
+    "upgrade",
+    "upgrade_all",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,6 +151,8 @@ class MountInfo:
     mounted: bool = False
     id: str | None = None  # the daemon instance
     log: str | None = None
+    supervised: bool = False  # owned by a supervisor (failover, upgrade)
+    restarts: int | None = None  # supervised: workers replaced so far
     instance: Instance | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -178,12 +196,13 @@ def _describe(inst: Instance, entries: list[MountEntry], *, query: bool) -> Moun
                      pid=state.get("worker_pid"), owner_pid=state.get("owner_pid"),
                      version=state.get("rafs_version"), cache_dir=state.get("cache_dir"),
                      mounted=user is not None, id=inst.id, log=state.get("log"),
+                     supervised=bool(state.get("supervised")), restarts=state.get("restarts"),
                      instance=inst)
     if not inst.owner_alive():
         return info
     phase = state.get("phase", "starting")
     worker = state.get("worker_pid")
-    if phase in ("starting", "stopping"):
+    if phase in ("starting", "stopping", "recovering"):
         info.state = phase
     elif isinstance(worker, int) and worker != info.owner_pid and not pid_alive(worker):
         info.state = "recovering"
@@ -196,9 +215,11 @@ def _describe(inst: Instance, entries: list[MountEntry], *, query: bool) -> Moun
             info.state = "unresponsive"
         else:
             info.state = "serving" if reply.get("ok") else "unresponsive"
+            if reply.get("phase") in ("recovering", "stopping"):
+                info.state = reply["phase"]
             info.cache_bytes = reply.get("cache_bytes")
-            info.pid = reply.get("pid", info.pid)
-            info.version = reply.get("version", info.version)
+            info.pid = reply.get("pid") or info.pid
+            info.version = reply.get("version") or info.version
     return info
 
 
@@ -415,23 +436,61 @@ def mount(image: str, mountpoint: str | os.PathLike[str], options: MountOptions,
         raise MountError(f"mounting {image} on {mp} failed: {message} (log: {inst.log})")
 
 
+_NODE_ENV = ("RAFS_RUN_DIR", "RAFS_HOSTS_DIR", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "HOME")
+
+
+def _node_mount(module: str, mp: str, env: dict[str, str], fds: tuple[int, int, int]
+                ) -> int | None:
+    """The pid of ``module`` forked by the node service, None when none answers."""
+    try:
+        return node.request_mount(module, ["--mountpoint", mp],
+                                  {k: env[k] for k in _NODE_ENV if k in env}, *fds)
+    except ControlError as e:
+        log.warning("%s; starting the daemon myself", e)
+        return None
+
+
+class _NodeChild:
+    """A process the node service forked: not our child, so waited for by its pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pid_alive(self.pid):
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("node child", timeout or 0)
+            time.sleep(0.02)
+        self.returncode = 0
+        return 0
+
+
 def _spawn(image: str, mp: str, inst: Instance, options: MountOptions
-           ) -> tuple[subprocess.Popen[bytes], int]:
+           ) -> tuple[subprocess.Popen[bytes] | _NodeChild, int]:
     env = dict(os.environ)
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
     config = {"image": image, "mountpoint": mp, "instance": inst.id,
               "log_level": _log_level(), "options": options.to_wire()}
+    module = "fused.supervisor" if options.supervise else "fused.daemon"
     config_r, config_w = os.pipe()
     ready_r, ready_w = os.pipe()
+    proc: subprocess.Popen[bytes] | _NodeChild
     try:
         with open(inst.log, "ab") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fused.daemon", "--config-fd", str(config_r),
-                 "--ready-fd", str(ready_w), "--mountpoint", mp],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                pass_fds=(config_r, ready_w), start_new_session=True, cwd="/", env=env,
-            )
+            # A running node service (`rafs daemon`) forks it with everything imported.
+            child = _node_mount(module, mp, env, (config_r, ready_w, logf.fileno()))
+            if child is not None:
+                proc = _NodeChild(child)
+            else:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", module, "--config-fd", str(config_r),
+                     "--ready-fd", str(ready_w), "--mountpoint", mp],
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    pass_fds=(config_r, ready_w), start_new_session=True, cwd="/", env=env,
+                )
     except OSError as e:
         os.close(ready_r)
         inst.log.unlink(missing_ok=True)  # nothing was written: no reason to keep it
@@ -477,7 +536,7 @@ def _read_ready(fd: int, timeout: float) -> dict[str, Any]:
     return reply if isinstance(reply, dict) else {}
 
 
-def _wait_or_kill(proc: subprocess.Popen[bytes], grace: float) -> None:
+def _wait_or_kill(proc: subprocess.Popen[bytes] | _NodeChild, grace: float) -> None:
     try:
         proc.wait(timeout=grace)
         return
@@ -521,7 +580,7 @@ def _last_line(path: Path) -> str:
 def serve_foreground(image: str, mountpoint: str | os.PathLike[str], options: MountOptions,
                      on_ready: Callable[[], None] | None = None) -> None:
     """Serve in this process until unmounted (``rafs mount --foreground``)."""
-    from . import daemon  # trio and pyfuse3: only now
+    from . import daemon  # trio and pyfuse3: only now (a supervisor's workers need them too)
 
     image, options = _prepared(image, options)
     mp = canonical(mountpoint)
@@ -540,7 +599,17 @@ def serve_foreground(image: str, mountpoint: str | os.PathLike[str], options: Mo
             on_ready()
 
     try:
-        daemon.run(image, mp, options, owner, ready)
+        if options.supervise:  # this process is the supervisor; workers are spawned
+            from .supervisor import Supervisor, SupervisorConfig
+
+            config = {"image": image, "mountpoint": mp, "instance": owner.instance.id,
+                      "log_level": _log_level(), "options": options.to_wire()}
+            status = Supervisor(SupervisorConfig(image, mp, options, config), owner,
+                                ready).run()
+            if status != 0:
+                raise MountError(f"the supervised mount of {mp} failed (see the log above)")
+        else:
+            daemon.run(image, mp, options, owner, ready)
     finally:
         lock.release()
         owner.close()
@@ -583,7 +652,29 @@ def _undo(inst: Instance) -> None:
                 abort_connection(e.major_minor)
     for e in sorted(owned, key=lambda e: e.fstype == BLOB_FSTYPE):
         _detach(e, abort=False)
+    _kill_workers(state)
     inst.remove_files()
+
+
+def _workers(state: dict[str, Any]) -> list[int]:
+    """The supervised workers the state names that are still the same processes."""
+    out = []
+    for w in state.get("workers") or []:
+        pid, start = (w.get("pid"), w.get("start")) if isinstance(w, dict) else (None, None)
+        if isinstance(pid, int) and pid > 0 and start is not None and pid_start(pid) == start:
+            out.append(pid)
+    return out
+
+
+def _kill_workers(state: dict[str, Any]) -> None:
+    """Workers outlive a supervisor that died; their connection is aborted by now, and
+    those that still live (a stuck one, a standby that reads only its pipe) go."""
+    pids = [p for p in _workers(state) if pid_alive(p)]
+    if pids and not wait_pids_gone(pids, 2.0):
+        for pid in _workers(state):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_pids_gone(pids, 10.0)
 
 
 def _claimed_elsewhere(entry: MountEntry, inst: Instance) -> bool:
@@ -664,8 +755,8 @@ def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False, force: bo
 
 
 def _pids(state: dict[str, Any]) -> list[int]:
-    return sorted({p for p in (state.get("owner_pid"), state.get("worker_pid"))
-                   if isinstance(p, int) and p > 0 and p != os.getpid()})
+    named = {state.get("owner_pid"), state.get("worker_pid"), *_workers(state)}
+    return sorted({p for p in named if isinstance(p, int) and p > 0 and p != os.getpid()})
 
 
 def _shutdown(inst: Instance, mp: str, *, lazy: bool, timeout: float) -> None:
@@ -695,6 +786,49 @@ def _shutdown(inst: Instance, mp: str, *, lazy: bool, timeout: float) -> None:
     top = next((e for e in reversed(read_mounts()) if e.mountpoint == mp), None)
     if top is not None and top.is_same(_state(inst).get("mount")):
         raise MountError(f"{mp} is still mounted after the daemon stopped")
+
+
+# -- upgrading ---------------------------------------------------------------------
+
+
+UPGRADE_TIMEOUT = 180.0  # a new worker from a fresh interpreter, on a loaded host
+
+
+def upgrade(mountpoint: str | os.PathLike[str], *, timeout: float = UPGRADE_TIMEOUT
+            ) -> MountInfo:
+    """Hand a supervised mount to a new worker running the code installed now, without
+    unmounting; return the mount as it is then (the new worker's pid and version)."""
+    mp = canonical(mountpoint)
+    inst = _serving(mp)
+    if not _state(inst).get("supervised"):
+        raise MountError(f"cannot upgrade {mp}: it is not supervised (mount it with "
+                         "--supervise)")
+    try:
+        reply = request(inst.socket, {"cmd": "upgrade"}, timeout=timeout)
+    except (OSError, ControlError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ControlError(f"the supervisor of {mp} does not answer ({reason})") from None
+    if not reply.get("ok"):
+        raise MountError(f"cannot upgrade {mp}: {reply.get('error', 'unknown error')}")
+    info = _describe(inst, read_mounts(), query=False)
+    info.pid, info.version = reply.get("pid", info.pid), reply.get("version", info.version)
+    return info
+
+
+def upgrade_all(*, timeout: float = UPGRADE_TIMEOUT) -> tuple[list[MountInfo], list[str]]:
+    """Upgrade every supervised mount of this run directory: the upgraded ones, and the
+    mount points that could not be upgraded (after logging why)."""
+    done, failed = [], []
+    for info in list_mounts():
+        if not info.supervised or info.state not in ("serving", "recovering") \
+                or not info.mounted:
+            continue
+        try:
+            done.append(upgrade(info.mountpoint, timeout=timeout))
+        except (MountError, ControlError) as e:
+            log.error("%s", e)
+            failed.append(info.mountpoint)
+    return done, failed
 
 
 def sweep() -> int:

@@ -15,6 +15,8 @@ Each daemon instance listens on ``sock`` in its run-state directory
 ``trace``     ``paths`` in first-access order, ``truncated``
 ``shutdown``  ``lazy``: unmount and exit; refused while busy unless lazy; replies
               ``pid`` and ``detached`` (lazy: the daemon serves open files, then exits)
+``upgrade``   supervised mounts only (``fused.supervisor``): a new worker takes over;
+              ``pid`` and ``version`` of the new worker
 
 The socket is the owner's (0600 in a 0700 directory): another user's client
 cannot connect, and ``fused.client`` tells them whose mount it is

@@ -17,6 +17,15 @@ the instance's owner and its worker; the two roles are kept apart (the owner
 creates the instance before the worker serves) so a supervisor can take the
 owner's part.
 
+Supervised (``fused.supervisor`` starts it as ``python -m fused.worker``, see
+``fused.takeover``): the daemon is then only the *worker*. Its ``owner`` is a
+``takeover.WorkerSeat``: the supervisor owns the run state and the mounts and
+has mounted FUSE already; the worker serves the connection it is handed
+(``/dev/fd/N``), never touches the mount point before serving it, mounts
+EROFS only as the first worker of a kernel-mode mount (and reports the mount
+in its readiness report), answers its own control socket, and on SIGTERM or
+the end of the connection stops serving without unmounting anything.
+
 Start: ``python -m fused.daemon --config-fd N --ready-fd M [--mountpoint MP]``
 (the mount point only for ``ps`` to show). The client
 writes one ``fused.wire`` frame to N (``image``, ``mountpoint``, ``instance``,
@@ -76,7 +85,7 @@ from rafs.errors import RafsError
 from rafs.oci import ImageRef, parse_image_ref
 from rafs.trust import bootstrap_layer, raw_bootstrap_digest, verify_bootstrap
 
-from . import wire
+from . import takeover, wire
 from .backend import Backend, open_backend
 from .blobfs import BlobFs, blob_file_name
 from .blobops import BLOB_MOUNT_OPTIONS, BlobOperations
@@ -99,7 +108,7 @@ from .mounts import (
 )
 from .options import MountOptions
 from .readahead import FileMap
-from .runstate import OwnedInstance
+from .runstate import OwnedInstance, instance
 from .stats import Stats
 from .trace import AccessTrace, ChunkTrace
 from .vfs import ROOT_INO, Vfs
@@ -183,7 +192,8 @@ class Daemon:
     """One mount, from opening its image to removing its run state."""
 
     def __init__(self, image: str, mountpoint: str, options: MountOptions,
-                 owner: OwnedInstance, ready: Callable[[str | None], None]) -> None:
+                 owner: OwnedInstance | takeover.WorkerSeat,
+                 ready: Callable[[str | None], None]) -> None:
         self.image_ref = image
         self.mountpoint = canonical(mountpoint)
         self.options = options
@@ -196,12 +206,14 @@ class Daemon:
         self._fuse_up = False
         self._main_scope: trio.CancelScope | None = None
         self._shutdown_lock = trio.Lock()
+        self.attached = takeover.attachment()  # a supervised worker (fused.takeover)
 
     async def serve(self) -> None:
         """Mount the image and serve it until it goes; RafsError for what a user can fix
         (``ready`` is then not called: the caller reports the error)."""
         ref = parse_image_ref(self.image_ref)
-        _check_mountpoint(self.mountpoint)
+        if self.attached is None:  # a worker: the mount waits for us, a stat would hang
+            _check_mountpoint(self.mountpoint)
         mode, why = resolve_mode(self.options.mode)
         log.info("%s mode: %s", mode, why)
         self.owner.write_state(**self._identity(mode), phase="starting")
@@ -214,13 +226,15 @@ class Daemon:
             self._serve_metrics()
             self.mode.mount_fuse()
             try:
-                await self.nursery.start(serve_control, self.owner.instance.socket,
+                await self.nursery.start(serve_control, self.owner.control_socket,
                                          self.handlers())
                 self.nursery.start_soon(self._watch_signals)
                 self.nursery.start_soon(self._become_ready)
                 boot = self.image.bootstrap
                 if self.options.prefetch and (boot.prefetch or boot.prefetch_ranges):
-                    self.nursery.start_soon(_prefetch, self.image, self.stats)
+                    # a standby worker: once it serves, not beside the one that does
+                    self.nursery.start_soon(takeover.after_init, _prefetch, self.image,
+                                            self.stats)
                 await self._main_loop()
             finally:
                 self.nursery.cancel_scope.cancel()
@@ -281,6 +295,9 @@ class Daemon:
         """The last resort (watchdog thread): something below does not end."""
         log.error("still not done %gs after serving ended (a worker thread is stuck); "
                   "tearing down and exiting", EXIT_DEADLINE)
+        if self.attached is not None:  # the mounts are the supervisor's
+            logging.shutdown()
+            os._exit(3)
         try:
             self.mode.abort()
             self.mode.detach_everything()
@@ -303,7 +320,8 @@ class Daemon:
         self._stopping = True
         log.info("%s: unmounting", why)
         self.owner.write_state(phase="stopping")
-        await self.mode.detach_now()
+        if self.attached is None:  # a worker leaves the mounts to its supervisor
+            await self.mode.detach_now()
         self.end_main_loop()
 
     async def _watch_signals(self) -> None:
@@ -353,6 +371,8 @@ class Daemon:
         return {"ok": True, **result}
 
     async def on_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.attached is not None:
+            return {"ok": False, "error": "a supervised worker: ask its supervisor"}
         lazy = bool(message.get("lazy"))
         async with self._shutdown_lock:
             log.info("shutdown requested (lazy=%s)", lazy)
@@ -382,6 +402,10 @@ class _Mode:
         return options
 
     def mount_fuse(self) -> None:
+        attached = self.d.attached
+        if attached is not None:  # the supervisor mounted: serve its connection
+            self._serve_handed_over(attached)
+            return
         log.info("mounting %s on %s", self.d.image_ref, self.d.mountpoint)
         try:
             pyfuse3.init(self.ops, str(self.fuse_dir), self.fuse_options)
@@ -392,6 +416,19 @@ class _Mode:
         self.fuse_mount = entry.identity if entry is not None else None
         self.fuse_dev = entry.major_minor if entry is not None else None
         self.d.owner.write_state(fuse_dev=self.fuse_dev, **self._mount_record(entry))
+
+    def _serve_handed_over(self, attached: takeover.Attachment) -> None:
+        """libfuse takes ``/dev/fd/N`` as mounted already; the device is swapped in at
+        INIT (``fused.takeover``). Nothing here looks at the mount point."""
+        handover = takeover.arm(attached)
+        try:
+            pyfuse3.init(self.ops, handover.mountpoint, self.fuse_options)
+        except RuntimeError as e:
+            raise MountError(f"cannot serve the connection handed over: {e}") from None
+        self.d._fuse_up = True
+        self.fuse_dev = attached.fuse_dev
+        log.info("serving the connection of %s handed over by the supervisor%s",
+                 self.d.mountpoint, " (standing by)" if attached.standby else "")
 
     def _mount_record(self, entry: MountEntry | None) -> dict[str, Any]:
         return {"mount": entry.identity if entry is not None else None}
@@ -415,7 +452,8 @@ class _Mode:
             log.warning("%s", e)
 
     async def after_fuse_mount(self) -> None:
-        _tune_readahead(self.fuse_dev, self.d.options.readahead_kb)
+        if self.d.attached is None or self.d.attached.first:
+            _tune_readahead(self.fuse_dev, self.d.options.readahead_kb)
 
     async def watch(self) -> None:
         """Fuse mode: nothing to watch; the kernel ends the session when the mount goes."""
@@ -429,6 +467,9 @@ class _Mode:
         await trio.to_thread.run_sync(lambda: unmount(self.d.mountpoint, lazy=lazy))
 
     def teardown(self) -> None:
+        if self.d.attached is not None:  # the mounts are the supervisor's
+            pyfuse3.close(unmount=False)
+            return
         pyfuse3.close(unmount=True)
         # After an abort libfuse leaves the mount alone: detach it ourselves.
         entry = find_mount(self.fuse_dir, resolve=False)
@@ -459,16 +500,21 @@ class _KernelMode(_Mode):
         self.trace = ChunkTrace()
         self.ops = BlobOperations(BlobFs(img.bootstrap, img.fetcher, daemon.stats, self.trace),
                                   daemon.stats)
-        self.fuse_dir = Path(canonical(daemon.owner.instance.blobs))
+        blobs = daemon.owner.instance.blobs  # a worker's: mounted, not answering yet
+        self.fuse_dir = blobs if daemon.attached is not None else Path(canonical(blobs))
         self.fuse_options = self._fuse_options(BLOB_MOUNT_OPTIONS)
         self.mounts = KernelMounts(img.boot_path, daemon.mountpoint, self.fuse_dir,
                                    [blob_file_name(k) for k in range(len(img.bootstrap.blobs))])
-        self.mounts.prepare()
+        if daemon.attached is None:  # a worker's blob directory is mounted already
+            self.mounts.prepare()
 
     def _mount_record(self, entry: MountEntry | None) -> dict[str, Any]:
         return {}  # the mount users see is EROFS, recorded once it exists
 
     async def after_fuse_mount(self) -> None:
+        attached = self.d.attached
+        if attached is not None and not attached.first:
+            return  # EROFS is mounted over the connection already
         # The EROFS mount opens the blob files: a worker thread, while FUSE answers.
         self.d.owner.write_state(mount=None, erofs_pending=True)
         await trio.to_thread.run_sync(self.mounts.mount_erofs)
@@ -478,7 +524,9 @@ class _KernelMode(_Mode):
 
     async def watch(self) -> None:
         """Notice our EROFS mount leaving the mount table outside rafs, then stop once
-        the kernel lets go of the blob files."""
+        the kernel lets go of the blob files (a supervisor does that for its workers)."""
+        if self.d.attached is not None:
+            return
         watch = MountTableWatch()
         try:
             while self.mounts.erofs is not None:
@@ -546,7 +594,8 @@ class _KernelMode(_Mode):
         super().detach_everything()
 
     def teardown(self) -> None:
-        if self.mounts.erofs is not None and self.mounts.erofs_present():
+        if self.d.attached is None and self.mounts.erofs is not None \
+                and self.mounts.erofs_present():
             # Never leave EROFS over a dead blob filesystem, and never unmount it once
             # nothing answers its reads: abort them first, then detach.
             self.abort()
@@ -624,8 +673,8 @@ async def _prefetch(image: _Image, stats: Stats) -> None:
     log.info("prefetch done: %d chunks fetched", done)
 
 
-def run(image: str, mountpoint: str, options: MountOptions, owner: OwnedInstance,
-        ready: Callable[[str | None], None]) -> None:
+def run(image: str, mountpoint: str, options: MountOptions,
+        owner: OwnedInstance | takeover.WorkerSeat, ready: Callable[[str | None], None]) -> None:
     """Serve until unmounted; RafsError escapes after ``ready(message)`` if not yet ready."""
     announced = False
 
@@ -670,12 +719,15 @@ def _first_rafs_error(exc: BaseException) -> RafsError | None:
 # -- python -m fused.daemon -------------------------------------------------------------
 
 
-def _pipe_reporter(fd: int | None) -> Callable[[str | None], None]:
+def _pipe_reporter(fd: int | None, seat: takeover.WorkerSeat | None = None
+                   ) -> Callable[[str | None], None]:
     def report(error: str | None) -> None:
         if fd is None:
             return
         reply = ({"ok": True, "pid": os.getpid()} if error is None
                  else {"ok": False, "error": " ".join(error.split())})
+        if seat is not None and error is None:  # what the supervisor records
+            reply["state"] = seat.state
         try:
             os.write(fd, wire.frame(reply))
             os.close(fd)
@@ -699,7 +751,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--mountpoint", help="for ps(1) only; the configuration says")
     args = parser.parse_args(argv)
+    attached = takeover.attachment()
+    seat: takeover.WorkerSeat | None = None
     report = _pipe_reporter(args.ready_fd)
+    owner: OwnedInstance | takeover.WorkerSeat
     try:
         config = _read_config(args.config_fd)
         logging.basicConfig(
@@ -707,7 +762,11 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
         )
         options = MountOptions.from_wire(config["options"])
-        owner = OwnedInstance.create(config["instance"])
+        if attached is not None:
+            owner = seat = takeover.WorkerSeat(instance(config["instance"]), attached)
+            report = _pipe_reporter(args.ready_fd, seat)
+        else:
+            owner = OwnedInstance.create(config["instance"])
     except (RafsError, KeyError, TypeError, ValueError) as e:
         report(f"bad daemon configuration: {e}")
         return 1
@@ -724,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         status = 2
     finally:
         owner.close()
-    if status == 0:  # a clean exit: its log is not worth keeping
+    if status == 0 and seat is None:  # a clean exit: its log is not worth keeping
         owner.instance.log.unlink(missing_ok=True)
     return status
 

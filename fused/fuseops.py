@@ -10,14 +10,11 @@ from __future__ import annotations
 import pyfuse3
 
 from .adapter import CACHE_TIMEOUT, BaseOperations, errno_boundary, read_only
+from .options import MOUNT_OPTIONS
 from .stats import Stats
 from .vfs import Vfs
 
 __all__ = ["CACHE_TIMEOUT", "MOUNT_OPTIONS", "Operations", "errno_boundary", "read_only"]
-
-MOUNT_OPTIONS = frozenset(
-    {"ro", "allow_other", "default_permissions", "fsname=rafs", "subtype=rafs"}
-)
 
 
 class Operations(BaseOperations):

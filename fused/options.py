@@ -22,12 +22,15 @@ from typing import Any
 from .errors import MountError
 
 __all__ = [
+    "BLOB_MOUNT_OPTIONS",
     "DEFAULT_AMPLIFY",
     "DEFAULT_FETCH_TIMEOUT",
     "DEFAULT_MAX_REQUESTS",
     "DEFAULT_READAHEAD_KB",
     "DEFAULT_RETRIES",
+    "DEFAULT_SUPERVISE",
     "MODES",
+    "MOUNT_OPTIONS",
     "BackendOptions",
     "MountOptions",
 ]
@@ -39,6 +42,17 @@ DEFAULT_READAHEAD_KB = 1024  # the kernel's read-ahead on the mounts: one chunk 
 READAHEAD_ENV = "RAFS_READAHEAD_KB"  # a knob for studies of reads (bench.readtrace)
 DEFAULT_MAX_REQUESTS = 8
 MODES = ("auto", "fuse", "kernel")
+DEFAULT_SUPERVISE = False  # rafs mount, rafs run and the snapshotter (see the README)
+
+# libfuse mount options of the image mount (fuse mode) and of the blob filesystem
+# (kernel mode). Here, not in the adapters, so a supervisor can mount without pyfuse3.
+MOUNT_OPTIONS = frozenset(
+    {"ro", "allow_other", "default_permissions", "fsname=rafs", "subtype=rafs"}
+)
+# allow_other: the EROFS driver may read the blob files on behalf of any user's
+# page fault; the run directory (0700) keeps everyone else out of the mount.
+BLOB_MOUNT_OPTIONS = frozenset({"ro", "allow_other", "default_permissions",
+                                "fsname=rafs-blobs", "subtype=rafs-blobs"})
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,12 @@ class MountOptions:
     hosts_dir: str | None = None  # registry mirrors, hosts.toml (None: rafs.hosts' default)
     cache_max: str | None = None  # over the host config's cache.max (fused.cacheconf)
     cache_min_free: str | None = None  # over its cache.min_free
+    # -- a supervised mount (fused.supervisor): failover and hot upgrade
+    supervise: bool = DEFAULT_SUPERVISE  # a supervisor owns the mount; workers serve it
+    resend: bool = True  # False: as a kernel without FUSE_NOTIFY_RESEND (tests)
+    standby: bool = True  # keep a second worker ready to take over at once
+    max_crashes: int = 5  # worker crashes within crash_window before giving up
+    crash_window: float = 60.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -79,6 +99,8 @@ class MountOptions:
             raise MountError("the fetch timeout must be positive and retries not negative")
         if self.amplify_bytes < 0 or self.max_requests < 1:
             raise MountError("amplify bytes must not be negative and max requests positive")
+        if self.max_crashes < 1 or self.crash_window <= 0:
+            raise MountError("max crashes and the crash window must be positive")
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", os.path.abspath(self.cache_dir))
 

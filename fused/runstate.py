@@ -11,6 +11,8 @@ Layout under ``run_dir()`` (``$RAFS_RUN_DIR``; else ``/run/rafs`` for root,
         lock              flock(LOCK_EX)ed by the owner for its whole life
         state.json        what the owner tells the world (below), replaced atomically
         sock              the control socket (0600)
+        w<N>              supervised: worker N's own control socket (the supervisor's
+                          ``sock`` forwards to the worker that serves)
         blobs/            kernel mode: the blob filesystem's mount point
     mounts/<key>.lock     flock'ed while a client prepares a mount on that mount point
     logs/<id>.log         the daemon's output; removed when it exits cleanly
@@ -27,18 +29,22 @@ its owner lives.
 
 **Owner and worker**: the *owner* holds the lock, the mounts and the state file
 and tears them down; the *worker* answers FUSE requests and the control socket.
-Today both are one daemon process; the state file names both
-(``owner_pid``, ``worker_pid``) so that a supervisor can own an instance while
-workers come and go.
+A plain daemon is both. A supervised mount (``fused.supervisor``) is owned by
+its supervisor while workers come and go under it: ``worker_pid`` changes on
+failover and upgrade, and ``phase`` is ``recovering`` while a dead worker is
+being replaced. Its state also lists every worker process (``workers``: pid
+and start time, so a cleaner never kills a process that reused a pid).
 
 ``state.json`` (JSON, for people and for ``rafs ls``)::
 
     {"id", "format": 1, "rafs_version", "owner_pid", "worker_pid", "mountpoint",
      "image", "mode": "fuse"|"kernel", "cache_dir", "log", "started" (unix time),
-     "phase": "starting"|"serving"|"stopping",
+     "phase": "starting"|"serving"|"recovering"|"stopping",
      "mount": {"id": MOUNT_ID, "dev": "MAJ:MIN"} | null,   the mount users see
-     "fuse_dev": "MAJ:MIN" | null}   the FUSE connection: the image mount in fuse
+     "fuse_dev": "MAJ:MIN" | null,   the FUSE connection: the image mount in fuse
                                      mode, the blob mount in kernel mode
+     supervised only: "supervised": true, "standby_pid", "restarts", "resend",
+     "workers": [{"pid", "start"}]}
 
 Nothing here imports trio or FUSE: the command line uses it.
 """
@@ -77,6 +83,7 @@ __all__ = [
     "mount_key",
     "new_instance_id",
     "pid_alive",
+    "pid_start",
     "prune",
     "run_dir",
     "wait_pids_gone",
@@ -255,7 +262,8 @@ class Instance:
     def remove_files(self) -> None:
         """Remove the instance's directory (its owner is gone; mounts already undone).
         A blob mount that could not be undone stays, and so does its directory."""
-        for path in (self.state_file, self.state_file.with_suffix(".tmp"), self.socket):
+        for path in (self.state_file, self.state_file.with_suffix(".tmp"), self.socket,
+                     *self.dir.glob("w[0-9]*")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         with contextlib.suppress(FileNotFoundError):
@@ -367,6 +375,10 @@ class OwnedInstance:
     def state(self) -> dict[str, Any]:
         return dict(self._state)
 
+    @property
+    def control_socket(self) -> Path:
+        return self.instance.socket
+
     def close(self) -> None:
         """Remove the instance (mounts already undone) and let go of the lock."""
         with self._lock:
@@ -431,6 +443,17 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def pid_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks after boot), None if it is gone:
+    with the pid it names one process, never a later one that reused the pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[19]) if len(fields) > 19 else None
 
 
 def wait_pids_gone(pids: list[int], timeout: float) -> bool:

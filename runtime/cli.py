@@ -19,6 +19,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from converter.cli import parse_size
+from fused.options import DEFAULT_SUPERVISE
 from rafs import transports, version
 from rafs.errors import RafsError
 from rafs.output import add_json_flag, print_json
@@ -63,6 +64,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "request), kernel (the kernel mounts the bootstrap as EROFS; the daemon "
                    "serves blob data only) or auto (kernel where the host can, else fuse; "
                    "the default); the daemon already serving the image keeps its mode")
+    p.add_argument("--supervise", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_SUPERVISE,
+                   help="serve the image through a supervisor that replaces a daemon that "
+                   "dies without unmounting, as `rafs mount --supervise` (default: "
+                   f"{'on' if DEFAULT_SUPERVISE else 'off'})")
     p.add_argument("--keep-mounted", action="store_true",
                    help="keep the image mounted (and its daemon running) after the last "
                    "container using it has exited; stderr's last line names the mount "
@@ -164,7 +170,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_container(RunOptions(
         image=args.image, cmd=cmd, name=args.name, rm=args.rm, env=args.env,
         workdir=args.workdir, user=args.user, net=args.net, mode=args.mode,
-        keep_mounted=args.keep_mounted, cache_dir=args.cache_dir,
+        supervise=args.supervise, keep_mounted=args.keep_mounted, cache_dir=args.cache_dir,
         stop_timeout=args.stop_timeout, tty=args.tty))
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from fused import client
 from fused.errors import ControlError, MountError
 from fused.mounts import find_mount, read_mounts
-from fused.options import MODES, MountOptions
+from fused.options import DEFAULT_SUPERVISE, MODES, MountOptions
 from fused.runstate import pid_alive
 
 from .errors import FuseMissingError, RunError
@@ -144,7 +144,8 @@ def check_fuse() -> None:
 
 
 def acquire(image: ResolvedImage, user: str, owner_pid: int, cache_dir: str, *,
-            mode: str = "fuse", keep: bool = False, timeout: float = 120.0) -> Path:
+            mode: str = "fuse", keep: bool = False, timeout: float = 120.0,
+            supervise: bool = DEFAULT_SUPERVISE) -> Path:
     """Register ``user`` (a container id) on the image's shared mount, mounting it if
     needed; return the mount point."""
     check_fuse()
@@ -162,7 +163,8 @@ def acquire(image: ResolvedImage, user: str, owner_pid: int, cache_dir: str, *,
             m.mnt.mkdir(parents=True, exist_ok=True)
             m.users.mkdir(exist_ok=True)
             m.keep_marker.unlink(missing_ok=True)
-            mounted = client.mount(image.pinned, m.mnt, MountOptions(cache_dir, mode=mode),
+            mounted = client.mount(image.pinned, m.mnt,
+                                   MountOptions(cache_dir, mode=mode, supervise=supervise),
                                    timeout=timeout)
             log.info("mounted %s on %s (daemon %s)", image.ref, m.mnt, mounted.pid)
         m.users.mkdir(exist_ok=True)

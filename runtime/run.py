@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from fused.options import DEFAULT_SUPERVISE
 from rafs.oci import canonical_json
 
 from . import imagemount, overlay, store
@@ -72,6 +73,7 @@ class RunOptions:
     user: str | None = None
     net: str = "host"
     mode: str = "auto"
+    supervise: bool = DEFAULT_SUPERVISE  # the image's daemon under a supervisor (failover)
     keep_mounted: bool = False
     cache_dir: str | None = None
     stop_timeout: float = 10.0
@@ -162,7 +164,8 @@ def _lower_dir(image: ResolvedImage, c: store.Container, opts: RunOptions,
         cache = opts.cache_dir or str(default_cache_dir())
         with forwarder.deferred():
             mnt = imagemount.acquire(image, c.id, os.getpid(), os.path.abspath(cache),
-                                     mode=opts.mode, keep=opts.keep_mounted)
+                                     mode=opts.mode, keep=opts.keep_mounted,
+                                     supervise=opts.supervise)
             stack.callback(imagemount.release, image.key, c.id)
         return mnt
     print(f"rafs: note: {image.ref} is not a RAFS image: it is pulled and unpacked whole "

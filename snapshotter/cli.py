@@ -25,6 +25,8 @@ import contextlib
 import logging
 import sqlite3
 
+from fused.options import DEFAULT_SUPERVISE
+
 from .errors import SnapshotterError
 
 __all__ = ["register"]
@@ -61,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--mode", choices=("auto", "fuse", "kernel"), default="auto",
                    help="how RAFS images are mounted, as for `rafs mount` (default auto: "
                    "the kernel mounts the bootstrap as EROFS where it can)")
+    p.add_argument("--supervise", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_SUPERVISE,
+                   help="serve each RAFS layer's mount through a supervisor that replaces a "
+                   "daemon that dies without unmounting (default: "
+                   f"{'on' if DEFAULT_SUPERVISE else 'off'})")
     p.add_argument("--cri-image-service", metavar="SOCK",
                    help="also serve CRI's image service on SOCK, passed on to containerd's "
                    "CRI plugin, and keep the pull credentials the kubelet sends (point the "
@@ -88,7 +95,7 @@ def _cmd_snapshotter(args: argparse.Namespace) -> int:
         hosts_dir = use_hosts_dir(args.hosts_dir) if args.hosts_dir else None
         options = MountOptions(str(args.cache_dir or default_cache_dir()),
                                prefetch=not args.no_prefetch, insecure=args.insecure or None,
-                               mode=args.mode, hosts_dir=hosts_dir)
+                               mode=args.mode, hosts_dir=hosts_dir, supervise=args.supervise)
         keychain = Keychain()
         remote = FusedRemote(options, keychain=keychain)
         try:

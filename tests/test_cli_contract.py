@@ -237,6 +237,12 @@ CASES = [
          "is not a rafs mount"),
     Case("umount: not a mount", lambda w: ["umount", str(w.dir)], EXIT_ERROR,
          "is not a rafs mount"),
+    Case("upgrade: not a mount", lambda w: ["upgrade", str(w.dir)], EXIT_ERROR,
+         "is not a rafs mount"),
+    Case("upgrade: no mount point", lambda w: ["upgrade"], EXIT_ERROR, "or --all"),
+    Case("daemon: socket cannot be bound", lambda w: ["daemon", "--socket",
+                                                      f"{w.missing()}/node.sock"],
+         EXIT_ERROR, "cannot bind"),
 ]
 
 
