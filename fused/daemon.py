@@ -719,32 +719,6 @@ def _first_rafs_error(exc: BaseException) -> RafsError | None:
 # -- python -m fused.daemon -------------------------------------------------------------
 
 
-def _pipe_reporter(fd: int | None, seat: takeover.WorkerSeat | None = None
-                   ) -> Callable[[str | None], None]:
-    def report(error: str | None) -> None:
-        if fd is None:
-            return
-        reply = ({"ok": True, "pid": os.getpid()} if error is None
-                 else {"ok": False, "error": " ".join(error.split())})
-        if seat is not None and error is None:  # what the supervisor records
-            reply["state"] = seat.state
-        try:
-            os.write(fd, wire.frame(reply))
-            os.close(fd)
-        except OSError:
-            pass  # the client went away; keep serving
-
-    return report
-
-
-def _read_config(fd: int) -> dict[str, Any]:
-    with os.fdopen(fd, "rb") as f:
-        config = wire.read_frame(f.read)
-    if not isinstance(config, dict):
-        raise MountError("the daemon's configuration is not a map")
-    return config
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused.daemon")
     parser.add_argument("--config-fd", type=int, required=True)
@@ -753,10 +727,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     attached = takeover.attachment()
     seat: takeover.WorkerSeat | None = None
-    report = _pipe_reporter(args.ready_fd)
+    report = wire.ready_reporter(args.ready_fd)
     owner: OwnedInstance | takeover.WorkerSeat
     try:
-        config = _read_config(args.config_fd)
+        config = wire.read_config(args.config_fd, "daemon")
         logging.basicConfig(
             level=str(config.get("log_level", "INFO")).upper(),
             format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
@@ -764,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         options = MountOptions.from_wire(config["options"])
         if attached is not None:
             owner = seat = takeover.WorkerSeat(instance(config["instance"]), attached)
-            report = _pipe_reporter(args.ready_fd, seat)
+            report = wire.ready_reporter(args.ready_fd, lambda: {"state": seat.state})
         else:
             owner = OwnedInstance.create(config["instance"])
     except (RafsError, KeyError, TypeError, ValueError) as e:

@@ -1008,29 +1008,6 @@ def _lower_oom_score() -> None:
 # -- python -m fused.supervisor ----------------------------------------------------
 
 
-def _pipe_reporter(fd: int | None) -> Callable[[str | None], None]:
-    def report(error: str | None) -> None:
-        if fd is None:
-            return
-        reply = ({"ok": True, "pid": os.getpid()} if error is None
-                 else {"ok": False, "error": " ".join(error.split())})
-        try:
-            os.write(fd, wire.frame(reply))
-            os.close(fd)
-        except OSError:
-            pass  # the client went away; keep serving
-
-    return report
-
-
-def _read_config(fd: int) -> dict[str, Any]:
-    with os.fdopen(fd, "rb") as f:
-        config = wire.read_frame(f.read)
-    if not isinstance(config, dict):
-        raise MountError("the supervisor's configuration is not a map")
-    return config
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fused.supervisor",
@@ -1041,9 +1018,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ready_fd is not None:
         os.set_inheritable(args.ready_fd, False)
-    report = _pipe_reporter(args.ready_fd)
+    report = wire.ready_reporter(args.ready_fd)
     try:
-        config = _read_config(args.config_fd)
+        config = wire.read_config(args.config_fd, "supervisor")
         logging.basicConfig(
             level=str(config.get("log_level", "INFO")).upper(),
             format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",

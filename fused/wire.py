@@ -15,16 +15,17 @@ allocated.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
-from .errors import ControlError
+from .errors import ControlError, MountError
 
 __all__ = ["HEADER", "MAX_FRAME", "WireError", "decode", "encode", "frame", "payload_size",
-           "read_frame"]
+           "read_config", "read_frame", "ready_reporter"]
 
 MAX_FRAME = 64 << 20
 HEADER = struct.Struct(">I")
@@ -78,3 +79,33 @@ def read_frame(read_exactly: Callable[[int], bytes]) -> Any:
     if len(payload) < size:
         raise WireError("truncated message")
     return decode(payload)
+
+
+# -- a spawned daemon's (or supervisor's) two pipes ---------------------------------
+
+
+def read_config(fd: int, who: str) -> dict[str, Any]:
+    """The configuration frame the client wrote to ``fd`` (closed after)."""
+    with os.fdopen(fd, "rb") as f:
+        config = read_frame(f.read)
+    if not isinstance(config, dict):
+        raise MountError(f"the {who}'s configuration is not a map")
+    return config
+
+
+def ready_reporter(fd: int | None, extra: Callable[[], dict[str, Any]] | None = None
+                   ) -> Callable[[str | None], None]:
+    """``report(None)`` once ready, ``report(error)`` if not: one frame to the client on
+    ``fd`` (then closed), with ``extra()``'s fields when ready; a client gone is fine."""
+    def report(error: str | None) -> None:
+        if fd is None:
+            return
+        reply = ({"ok": True, "pid": os.getpid(), **(extra() if extra else {})}
+                 if error is None else {"ok": False, "error": " ".join(error.split())})
+        try:
+            os.write(fd, frame(reply))
+            os.close(fd)
+        except OSError:
+            pass  # the client went away; keep serving
+
+    return report
