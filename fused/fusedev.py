@@ -29,7 +29,6 @@ import re
 import select
 import socket
 import stat
-import subprocess
 import time
 from collections.abc import Iterable
 
@@ -44,6 +43,7 @@ from .fuseproto import (
     parse_init,
     resend_notification,
 )
+from .mounts import fusermount
 
 __all__ = ["clone", "close_quietly", "gone", "kernel_has_resend", "mount", "read_init",
            "resend"]
@@ -90,18 +90,10 @@ def _mount_fusermount(mountpoint: str, options: str) -> int:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, theirs:
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
-        try:
-            res = subprocess.run(["fusermount3", "-o", options, "--", mountpoint],
-                                 pass_fds=(theirs.fileno(),), env=env, capture_output=True,
-                                 text=True, timeout=60, check=False)
-        except FileNotFoundError:
-            raise MountError("fusermount3 is not installed (Debian package fuse3)") from None
-        except subprocess.TimeoutExpired:
-            raise MountError(f"fusermount3 on {mountpoint} timed out") from None
-        if res.returncode != 0:
-            lines = (res.stderr or res.stdout).strip().splitlines()
-            msg = lines[-1] if lines else f"exit status {res.returncode}"
-            raise MountError(f"cannot mount on {mountpoint}: {msg.removeprefix('fusermount3: ')}")
+        msg = fusermount(["-o", options, "--", mountpoint], pass_fds=(theirs.fileno(),),
+                         env=env)
+        if msg is not None:
+            raise MountError(f"cannot mount on {mountpoint}: {msg}")
         theirs.close()
         ours.settimeout(10)
         try:

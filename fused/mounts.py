@@ -173,19 +173,26 @@ def unmount(path: str | os.PathLike[str], *, lazy: bool = False) -> None:
     if os.geteuid() == 0:
         umount2(mp, lazy=lazy)
         return
-    args = ["fusermount3", "-u", *(["-z"] if lazy else []), "--", mp]
+    msg = fusermount(["-u", *(["-z"] if lazy else []), "--", mp])
+    if msg is not None and "not found in /etc/mtab" not in msg and "not mounted" not in msg:
+        raise MountError(msg)
+
+
+def fusermount(args: list[str], *, pass_fds: tuple[int, ...] = (),
+               env: dict[str, str] | None = None) -> str | None:
+    """Run ``fusermount3 ARGS``: None when it succeeded, else its last line of complaint.
+    MountError when it is not installed or does not return within a minute."""
     try:
-        res = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+        res = subprocess.run(["fusermount3", *args], pass_fds=pass_fds, env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
     except FileNotFoundError:
         raise MountError("fusermount3 is not installed (Debian package fuse3)") from None
     except subprocess.TimeoutExpired:
-        raise MountError(f"fusermount3 -u {mp} timed out") from None
-    if res.returncode != 0:
-        lines = (res.stderr or res.stdout).strip().splitlines()
-        msg = lines[-1] if lines else f"exit status {res.returncode}"
-        if "not found in /etc/mtab" in msg or "not mounted" in msg:
-            return
-        raise MountError(msg.removeprefix("fusermount3: "))
+        raise MountError(f"fusermount3 {' '.join(args)} timed out") from None
+    if res.returncode == 0:
+        return None
+    lines = (res.stderr or res.stdout).strip().splitlines()
+    return (lines[-1] if lines else f"exit status {res.returncode}").removeprefix("fusermount3: ")
 
 
 def _mount_fusectl() -> None:
