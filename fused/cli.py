@@ -25,6 +25,7 @@ from .options import (
     DEFAULT_AMPLIFY,
     DEFAULT_FETCH_TIMEOUT,
     DEFAULT_RETRIES,
+    DEFAULT_STANDBY,
     DEFAULT_SUPERVISE,
     MODES,
     MountOptions,
@@ -170,10 +171,14 @@ def add_supervise_arguments(p: argparse.ArgumentParser) -> None:
                    default=DEFAULT_SUPERVISE,
                    help="serve through a supervisor that replaces a daemon that dies without "
                    "unmounting (readers see a delay, not an error) and allows `rafs upgrade` "
-                   f"(default: {'on' if DEFAULT_SUPERVISE else 'off'})")
-    p.add_argument("--standby", action=argparse.BooleanOptionalAction, default=True,
+                   f"(default: {'on' if DEFAULT_SUPERVISE else 'off'}; off where the kernel "
+                   "lacks FUSE_NOTIFY_RESEND or /dev/fuse is closed to this user; "
+                   "--no-supervise: one plain daemon per mount, the least memory)")
+    p.add_argument("--standby", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_STANDBY,
                    help="supervised: keep a second daemon ready to take over at once "
-                   "(default: on; off halves the memory, a failover then starts one)")
+                   f"(default: {'on' if DEFAULT_STANDBY else 'off'}; a failover without "
+                   "one waits for a new daemon to start, readers see a longer delay)")
     p.add_argument("--max-crashes", type=int, default=5, metavar="N",
                    help="supervised: give the mount up after N crashes within "
                    "--crash-window (default %(default)s)")

@@ -375,7 +375,29 @@ def _prepared(image: str, options: MountOptions) -> tuple[str, MountOptions]:
     ref = parse_image_ref(image)
     if ref.transport == "docker":
         load_hosts(ref.registry, options.hosts_dir, insecure=options.insecure)
-    return image, options
+    return image, _supervision(options)
+
+
+_fallback_logged = False
+
+
+def _supervision(options: MountOptions) -> MountOptions:
+    """``options``, unsupervised where a supervisor could not replace a worker without
+    readers seeing errors (``fusedev.takeover_blocker``): one log line per process,
+    not an error."""
+    global _fallback_logged
+    if not options.supervise:
+        return options
+    from .fusedev import takeover_blocker
+
+    why = takeover_blocker()
+    if why is None:
+        return options
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.warning("mounting without a supervisor: %s (a daemon that dies takes its "
+                    "mount with it)", why)
+    return replace(options, supervise=False)
 
 
 def _log_level() -> str:

@@ -46,7 +46,7 @@ from .fuseproto import (
 from .mounts import fusermount
 
 __all__ = ["clone", "close_quietly", "gone", "kernel_has_resend", "mount", "read_init",
-           "resend"]
+           "resend", "takeover_blocker"]
 
 DEVICE = "/dev/fuse"
 
@@ -58,6 +58,21 @@ def kernel_has_resend(release: str | None = None) -> bool:
     release = os.uname().release if release is None else release
     m = re.match(r"(\d+)\.(\d+)", release)
     return m is not None and (int(m.group(1)), int(m.group(2))) >= MIN_RESEND_KERNEL
+
+
+def takeover_blocker(release: str | None = None) -> str | None:
+    """Why a supervisor could not hand this host's FUSE connections to a new worker
+    without readers seeing errors, None if it can: the kernel lacks FUSE_NOTIFY_RESEND
+    (the requests a dead worker held would fail), or this user cannot open /dev/fuse
+    (no clone per worker: those requests would wait forever on an old kernel, and a
+    root-less supervisor needs the device for every worker)."""
+    release = os.uname().release if release is None else release
+    if not kernel_has_resend(release):
+        want = ".".join(map(str, MIN_RESEND_KERNEL))
+        return f"kernel {release} has no FUSE_NOTIFY_RESEND (Linux >= {want})"
+    if not os.access(DEVICE, os.R_OK | os.W_OK):
+        return f"{DEVICE} cannot be opened by uid {os.geteuid()}"
+    return None
 
 
 def mount(mountpoint: str, options: Iterable[str]) -> int:

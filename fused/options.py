@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_MAX_REQUESTS",
     "DEFAULT_READAHEAD_KB",
     "DEFAULT_RETRIES",
+    "DEFAULT_STANDBY",
     "DEFAULT_SUPERVISE",
     "MODES",
     "MOUNT_OPTIONS",
@@ -42,7 +43,8 @@ DEFAULT_READAHEAD_KB = 1024  # the kernel's read-ahead on the mounts: one chunk 
 READAHEAD_ENV = "RAFS_READAHEAD_KB"  # a knob for studies of reads (bench.readtrace)
 DEFAULT_MAX_REQUESTS = 8
 MODES = ("auto", "fuse", "kernel")
-DEFAULT_SUPERVISE = False  # rafs mount, rafs run and the snapshotter (see the README)
+DEFAULT_SUPERVISE = True  # rafs mount, rafs run and the snapshotter (see the README)
+DEFAULT_STANDBY = False  # a second, idle worker per supervised mount (README: its memory)
 
 # libfuse mount options of the image mount (fuse mode) and of the blob filesystem
 # (kernel mode). Here, not in the adapters, so a supervisor can mount without pyfuse3.
@@ -88,7 +90,7 @@ class MountOptions:
     # -- a supervised mount (fused.supervisor): failover and hot upgrade
     supervise: bool = DEFAULT_SUPERVISE  # a supervisor owns the mount; workers serve it
     resend: bool = True  # False: as a kernel without FUSE_NOTIFY_RESEND (tests)
-    standby: bool = True  # keep a second worker ready to take over at once
+    standby: bool = DEFAULT_STANDBY  # keep a second worker ready to take over at once
     max_crashes: int = 5  # worker crashes within crash_window before giving up
     crash_window: float = 60.0
 
