@@ -474,16 +474,14 @@ class Supervisor:
         worker.killed_at = time.monotonic()
         fusedev.close_quietly(worker.session_w)
         worker.session_w = None
-        with contextlib.suppress(ProcessLookupError):
-            worker.proc.send_signal(signal.SIGTERM)
+        _terminate(worker)
 
     def _drain(self, worker: Worker) -> None:
         log.info("worker %d (pid %d): finishing its requests, then exiting", worker.serial,
                  worker.pid)
         worker.state = "draining"
         worker.killed_at = time.monotonic()
-        with contextlib.suppress(ProcessLookupError):
-            worker.proc.send_signal(signal.SIGTERM)
+        _terminate(worker)
 
     def _worker_exited(self, worker: Worker) -> None:
         with self.lock:
@@ -689,8 +687,7 @@ class Supervisor:
         self.stopping = True
         self._set_state("stopping")
         for w in self.workers.values():
-            with contextlib.suppress(ProcessLookupError):
-                w.proc.send_signal(signal.SIGTERM)
+            _terminate(w)
             if w.killed_at is None:
                 w.killed_at = time.monotonic()
 
@@ -824,18 +821,26 @@ class Supervisor:
             reply.put({"ok": True, "pid": os.getpid(), "detached": False})
             return
         log.info("shutdown requested (lazy=%s)", lazy)
-        self._unmount(lazy=lazy)  # MountError (busy): refused, still serving
+        try:
+            self._unmount(lazy=lazy)  # MountError (busy): refused, still serving
+        except MountError as e:
+            cur = self.current
+            if cur is not None and _stopped(cur.pid):
+                raise MountError(f"{e}; its worker {cur.pid} is stopped (SIGSTOP) and its "
+                                 "readers wait for it: `rafs umount --force` ends it") from None
+            raise
         self._set_state("stopping")
         result = {"ok": True, "pid": os.getpid(), "detached": lazy}
         if lazy:
             reply.put(result)  # the worker serves the open files until the connection ends
             return
         self.pending_shutdown.append((reply, result))
-        # The connection ends with the unmount and the worker with it; the drain bound
-        # covers one that does not notice.
+        # The connection ended with the unmount; the workers are told too (one that is
+        # stopped would never notice), the drain bound covers one that does not end.
         self.stopping = True
         self._retire_standbys()
         for w in self.workers.values():
+            _terminate(w)
             if w.killed_at is None:
                 w.killed_at = time.monotonic()
 
@@ -980,6 +985,23 @@ def _fork_worker(argv: list[str], keep: tuple[int, ...]) -> _Forked:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _terminate(worker: Worker) -> None:
+    """SIGTERM, and SIGCONT after it: a stopped worker (SIGSTOP) then ends as promptly as
+    a running one instead of waiting out the drain bound."""
+    for signum in (signal.SIGTERM, signal.SIGCONT):
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.send_signal(signum)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, a debugger): it answers nothing until continued."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] in ("T", "t")
 
 
 def _describe(code: int) -> str:

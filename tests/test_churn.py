@@ -36,6 +36,7 @@ from tests.helpers.containerd import (
     snapshotter_process,
     unmount_under,
 )
+from tests.helpers.mounts import daemon_pids
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.containerd]
 
@@ -134,9 +135,7 @@ def run_dir_leftovers(snroot: Path) -> list[str]:
 
 
 def daemons_of(snroot: Path) -> list[int]:
-    res = subprocess.run(["pgrep", "-f", f"fused[.]daemon .* {snroot}/"],
-                         capture_output=True, text=True, check=False)
-    return [int(p) for p in res.stdout.split()]
+    return daemon_pids(snroot)
 
 
 def pull_during_kill(node: Node, image: str, victim: str, delay: float

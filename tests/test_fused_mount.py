@@ -23,7 +23,7 @@ import pytest
 from rafs.model import Node
 from tests.fused_support import WrittenImage, write_rafs_image
 from tests.helpers.images import ImageParts
-from tests.helpers.mounts import fuse_mounts, is_mounted, mounted, rafs_cmd, read_stats
+from tests.helpers.mounts import daemon_pids, fuse_mounts, is_mounted, mounted, rafs_cmd, read_stats
 from tests.helpers.procs import assert_clean_error, run
 
 pytestmark = [pytest.mark.fuse]
@@ -32,11 +32,6 @@ CS = 64 * 1024
 MTIME = 1_600_000_000
 
 
-def daemon_pids(under: Path) -> list[int]:
-    """Daemons serving a mount point below ``under``."""
-    res = subprocess.run(["pgrep", "-f", f"fused[.]daemon .* {under}/"],
-                         capture_output=True, text=True, check=False)
-    return [int(p) for p in res.stdout.split()]
 
 
 @pytest.fixture(autouse=True)
@@ -222,10 +217,15 @@ def test_umount_refuses_a_busy_mount_and_lazy_umount_detaches_it(image, tmp_path
         assert not daemon_pids(tmp_path)
 
 
-def test_sigterm_unmounts_cleanly(image, tmp_path):
+@pytest.mark.parametrize("supervise", [True, False])
+def test_sigterm_unmounts_cleanly(image, tmp_path, supervise):
+    """SIGTERM to the owner: the supervisor (by default) or a plain daemon."""
     img, _ = image
-    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
-        pid = int(read_stats(mnt)["pid"])  # type: ignore[call-overload]
+    flag = "--supervise" if supervise else "--no-supervise"
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache", extra_args=[flag]) as mnt:
+        stats = read_stats(mnt)
+        pid = int(stats.get("owner_pid", stats["pid"]))  # type: ignore[call-overload]
+        assert (pid != stats["pid"]) == supervise
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and (is_mounted(mnt) or daemon_pids(tmp_path)):
@@ -234,8 +234,10 @@ def test_sigterm_unmounts_cleanly(image, tmp_path):
 
 
 def test_umount_after_the_daemon_died_falls_back_to_fusermount(image, tmp_path):
+    """A plain daemon (a killed supervisor: tests/test_lifecycle.py)."""
     img, _ = image
-    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+    with mounted(img.ref, tmp_path / "mnt", tmp_path / "cache",
+                 extra_args=["--no-supervise"]) as mnt:
         pid = int(read_stats(mnt)["pid"])  # type: ignore[call-overload]
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10

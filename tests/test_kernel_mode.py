@@ -24,7 +24,7 @@ from fused.kernelmount import KernelSupport, check_kernel_mode, resolve_mode
 from rafs.model import Node
 from tests.fused_support import WrittenImage, write_rafs_image
 from tests.helpers.images import ImageParts
-from tests.helpers.mounts import mounted, rafs_cmd, rafs_mounts, read_stats
+from tests.helpers.mounts import daemon_pids, mounted, rafs_cmd, rafs_mounts, read_stats
 from tests.helpers.procs import assert_clean_error, run
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
@@ -34,10 +34,6 @@ MTIME = 1_600_000_000
 CONFIG_Y = "CONFIG_EROFS_FS=y\nCONFIG_EROFS_FS_BACKED_BY_FILE=y\n"
 
 
-def daemon_pids(under: Path) -> list[int]:
-    res = subprocess.run(["pgrep", "-f", f"fused[.]daemon .* {under}/"],
-                         capture_output=True, text=True, check=False)
-    return [int(p) for p in res.stdout.split()]
 
 
 def blob_mounts_of_this_session() -> list[str]:
@@ -193,9 +189,11 @@ def test_a_flipped_byte_in_a_blob_is_eio_never_wrong_data(image, tmp_path):
 
 
 def test_after_kill_9_uncached_reads_fail_with_eio_and_umount_cleans_up(image, tmp_path):
+    """A plain daemon (supervised, a killed worker is replaced: tests/test_failover.py)."""
     img, files = image
     mnt = tmp_path / "mnt"
-    with mounted(img.ref, mnt, tmp_path / "cache", mode="kernel", extra_args=["--no-prefetch"]):
+    with mounted(img.ref, mnt, tmp_path / "cache", mode="kernel",
+                 extra_args=["--no-prefetch", "--no-supervise"]):
         assert read(mnt / "small") == files["small"]
         pid = int(read_stats(mnt)["pid"])  # type: ignore[call-overload]
         os.kill(pid, signal.SIGKILL)

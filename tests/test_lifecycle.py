@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ import pytest
 from rafs.model import Node
 from tests.fused_support import WrittenImage, write_rafs_image
 from tests.helpers.images import ImageParts
-from tests.helpers.mounts import mounted, rafs_cmd, rafs_mounts, read_stats
+from tests.helpers.mounts import daemon_pids, mounted, rafs_cmd, rafs_mounts, read_stats
 from tests.helpers.procs import assert_clean_error, run
 
 pytestmark = [pytest.mark.fuse, pytest.mark.kernel]
@@ -52,10 +53,6 @@ def blob_mounts() -> set[str]:
             if t == "fuse.rafs-blobs" and mp.startswith(f"{run_dir()}/")}
 
 
-def daemon_pids(under: Path) -> list[int]:
-    res = subprocess.run(["pgrep", "-f", f"fused[.]daemon .* {under}/"],
-                         capture_output=True, text=True, check=False)
-    return [int(p) for p in res.stdout.split()]
 
 
 def alive(pid: int) -> bool:
@@ -120,17 +117,38 @@ def read(path: Path) -> bytes:
         return f.read()
 
 
-def mount(img: WrittenImage, mnt: Path, cache: Path, mode: str, *extra: str) -> int:
+@dataclass(frozen=True)
+class Daemon:
+    """The processes of one mount: the worker answers, the owner holds the instance (a
+    supervisor; a plain daemon, ``--no-supervise``, is both)."""
+
+    worker: int
+    owner: int
+
+    def alive(self) -> bool:
+        return alive(self.worker) or alive(self.owner)
+
+    def kill(self) -> None:
+        for pid in {self.worker, self.owner}:
+            if alive(pid):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+
+
+def mount(img: WrittenImage, mnt: Path, cache: Path, mode: str, *extra: str) -> Daemon:
     mnt.mkdir(exist_ok=True)
     res = run(rafs_cmd("mount", img.ref, mnt, "--cache-dir", cache, "--mode", mode,
                        "--no-prefetch", *extra), timeout=180)
     assert res.returncode == 0, res.stderr
-    return int(read_stats(mnt)["pid"])  # type: ignore[call-overload]
+    stats = read_stats(mnt)
+    worker = int(stats["pid"])  # type: ignore[call-overload]
+    return Daemon(worker, int(stats.get("owner_pid", worker)))  # type: ignore[call-overload]
 
 
-def assert_gone(mnt: Path, pid: int) -> None:
+def assert_gone(mnt: Path, daemon: Daemon) -> None:
     assert str(mnt) not in rafs_mounts()
-    assert not alive(pid)
+    assert not daemon.alive()
+    assert not daemon_pids(mnt)
     assert not [i for i in instance_dirs() if i.startswith(_key(mnt))]
     assert not [m for m in mine(mnt.parent) if m["mountpoint"] == str(mnt)]
 
@@ -199,14 +217,15 @@ def test_a_plain_umount_ends_the_daemon_and_the_mount_point_mounts_again(
         image, tmp_path, mode):
     img, files = image
     mnt = tmp_path / "mnt"
-    pid = mount(img, mnt, tmp_path / "cache", mode)
+    d = mount(img, mnt, tmp_path / "cache", mode)
+    assert d.owner != d.worker, "supervised by default"
     assert read(mnt / "small") == files["small"]
     subprocess.run(["umount", str(mnt)], check=True)
-    took = wait_until(lambda: not alive(pid), 30, "the daemon to exit")
+    took = wait_until(lambda: not d.alive(), 30, "the supervisor and its worker to exit")
     print(f"{mode}: daemon gone {took:.3f}s after umount")
     wait_until(lambda: not [i for i in instance_dirs() if i.startswith(_key(mnt))], 10,
                "its run state to go")
-    assert_gone(mnt, pid)
+    assert_gone(mnt, d)
     assert not [m for m in blob_mounts() if _key(mnt) in m]
     log = list((run_dir() / "logs").glob(f"{_key(mnt)}-*.log"))
     assert log == [], f"a clean exit keeps no log: {log}"
@@ -219,31 +238,38 @@ def test_a_lazy_umount_outside_rafs_serves_open_files_then_ends_the_daemon(
         image, tmp_path, mode):
     img, files = image
     mnt = tmp_path / "mnt"
-    pid = mount(img, mnt, tmp_path / "cache", mode)
+    d = mount(img, mnt, tmp_path / "cache", mode)
     with open(mnt / "big", "rb") as f:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
         assert str(mnt) not in rafs_mounts()
         time.sleep(1)
-        assert alive(pid), "the daemon must serve the files still open"
+        assert alive(d.worker) and alive(d.owner), "the daemon must serve the files still open"
         assert f.read() == files["big"]
-    took = wait_until(lambda: not alive(pid), 30, "the daemon to exit after the last close")
+    took = wait_until(lambda: not d.alive(), 30, "the daemon to exit after the last close")
     print(f"{mode}: daemon gone {took:.3f}s after the last close")
     wait_until(lambda: not [i for i in instance_dirs() if i.startswith(_key(mnt))], 10,
                "its run state to go")
-    assert_gone(mnt, pid)
+    assert_gone(mnt, d)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_mount_point_whose_daemon_was_killed_mounts_again(image, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "supervise"),
+                         [("fuse", True), ("kernel", True), ("fuse", False), ("kernel", False)])
+def test_a_mount_point_whose_daemon_was_killed_mounts_again(image, tmp_path, mode, supervise):
+    """SIGKILL of the owner (the supervisor; a plain daemon) ends the instance: it is
+    ``dead``, and the one teardown path undoes it when the mount point is mounted again,
+    the supervisor's orphaned worker included."""
     img, files = image
     mnt = tmp_path / "mnt"
-    pid = mount(img, mnt, tmp_path / "cache", mode)
+    d = mount(img, mnt, tmp_path / "cache", mode,
+              "--supervise" if supervise else "--no-supervise")
+    assert (d.owner != d.worker) == supervise
     [dead] = [i for i in instance_dirs() if i.startswith(_key(mnt))]
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not alive(pid), 10, "the daemon to die")
+    os.kill(d.owner, signal.SIGKILL)
+    wait_until(lambda: not alive(d.owner), 10, "the owner to die")
     [entry] = [m for m in mine(tmp_path) if m["id"] == dead]
     assert entry["state"] == "dead" and entry["mounted"], entry
     with mounted(img.ref, mnt, tmp_path / "cache", mode=mode) as again:
+        assert not d.alive(), "the dead instance's worker must be gone with it"
         assert read(again / "other") == files["other"]
         assert dead not in instance_dirs()
         [live] = mine(tmp_path)
@@ -251,6 +277,57 @@ def test_a_mount_point_whose_daemon_was_killed_mounts_again(image, tmp_path, mod
         if mode == "kernel":
             assert [m for m in blob_mounts() if _key(mnt) in m] == \
                 [str(run_dir() / "mounts" / str(live["id"]) / "blobs")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_killed_or_terminated_worker_is_replaced_and_the_mount_serves_on(
+        image, tmp_path, mode):
+    """SIGKILL of the worker is a failover (tests/test_failover.py loads it); SIGTERM of
+    a worker on an idle connection ends it at once and cleanly (exit status 0, not the
+    exit deadline's 3), and it is replaced too. Readers see no error."""
+    img, files = image
+    mnt = tmp_path / "mnt"
+    d = mount(img, mnt, tmp_path / "cache", mode)
+    key = _key(mnt)
+    worker = d.worker
+    for signum in (signal.SIGKILL, signal.SIGTERM):
+        start = time.monotonic()
+        os.kill(worker, signum)
+        wait_until(lambda w=worker: not alive(w), 30, "the worker to exit")  # type: ignore[misc]
+        print(f"{mode}: worker gone {time.monotonic() - start:.3f}s after "
+              f"{signal.Signals(signum).name}")
+        assert read(mnt / "big") == files["big"]
+        wait_until(lambda w=worker: (m := [m for m in mine(tmp_path)])  # type: ignore[misc]
+                   and m[0]["state"] == "serving" and m[0]["pid"] not in (w, None), 60,
+                   "a new worker to serve")
+        [info] = mine(tmp_path)
+        assert info["owner_pid"] == d.owner and info["restarts"] >= 1
+        old, worker = worker, int(info["pid"])  # type: ignore[call-overload]
+        assert alive(worker) and alive(d.owner)
+    [log] = (run_dir() / "logs").glob(f"{key}-*.log")
+    text = log.read_text()
+    assert f"(pid {old}) exited: exit status 0" in text, text[-3000:]
+    assert "still not done" not in text
+    run(rafs_cmd("umount", mnt), timeout=120, check=True)
+    assert_gone(mnt, d)
+    assert not alive(worker)
+
+
+@pytest.mark.parametrize(("mode", "supervise"),
+                         [("fuse", True), ("kernel", True), ("fuse", False)])
+def test_a_sigterm_of_the_owner_unmounts_cleanly(image, tmp_path, mode, supervise):
+    img, files = image
+    mnt = tmp_path / "mnt"
+    d = mount(img, mnt, tmp_path / "cache", mode,
+              "--supervise" if supervise else "--no-supervise")
+    assert read(mnt / "small") == files["small"]
+    os.kill(d.owner, signal.SIGTERM)
+    took = wait_until(lambda: not d.alive(), 60, "the daemon to exit after SIGTERM")
+    print(f"{mode}: gone {took:.3f}s after SIGTERM of the owner")
+    wait_until(lambda: not [i for i in instance_dirs() if i.startswith(_key(mnt))], 10,
+               "its run state to go")
+    assert_gone(mnt, d)
+    assert not [m for m in blob_mounts() if _key(mnt) in m]
 
 
 def test_two_mounts_of_one_mount_point_at_once_give_one_mount(image, tmp_path):
@@ -280,29 +357,59 @@ def blocked_reader(path: Path) -> subprocess.Popen[bytes]:
     return reader
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "supervise"),
+                         [("fuse", True), ("kernel", True), ("fuse", False), ("kernel", False)])
 def test_umount_force_ends_a_stopped_daemon_while_a_reader_waits_on_it(
-        image, tmp_path, mode):
+        image, tmp_path, mode, supervise):
+    """The worker (a plain daemon) is stopped with SIGSTOP and a reader waits on it: a
+    plain ``rafs umount`` reports it (supervised: the mount is busy and its worker
+    stopped; plain: the daemon does not answer) and points at ``--force``, which aborts
+    the connection (the reader fails at once) and ends every process of the mount."""
     img, _ = image
     mnt = tmp_path / "mnt"
-    pid = mount(img, mnt, tmp_path / "cache", mode)
-    os.kill(pid, signal.SIGSTOP)
+    d = mount(img, mnt, tmp_path / "cache", mode,
+              "--supervise" if supervise else "--no-supervise")
+    os.kill(d.worker, signal.SIGSTOP)
     reader = blocked_reader(mnt / "big")
     try:
         plain = run(rafs_cmd("umount", "--timeout", "5", mnt), timeout=120)
-        assert "--force" in assert_clean_error(plain)
+        error = assert_clean_error(plain)
+        assert "--force" in error
+        if supervise:
+            assert f"worker {d.worker} is stopped" in error
+        assert alive(d.owner) and reader.poll() is None  # nothing changed
         start = time.monotonic()
         res = run(rafs_cmd("umount", "--force", mnt), timeout=120)
         print(f"{mode}: rafs umount --force took {time.monotonic() - start:.3f}s")
         assert res.returncode == 0, res.stderr
         assert reader.wait(timeout=30) != 0  # an error, at once, never wrong bytes
-        assert_gone(mnt, pid)
+        assert_gone(mnt, d)
         assert not [m for m in blob_mounts() if _key(mnt) in m]
     finally:
         if reader.poll() is None:
             reader.kill()
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        d.kill()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_plain_umount_of_a_mount_whose_worker_is_stopped_and_idle_ends_it(
+        image, tmp_path, mode):
+    """Nobody waits on the stopped worker: the unmount itself succeeds, and the
+    supervisor continues the worker so that it ends at once (not after the drain
+    bound, with SIGKILL)."""
+    img, _ = image
+    mnt = tmp_path / "mnt"
+    d = mount(img, mnt, tmp_path / "cache", mode)
+    os.kill(d.worker, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        res = run(rafs_cmd("umount", mnt), timeout=120)
+        print(f"{mode}: rafs umount of a stopped worker took {time.monotonic() - start:.3f}s")
+        assert res.returncode == 0, res.stderr
+        assert_gone(mnt, d)
+        [] = list((run_dir() / "logs").glob(f"{_key(mnt)}-*.log"))  # a clean exit
+    finally:
+        d.kill()
 
 
 def fifo_blob(img: WrittenImage) -> None:
@@ -312,32 +419,37 @@ def fifo_blob(img: WrittenImage) -> None:
     os.mkfifo(blob)
 
 
-@pytest.mark.parametrize(("mode", "kill_reader"),
-                         [("fuse", False), ("kernel", False), ("kernel", True)])
-def test_sigterm_ends_a_daemon_whose_reads_never_return(image, tmp_path, mode, kill_reader):
-    """``kill_reader``: the reader is killed first, so EROFS holds a locked page whose
-    read never completes, and unmounting it waits for that read (issue 18's zombie)."""
+@pytest.mark.parametrize(("mode", "kill_reader", "supervise"),
+                         [("fuse", False, True), ("kernel", False, True),
+                          ("kernel", True, True), ("fuse", False, False),
+                          ("kernel", True, False)])
+def test_sigterm_ends_a_daemon_whose_reads_never_return(image, tmp_path, mode, kill_reader,
+                                                        supervise):
+    """SIGTERM to the owner (the supervisor, or a plain daemon) ends the mount even when
+    a read never returns. ``kill_reader``: the reader is killed first, so EROFS holds a
+    locked page whose read never completes, and unmounting it waits for that read
+    (issue 18's zombie)."""
     img, files = image
     fifo_blob(img)
     mnt = tmp_path / "mnt"
-    pid = mount(img, mnt, tmp_path / "cache", mode, "--fetch-timeout", "600")
+    d = mount(img, mnt, tmp_path / "cache", mode, "--fetch-timeout", "600",
+              "--supervise" if supervise else "--no-supervise")
     assert read(mnt / "small") == files["small"]
     reader = blocked_reader(mnt / "other")
     try:
         if kill_reader:
             reader.kill()
             reader.wait(timeout=30)
-        os.kill(pid, signal.SIGTERM)
-        took = wait_until(lambda: not alive(pid), 60, "the daemon to exit after SIGTERM")
+        os.kill(d.owner, signal.SIGTERM)
+        took = wait_until(lambda: not d.alive(), 60, "the daemon to exit after SIGTERM")
         print(f"{mode}: daemon gone {took:.3f}s after SIGTERM")
         assert reader.wait(timeout=30) != 0
-        assert_gone(mnt, pid)
+        assert_gone(mnt, d)
         assert not [m for m in blob_mounts() if _key(mnt) in m]
     finally:
         if reader.poll() is None:
             reader.kill()
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        d.kill()
 
 
 # -- one view of the node --------------------------------------------------------------

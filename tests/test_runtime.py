@@ -88,7 +88,8 @@ def leftovers(root: Path) -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "fused.daemon" in cmdline and any(p in cmdline for p in _ours(root)):
+        daemon = any(m in cmdline for m in ("fused.daemon", "fused.supervisor", "fused.worker"))
+        if daemon and any(p in cmdline for p in _ours(root)):
             found.append(f"daemon {pid}: {cmdline}")
     runc_root = RUN_DIR / "runc"
     if runc_root.exists():

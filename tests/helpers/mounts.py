@@ -29,7 +29,8 @@ from pathlib import Path
 
 from tests.helpers.procs import run
 
-__all__ = ["fuse_mounts", "is_mounted", "mounted", "rafs_cmd", "rafs_mounts", "read_stats"]
+__all__ = ["daemon_pids", "fuse_mounts", "is_mounted", "mounted", "rafs_cmd", "rafs_mounts",
+           "read_stats"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -37,6 +38,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 def rafs_cmd(*args: str | os.PathLike[str]) -> list[str]:
     """argv running the ``rafs`` CLI of this checkout with the current interpreter."""
     return [sys.executable, "-m", "runtime.cli", *(os.fspath(a) for a in args)]
+
+
+def daemon_pids(under: str | os.PathLike[str]) -> list[int]:
+    """Every rafs process serving a mount point below ``under``: plain daemons,
+    supervisors and their workers (each names its mount point in argv)."""
+    res = subprocess.run(["pgrep", "-f", f"fused[.](daemon|supervisor|worker) .* {under}/"],
+                         capture_output=True, text=True, check=False)
+    return [int(p) for p in res.stdout.split()]
 
 
 def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
@@ -151,10 +160,12 @@ def mounted(
         raise AssertionError(
             f"rafs mount {image_ref} {mp} exited {res.returncode}\nstderr:\n{res.stderr}"
         )
-    pid: int | None = None
+    pids: set[int] = set()  # the worker and its supervisor (one process if plain)
     try:
         with contextlib.suppress(Exception):
-            pid = int(read_stats(mp, env)["pid"])  # type: ignore[call-overload]
+            stats = read_stats(mp, env)
+            pids = {int(stats[k]) for k in ("pid", "owner_pid")  # type: ignore[call-overload]
+                    if k in stats}
         yield mp
     finally:
         with contextlib.suppress(Exception):
@@ -163,8 +174,8 @@ def mounted(
         _force_unmount(mp)
         for leftover in set(blob_mounts(run_dir)) - blobs_before:
             subprocess.run(["fusermount3", "-u", "-z", leftover], check=False)
-        if pid is not None:
-            deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10
+        for pid in pids:
             while _pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if _pid_alive(pid):
