@@ -11,11 +11,16 @@ local OCI layout (no link in the way):
   entry: in fuse mode every lookup reaches the daemon) and a warm read pass
   (every regular file under /usr read whole, its pages dropped per file
   before, ``POSIX_FADV_DONTNEED``, so every read reaches the daemon);
-- failover gap, supervised, a standby worker ready: 8 threads read small files in a loop (pages
-  dropped per file, so each read reaches the daemon); the worker gets SIGKILL
-  ``--kills`` times; the gap is the time from the kill to the first read
-  answered after it (median and max), and until the supervisor's state file
-  names the new worker as serving.
+- failover gap, supervised, without a standby worker (the default: the next
+  worker starts when one dies) and with one ready (``--standby``): 8 threads
+  read small files in a loop (pages dropped per file, so each read reaches
+  the daemon); the worker gets SIGKILL ``--kills`` times; the gap is the time
+  from the kill to the first read answered after it (median and max), and
+  until the supervisor's state file names the new worker as serving;
+- memory per mount after a metadata walk and a read of every file under
+  /usr/bin: RSS and PSS (``/proc/PID/smaps_rollup``: shared pages split
+  between the processes sharing them) of a plain daemon, of a supervisor and
+  its worker, and of a standby worker;
 
 - mount to ready (``fused.client.mount``, in this process, as the snapshotter
   and ``rafs run`` call it): a spawned daemon, a spawned supervisor (its first
@@ -80,8 +85,6 @@ def _steady(image: str, work: Path, mode: str, supervise: bool) -> dict[str, flo
     mnt = work / f"mnt-{mode}-{'sup' if supervise else 'plain'}"
     extra = ["--mode", mode, "--no-prefetch", "--supervise" if supervise else "--no-supervise"]
     with mounted(image, mnt, work / "cache", *extra):
-        if supervise:
-            _wait_standby(mnt)  # its start would compete for the CPU: measure after it
         t = time.perf_counter()
         entries = _walk(mnt)
         walk = time.perf_counter() - t
@@ -120,11 +123,11 @@ def _wait_new_worker(mnt: Path, old: int, timeout: float = 120) -> int:
     raise RuntimeError(f"no new worker on {mnt} after {timeout}s")
 
 
-def gaps(image: str, work: Path, mode: str, kills: int) -> dict[str, Any]:
+def gaps(image: str, work: Path, mode: str, kills: int, standby: bool) -> dict[str, Any]:
     """Kill the worker of a supervised mount of ``image`` ``kills`` times under 8 readers."""
     mnt = work / f"mnt-{mode}-gap"
     with mounted(image, mnt, work / "cache", "--mode", mode, "--no-prefetch", "--supervise",
-                 "--max-crashes", str(kills + 10)):
+                 "--standby" if standby else "--no-standby", "--max-crashes", str(kills + 10)):
         files = [p for p in _files(mnt / "usr/bin") if os.path.getsize(p) < 256 << 10][:64]
         for p in files:
             _read_dropped(p)  # the chunk cache holds them: a read costs the daemon only
@@ -153,7 +156,8 @@ def gaps(image: str, work: Path, mode: str, kills: int) -> dict[str, Any]:
         pid = int(_state(mnt)["worker_pid"])
         for _ in range(kills):
             time.sleep(0.5)
-            _wait_standby(mnt)  # the steady case: a standby is ready
+            if standby:
+                _wait_standby(mnt)  # the steady case: a standby is ready
             killed = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             pid = _wait_new_worker(mnt, pid)
@@ -172,6 +176,36 @@ def gaps(image: str, work: Path, mode: str, kills: int) -> dict[str, Any]:
     return {"kills": kills, "gap_median_s": statistics.median(gaps), "gap_max_s": max(gaps),
             "new_worker_median_s": statistics.median(restarts), "read_errors": len(errors),
             "reads": len(answered)}
+
+
+def _memory(pid: int) -> dict[str, float]:
+    """RSS and PSS of one process, in MB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Rss", "Pss"):
+            out[key.lower() + "_mb"] = int(value.split()[0]) / 1024
+    return out
+
+
+def memory(image: str, work: Path, mode: str) -> dict[str, dict[str, float]]:
+    """RSS/PSS per process of a plain mount and of a supervised one with a standby."""
+    out: dict[str, dict[str, float]] = {}
+    for kind, flags in (("plain", ["--no-supervise"]), ("supervised", ["--standby"])):
+        mnt = work / f"mnt-{mode}-mem-{kind}"
+        with mounted(image, mnt, work / "cache", "--mode", mode, "--no-prefetch", *flags):
+            if kind == "supervised":
+                _wait_standby(mnt)
+            _walk(mnt)
+            for p in _files(mnt / "usr/bin"):
+                _read_dropped(p)
+            st = _state(mnt)
+            roles = {"daemon": st["owner_pid"]} if kind == "plain" else {
+                "supervisor": st["owner_pid"], "worker": st["worker_pid"],
+                "standby": st["standby_pid"]}
+            for role, pid in roles.items():
+                out[role] = _memory(int(pid))
+    return out
 
 
 def start_times(image: str, work: Path, mode: str, repeat: int) -> dict[str, float]:
@@ -242,7 +276,9 @@ def run(work: Path, repeat: int, kills: int, start_only: bool = False) -> dict[s
         for kind, samples in runs.items():
             row[kind] = {key: statistics.median(s[key] for s in samples)
                          for key in ("walk_s", "read_s", "read_mb", "entries")}
-        row["failover"] = gaps(image, work, mode, kills)
+        row["failover"] = gaps(image, work, mode, kills, standby=False)
+        row["failover_standby"] = gaps(image, work, mode, kills, standby=True)
+        row["memory"] = memory(image, work, mode)
         row["start"] = start_times(image, work, mode, max(repeat, 5))
         result["modes"][mode] = row
     return result
@@ -256,12 +292,21 @@ def markdown(result: dict[str, Any]) -> str:
                   "(s, MB) | failover gap median / max (s) | state file names the new worker "
                   "(median s) | read errors |", "|---|---|---|---|---|---|"]
         for mode, row in rows.items():
-            p, s, f = row["plain"], row["supervised"], row["failover"]
-            lines.append(
-                f"| {mode} | {p['walk_s']:.3f} / {s['walk_s']:.3f} ({int(p['entries'])} "
-                f"entries) | {p['read_s']:.3f} / {s['read_s']:.3f} ({p['read_mb']:.0f} MB) "
-                f"| {f['gap_median_s']:.3f} / {f['gap_max_s']:.3f} ({f['kills']} kills) "
-                f"| {f['new_worker_median_s']:.3f} | {f['read_errors']} of {f['reads']} |")
+            p, s = row["plain"], row["supervised"]
+            for label, f in (("", row["failover"]), (", standby", row["failover_standby"])):
+                lines.append(
+                    f"| {mode}{label} | {p['walk_s']:.3f} / {s['walk_s']:.3f} "
+                    f"({int(p['entries'])} entries) | {p['read_s']:.3f} / {s['read_s']:.3f} "
+                    f"({p['read_mb']:.0f} MB) | {f['gap_median_s']:.3f} / {f['gap_max_s']:.3f} "
+                    f"({f['kills']} kills) | {f['new_worker_median_s']:.3f} | "
+                    f"{f['read_errors']} of {f['reads']} |")
+        lines += ["", "| mode | plain daemon RSS / PSS (MB) | supervisor | worker | "
+                  "standby worker |", "|---|---|---|---|---|"]
+        for mode, row in rows.items():
+            m = row["memory"]
+            cells = [f"{m[r]['rss_mb']:.1f} / {m[r]['pss_mb']:.1f}"
+                     for r in ("daemon", "supervisor", "worker", "standby")]
+            lines.append(f"| {mode} | {' | '.join(cells)} |")
         lines.append("")
     lines += ["| mode | mount to ready, spawned: daemon / supervised (s) | forked by the node "
               "service: daemon / supervised (s) |", "|---|---|---|"]

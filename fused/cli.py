@@ -260,18 +260,23 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print_json([i.to_json() for i in infos])
         return 0
-    ours = rafs.version()
-    rows = [("MOUNTPOINT", "STATE", "MODE", "PID", "CACHE", "VERSION", "IMAGE")]
+    ours = {rafs.version()}
+    if any(i.version and "+" in i.version for i in infos):  # a supervised worker's
+        from .supervisor import code_version  # the standard library only
+
+        ours.add(code_version())
+    rows = [("MOUNTPOINT", "STATE", "MODE", "PID", "SUPERVISOR", "CACHE", "VERSION", "IMAGE")]
     for i in infos:
-        version = "-" if i.version is None else i.version + ("" if i.version == ours else "*")
+        version = "-" if i.version is None else i.version + ("" if i.version in ours else "*")
+        supervisor = str(i.owner_pid) if i.supervised and i.owner_pid else "-"
         rows.append((i.mountpoint + ("" if i.mounted or i.state == "unknown" else " (gone)"),
-                     i.state, i.mode or "-", str(i.pid or "-"), _human(i.cache_bytes),
-                     version, i.image or "-"))
+                     i.state, i.mode or "-", str(i.pid or "-"), supervisor,
+                     _human(i.cache_bytes), version, i.image or "-"))
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
-    if any(r[5].endswith("*") for r in rows[1:]):
-        print(f"* a daemon of another rafs than this one ({ours})")
+    if any(r[6].endswith("*") for r in rows[1:]):
+        print(f"* a daemon of another rafs than this one ({rafs.version()})")
     return 0
 
 

@@ -737,6 +737,11 @@ def _force(inst: Instance, timeout: float) -> None:
     for e in owned:  # readers blocked on the connection fail now, even if it is stopped
         if e.is_fuse:
             abort_connection(e.major_minor)
+    dev = state.get("fuse_dev")  # a blob mount detached already (lazily) still serves EROFS
+    if isinstance(dev, str) and inst.owner_alive() and \
+            not any(e.is_fuse and e.major_minor == dev for e in owned):
+        with contextlib.suppress(MountError):  # the owner lives: the number is still its own
+            abort_connection(dev)
     for e in sorted(owned, key=lambda e: e.fstype == BLOB_FSTYPE):
         _detach(e, abort=False)
     _kill(inst, timeout)

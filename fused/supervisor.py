@@ -89,7 +89,7 @@ from . import fusedev, wire
 from .control import SUN_PATH_MAX, request
 from .errors import ControlError, MountError
 from .kernelmount import resolve_mode
-from .mounts import MountTableWatch, find_mount, read_mounts, umount2
+from .mounts import MountTableWatch, abort_connection, find_mount, read_mounts, umount2
 from .mounts import unmount as unmount_path
 from .options import BLOB_MOUNT_OPTIONS, MOUNT_OPTIONS, MountOptions
 from .runstate import OwnedInstance, pid_start
@@ -101,6 +101,8 @@ log = logging.getLogger("fused.supervisor")  # also when run as __main__
 DRAIN_TIMEOUT = 30.0  # an old worker's grace after an upgrade, then SIGKILL and resend
 READY_TIMEOUT = 120.0
 BLOBS_POLL = 0.25  # kernel mode, EROFS gone: how often to try the blob mount again
+UNMOUNT_GRACE = 5.0  # kernel mode, stopping: EROFS's reads in flight, then the blob
+# connection is aborted (as fused.daemon does)
 OOM_SCORE_ADJ = -900
 
 # Set by the node service (``fused.node.preload``) before it forks supervisors: the
@@ -679,9 +681,28 @@ class Supervisor:
                 continue
             log.info("got %s: unmounting", name)
             self._set_state("stopping")
+            self._unmount_bounded()
+            self._stop_workers()
+
+    def _unmount_bounded(self) -> None:
+        """Unmount now (detached, open files fail). Kernel mode: detaching EROFS waits
+        for its reads in flight, which a worker may never answer (a read stuck below
+        it); after ``UNMOUNT_GRACE`` the blob connection is aborted, those reads fail
+        and the unmount completes."""
+        def undo() -> None:
             with contextlib.suppress(MountError):
                 self._unmount(lazy=True, release=True)
-            self._stop_workers()
+
+        thread = threading.Thread(target=undo, name="unmount", daemon=True)
+        thread.start()
+        thread.join(UNMOUNT_GRACE if self.mode == "kernel" else None)
+        if thread.is_alive():
+            log.warning("EROFS still waits for reads %gs after the stop; aborting the blob "
+                        "connection", UNMOUNT_GRACE)
+            if self.fuse_dev is not None:
+                with contextlib.suppress(MountError):
+                    abort_connection(self.fuse_dev)
+            thread.join(30)
 
     def _stop_workers(self) -> None:
         self.stopping = True

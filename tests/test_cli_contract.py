@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -463,12 +464,18 @@ def test_ls_shows_the_daemons_version_and_marks_none_of_this_rafs(ws: Workspace)
     env = _rafs_env(ws)
     res = subprocess.run(rafs_cmd("ls", "--json"), env=env, capture_output=True, text=True,
                          check=True)
+    from fused.supervisor import code_version
+
     (ours,) = [m for m in json.loads(res.stdout) if m["mountpoint"] == str(ws.mnt)]
-    assert ours["version"] == rafs.version() and ours["state"] == "serving"
+    # a plain daemon says the package's version, a supervised worker adds its code's digest
+    expected = code_version() if ours["supervised"] else rafs.version()
+    assert ours["version"] == expected and ours["state"] == "serving"
     table = subprocess.run(rafs_cmd("ls"), env=env, capture_output=True, text=True,
                            check=True).stdout
     (row,) = [line for line in table.splitlines() if line.startswith(f"{ws.mnt} ")]
-    assert f" {rafs.version()} " in row and "*" not in row, table
+    assert f" {expected} " in row and "*" not in row, table
+    if ours["supervised"]:  # both processes: the worker, then its supervisor
+        assert re.search(rf"\s{ours['pid']}\s+{ours['owner_pid']}\s", row), table
 
 
 # -- the mechanism itself, in process ---------------------------------------------------

@@ -162,16 +162,29 @@ def test_running_container_survives_a_snapshotter_restart(
 def test_a_killed_daemon_is_mounted_again_for_the_next_container(
     stack: Stack, rafs_image: str
 ) -> None:
+    """The worker killed: its supervisor replaces it on the same mount. The supervisor
+    killed: the instance is dead, and the snapshotter mounts the layer again."""
     [mp] = stack.rafs_mounts()
-    pid = int(read_stats(mp)["pid"])  # type: ignore[call-overload]
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    res = stack.cd.ctr("run", "--rm", "--snapshotter", "rafs", rafs_image, "numpy-3", *NUMPY)
-    assert re.fullmatch(r"\d+\.\d+\.\d+\s*", res.stdout), res.stdout
-    assert stack.rafs_mounts() == [mp]
-    assert read_stats(mp)["pid"] != pid
+    for victim in ("pid", "owner_pid"):  # the worker, then the supervisor
+        stats = read_stats(mp)
+        pid, owner = int(stats["pid"]), int(stats["owner_pid"])  # type: ignore[call-overload]
+        assert pid != owner, "the snapshotter's mounts are supervised by default"
+        killed = pid if victim == "pid" else owner
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{killed}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        res = stack.cd.ctr("run", "--rm", "--snapshotter", "rafs", rafs_image,
+                           f"numpy-3-{victim}", *NUMPY)
+        assert re.fullmatch(r"\d+\.\d+\.\d+\s*", res.stdout), res.stdout
+        assert stack.rafs_mounts() == [mp]
+        after = read_stats(mp)
+        assert after["pid"] != pid
+        if victim == "pid":  # failover: the same supervisor, one restart
+            assert after["owner_pid"] == owner
+            assert after["supervisor"]["restarts"] >= 1  # type: ignore[index]
+        else:  # a new instance
+            assert after["owner_pid"] != owner
 
 
 def test_removing_containers_and_images_leaves_no_mounts(
