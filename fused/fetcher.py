@@ -85,7 +85,13 @@ from rafs.retry import Backoff, RetryPolicy
 from .backend import Backend
 from .cache import ChunkCache
 from .errors import ChunkError
-from .options import DEFAULT_AMPLIFY, DEFAULT_FETCH_TIMEOUT, DEFAULT_RETRIES
+from .options import (  # defined there, so that a supervisor knows them without trio
+    ANSWER_GRACE,
+    DEFAULT_AMPLIFY,
+    DEFAULT_FETCH_TIMEOUT,
+    DEFAULT_RETRIES,
+    READER_RETRY_AFTER_CAP,
+)
 from .readahead import FileMap, ReadAhead, ReadAheadConfig
 from .stats import Stats
 
@@ -94,10 +100,9 @@ PREFETCH_MERGE = 4 << 20  # bytes per prefetch request
 MIN_PREFETCH_DEPTH = 2  # prefetch requests in flight before the link is measured, and at least
 RATE_SAMPLE = 256 << 10  # responses this large measure the link's rate
 ONDEMAND_MERGE = 8 << 20  # the largest on-demand read when a read-ahead policy plans it
-ANSWER_GRACE = 5.0  # seconds a reader waits past fetch_deadline (cancellation, worker threads)
 READ_ATTEMPTS = 4  # a chunk lost from the cache this often in one read: EIO
 # Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
-READER_RETRY = RetryPolicy(retry_after_cap=10.0)
+READER_RETRY = RetryPolicy(retry_after_cap=READER_RETRY_AFTER_CAP)
 
 __all__ = [
     "ANSWER_GRACE",

@@ -42,6 +42,8 @@ DEFAULT_FETCH_TIMEOUT = 30.0  # seconds without a byte before a fetch counts as 
 DEFAULT_READAHEAD_KB = 1024  # the kernel's read-ahead on the mounts: one chunk (bench.readsim)
 READAHEAD_ENV = "RAFS_READAHEAD_KB"  # a knob for studies of reads (bench.readtrace)
 DEFAULT_MAX_REQUESTS = 8
+READER_RETRY_AFTER_CAP = 10.0  # the longest Retry-After a reader's fetch honours (fused.fetcher)
+ANSWER_GRACE = 5.0  # seconds a reader waits past the fetch deadline (fused.fetcher)
 MODES = ("auto", "fuse", "kernel")
 DEFAULT_SUPERVISE = True  # rafs mount, rafs run and the snapshotter (see the README)
 DEFAULT_STANDBY = False  # a second, idle worker per supervised mount (README: its memory)
@@ -105,6 +107,15 @@ class MountOptions:
             raise MountError("max crashes and the crash window must be positive")
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", os.path.abspath(self.cache_dir))
+
+    def answer_bound(self) -> float:
+        """The longest a read waits for its chunks before it is answered (an error at
+        worst): ``fused.fetcher.Fetcher.answer_bound`` for these options. A supervisor
+        replaces a worker that is stopped for longer."""
+        from rafs.retry import RetryPolicy
+
+        policy = RetryPolicy(retry_after_cap=READER_RETRY_AFTER_CAP, retries=self.retries)
+        return policy.longest_wait(self.fetch_timeout) + ANSWER_GRACE
 
     def backend(self) -> BackendOptions:
         return BackendOptions(insecure=self.insecure, creds=self.creds,

@@ -104,6 +104,7 @@ BLOBS_POLL = 0.25  # kernel mode, EROFS gone: how often to try the blob mount ag
 UNMOUNT_GRACE = 5.0  # kernel mode, stopping: EROFS's reads in flight, then the blob
 # connection is aborted (as fused.daemon does)
 OOM_SCORE_ADJ = -900
+STOPPED_CHECK = 1.0  # how often the serving worker is checked for being stopped (SIGSTOP)
 
 # Set by the node service (``fused.node.preload``) before it forks supervisors: the
 # version of the code it has imported. A supervisor forked from it forks its workers.
@@ -152,6 +153,7 @@ class Worker:
     ready_buf: bytes = b""
     killed_at: float | None = None
     start_time: int | None = None  # /proc start time: names this process, not its pid
+    stopped_since: float | None = None  # first seen stopped (SIGSTOP)
 
     @property
     def pid(self) -> int:
@@ -187,6 +189,7 @@ class Supervisor:
         self.upgraded = False
         self.releasing_blobs = False  # kernel mode: EROFS gone, the blob mount goes next
         self.resend_ok = self.opts.resend and fusedev.kernel_has_resend()
+        self.answer_bound = self.opts.answer_bound()
         self.commands: queue.Queue[tuple[str, dict[str, Any], queue.Queue[dict[str, Any]]]] = (
             queue.Queue())
         self.pending_upgrade: list[queue.Queue[dict[str, Any]]] = []
@@ -647,6 +650,8 @@ class Supervisor:
             times.append(deadline_ready - now)
         if self.releasing_blobs:
             times.append(BLOBS_POLL)
+        if self.current is not None and self.current.state == "serving" and not self.stopping:
+            times.append(STOPPED_CHECK)
         return min(times) if times else None
 
     def _check_deadlines(self, deadline_ready: float) -> None:
@@ -655,6 +660,7 @@ class Supervisor:
             raise GiveUp(f"the worker did not get ready within {READY_TIMEOUT:g}s")
         if self.releasing_blobs:
             self._try_release_blobs()
+        self._check_stopped(now)
         for w in self.workers.values():
             if w.state == "starting" and self.announced and now > w.started + READY_TIMEOUT:
                 log.warning("worker %d (pid %d) did not get ready in %gs; killing it",
@@ -668,6 +674,29 @@ class Supervisor:
                 w.killed_at = None
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.kill()
+
+    def _check_stopped(self, now: float) -> None:
+        """A serving worker stopped (SIGSTOP) answers nothing and its readers wait: once
+        that is longer than a read may wait for its answer (``answer_bound``), it is
+        killed, and the next worker answers its requests (resent). A tracing stop (a
+        debugger) is left alone."""
+        w = self.current
+        if w is None or w.state != "serving" or self.stopping:
+            return
+        if not _stopped(w.pid):
+            w.stopped_since = None
+            return
+        if w.stopped_since is None:
+            w.stopped_since = now
+            log.warning("worker %d (pid %d) is stopped; its readers wait", w.serial, w.pid)
+            return
+        if now - w.stopped_since > self.answer_bound:
+            log.warning("worker %d (pid %d) stopped for %.0fs, longer than a read may wait "
+                        "(%.0fs): replacing it", w.serial, w.pid, now - w.stopped_since,
+                        self.answer_bound)
+            w.stopped_since = None
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.kill()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
@@ -1017,12 +1046,13 @@ def _terminate(worker: Worker) -> None:
 
 
 def _stopped(pid: int) -> bool:
-    """Whether ``pid`` is stopped (SIGSTOP, a debugger): it answers nothing until continued."""
+    """Whether ``pid`` is stopped by a signal (SIGSTOP; not a debugger's tracing stop): it
+    answers nothing until continued."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return False
-    return bool(fields) and fields[0] in ("T", "t")
+    return bool(fields) and fields[0] == "T"
 
 
 def _describe(code: int) -> str:

@@ -13,6 +13,7 @@ run state behind. Times are printed, never asserted.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import signal
@@ -408,6 +409,32 @@ def test_a_plain_umount_of_a_mount_whose_worker_is_stopped_and_idle_ends_it(
         assert res.returncode == 0, res.stderr
         assert_gone(mnt, d)
         [] = list((run_dir() / "logs").glob(f"{_key(mnt)}-*.log"))  # a clean exit
+    finally:
+        d.kill()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_worker_stopped_longer_than_the_answer_bound_is_replaced(image, tmp_path, mode):
+    """A reader waits on a stopped worker at most as long as a read may wait for its
+    chunks (``--fetch-timeout 1 --retries 0``: 6 s); then the supervisor kills the
+    worker and the next one answers the resent request with the right bytes."""
+    img, files = image
+    mnt = tmp_path / "mnt"
+    d = mount(img, mnt, tmp_path / "cache", mode, "--fetch-timeout", "1", "--retries", "0")
+    os.kill(d.worker, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        reader = subprocess.run(["sha256sum", str(mnt / "big")], capture_output=True,
+                                text=True, timeout=120, check=False)
+        print(f"{mode}: the reader waited {time.monotonic() - start:.3f}s")
+        assert reader.returncode == 0, reader.stderr
+        assert reader.stdout.split()[0] == hashlib.sha256(files["big"]).hexdigest()
+        assert not alive(d.worker)
+        [info] = mine(tmp_path)
+        assert info["owner_pid"] == d.owner and info["pid"] != d.worker
+        assert info["restarts"] == 1
+        run(rafs_cmd("umount", mnt), timeout=120, check=True)
+        assert_gone(mnt, Daemon(int(info["pid"]), d.owner))  # type: ignore[call-overload]
     finally:
         d.kill()
 
