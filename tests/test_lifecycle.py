@@ -13,6 +13,7 @@ run state behind. Times are printed, never asserted.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -329,6 +330,40 @@ def test_a_sigterm_of_the_owner_unmounts_cleanly(image, tmp_path, mode, supervis
                "its run state to go")
     assert_gone(mnt, d)
     assert not [m for m in blob_mounts() if _key(mnt) in m]
+
+
+def test_where_takeover_cannot_work_a_mount_is_a_plain_daemon_and_says_so_once(
+        image, tmp_path, monkeypatch, caplog):
+    """A kernel without FUSE_NOTIFY_RESEND cannot be had on demand here: the version
+    check is replaced (the only fake); the rest is a real mount, through the client."""
+    import logging
+
+    from fused import client, fusedev
+    from fused.options import MountOptions
+
+    assert fusedev.takeover_blocker("6.18.0") in (None, f"{fusedev.DEVICE} cannot be opened "
+                                                  f"by uid {os.geteuid()}")
+    assert "no FUSE_NOTIFY_RESEND (Linux >= 6.9)" in str(fusedev.takeover_blocker("6.8.12"))
+    monkeypatch.setattr(fusedev, "kernel_has_resend", lambda release=None: False)
+    monkeypatch.setattr(client, "_fallback_logged", False)
+    img, files = image
+    opts = MountOptions(str(tmp_path / "cache"), mode="fuse", prefetch=False)
+    assert opts.supervise, "supervised by default"
+    infos = []
+    with caplog.at_level(logging.WARNING, logger="fused.client"):
+        try:
+            for name in ("a", "b"):
+                (tmp_path / name).mkdir()
+                infos.append(client.mount(img.ref, tmp_path / name, opts))
+                assert read(tmp_path / name / "small") == files["small"]
+        finally:
+            for name in ("a", "b"):
+                with contextlib.suppress(Exception):
+                    client.unmount(tmp_path / name)
+    assert len(infos) == 2
+    assert all(not i.supervised and i.pid == i.owner_pid for i in infos), infos
+    lines = [r.getMessage() for r in caplog.records if "without a supervisor" in r.getMessage()]
+    assert len(lines) == 1 and "FUSE_NOTIFY_RESEND" in lines[0], lines
 
 
 def test_two_mounts_of_one_mount_point_at_once_give_one_mount(image, tmp_path):
