@@ -527,21 +527,22 @@ def test_ls_shows_every_mount_with_its_state_and_umount_all_ends_them(
     # `umount --all` ends every mount of a run directory: give this test its own
     private = tempfile.mkdtemp(prefix="rafs-ls-")
     monkeypatch.setenv("RAFS_RUN_DIR", private)
-    pids = {mode: mount(img, tmp_path / mode, cache, mode) for mode in MODES}
-    dead_pid = mount(img, tmp_path / "dead", cache, "fuse")
+    daemons = {mode: mount(img, tmp_path / mode, cache, mode) for mode in MODES}
+    dead = mount(img, tmp_path / "dead", cache, "fuse")
     stopped = mount(img, tmp_path / "stopped", cache, "kernel")
-    os.kill(dead_pid, signal.SIGKILL)
-    wait_until(lambda: not alive(dead_pid), 10, "the daemon to die")
-    os.kill(stopped, signal.SIGSTOP)
+    os.kill(dead.owner, signal.SIGKILL)  # the supervisor: its worker is orphaned
+    wait_until(lambda: not alive(dead.owner), 10, "the supervisor to die")
+    os.kill(stopped.worker, signal.SIGSTOP)
     try:
         listed = {Path(str(m["mountpoint"])).name: m for m in mine(tmp_path)}
         assert set(listed) == {"fuse", "kernel", "dead", "stopped"}
         for mode in MODES:
-            m = listed[mode]
-            assert (m["state"], m["mode"], m["pid"], m["image"], m["mounted"]) == \
-                ("serving", mode, pids[mode], img.ref, True), m
+            m, d = listed[mode], daemons[mode]
+            assert (m["state"], m["mode"], m["pid"], m["owner_pid"], m["image"],
+                    m["mounted"], m["supervised"]) == \
+                ("serving", mode, d.worker, d.owner, img.ref, True, True), m
             assert m["version"] and isinstance(m["cache_bytes"], int)
-        assert (listed["dead"]["state"], listed["dead"]["pid"]) == ("dead", dead_pid)
+        assert (listed["dead"]["state"], listed["dead"]["pid"]) == ("dead", dead.worker)
         assert listed["stopped"]["state"] == "unresponsive"
         table = run(rafs_cmd("ls"), timeout=60, check=True).stdout
         assert str(tmp_path / "kernel") in table and "serving" in table
@@ -549,10 +550,10 @@ def test_ls_shows_every_mount_with_its_state_and_umount_all_ends_them(
         assert res.returncode == 0, res.stderr
         assert mine(tmp_path) == []
         assert not [mp for mp in rafs_mounts() if mp.startswith(f"{tmp_path}/")]
-        assert not any(alive(p) for p in [*pids.values(), stopped])
+        assert not any(d.alive() for d in [*daemons.values(), dead, stopped])
         assert list((Path(private) / "mounts").iterdir()) == []
     finally:
-        if alive(stopped):
-            os.kill(stopped, signal.SIGKILL)
+        for d in [*daemons.values(), dead, stopped]:
+            d.kill()
         run(rafs_cmd("umount", "--all", "--force"), timeout=180)
         shutil.rmtree(private, ignore_errors=True)
