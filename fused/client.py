@@ -23,7 +23,9 @@ on the mount point are undone first (instances whose owner is dead, a dead
 rafs mount nobody owns), then ``python -m fused.daemon`` is started detached
 (its own session, output to its log) with its configuration on a pipe, and the
 call returns once the daemon reports the mount ready. ``options.supervise``
-starts ``python -m fused.supervisor`` instead: the supervisor owns the
+(the default) starts ``python -m fused.supervisor`` instead, unless takeover
+cannot work on this host (``fusedev.takeover_blocker``: no FUSE_NOTIFY_RESEND,
+no access to /dev/fuse), which is logged once and gives a plain daemon: the supervisor owns the
 instance and the mounts, and workers (``fused.worker``) serve it; a worker
 that dies is replaced without unmounting, and ``upgrade`` hands the mount to
 a worker running the code installed now. When the node service (``rafs

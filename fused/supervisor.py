@@ -29,6 +29,13 @@ workers share the mounted device; an old kernel then leaves those requests
 waiting. A standby worker, started and set up beforehand, takes over at once
 (``standby``); the state says ``recovering`` until the new worker serves.
 
+A worker stopped by a signal (SIGSTOP) answers nothing: its readers wait,
+and once that is longer than a read may wait for its answer
+(``MountOptions.answer_bound``) the supervisor kills it and the next worker
+answers the resent requests. A plain ``shutdown`` that the mount refuses as
+busy says when the worker is stopped (``--force`` ends it); every worker told
+to stop also gets SIGCONT, so a stopped one ends at once.
+
 Crash loops: after ``max_crashes`` crashes within ``crash_window`` seconds the
 supervisor gives up: it closes every device, which aborts the connection
 (readers get ENOTCONN, never a hang), unmounts and exits 1.
@@ -48,7 +55,8 @@ Stopping, one teardown whatever the cause (EROFS detached before the blob
 filesystem, the connection aborted if a worker is still on it, the workers
 stopped, the run state removed): ``shutdown`` (plain: refused while busy;
 ``lazy``: detached, served until the last open file is closed), SIGTERM or
-SIGINT (detached now), the mount disappearing outside rafs (fuse mode: the
+SIGINT (detached now; kernel mode: EROFS waits for its reads in flight, and
+after ``UNMOUNT_GRACE`` the blob connection is aborted so those fail), the mount disappearing outside rafs (fuse mode: the
 device reports the end of the connection; kernel mode: the mount table
 watch sees our EROFS mount go, then the blob mount is undone once the EROFS
 driver lets go of it). SIGHUP is ignored. The supervisor lowers its own
