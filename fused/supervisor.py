@@ -56,8 +56,9 @@ filesystem, the connection aborted if a worker is still on it, the workers
 stopped, the run state removed): ``shutdown`` (plain: refused while busy;
 ``lazy``: detached, served until the last open file is closed), SIGTERM or
 SIGINT (detached now; kernel mode: EROFS waits for its reads in flight, and
-after ``UNMOUNT_GRACE`` the blob connection is aborted so those fail), the mount disappearing outside rafs (fuse mode: the
-device reports the end of the connection; kernel mode: the mount table
+after ``UNMOUNT_GRACE`` the blob connection is aborted so those fail), the
+mount disappearing outside rafs (fuse mode: the device reports the end of the
+connection; kernel mode: the mount table
 watch sees our EROFS mount go, then the blob mount is undone once the EROFS
 driver lets go of it). SIGHUP is ignored. The supervisor lowers its own
 ``oom_score_adj`` so that the kernel's OOM killer picks a worker instead. If
