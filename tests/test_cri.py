@@ -241,7 +241,8 @@ def test_remove_image_unmounts_the_rafs_image_and_ends_its_daemon(
     from fused.client import find
 
     [mp] = node.rafs_mounts()
-    pid = int(read_stats(mp)["pid"])  # type: ignore[call-overload]
+    stats = read_stats(mp)
+    pids = [int(stats[k]) for k in ("pid", "owner_pid")]  # type: ignore[call-overload]
     info = find(mp)
     assert info is not None and info.instance is not None
     blobs = info.instance.blobs  # the daemon's blob mount in kernel mode
@@ -250,7 +251,7 @@ def test_remove_image_unmounts_the_rafs_image_and_ends_its_daemon(
     assert node.kubelet.image_status(rafs_image) is None
     assert node.rafs_mounts() == []
     assert mounts_under(blobs) == []
-    assert not _alive(pid)
+    assert not any(_alive(pid) for pid in pids)  # the worker and its supervisor
     after = node.snapshots()
     assert len(after) < len(before)
     assert not [s for s in after if _is_rafs_snapshot(node, s)]

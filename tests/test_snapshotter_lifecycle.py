@@ -112,8 +112,12 @@ def test_startup_tears_down_the_rafs_mounts_no_snapshot_owns(
             res = run(rafs_cmd("mount", image_ref, mp, "--cache-dir", tmp_path / "cache",
                                "--mode", "fuse" if mode == "dead" else mode), timeout=120)
             assert res.returncode == 0, res.stderr
-            pids[mode] = int(read_stats(mp)["pid"])  # type: ignore[call-overload]
-        os.kill(pids["dead"], signal.SIGKILL)
+            stats = read_stats(mp)
+            pids[mode] = int(stats["pid"])  # type: ignore[call-overload]
+            pids[f"{mode}-owner"] = int(stats["owner_pid"])  # type: ignore[call-overload]
+            assert pids[mode] != pids[f"{mode}-owner"], "supervised by default"
+        # a dead instance: its supervisor killed (its worker, orphaned, serves on)
+        os.kill(pids["dead-owner"], signal.SIGKILL)
         with snapshotter_process(tmp_path / "sn.sock", root, tmp_path / "sn.log"):
             left = [mp for mp in rafs_mounts() if mp.startswith(f"{root}/")]
             assert left == [], (left, (tmp_path / "sn.log").read_text()[-3000:])
