@@ -397,7 +397,7 @@ def _supervision(options: MountOptions) -> MountOptions:
         return options
     if not _fallback_logged:
         _fallback_logged = True
-        log.warning("mounting without a supervisor: %s (a daemon that dies takes its "
+        log.info("mounting without a supervisor: %s (a daemon that dies takes its "
                     "mount with it)", why)
     return replace(options, supervise=False)
 

@@ -130,6 +130,9 @@ class FusedRemote:
         info = client.find(mountpoint)
         if info is None or not info.mounted:
             return False
+        if info.state == "recovering":  # its supervisor replaces a worker: readers wait
+            log.info("rafs mount on %s is recovering (a new worker starts)", mountpoint)
+            return True
         if info.state != "serving":
             log.warning("rafs mount on %s is %s", mountpoint, info.state)
             return False
