@@ -25,14 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``1M``, ``1MiB`` -> bytes (``rafs.sizes``, for argparse)."""
-    try:
-        return sizes.parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "convert", help="convert an OCI image into a RAFS image",
@@ -42,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "Prints DST@DIGEST.")
     transports.CONVERT_SRC.add_argument(p, "src")
     transports.CONVERT_DST.add_argument(p, "dst")
-    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
+    p.add_argument("--chunk-size", type=sizes.size_arg, default=DEFAULT_CHUNK_SIZE,
                    help="chunk size, a power of two from 4K to 16M (default 1M)")
     p.add_argument("--compression", choices=("zstd", "none"), default="zstd",
                    help="chunk compression (default zstd; a chunk is stored raw when "
@@ -149,4 +141,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["describe_result", "parse_size", "register", "run"]
+__all__ = ["describe_result", "register", "run"]

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        "it), or every chunk of --image REF; bootstraps and blob files nobody "
                        "uses go too. Chunks a mount still reads are fetched again.")
     common(q)
-    q.add_argument("--to", metavar="SIZE", type=_size,
+    q.add_argument("--to", metavar="SIZE", type=sizes.size_arg,
                    help="evict until the cache is at most this big (e.g. 10G)")
     q.add_argument("--image", metavar="REF", help="evict this image's chunks (a reference a "
                    "mount used, or a bootstrap or manifest digest)")
@@ -69,14 +69,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     q = sub.add_parser("clear", help="evict everything; remove every file nobody uses")
     common(q)
     q.set_defaults(func=_cmd_clear)
-
-
-def _size(text: str) -> int:
-    """A SIZE argument; a bad one is a usage error (exit 2, one line)."""
-    try:
-        return sizes.parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _config(args: argparse.Namespace) -> tuple[Path, CacheConfig]:

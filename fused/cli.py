@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="fetch the files of the image's prefetch list in the background, "
                    "below on-demand reads (default: on)")
-    p.add_argument("--amplify-bytes", type=_size, default=DEFAULT_AMPLIFY, metavar="BYTES",
+    p.add_argument("--amplify-bytes", type=sizes.size_arg, default=DEFAULT_AMPLIFY, metavar="BYTES",
                    help="the most an on-demand fetch holds with its read-ahead (within "
                    "the file being read, small files of its directory; in images laid out "
                    "by access, the chunks that follow), compressed (default 1M; 0: fetch "
@@ -193,13 +193,6 @@ def supervise_options(args: argparse.Namespace) -> dict[str, object]:
     return {"supervise": args.supervise, "standby": args.standby,
             "max_crashes": args.max_crashes, "crash_window": args.crash_window,
             "resend": args.resend}
-
-
-def _size(text: str) -> int:
-    try:
-        return sizes.parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:

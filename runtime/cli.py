@@ -10,22 +10,28 @@ transports a command takes is ``rafs.transports``'; ``--json`` output is
 
 This module also registers the runtime's own commands: ``run``, ``ps``,
 ``rm``, ``optimize``, ``image ls|prune`` and ``bench``.
+
+``REGISTRARS`` names the module that registers each command, so that ``rafs CMD``
+imports CMD's module only (the converter, the snapshotter and the bench harness
+cost 50-100 ms of imports that no other command needs); ``--help``, ``--version``
+and an unknown command build the whole parser. tests/test_cli_contract.py
+checks the table against what the modules register.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import TYPE_CHECKING
 
-from converter.cli import parse_size
 from fused.options import DEFAULT_SUPERVISE
-from rafs import transports, version
+from rafs import sizes, transports, version
 from rafs.errors import RafsError
 from rafs.output import add_json_flag, print_json
 
 from .console import Parser, add_verbosity, error, run_command, setup_logging, verbosity
-from .errors import RunError, exit_status
+from .errors import exit_status
 
 if TYPE_CHECKING:
     from .unpacked import Unpacked
@@ -44,6 +50,18 @@ def _container_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--net", choices=("host", "none"), default="host",
                    help="host network, or a network namespace with loopback only "
                    "(default %(default)s)")
+
+
+# module -> the commands its ``register`` adds, in the order `rafs --help` lists them
+REGISTRARS: dict[str, tuple[str, ...]] = {
+    "converter.cli": ("convert",),
+    "fused.cli": ("mount", "upgrade", "daemon", "umount", "ls", "stats", "trace"),
+    "fused.cachecli": ("cache",),
+    "rafs.cli": ("inspect", "check"),
+    "runtime.cli": ("run", "ps", "rm", "optimize", "image"),
+    "runtime.benchcli": ("bench",),
+    "snapshotter.cli": ("snapshotter",),
+}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,7 +131,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dst.add_argument(p, "dst")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
     _container_args(p)
-    p.add_argument("--chunk-size", type=parse_size, default=None, metavar="BYTES",
+    p.add_argument("--chunk-size", type=sizes.size_arg, default=None, metavar="BYTES",
                    help="chunk size of DST (default: the converter's, 1M)")
     p.add_argument("--mode", choices=("auto", "kernel", "fuse"), default="auto",
                    help="mount mode of the traced run (default auto: as `rafs run` mounts)")
@@ -142,20 +160,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_json_flag(q, "what was removed")
     q.set_defaults(func=_cmd_image_prune)
 
-    p = sub.add_parser(
-        "bench", help="measure cold start: rafs against OCI through containerd",
-        description="Push the benchmark images (bench.corpus) to a local registry as plain "
-        "OCI, RAFS and RAFS optimized, then time cold starts of five scenarios through a "
-        "link emulator; write coldstart.json, coldstart.md and plots to --out. Needs root "
-        "and a checkout (the bench package).",
-    )
-    try:
-        from bench.coldstart import add_arguments
-    except ImportError:  # an installed rafs without the bench package
-        p.set_defaults(func=_no_bench)
-    else:
-        add_arguments(p)
-        p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -260,32 +264,34 @@ def _cmd_image_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from bench.coldstart import cmd_bench
+class _Version(argparse.Action):
+    """``--version``; the package metadata is read only when it is asked for (15 ms)."""
 
-    return cmd_bench(args)
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"rafs {version()}")
+        parser.exit()
 
 
-def _no_bench(args: argparse.Namespace) -> int:
-    raise RunError("rafs bench needs the bench package of a rafs checkout")
+def _registrars(argv: list[str]) -> list[str]:
+    """The modules to register for ``argv``: the one that owns its command, else all."""
+    command = argv[0] if argv else ""
+    owners = [m for m, commands in REGISTRARS.items() if command in commands]
+    return owners or list(REGISTRARS)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from converter import cli as converter_cli
-    from fused import cachecli as fused_cachecli
-    from fused import cli as fused_cli
-    from rafs import cli as rafs_cli
-    from snapshotter import cli as snapshotter_cli
-
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `rafs` parser; given ``argv``, with only the commands that parsing it needs."""
     parser = Parser(prog="rafs", description="Lazy-loading container image filesystem.")
-    parser.add_argument("--version", action="version", version=f"rafs {version()}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    converter_cli.register(sub)
-    fused_cli.register(sub)
-    fused_cachecli.register(sub)
-    rafs_cli.register(sub)
-    register(sub)
-    snapshotter_cli.register(sub)
+    for module in _registrars([] if argv is None else argv):
+        importlib.import_module(module).register(sub)
     add_verbosity(parser)  # last: every subcommand, whoever registered it
     return parser
 
@@ -299,7 +305,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     parsed: list[argparse.Namespace] = []
     status = run_command(lambda: parsed.append(_parse(parser, argv)), None, 0)
     if not parsed:

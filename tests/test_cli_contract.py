@@ -448,6 +448,39 @@ def test_the_table_names_every_command(ws: Workspace) -> None:
     assert not missing, f"commands without a row in CASES: {sorted(missing)}"
 
 
+def test_each_command_is_registered_by_the_module_the_table_names() -> None:
+    """`rafs CMD` imports only CMD's module (runtime.cli.REGISTRARS): the table must say
+    exactly what each module registers, and a parser built for CMD must parse CMD."""
+    import importlib
+
+    from runtime.cli import REGISTRARS, build_parser
+
+    for module, commands in REGISTRARS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        assert tuple(sub.choices) == commands, module
+    full = next(a for a in build_parser()._actions
+                if isinstance(a, argparse._SubParsersAction))
+    assert tuple(full.choices) == tuple(c for cs in REGISTRARS.values() for c in cs)
+    for commands in REGISTRARS.values():
+        for command in commands:
+            parser = build_parser([command])
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            assert tuple(sub.choices) == commands, command
+    args = build_parser(["ps", "-v"]).parse_args(["ps", "-v"])
+    assert args.command == "ps" and args.func is not None
+
+
+def test_a_command_does_not_import_the_others() -> None:
+    """`rafs ps` builds its parser without the converter, the snapshotter or the bench."""
+    code = ("import sys; from runtime.cli import build_parser; build_parser(['ps']); "
+            "print(' '.join(m for m in ('converter.cli', 'snapshotter.cli', 'bench.coldstart',"
+            " 'fused.cli') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True)
+    assert res.stdout.strip() == ""
+
+
 def test_version_is_the_package_version() -> None:
     from importlib.metadata import version
 

@@ -19,7 +19,7 @@ from converter import cli as convert_cli
 from converter.convert import ConvertOptions, convert
 from converter.errors import ConvertError, LayerDigestError, OptionError, UnsafePathError
 from rafs import image as rafs_image
-from rafs import oci
+from rafs import oci, sizes
 from rafs.bootstrap import Bootstrap
 from rafs.errors import ImageError
 from rafs.oci import OCILayout
@@ -265,11 +265,11 @@ def test_cli_rejects_bad_chunk_sizes(tmp_path: Path, size: str) -> None:
 
 
 def test_cli_size_parser() -> None:
-    assert convert_cli.parse_size("4096") == 4096
-    assert convert_cli.parse_size("64K") == 64 << 10
-    assert convert_cli.parse_size("1MiB") == 1 << 20
+    assert sizes.size_arg("4096") == 4096
+    assert sizes.size_arg("64K") == 64 << 10
+    assert sizes.size_arg("1MiB") == 1 << 20
     with pytest.raises(argparse.ArgumentTypeError):
-        convert_cli.parse_size("lots")
+        sizes.size_arg("lots")
 
 
 def test_progress_is_drawn_only_when_enabled() -> None:
