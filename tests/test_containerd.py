@@ -159,6 +159,13 @@ def test_running_container_survives_a_snapshotter_restart(
         cd.ctr("container", "rm", "keep", check=False)
 
 
+def _stats_or_none(mp: str) -> dict[str, object] | None:
+    try:
+        return read_stats(mp)
+    except AssertionError:  # `rafs stats` refused: the mount is recovering
+        return None
+
+
 def test_a_killed_daemon_is_mounted_again_for_the_next_container(
     stack: Stack, rafs_image: str
 ) -> None:
@@ -178,7 +185,10 @@ def test_a_killed_daemon_is_mounted_again_for_the_next_container(
                            f"numpy-3-{victim}", *NUMPY)
         assert re.fullmatch(r"\d+\.\d+\.\d+\s*", res.stdout), res.stdout
         assert stack.rafs_mounts() == [mp]
-        after = read_stats(mp)
+        deadline = time.monotonic() + 120  # without a standby the new worker may still start
+        while (after := _stats_or_none(mp)) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = after or read_stats(mp)
         assert after["pid"] != pid
         if victim == "pid":  # failover: the same supervisor, one restart
             assert after["owner_pid"] == owner
