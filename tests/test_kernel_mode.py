@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -20,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from fused.errors import MountError
-from fused.kernelmount import KernelSupport, check_kernel_mode, resolve_mode
+from fused.kernelmount import DIRECT_IO_OPTION, KernelSupport, check_kernel_mode, resolve_mode
 from rafs.model import Node
+from tests.cache_support import tamper
 from tests.fused_support import WrittenImage, write_rafs_image
 from tests.helpers.images import ImageParts
 from tests.helpers.mounts import mounted, rafs_cmd, rafs_mounts, read_stats
@@ -263,3 +265,28 @@ def test_an_image_without_data_blobs_mounts_in_kernel_mode_and_reads(tmp_path):
     s = reply["stats"]
     assert isinstance(s, dict)
     assert s["errors"] == 0 and s["backend_requests"] == 0
+
+
+def test_blob_files_are_read_with_direct_io_and_a_tampered_cache_never_reaches_a_reader(
+        image, tmp_path):
+    """The EROFS mount reads its blob files with ``directio`` (asynchronous FUSE
+    requests, ``fused.kernelmount.mount_erofs``); served from a chunk cache whose data
+    file was changed behind the daemon's back, every read still returns the image's
+    bytes: the changed chunks fail their check and are fetched again (rule 5)."""
+    img, files = image
+    cache = tmp_path / "cache"
+    with mounted(img.ref, tmp_path / "mnt", cache, mode="kernel") as mnt:
+        options = next(line.split()[3] for line in Path("/proc/self/mounts").read_text()
+                       .splitlines() if line.split()[1] == str(mnt))
+        assert DIRECT_IO_OPTION in options.split(",")
+        for name, data in files.items():
+            assert read(mnt / name) == data, name
+    digest = img.blob_digests[0].removeprefix("sha256:")
+    tamper(cache / "blobs" / "sha256" / f"{digest}.data", [100, 7 * CS + 5, 30 * CS + 9],
+           random.Random(7))
+    with mounted(img.ref, tmp_path / "mnt", cache, mode="kernel") as mnt:
+        for name, data in files.items():
+            assert read(mnt / name) == data, name
+        s = read_stats(mnt)["stats"]
+    assert isinstance(s, dict)
+    assert s["cache_corrupt"] == 3 and s["errors"] == 0
