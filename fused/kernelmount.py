@@ -61,6 +61,7 @@ MIN_KERNEL = (6, 12)
 CONFIG_OPTION = "CONFIG_EROFS_FS_BACKED_BY_FILE"
 
 DIRECT_IO_OPTION = "directio"  # EROFS: read the backing files with direct I/O
+DIRECT_IO_ENV = "RAFS_EROFS_DIRECT_IO"  # "0": without it, a knob for bench.warmread only
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -207,7 +208,8 @@ class KernelMounts:
 
     def mount_erofs(self) -> None:
         before = _erofs_bdis()
-        mount_erofs(self.bootstrap, self.mountpoint, self.devices)
+        mount_erofs(self.bootstrap, self.mountpoint, self.devices,
+                    direct_io=os.environ.get(DIRECT_IO_ENV, "1") != "0")
         entry = find_mount(self.mountpoint)
         self.erofs = entry.identity if entry is not None else {}
         # A file-backed EROFS mount has a bdi of its own named by a counter, not by
