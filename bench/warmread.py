@@ -11,10 +11,11 @@ cache, the cache's data files and the local copy all come from disk), so the
 figure is "warm chunk cache, cold page cache", the same for every contender.
 Contenders, each mounted once for the whole run:
 
-- ``kernel``: kernel mode as ``rafs mount --mode kernel`` does it (EROFS with
-  ``directio`` over the blob mount);
-- ``kernel-buffered``: the same with ``RAFS_EROFS_DIRECT_IO=0`` (EROFS reads its
-  blob files buffered: one synchronous FUSE request at a time), for comparison;
+- ``kernel``: kernel mode as ``rafs mount --mode kernel`` does it (EROFS reads
+  its blob files buffered: one synchronous 1 MiB FUSE request at a time);
+- ``kernel-directio``: the same with ``RAFS_EROFS_DIRECT_IO=1`` (EROFS mounted
+  with ``directio``: asynchronous requests, the next in flight while the reader
+  copies), for comparison;
 - ``fuse``: fuse mode;
 - ``local``: the same bytes as a plain file on the same disk.
 
@@ -42,7 +43,7 @@ from bench.modes import big_file_image, cpu_seconds, daemon_pid
 from bench.tools import drop_caches, mounted, read_file
 
 MB = 1e6
-CONTENDERS = ("kernel", "kernel-buffered", "fuse", "local")
+CONTENDERS = ("kernel", "kernel-directio", "fuse", "local")
 SETTLE_S = 0.3  # after a drop: let the flush of the drop's own work finish
 
 
@@ -51,8 +52,8 @@ def measure(work: Path, size: int, rounds: int, warmup: int) -> dict[str, Any]:
     cache = work / f"big{size}" / "cache"
     with ExitStack() as stack:
         roots: dict[str, Path] = {}
-        for name, mode, env in (("kernel", "kernel", "1"), ("kernel-buffered", "kernel", "0"),
-                                ("fuse", "fuse", "1")):
+        for name, mode, env in (("kernel", "kernel", "0"), ("kernel-directio", "kernel", "1"),
+                                ("fuse", "fuse", "0")):
             os.environ["RAFS_EROFS_DIRECT_IO"] = env  # read by the daemon at its mount
             try:
                 roots[name] = stack.enter_context(mounted(

@@ -61,7 +61,7 @@ MIN_KERNEL = (6, 12)
 CONFIG_OPTION = "CONFIG_EROFS_FS_BACKED_BY_FILE"
 
 DIRECT_IO_OPTION = "directio"  # EROFS: read the backing files with direct I/O
-DIRECT_IO_ENV = "RAFS_EROFS_DIRECT_IO"  # "0": without it, a knob for bench.warmread only
+DIRECT_IO_ENV = "RAFS_EROFS_DIRECT_IO"  # "1": with it; a knob for studies (bench.warmread)
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -151,16 +151,17 @@ def resolve_mode(requested: str, support: KernelSupport | None = None) -> tuple[
 
 
 def mount_erofs(bootstrap: str | os.PathLike[str], target: str | os.PathLike[str],
-                devices: Sequence[str | os.PathLike[str]], *, direct_io: bool = True) -> None:
-    """``mount -t erofs -o ro,device=...,directio`` of a bootstrap file (file-backed EROFS).
+                devices: Sequence[str | os.PathLike[str]], *, direct_io: bool = False) -> None:
+    """``mount -t erofs -o ro,device=...`` of a bootstrap file (file-backed EROFS).
 
-    ``directio``: the driver reads its backing files (our blob files) with
-    IOCB_DIRECT, so a FUSE read of a blob file is an asynchronous direct request
-    and the kernel's readahead keeps the next one in flight while the reader
-    copies the last; without it each 1 MiB request is synchronous, the reader
-    waits for the daemon and the two never work at once (README, "Kernel mode",
-    ``bench.warmread``). A kernel whose EROFS does not know the option (EINVAL)
-    is mounted without it."""
+    ``direct_io`` adds ``directio``: the driver reads its backing files (our blob
+    files) with IOCB_DIRECT, so a FUSE read of a blob file is an asynchronous
+    request and readahead keeps the next one in flight while the reader copies
+    the last (without it each 1 MiB request is synchronous). Off by default:
+    measured side by side (``bench.warmread``, README "Kernel mode") neither is
+    faster, both are dominated by the daemon's first writes into fresh page
+    cache pages. A kernel whose EROFS does not know the option (EINVAL) is
+    mounted without it."""
     for d in devices:
         if "," in os.fspath(d):
             raise MountError(f"device path {d} contains ',', which mount options cannot carry")
@@ -209,7 +210,7 @@ class KernelMounts:
     def mount_erofs(self) -> None:
         before = _erofs_bdis()
         mount_erofs(self.bootstrap, self.mountpoint, self.devices,
-                    direct_io=os.environ.get(DIRECT_IO_ENV, "1") != "0")
+                    direct_io=os.environ.get(DIRECT_IO_ENV) == "1")
         entry = find_mount(self.mountpoint)
         self.erofs = entry.identity if entry is not None else {}
         # A file-backed EROFS mount has a bdi of its own named by a counter, not by
