@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from fused.errors import MountError
-from fused.kernelmount import DIRECT_IO_ENV, DIRECT_IO_OPTION, KernelSupport, check_kernel_mode, resolve_mode
+from fused.kernelmount import (
+    DIRECT_IO_ENV,
+    DIRECT_IO_OPTION,
+    KernelSupport,
+    check_kernel_mode,
+    resolve_mode,
+)
 from rafs.model import Node
 from tests.cache_support import tamper
 from tests.fused_support import WrittenImage, write_rafs_image
