@@ -12,7 +12,8 @@ Figures (every one warm, the median of ``--repeat`` runs, modes interleaved):
   (after one cold run that fills the chunk cache);
 - sequential read of a 1 GiB file (half random, half zeros per 128 KiB): the
   chunk cache full, the page cache dropped before each run: kernel, fuse,
-  local disk;
+  local disk (``bench.warmread`` measures this one alone, in more rounds, with
+  both EROFS read variants);
 - FUSE requests the daemon answered during each measured run (the daemon's
   ``fuse_requests`` counter), per mode;
 - the daemon's CPU time (user + system, all its threads) during each measured
