@@ -12,7 +12,8 @@ Figures (every one warm, the median of ``--repeat`` runs, modes interleaved):
   (after one cold run that fills the chunk cache);
 - sequential read of a 1 GiB file (half random, half zeros per 128 KiB): the
   chunk cache full, the page cache dropped before each run: kernel, fuse,
-  local disk;
+  local disk (``bench.warmread`` measures this one alone, in more rounds, with
+  both EROFS read variants);
 - FUSE requests the daemon answered during each measured run (the daemon's
   ``fuse_requests`` counter), per mode;
 - the daemon's CPU time (user + system, all its threads) during each measured
@@ -168,7 +169,9 @@ def bench_numpy(work: Path, repeat: int) -> dict[str, Any]:
     return measure({"kernel": ref, "fuse": ref}, work, cache, repeat, numpy, numpy)
 
 
-def bench_read(work: Path, size: int, repeat: int) -> dict[str, Any]:
+def big_file_image(work: Path, size: int) -> tuple[str, Path]:
+    """A RAFS image of one ``size``-byte file ``big.bin`` (built once under ``work``), and
+    a directory holding the same bytes as a plain local file."""
     d = work / f"big{size}"
     if not (d / "rafs" / "index.json").exists():
         shutil.rmtree(d, ignore_errors=True)
@@ -179,13 +182,18 @@ def bench_read(work: Path, size: int, repeat: int) -> dict[str, Any]:
         with tarfile.open(d / "layer.tar") as tar:  # the same bytes as a plain local file
             tar.extract("big.bin", d / "local", filter="data")
         (d / "layer.tar").unlink()
-    ref = f"oci:{d / 'rafs'}:v1"
+    return f"oci:{d / 'rafs'}:v1", d / "local"
+
+
+def bench_read(work: Path, size: int, repeat: int) -> dict[str, Any]:
+    ref, local = big_file_image(work, size)
+    d = local.parent
 
     def read(root: Path) -> int:
         return read_file(root / "big.bin")
 
     out = measure({"kernel": ref, "fuse": ref}, d, d / "cache", repeat, read, read, drop=True,
-                  local=d / "local")
+                  local=local)
     for value in out.values():
         value["mb_s"] = size / MB / value["median_s"]
     out["size_mb"] = size / MB

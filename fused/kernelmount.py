@@ -30,6 +30,7 @@ its reads in flight while it unmounts), the blob filesystem after it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import gzip
 import logging
 import os
@@ -44,6 +45,7 @@ from .mounts import find_mount, libc, read_mounts, umount2
 from .options import MODES
 
 __all__ = [
+    "DIRECT_IO_OPTION",
     "MIN_KERNEL",
     "MODES",
     "KernelMounts",
@@ -57,6 +59,9 @@ log = logging.getLogger(__name__)
 
 MIN_KERNEL = (6, 12)
 CONFIG_OPTION = "CONFIG_EROFS_FS_BACKED_BY_FILE"
+
+DIRECT_IO_OPTION = "directio"  # EROFS: read the backing files with direct I/O
+DIRECT_IO_ENV = "RAFS_EROFS_DIRECT_IO"  # "1": with it; a knob for studies (bench.warmread)
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -146,17 +151,34 @@ def resolve_mode(requested: str, support: KernelSupport | None = None) -> tuple[
 
 
 def mount_erofs(bootstrap: str | os.PathLike[str], target: str | os.PathLike[str],
-                devices: Sequence[str | os.PathLike[str]]) -> None:
-    """``mount -t erofs -o ro,device=...`` of a bootstrap file (file-backed EROFS)."""
+                devices: Sequence[str | os.PathLike[str]], *, direct_io: bool = False) -> None:
+    """``mount -t erofs -o ro,device=...`` of a bootstrap file (file-backed EROFS).
+
+    ``direct_io`` adds ``directio``: the driver reads its backing files (our blob
+    files) with IOCB_DIRECT, so a FUSE read of a blob file is an asynchronous
+    request and readahead keeps the next one in flight while the reader copies
+    the last (without it each 1 MiB request is synchronous). Off by default:
+    measured side by side (``bench.warmread``, README "Kernel mode") neither is
+    faster, both are dominated by the daemon's first writes into fresh page
+    cache pages. A kernel whose EROFS does not know the option (EINVAL) is
+    mounted without it."""
     for d in devices:
         if "," in os.fspath(d):
             raise MountError(f"device path {d} contains ',', which mount options cannot carry")
     opts = ",".join(f"device={os.fspath(d)}" for d in devices)
     flags = MS_RDONLY | MS_NOSUID | MS_NODEV
-    if libc.mount(os.fsencode(bootstrap), os.fsencode(target), b"erofs", flags,
-                   opts.encode()) != 0:
+    err = 0
+    for extra in (f",{DIRECT_IO_OPTION}" if direct_io else "", ""):
+        if libc.mount(os.fsencode(bootstrap), os.fsencode(target), b"erofs", flags,
+                      (opts + extra).encode()) == 0:
+            if direct_io and not extra:
+                log.info("this kernel's EROFS has no %s option: blob files read buffered",
+                         DIRECT_IO_OPTION)
+            return
         err = ctypes.get_errno()
-        raise MountError(f"mount -t erofs {bootstrap} on {target}: {os.strerror(err)}")
+        if not extra or err != errno.EINVAL:
+            break  # only an unknown option is worth a second try without it
+    raise MountError(f"mount -t erofs {bootstrap} on {target}: {os.strerror(err)}")
 
 
 def _erofs_bdis() -> set[str]:
@@ -187,7 +209,8 @@ class KernelMounts:
 
     def mount_erofs(self) -> None:
         before = _erofs_bdis()
-        mount_erofs(self.bootstrap, self.mountpoint, self.devices)
+        mount_erofs(self.bootstrap, self.mountpoint, self.devices,
+                    direct_io=os.environ.get(DIRECT_IO_ENV) == "1")
         entry = find_mount(self.mountpoint)
         self.erofs = entry.identity if entry is not None else {}
         # A file-backed EROFS mount has a bdi of its own named by a counter, not by

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -20,8 +21,15 @@ from pathlib import Path
 import pytest
 
 from fused.errors import MountError
-from fused.kernelmount import KernelSupport, check_kernel_mode, resolve_mode
+from fused.kernelmount import (
+    DIRECT_IO_ENV,
+    DIRECT_IO_OPTION,
+    KernelSupport,
+    check_kernel_mode,
+    resolve_mode,
+)
 from rafs.model import Node
+from tests.cache_support import tamper
 from tests.fused_support import WrittenImage, write_rafs_image
 from tests.helpers.images import ImageParts
 from tests.helpers.mounts import daemon_pids, mounted, rafs_cmd, rafs_mounts, read_stats
@@ -261,3 +269,34 @@ def test_an_image_without_data_blobs_mounts_in_kernel_mode_and_reads(tmp_path):
     s = reply["stats"]
     assert isinstance(s, dict)
     assert s["errors"] == 0 and s["backend_requests"] == 0
+
+
+def erofs_options(mnt: Path) -> list[str]:
+    return next(line.split()[3].split(",") for line in
+                Path("/proc/self/mounts").read_text().splitlines() if line.split()[1] == str(mnt))
+
+
+@pytest.mark.parametrize("direct_io", ["0", "1"])
+def test_blob_reads_direct_or_buffered_and_a_tampered_cache_never_reaches_a_reader(
+        image, tmp_path, direct_io):
+    """The EROFS mount reads its blob files buffered, or with ``directio``
+    (asynchronous FUSE requests) when ``RAFS_EROFS_DIRECT_IO=1``; either way, served
+    from a chunk cache whose data file was changed behind the daemon's back, every
+    read returns the image's bytes: the changed chunks fail their check and are
+    fetched again (``fused.cache`` rule 5)."""
+    img, files = image
+    cache = tmp_path / "cache"
+    env = {DIRECT_IO_ENV: direct_io}
+    with mounted(img.ref, tmp_path / "mnt", cache, mode="kernel", env=env) as mnt:
+        assert (DIRECT_IO_OPTION in erofs_options(mnt)) == (direct_io == "1")
+        for name, data in files.items():
+            assert read(mnt / name) == data, name
+    digest = img.blob_digests[0].removeprefix("sha256:")
+    tamper(cache / "blobs" / "sha256" / f"{digest}.data", [100, 7 * CS + 5, 30 * CS + 9],
+           random.Random(7))
+    with mounted(img.ref, tmp_path / "mnt", cache, mode="kernel", env=env) as mnt:
+        for name, data in files.items():
+            assert read(mnt / name) == data, name
+        s = read_stats(mnt)["stats"]
+    assert isinstance(s, dict)
+    assert s["cache_corrupt"] == 3 and s["errors"] == 0
