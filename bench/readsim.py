@@ -17,6 +17,20 @@ fraction of fetched chunk bytes the workload read, for the policies
 ``exact`` (only the chunks read) and ``follow`` (the daemon's default).
 ``--granularity`` prints instead what fetching exactly the pieces read would
 take with fetch units of 4 KiB to 1 MiB (smaller chunks, or frames in a chunk).
+
+**Time** (``simulate``, ``--time``): the same replay on a modelled link
+(``Link``: rate, round trip, the daemon's cost per request and the reader's
+own compute time spread evenly over its reads), with fetches that run while
+the reader computes. The link is one FIFO of bytes as ``bench.linkemu`` makes
+it (slots handed out in arrival order): a request leaves after the daemon's
+per-request cost, its response starts ``rtt / 2`` later or when the link is
+free, each chunk arrives ``rtt / 2`` after its last byte was sent. A read waits
+for every chunk it covers (fetched for it, or already in flight). Policy
+``speculate`` is ``follow`` plus the background requests of
+``fused.readahead.Speculator``, issued as the fetcher issues them: one at a
+time, only while no reader's fetch is in flight. The wall time is the reader's
+compute plus its waits; ``T_run ~ T_warm + waits`` is what ``rafs bench``'s run
+phase shows (see the README's read-ahead section for how close).
 """
 
 from __future__ import annotations
@@ -32,12 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fused.readahead import FileMap, ReadAhead, ReadAheadConfig
+from fused.readahead import FileMap, ReadAhead, ReadAheadConfig, Speculator
 from fused.stats import Coverage
 from rafs.bootstrap import Bootstrap
 from rafs.model import Chunk
 
-POLICIES = ("tar", "exact", "follow")
+POLICIES = ("tar", "exact", "follow", "speculate")
 MERGE = 8 << 20  # as fused.fetcher.ONDEMAND_MERGE
 
 
@@ -155,7 +169,7 @@ def policy(model: Model, name: str) -> ReadAhead:
                          ReadAheadConfig(placed_by_access=True), model.files)
     if name == "exact":
         return ReadAhead(model.chunk, model.successor, ReadAheadConfig(), None)
-    if name == "follow":
+    if name in ("follow", "speculate"):
         return ReadAhead(model.chunk, model.successor, ReadAheadConfig(), model.files)
     raise ValueError(f"no policy {name!r}")
 
@@ -204,6 +218,97 @@ def replay(model: Model, trace: list[list[int]], mode: str, ra: ReadAhead) -> di
             "fraction_read": cov["fraction_read"], "coverage": cov, "fetched": sorted(cached)}
 
 
+@dataclass(frozen=True)
+class Link:
+    """The modelled link and daemon: bytes per second, round trip, the daemon's cost
+    per backend request (seconds), the reader's compute time in all (seconds)."""
+
+    rate: float = 100e6 / 8
+    rtt: float = 0.020
+    request_cost: float = 0.004
+    compute: float = 0.43
+
+
+def speculator(model: Model, config: ReadAheadConfig) -> Speculator:
+    return Speculator(model.chunk, model.successor, config.speculate_budget,
+                      config.speculate_request)
+
+
+def simulate(model: Model, trace: list[list[int]], mode: str, ra: ReadAhead, link: Link,
+             spec: Speculator | None = None, depth: int = 1,
+             readers_first: bool = False) -> dict[str, Any]:
+    """Replay ``trace`` on ``link``: bytes, requests, waits and wall time (module doc)."""
+    arrival: dict[int, float] = {}  # chunk -> when it is in the cache (fetched or in flight)
+    pieces_of = model.blob_pieces if mode == "kernel" else model.file_pieces
+    think = link.compute / max(1, len(trace))
+    state = {"link_free": 0.0, "bytes": 0, "spec_bytes": 0, "requests": 0, "spec_requests": 0}
+    t = 0.0
+    ondemand_done = 0.0  # the last reader's fetch is complete
+    slots = [0.0] * depth  # when each speculative request slot is free
+    last_change = 0.0  # the reader last changed what speculation may do
+    waited = 0.0
+    waits = 0
+
+    def issue(run: list[int], at: float, speculative: bool) -> float:
+        leave = at + link.request_cost
+        start = max(leave + link.rtt / 2, state["link_free"])
+        sent = start
+        for i in run:
+            sent += model.chunks[i].compressed_size / link.rate
+            arrival[i] = sent + link.rtt / 2
+        state["link_free"] = sent
+        size = sum(model.chunks[i].compressed_size for i in run)
+        state["bytes"] += size
+        state["requests"] += 1
+        if speculative:
+            state["spec_bytes"] += size
+            state["spec_requests"] += 1
+        return sent + link.rtt / 2
+
+    def speculate(until: float) -> None:
+        if spec is None:
+            return
+        while True:
+            slot = min(range(len(slots)), key=slots.__getitem__)
+            at = max(slots[slot], last_change)
+            if readers_first:
+                at = max(at, ondemand_done)
+            if at > until:
+                return
+            run = spec.next_request(lambda i: i not in arrival)
+            if not run:
+                return
+            slots[slot] = issue(run, at, True)
+
+    for key, offset, size in trace:
+        t += think
+        speculate(t)
+        pieces = pieces_of(key, offset, size)
+        wanted = list(dict.fromkeys(i for i, _, _ in pieces))
+        if spec is not None:
+            for i in wanted:
+                spec.read(i)
+        missing = [i for i in wanted if i not in arrival]
+        if missing:
+            extra = ra.extra(missing, lambda i: i not in arrival)
+            for run in plan(model, missing + extra):
+                ondemand_done = max(ondemand_done, issue(run, t, False))
+            if spec is not None:
+                spec.offer(ra.speculate(missing + extra, lambda i: i not in arrival))
+                last_change = t
+                speculate(t)
+        ready = max((arrival[i] for i in wanted), default=t)
+        if ready > t:
+            waits += 1
+            waited += ready - t
+            t = ready
+        last_change = t
+    return {"fetched_bytes": state["bytes"], "requests": state["requests"],
+            "speculative_bytes": state["spec_bytes"],
+            "speculative_requests": state["spec_requests"], "waits": waits,
+            "waited": waited, "wall": t}
+
+
 GRAINS = (4 << 10, 64 << 10, 256 << 10, 1 << 20)
 
 
@@ -237,6 +342,14 @@ def _main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("traces", nargs="+", type=Path)
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    p.add_argument("--time", action="store_true",
+                   help="instead: the replay's wall time on a modelled link (Link)")
+    p.add_argument("--rate-mbit", type=float, default=100.0)
+    p.add_argument("--rtt-ms", type=float, default=20.0)
+    p.add_argument("--request-ms", type=float, default=Link.request_cost * 1e3,
+                   help="the daemon's cost per backend request")
+    p.add_argument("--compute", type=float, default=Link.compute,
+                   help="the reader's own time in all, seconds (a warm start)")
     p.add_argument("--granularity", action="store_true",
                    help="instead: bytes and pieces of exactly what was read, per fetch unit")
     args = p.parse_args(argv)
@@ -252,6 +365,26 @@ def _main(argv: list[str] | None = None) -> int:
                 print(f"| {data['image']} | {mode} | {data.get('readahead_kb') or 'default'} | "
                       + " | ".join(f"{c['bytes'] / 1e6:.1f} ({c['pieces']})" for c in cells)
                       + " |")
+        return 0
+    if args.time:
+        link = Link(args.rate_mbit * 1e6 / 8, args.rtt_ms / 1e3, args.request_ms / 1e3,
+                    args.compute)
+        print(f"Link: {args.rate_mbit:g} Mbit/s, {args.rtt_ms:g} ms RTT, "
+              f"{args.request_ms:g} ms per request, {args.compute:g} s compute")
+        print("| Image | Mode | Policy | Fetched MB (speculative) | Requests (speculative) "
+              "| Reads that waited | Waited s | Wall s |")
+        print("|---|---|---|---:|---:|---:|---:|---:|")
+        for data in traces:
+            model = Model.from_json(data["model"])
+            for mode, trace in data["traces"].items():
+                for name in args.policies:
+                    ra = policy(model, name)
+                    spec = speculator(model, ra.config) if name == "speculate" else None
+                    r = simulate(model, trace, mode, ra, link, spec)
+                    print(f"| {data['image']} | {mode} | {name} | {r['fetched_bytes'] / 1e6:.1f}"
+                          f" ({r['speculative_bytes'] / 1e6:.1f}) | {r['requests']} "
+                          f"({r['speculative_requests']}) | {r['waits']} | {r['waited']:.2f} "
+                          f"| {r['wall']:.2f} |")
         return 0
     print("| Image | Mode | Policy | Fetched MB | Requests | Reads that waited "
           "| Fraction of fetched bytes read |")
