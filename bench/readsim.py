@@ -27,8 +27,8 @@ per-request cost, its response starts ``rtt / 2`` later or when the link is
 free, each chunk arrives ``rtt / 2`` after its last byte was sent. A read waits
 for every chunk it covers (fetched for it, or already in flight). Policy
 ``speculate`` is ``follow`` plus the background requests of
-``fused.readahead.Speculator``, issued as the fetcher issues them: one at a
-time, only while no reader's fetch is in flight. The wall time is the reader's
+``fused.readahead.Speculator``, issued as the fetcher issues them: right after
+the reader's own requests, at most ``fused.fetcher.SPECULATE_DEPTH`` in flight. The wall time is the reader's
 compute plus its waits; ``T_run ~ T_warm + waits`` is what ``rafs bench``'s run
 phase shows (see the README's read-ahead section for how close).
 """
@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fused.fetcher import SPECULATE_DEPTH
 from fused.readahead import FileMap, ReadAhead, ReadAheadConfig, Speculator
 from fused.stats import Coverage
 from rafs.bootstrap import Bootstrap
@@ -380,7 +381,7 @@ def _main(argv: list[str] | None = None) -> int:
                 for name in args.policies:
                     ra = policy(model, name)
                     spec = speculator(model, ra.config) if name == "speculate" else None
-                    r = simulate(model, trace, mode, ra, link, spec)
+                    r = simulate(model, trace, mode, ra, link, spec, SPECULATE_DEPTH)
                     print(f"| {data['image']} | {mode} | {name} | {r['fetched_bytes'] / 1e6:.1f}"
                           f" ({r['speculative_bytes'] / 1e6:.1f}) | {r['requests']} "
                           f"({r['speculative_requests']}) | {r['waits']} | {r['waited']:.2f} "

@@ -39,9 +39,10 @@ each fetch for a reader, ``ReadAhead.speculate`` offers the chunks stored after
 each of its back-to-back runs in the blob (tar order: the rest of a directory's
 small files, the rest of a file, what the tar held next), up to
 ``speculate_span`` bytes per run; the newest offers go first. The fetcher issues
-them one request of at most ``speculate_request`` bytes at a time, only while
-no reader's fetch is in flight, so a reader's miss waits at most for one such
-request on the link. Bytes fetched speculatively and not yet read are at most
+them right after the reader's own request, in requests of at most
+``speculate_request`` bytes, a few at a time (``fused.fetcher.SPECULATE_DEPTH``),
+so a reader's miss never waits for speculation it does not need, and on the
+link queues behind at most those few requests. Bytes fetched speculatively and not yet read are at most
 ``speculate_budget`` (``--speculate-bytes``); a read of such a chunk gives its
 bytes back to the budget, so good guesses keep speculation going and wrong
 ones stop it: at most the budget of bytes is ever fetched for nothing. Images
