@@ -77,7 +77,7 @@ class ReadAheadConfig:
     # speculation (compressed bytes): unread speculative bytes at most (0: none), the
     # most offered after one run of a fetch, the most in one speculative request
     speculate_budget: int = 2 << 20
-    speculate_span: int = 1 << 20
+    speculate_span: int = 256 << 10
     speculate_request: int = 256 << 10
 
 
