@@ -226,8 +226,8 @@ class Link:
 
     rate: float = 100e6 / 8
     rtt: float = 0.020
-    request_cost: float = 0.004
-    compute: float = 0.43
+    request_cost: float = 0.008
+    compute: float = 0.31
 
 
 def speculator(model: Model, config: ReadAheadConfig) -> Speculator:
