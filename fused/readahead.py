@@ -36,9 +36,9 @@ this is how they are tied back to files.
 **Speculation** (``Speculator``): what the reader may read next but did not ask
 for goes in separate background requests the reader never waits for. After
 each fetch for a reader, ``ReadAhead.speculate`` offers the chunks stored after
-each of its back-to-back runs in the blob (tar order: the rest of a directory's
-small files, the rest of a file, what the tar held next), up to
-``speculate_span`` bytes per run; the newest offers go first. The fetcher issues
+each of its back-to-back runs in the blob as long as they belong to the run's
+file or its directory (tar order: the rest of the file, the directory's other
+files), up to ``speculate_span`` bytes per run; the newest offers go first. The fetcher issues
 them right after the reader's own request, in requests of at most
 ``speculate_request`` bytes, a few at a time (``fused.fetcher.SPECULATE_DEPTH``),
 so a reader's miss never waits for speculation it does not need, and on the
@@ -76,7 +76,7 @@ class ReadAheadConfig:
     placed_by_access: bool = False
     # speculation (compressed bytes): unread speculative bytes at most (0: none), the
     # most offered after one run of a fetch, the most in one speculative request
-    speculate_budget: int = 2 << 20
+    speculate_budget: int = 4 << 20
     speculate_span: int = 256 << 10
     speculate_request: int = 256 << 10
 
@@ -187,22 +187,33 @@ class ReadAhead:
 
     def speculate(self, fetched: Sequence[int], available: Available) -> list[int]:
         """The chunks worth fetching in the background after ``fetched`` (the chunks of
-        a fetch for a reader): those stored after each of its back-to-back runs, up to
-        ``speculate_span`` bytes per run, in blob order; none in images laid out by
-        access (their fetches are amplified in blob order already)."""
+        a fetch for a reader): those stored after each of its back-to-back runs that
+        belong to the run's last file or to files of its directory (the rest of the
+        file, the directory's other files), up to ``speculate_span`` bytes per run, in
+        blob order; none in images laid out by access (their fetches are amplified in
+        blob order already)."""
         if (self.config.placed_by_access or self.config.speculate_budget <= 0
                 or self.files is None or not fetched):
             return []
         out: list[int] = []
         taken = set(fetched)
         span = self.config.speculate_span
+        files = self.files
         for _start, last in self._runs(fetched):
+            owner = files.owner(last)
+            if owner is None:
+                continue
+            file, directory = owner[0], files.directory(owner[0])
             size = 0
             current = last
             while True:
                 nxt = self.successor(current)
                 if nxt is None or nxt in taken or not available(nxt):
                     break
+                other = files.owner(nxt)
+                if other is None or (other[0] != file
+                                     and files.directory(other[0]) != directory):
+                    break  # only the rest of the file and of its directory
                 size += self.chunk(nxt).compressed_size
                 if size > span:
                     break

@@ -291,12 +291,16 @@ def speculator_of(lay: Layout, budget: int, request: int) -> Speculator:
     return Speculator(lay.chunks.__getitem__, lay.successor, budget, request)
 
 
-def test_speculation_offers_what_follows_the_fetch_in_the_blob_and_not_the_fetch_itself():
+def test_speculation_offers_the_rest_of_the_file_and_directory_after_the_fetch():
     lay = Layout([(1, 10, 4, 100_000), (2, 10, 1, 100_000), (3, 11, 3, 100_000)])
     ra = lay.policy(speculate_span=450_000)
     lay.miss(ra, *lay.of(1, 0))
     offered = ra.speculate(lay.of(1, 0), lambda i: i not in lay.cached)
     assert offered == lay.of(1, 1, 2, 3) + lay.of(2, 0)  # tar order, up to the span
+    # the rest of the file and of its directory only, not what the tar held next
+    wide = lay.policy(speculate_span=10 << 20)
+    assert wide.speculate(lay.of(1, 0), lambda i: i not in lay.cached) == offered
+    assert wide.speculate(lay.of(3, 1), lambda i: True) == lay.of(3, 2)
     assert ra.speculate([], lambda i: True) == []
     # laid out by access: the fetch is amplified in blob order already, no speculation
     assert lay.policy(placed_by_access=True).speculate(lay.of(3, 0), lambda i: True) == []
