@@ -28,9 +28,9 @@ free, each chunk arrives ``rtt / 2`` after its last byte was sent. A read waits
 for every chunk it covers (fetched for it, or already in flight). Policy
 ``speculate`` is ``follow`` plus the background requests of
 ``fused.readahead.Speculator``, issued as the fetcher issues them: right after
-the reader's own requests, at most ``fused.fetcher.SPECULATE_DEPTH`` in flight. The wall time is the reader's
-compute plus its waits; ``T_run ~ T_warm + waits`` is what ``rafs bench``'s run
-phase shows (see the README's read-ahead section for how close).
+the reader's own requests, at most ``fused.fetcher.SPECULATE_DEPTH`` in
+flight. The wall time is the reader's compute plus its waits;
+``T_run ~ T_warm + waits`` is what ``rafs bench``'s run phase shows (see the README's read-ahead section for how close).
 """
 
 from __future__ import annotations
@@ -235,79 +235,84 @@ def speculator(model: Model, config: ReadAheadConfig) -> Speculator:
                       config.speculate_request)
 
 
-def simulate(model: Model, trace: list[list[int]], mode: str, ra: ReadAhead, link: Link,
-             spec: Speculator | None = None, depth: int = 1,
-             readers_first: bool = False) -> dict[str, Any]:
-    """Replay ``trace`` on ``link``: bytes, requests, waits and wall time (module doc)."""
-    arrival: dict[int, float] = {}  # chunk -> when it is in the cache (fetched or in flight)
-    pieces_of = model.blob_pieces if mode == "kernel" else model.file_pieces
-    think = link.compute / max(1, len(trace))
-    state = {"link_free": 0.0, "bytes": 0, "spec_bytes": 0, "requests": 0, "spec_requests": 0}
-    t = 0.0
-    ondemand_done = 0.0  # the last reader's fetch is complete
-    slots = [0.0] * depth  # when each speculative request slot is free
-    last_change = 0.0  # the reader last changed what speculation may do
-    waited = 0.0
-    waits = 0
+class _LinkSim:
+    """The state of one ``simulate`` run: the link's FIFO, chunk arrivals, counters."""
 
-    def issue(run: list[int], at: float, speculative: bool) -> float:
-        leave = at + link.request_cost
-        start = max(leave + link.rtt / 2, state["link_free"])
-        sent = start
+    def __init__(self, model: Model, link: Link, spec: Speculator | None, depth: int) -> None:
+        self.model, self.link, self.spec = model, link, spec
+        self.arrival: dict[int, float] = {}  # chunk -> when it is cached (fetched or in flight)
+        self.link_free = 0.0
+        self.slots = [0.0] * depth  # when each speculative request slot is free
+        self.last_change = 0.0  # the reader last changed what speculation may do
+        self.bytes = self.spec_bytes = self.requests = self.spec_requests = 0
+
+    def available(self, index: int) -> bool:
+        return index not in self.arrival
+
+    def issue(self, run: list[int], at: float, speculative: bool = False) -> float:
+        """One request for ``run`` at ``at``; when its last chunk has arrived."""
+        link, chunks = self.link, self.model.chunks
+        sent = max(at + link.request_cost + link.rtt / 2, self.link_free)
         for i in run:
-            sent += model.chunks[i].compressed_size / link.rate
-            arrival[i] = sent + link.rtt / 2
-        state["link_free"] = sent
-        size = sum(model.chunks[i].compressed_size for i in run)
-        state["bytes"] += size
-        state["requests"] += 1
+            sent += chunks[i].compressed_size / link.rate
+            self.arrival[i] = sent + link.rtt / 2
+        self.link_free = sent
+        size = sum(chunks[i].compressed_size for i in run)
+        self.bytes += size
+        self.requests += 1
         if speculative:
-            state["spec_bytes"] += size
-            state["spec_requests"] += 1
+            self.spec_bytes += size
+            self.spec_requests += 1
         return sent + link.rtt / 2
 
-    def speculate(until: float) -> None:
-        if spec is None:
+    def speculate(self, until: float) -> None:
+        """Issue the speculative requests a free slot would have sent by ``until``."""
+        if self.spec is None:
             return
+        slots = self.slots
         while True:
             slot = min(range(len(slots)), key=slots.__getitem__)
-            at = max(slots[slot], last_change)
-            if readers_first:
-                at = max(at, ondemand_done)
+            at = max(slots[slot], self.last_change)
             if at > until:
                 return
-            run = spec.next_request(lambda i: i not in arrival)
+            run = self.spec.next_request(self.available)
             if not run:
                 return
-            slots[slot] = issue(run, at, True)
+            slots[slot] = self.issue(run, at, speculative=True)
 
+
+def simulate(model: Model, trace: list[list[int]], mode: str, ra: ReadAhead, link: Link,
+             spec: Speculator | None = None, depth: int = 1) -> dict[str, Any]:
+    """Replay ``trace`` on ``link``: bytes, requests, waits and wall time (module doc)."""
+    sim = _LinkSim(model, link, spec, depth)
+    pieces_of = model.blob_pieces if mode == "kernel" else model.file_pieces
+    think = link.compute / max(1, len(trace))
+    t = waited = 0.0
+    waits = 0
     for key, offset, size in trace:
         t += think
-        speculate(t)
-        pieces = pieces_of(key, offset, size)
-        wanted = list(dict.fromkeys(i for i, _, _ in pieces))
-        if spec is not None:
-            for i in wanted:
-                spec.read(i)
-        missing = [i for i in wanted if i not in arrival]
+        sim.speculate(t)
+        wanted = list(dict.fromkeys(i for i, _, _ in pieces_of(key, offset, size)))
+        for i in wanted if spec is not None else ():
+            spec.read(i)
+        missing = [i for i in wanted if sim.available(i)]
         if missing:
-            extra = ra.extra(missing, lambda i: i not in arrival)
+            extra = ra.extra(missing, sim.available)
             for run in plan(model, missing + extra):
-                ondemand_done = max(ondemand_done, issue(run, t, False))
+                sim.issue(run, t)
             if spec is not None:
-                spec.offer(ra.speculate(missing + extra, lambda i: i not in arrival))
-                last_change = t
-                speculate(t)
-        ready = max((arrival[i] for i in wanted), default=t)
+                spec.offer(ra.speculate(missing + extra, sim.available))
+                sim.last_change = t
+                sim.speculate(t)
+        ready = max((sim.arrival[i] for i in wanted), default=t)
         if ready > t:
             waits += 1
             waited += ready - t
             t = ready
-        last_change = t
-    return {"fetched_bytes": state["bytes"], "requests": state["requests"],
-            "speculative_bytes": state["spec_bytes"],
-            "speculative_requests": state["spec_requests"], "waits": waits,
-            "waited": waited, "wall": t}
+        sim.last_change = t
+    return {"fetched_bytes": sim.bytes, "requests": sim.requests,
+            "speculative_bytes": sim.spec_bytes, "speculative_requests": sim.spec_requests,
+            "waits": waits, "waited": waited, "wall": t}
 
 
 GRAINS = (4 << 10, 64 << 10, 256 << 10, 1 << 20)

@@ -38,12 +38,12 @@ for goes in separate background requests the reader never waits for. After
 each fetch for a reader, ``ReadAhead.speculate`` offers the chunks stored after
 each of its back-to-back runs in the blob as long as they belong to the run's
 file or its directory (tar order: the rest of the file, the directory's other
-files), up to ``speculate_span`` bytes per run; the newest offers go first. The fetcher issues
-them right after the reader's own request, in requests of at most
+files), up to ``speculate_span`` bytes per run; the newest offers go first. The
+fetcher issues them right after the reader's own request, in requests of at most
 ``speculate_request`` bytes, a few at a time (``fused.fetcher.SPECULATE_DEPTH``),
 so a reader's miss never waits for speculation it does not need, and on the
-link queues behind at most those few requests. Bytes fetched speculatively and not yet read are at most
-``speculate_budget`` (``--speculate-bytes``); a read of such a chunk gives its
+link queues behind at most those few requests. Bytes fetched speculatively and
+not yet read are at most ``speculate_budget``; a read of such a chunk gives its
 bytes back to the budget, so good guesses keep speculation going and wrong
 ones stop it: at most the budget of bytes is ever fetched for nothing. Images
 laid out by access amplify in blob order already and do not speculate.
