@@ -30,7 +30,8 @@ for every chunk it covers (fetched for it, or already in flight). Policy
 ``fused.readahead.Speculator``, issued as the fetcher issues them: right after
 the reader's own requests, at most ``fused.fetcher.SPECULATE_DEPTH`` in
 flight. The wall time is the reader's compute plus its waits;
-``T_run ~ T_warm + waits`` is what ``rafs bench``'s run phase shows (see the README's read-ahead section for how close).
+``T_run ~ T_warm + waits`` is what ``rafs bench``'s run phase shows (see the
+README's read-ahead section for how close).
 """
 
 from __future__ import annotations

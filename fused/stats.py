@@ -11,7 +11,8 @@ Backend traffic is counted by kind: ``ondemand`` (a reader is waiting),
 guesses of the read-ahead policy, ``fused.readahead.Speculator``). The
 ``backend_*`` totals are the sums of all kinds. Failed fetches are counted by
 class in ``error_classes`` (the ``error_class`` of
-``rafs.errors.TransientError``: ``connection``, ``timeout``, ``5xx``, ``429``, ``truncated``, ``range``; ``digest`` for a chunk
+``rafs.errors.TransientError``: ``connection``, ``timeout``, ``5xx``, ``429``,
+``truncated``, ``range``; ``digest`` for a chunk
 whose sha256 did not match; ``other``). ``errors`` counts requests answered
 with an error, ``internal_errors`` those answered EIO because of a bug or a
 missed deadline (``fused.adapter``), ``fuse_requests`` every request answered,
