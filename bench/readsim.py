@@ -17,6 +17,21 @@ fraction of fetched chunk bytes the workload read, for the policies
 ``exact`` (only the chunks read) and ``follow`` (the daemon's default).
 ``--granularity`` prints instead what fetching exactly the pieces read would
 take with fetch units of 4 KiB to 1 MiB (smaller chunks, or frames in a chunk).
+
+**Time** (``simulate``, ``--time``): the same replay on a modelled link
+(``Link``: rate, round trip, the daemon's cost per request and the reader's
+own compute time spread evenly over its reads), with fetches that run while
+the reader computes. The link is one FIFO of bytes as ``bench.linkemu`` makes
+it (slots handed out in arrival order): a request leaves after the daemon's
+per-request cost, its response starts ``rtt / 2`` later or when the link is
+free, each chunk arrives ``rtt / 2`` after its last byte was sent. A read waits
+for every chunk it covers (fetched for it, or already in flight). Policy
+``speculate`` is ``follow`` plus the background requests of
+``fused.readahead.Speculator``, issued as the fetcher issues them: right after
+the reader's own requests, at most ``fused.fetcher.SPECULATE_DEPTH`` in
+flight. The wall time is the reader's compute plus its waits;
+``T_run ~ T_warm + waits`` is what ``rafs bench``'s run phase shows (see the
+README's read-ahead section for how close).
 """
 
 from __future__ import annotations
@@ -32,12 +47,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fused.readahead import FileMap, ReadAhead, ReadAheadConfig
+from fused.fetcher import SPECULATE_DEPTH
+from fused.readahead import FileMap, ReadAhead, ReadAheadConfig, Speculator
 from fused.stats import Coverage
 from rafs.bootstrap import Bootstrap
 from rafs.model import Chunk
 
-POLICIES = ("tar", "exact", "follow")
+POLICIES = ("tar", "exact", "follow", "speculate")
 MERGE = 8 << 20  # as fused.fetcher.ONDEMAND_MERGE
 
 
@@ -155,7 +171,7 @@ def policy(model: Model, name: str) -> ReadAhead:
                          ReadAheadConfig(placed_by_access=True), model.files)
     if name == "exact":
         return ReadAhead(model.chunk, model.successor, ReadAheadConfig(), None)
-    if name == "follow":
+    if name in ("follow", "speculate"):
         return ReadAhead(model.chunk, model.successor, ReadAheadConfig(), model.files)
     raise ValueError(f"no policy {name!r}")
 
@@ -204,6 +220,102 @@ def replay(model: Model, trace: list[list[int]], mode: str, ra: ReadAhead) -> di
             "fraction_read": cov["fraction_read"], "coverage": cov, "fetched": sorted(cached)}
 
 
+@dataclass(frozen=True)
+class Link:
+    """The modelled link and daemon: bytes per second, round trip, the daemon's cost
+    per backend request (seconds), the reader's compute time in all (seconds)."""
+
+    rate: float = 100e6 / 8
+    rtt: float = 0.020
+    request_cost: float = 0.008
+    compute: float = 0.31
+
+
+def speculator(model: Model, config: ReadAheadConfig) -> Speculator:
+    return Speculator(model.chunk, model.successor, config.speculate_budget,
+                      config.speculate_request)
+
+
+class _LinkSim:
+    """The state of one ``simulate`` run: the link's FIFO, chunk arrivals, counters."""
+
+    def __init__(self, model: Model, link: Link, spec: Speculator | None, depth: int) -> None:
+        self.model, self.link, self.spec = model, link, spec
+        self.arrival: dict[int, float] = {}  # chunk -> when it is cached (fetched or in flight)
+        self.link_free = 0.0
+        self.slots = [0.0] * depth  # when each speculative request slot is free
+        self.last_change = 0.0  # the reader last changed what speculation may do
+        self.bytes = self.spec_bytes = self.requests = self.spec_requests = 0
+
+    def available(self, index: int) -> bool:
+        return index not in self.arrival
+
+    def issue(self, run: list[int], at: float, speculative: bool = False) -> float:
+        """One request for ``run`` at ``at``; when its last chunk has arrived."""
+        link, chunks = self.link, self.model.chunks
+        sent = max(at + link.request_cost + link.rtt / 2, self.link_free)
+        for i in run:
+            sent += chunks[i].compressed_size / link.rate
+            self.arrival[i] = sent + link.rtt / 2
+        self.link_free = sent
+        size = sum(chunks[i].compressed_size for i in run)
+        self.bytes += size
+        self.requests += 1
+        if speculative:
+            self.spec_bytes += size
+            self.spec_requests += 1
+        return sent + link.rtt / 2
+
+    def speculate(self, until: float) -> None:
+        """Issue the speculative requests a free slot would have sent by ``until``."""
+        if self.spec is None:
+            return
+        slots = self.slots
+        while True:
+            slot = min(range(len(slots)), key=slots.__getitem__)
+            at = max(slots[slot], self.last_change)
+            if at > until:
+                return
+            run = self.spec.next_request(self.available)
+            if not run:
+                return
+            slots[slot] = self.issue(run, at, speculative=True)
+
+
+def simulate(model: Model, trace: list[list[int]], mode: str, ra: ReadAhead, link: Link,
+             spec: Speculator | None = None, depth: int = 1) -> dict[str, Any]:
+    """Replay ``trace`` on ``link``: bytes, requests, waits and wall time (module doc)."""
+    sim = _LinkSim(model, link, spec, depth)
+    pieces_of = model.blob_pieces if mode == "kernel" else model.file_pieces
+    think = link.compute / max(1, len(trace))
+    t = waited = 0.0
+    waits = 0
+    for key, offset, size in trace:
+        t += think
+        sim.speculate(t)
+        wanted = list(dict.fromkeys(i for i, _, _ in pieces_of(key, offset, size)))
+        for i in wanted if spec is not None else ():
+            spec.read(i)
+        missing = [i for i in wanted if sim.available(i)]
+        if missing:
+            extra = ra.extra(missing, sim.available)
+            for run in plan(model, missing + extra):
+                sim.issue(run, t)
+            if spec is not None:
+                spec.offer(ra.speculate(missing + extra, sim.available))
+                sim.last_change = t
+                sim.speculate(t)
+        ready = max((sim.arrival[i] for i in wanted), default=t)
+        if ready > t:
+            waits += 1
+            waited += ready - t
+            t = ready
+        sim.last_change = t
+    return {"fetched_bytes": sim.bytes, "requests": sim.requests,
+            "speculative_bytes": sim.spec_bytes, "speculative_requests": sim.spec_requests,
+            "waits": waits, "waited": waited, "wall": t}
+
+
 GRAINS = (4 << 10, 64 << 10, 256 << 10, 1 << 20)
 
 
@@ -237,6 +349,14 @@ def _main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("traces", nargs="+", type=Path)
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    p.add_argument("--time", action="store_true",
+                   help="instead: the replay's wall time on a modelled link (Link)")
+    p.add_argument("--rate-mbit", type=float, default=100.0)
+    p.add_argument("--rtt-ms", type=float, default=20.0)
+    p.add_argument("--request-ms", type=float, default=Link.request_cost * 1e3,
+                   help="the daemon's cost per backend request")
+    p.add_argument("--compute", type=float, default=Link.compute,
+                   help="the reader's own time in all, seconds (a warm start)")
     p.add_argument("--granularity", action="store_true",
                    help="instead: bytes and pieces of exactly what was read, per fetch unit")
     args = p.parse_args(argv)
@@ -252,6 +372,26 @@ def _main(argv: list[str] | None = None) -> int:
                 print(f"| {data['image']} | {mode} | {data.get('readahead_kb') or 'default'} | "
                       + " | ".join(f"{c['bytes'] / 1e6:.1f} ({c['pieces']})" for c in cells)
                       + " |")
+        return 0
+    if args.time:
+        link = Link(args.rate_mbit * 1e6 / 8, args.rtt_ms / 1e3, args.request_ms / 1e3,
+                    args.compute)
+        print(f"Link: {args.rate_mbit:g} Mbit/s, {args.rtt_ms:g} ms RTT, "
+              f"{args.request_ms:g} ms per request, {args.compute:g} s compute")
+        print("| Image | Mode | Policy | Fetched MB (speculative) | Requests (speculative) "
+              "| Reads that waited | Waited s | Wall s |")
+        print("|---|---|---|---:|---:|---:|---:|---:|")
+        for data in traces:
+            model = Model.from_json(data["model"])
+            for mode, trace in data["traces"].items():
+                for name in args.policies:
+                    ra = policy(model, name)
+                    spec = speculator(model, ra.config) if name == "speculate" else None
+                    r = simulate(model, trace, mode, ra, link, spec, SPECULATE_DEPTH)
+                    print(f"| {data['image']} | {mode} | {name} | {r['fetched_bytes'] / 1e6:.1f}"
+                          f" ({r['speculative_bytes'] / 1e6:.1f}) | {r['requests']} "
+                          f"({r['speculative_requests']}) | {r['waits']} | {r['waited']:.2f} "
+                          f"| {r['wall']:.2f} |")
         return 0
     print("| Image | Mode | Policy | Fetched MB | Requests | Reads that waited "
           "| Fraction of fetched bytes read |")

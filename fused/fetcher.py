@@ -16,6 +16,14 @@ indices it covers. For each chunk:
   goes on with the chunks that follow in the blob (neither cached nor in
   flight) until it holds ``amplify_bytes``.
 
+With a policy, the fetcher also *speculates* (``fused.readahead.Speculator``):
+after each fetch for a reader, the chunks stored after it in the blob are
+queued and fetched in separate background requests (kind ``speculative``), at
+most ``SPECULATE_DEPTH`` at a time and each at most ``speculate_request`` bytes,
+so a reader's miss never queues behind more than that on the link; a reader
+never waits for one unless it needs one of its chunks. Unread speculative
+bytes stay within ``speculate_budget``.
+
 ``prefetch(indices)`` fetches chunks ahead of readers (the image's start-up
 set, in first-access order): merged into pieces of up to ``prefetch_merge``
 bytes of one blob (across holes of up to ``PREFETCH_GAP`` bytes), issued in
@@ -92,13 +100,14 @@ from .options import (  # defined there, so that a supervisor knows them without
     DEFAULT_RETRIES,
     READER_RETRY_AFTER_CAP,
 )
-from .readahead import FileMap, ReadAhead, ReadAheadConfig
+from .readahead import FileMap, ReadAhead, ReadAheadConfig, Speculator
 from .stats import Stats
 
 PREFETCH_GAP = 128 << 10  # prefetch reads span holes up to this size (chunks not listed)
 PREFETCH_MERGE = 4 << 20  # bytes per prefetch request
 MIN_PREFETCH_DEPTH = 2  # prefetch requests in flight before the link is measured, and at least
 RATE_SAMPLE = 256 << 10  # responses this large measure the link's rate
+SPECULATE_DEPTH = 2  # speculative requests in flight at most
 ONDEMAND_MERGE = 8 << 20  # the largest on-demand read when a read-ahead policy plans it
 READ_ATTEMPTS = 4  # a chunk lost from the cache this often in one read: EIO
 # Readers wait while a fetch backs off: a server's Retry-After is honoured up to 10 s.
@@ -180,6 +189,7 @@ class Fetcher:
         dictionaries: Callable[[int], Dictionary | None] | None = None,
         files: Callable[[], FileMap] | None = None,
         placed_by_access: bool = False,
+        speculate_bytes: int | None = None,
     ) -> None:
         self.cache = cache
         self.dictionaries = dictionaries  # blob -> its zstd dictionary (Bootstrap.dictionary)
@@ -207,10 +217,18 @@ class Fetcher:
         self._files = files
         self._map_started = False  # the file map is built from the first miss on
         self.readahead: ReadAhead | None = None
+        self.speculator: Speculator | None = None
+        self._spec_wake = trio.Event()
         if files is not None:
-            self.readahead = ReadAhead(
-                cache.chunk, self._successor,
-                ReadAheadConfig(amplify_bytes=amplify_bytes, placed_by_access=placed_by_access))
+            config = ReadAheadConfig(amplify_bytes=amplify_bytes,
+                                     placed_by_access=placed_by_access)
+            if speculate_bytes is not None:
+                config = dataclasses.replace(config, speculate_budget=speculate_bytes)
+            self.readahead = ReadAhead(cache.chunk, self._successor, config)
+            if (amplify and amplify_bytes > 0 and config.speculate_budget > 0
+                    and not placed_by_access):
+                self.speculator = Speculator(cache.chunk, self._successor,
+                                             config.speculate_budget, config.speculate_request)
 
     @property
     def fetch_deadline(self) -> float:
@@ -232,6 +250,9 @@ class Fetcher:
         """Open the nursery that owns every fetch; cancel them all on exit."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.speculator is not None:
+                for _ in range(SPECULATE_DEPTH):
+                    nursery.start_soon(self._speculate)
             try:
                 yield self
             finally:
@@ -264,8 +285,11 @@ class Fetcher:
         waits: list[tuple[int, _Pending]] = []
         missing: list[int] = []
         claimed: set[int] = set()  # ours to finish until a fetch task takes them over
+        spec = self.speculator
         try:
             for index in indices:
+                if spec is not None and spec.read(index):
+                    self._spec_wake.set()  # budget given back
                 if cache.is_ready(index):
                     stats.cache_hits += 1
                     continue
@@ -289,6 +313,11 @@ class Fetcher:
             raise
         if waits:
             await self._wait(waits, self.deadline() if deadline is None else deadline)
+
+    def hit(self, index: int) -> None:
+        """A read served from the cache without ``ensure`` (``Vfs.read``'s fast path)."""
+        if self.speculator is not None and self.speculator.read(index):
+            self._spec_wake.set()  # budget given back
 
     async def _wait(self, waits: list[tuple[int, _Pending]], deadline: float) -> None:
         with trio.move_on_at(deadline):
@@ -447,6 +476,37 @@ class Fetcher:
             self._nursery.start_soon(self._fetch_run, run, "ondemand")
             self._ondemand_started()
             claimed.difference_update(i for i, _ in run)
+        if self.speculator is not None:
+            try:
+                self.speculator.offer(self.readahead.speculate(missing + extra, self._available))
+            except RafsError as e:  # speculation is an optimisation: never fail the read
+                log.warning("speculation stopped: %s", e)
+                return
+            self._spec_wake.set()
+
+    async def _speculate(self) -> None:
+        """One speculative request slot: fetch what the speculator gives, while it does."""
+        spec = self.speculator
+        assert spec is not None
+        while True:
+            try:
+                run = spec.next_request(self._available)
+            except RafsError as e:
+                log.warning("speculation stopped: %s", e)
+                run = []
+            if not run:
+                wake = self._spec_wake
+                await wake.wait()
+                if self._spec_wake is wake:  # the first slot awake re-arms it
+                    self._spec_wake = trio.Event()
+                continue
+            pending = {i: _Pending() for i in run}
+            self._inflight.update(pending)  # claimed: a reader of one waits for this fetch
+            await self._fetch_run([(i, self.cache.chunk(i)) for i in run], "speculative")
+            for i, p in pending.items():
+                if p.error is not None:
+                    spec.failed(i)
+                    log.debug("speculative fetch of chunk %d failed: %s", i, p.error)
 
     def _available(self, index: int) -> bool:
         """May chunk ``index`` join a fetch: not cached, in flight, or on this host."""

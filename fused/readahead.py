@@ -32,19 +32,34 @@ file, position, directory), built from the bootstrap once, off the read path
 missing. Fuse and kernel mode both speak chunk-table indices to the fetcher,
 so the map serves both: in kernel mode the daemon sees only blob offsets and
 this is how they are tied back to files.
+
+**Speculation** (``Speculator``): what the reader may read next but did not ask
+for goes in separate background requests the reader never waits for. After
+each fetch for a reader, ``ReadAhead.speculate`` offers the chunks stored after
+each of its back-to-back runs in the blob as long as they belong to the run's
+file or its directory (tar order: the rest of the file, the directory's other
+files), up to ``speculate_span`` bytes per run; the newest offers go first. The
+fetcher issues them right after the reader's own request, in requests of at most
+``speculate_request`` bytes, a few at a time (``fused.fetcher.SPECULATE_DEPTH``),
+so a reader's miss never waits for speculation it does not need, and on the
+link queues behind at most those few requests. Bytes fetched speculatively and
+not yet read are at most ``speculate_budget``; a read of such a chunk gives its
+bytes back to the budget, so good guesses keep speculation going and wrong
+ones stop it: at most the budget of bytes is ever fetched for nothing. Images
+laid out by access amplify in blob order already and do not speculate.
 """
 
 from __future__ import annotations
 
 import stat
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from rafs.bootstrap import Bootstrap
 from rafs.model import Chunk
 
-__all__ = ["FileMap", "ReadAhead", "ReadAheadConfig"]
+__all__ = ["FileMap", "ReadAhead", "ReadAheadConfig", "Speculator"]
 
 Available = Callable[[int], bool]  # chunk index -> neither cached, in flight nor local
 
@@ -59,6 +74,11 @@ class ReadAheadConfig:
     # whatever the rule; in images laid out by access, the blob-order amplification
     amplify_bytes: int = 1 << 20
     placed_by_access: bool = False
+    # speculation (compressed bytes): unread speculative bytes at most (0: none), the
+    # most offered after one run of a fetch, the most in one speculative request
+    speculate_budget: int = 4 << 20
+    speculate_span: int = 256 << 10
+    speculate_request: int = 256 << 10
 
 
 class FileMap:
@@ -165,6 +185,43 @@ class ReadAhead:
             self._follow(self.files, index, take)
         return out
 
+    def speculate(self, fetched: Sequence[int], available: Available) -> list[int]:
+        """The chunks worth fetching in the background after ``fetched`` (the chunks of
+        a fetch for a reader): those stored after each of its back-to-back runs that
+        belong to the run's last file or to files of its directory (the rest of the
+        file, the directory's other files), up to ``speculate_span`` bytes per run, in
+        blob order; none in images laid out by access (their fetches are amplified in
+        blob order already)."""
+        if (self.config.placed_by_access or self.config.speculate_budget <= 0
+                or self.files is None or not fetched):
+            return []
+        out: list[int] = []
+        taken = set(fetched)
+        span = self.config.speculate_span
+        files = self.files
+        for _start, last in self._runs(fetched):
+            owner = files.owner(last)
+            if owner is None:
+                continue
+            file, directory = owner[0], files.directory(owner[0])
+            size = 0
+            current = last
+            while True:
+                nxt = self.successor(current)
+                if nxt is None or nxt in taken or not available(nxt):
+                    break
+                other = files.owner(nxt)
+                if other is None or (other[0] != file
+                                     and files.directory(other[0]) != directory):
+                    break  # only the rest of the file and of its directory
+                size += self.chunk(nxt).compressed_size
+                if size > span:
+                    break
+                taken.add(nxt)
+                out.append(nxt)
+                current = nxt
+        return out
+
     def _follow(self, files: FileMap, index: int, take: Callable[[int], bool]) -> None:
         """The within-file window and the directory batch for one missing chunk."""
         owner = files.owner(index)
@@ -250,3 +307,81 @@ class ReadAhead:
             if c.compressed_offset + c.compressed_size - start > limit or not take(nxt):
                 return
             current = nxt
+
+
+class Speculator:
+    """The queue of speculative chunks and the budget of their unread bytes.
+
+    Pure bookkeeping for the fetcher (and ``bench.readsim``): ``offer`` the
+    chunks ``ReadAhead.speculate`` gives, take ``next_request`` when a request
+    may go out, tell ``read`` every chunk a reader asks for and ``failed`` every
+    speculative chunk that could not be fetched. At most ``budget`` compressed
+    bytes fetched speculatively are unread at any time.
+    """
+
+    def __init__(self, chunk: Callable[[int], Chunk], successor: Callable[[int], int | None],
+                 budget: int, request_bytes: int, queue_chunks: int = 512) -> None:
+        self.chunk = chunk
+        self.successor = successor
+        self.budget = budget
+        self.request_bytes = request_bytes
+        self.queue_chunks = queue_chunks
+        self._queue: deque[int] = deque()
+        self._unread: dict[int, int] = {}  # speculative chunk -> compressed size
+        self.unread_bytes = 0
+        self.fetched_bytes = 0  # every speculative byte asked for (requests made)
+        self.read_bytes = 0  # of those, the bytes a reader then asked for
+
+    def offer(self, indices: Sequence[int]) -> None:
+        """Candidates, the most wanted first; they go before the older ones."""
+        if not indices:
+            return
+        self._queue.extendleft(reversed(indices))
+        while len(self._queue) > self.queue_chunks:
+            self._queue.pop()
+
+    def next_request(self, available: Available) -> list[int]:
+        """The chunks of the next speculative request (back to back in one blob, at most
+        ``request_bytes``, within the budget), now counted as unread; [] for none."""
+        queue = self._queue
+        out: list[int] = []
+        size = 0
+        while queue:
+            index = queue[0]
+            if out and index != self.successor(out[-1]):
+                break
+            if index in self._unread or not available(index):
+                queue.popleft()
+                if out:
+                    break
+                continue
+            c = self.chunk(index).compressed_size
+            if (out and size + c > self.request_bytes) or self.unread_bytes + c > self.budget:
+                break
+            queue.popleft()
+            out.append(index)
+            size += c
+            self._unread[index] = c
+            self.unread_bytes += c
+        self.fetched_bytes += size
+        return out
+
+    def read(self, index: int) -> bool:
+        """A reader asked for chunk ``index``; True if that gave bytes back to the budget."""
+        size = self._unread.pop(index, None)
+        if size is None:
+            return False
+        self.unread_bytes -= size
+        self.read_bytes += size
+        return True
+
+    def failed(self, index: int) -> None:
+        """A speculative chunk that was not fetched: its bytes go back to the budget."""
+        size = self._unread.pop(index, None)
+        if size is not None:
+            self.unread_bytes -= size
+            self.fetched_bytes -= size
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue

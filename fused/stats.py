@@ -6,11 +6,13 @@ no locking is needed on the hot path. ``snapshot()`` is the JSON that
 ``rafs stats`` prints; ``fused.metrics`` exposes the same numbers to
 Prometheus through ``prometheus_client``.
 
-Backend traffic is counted by kind: ``ondemand`` (a reader is waiting) and
-``prefetch`` (the background prefetch list). The ``backend_*`` totals are the
-sums of both kinds. Failed fetches are counted by class in ``error_classes``
-(the ``error_class`` of ``rafs.errors.TransientError``: ``connection``,
-``timeout``, ``5xx``, ``429``, ``truncated``, ``range``; ``digest`` for a chunk
+Backend traffic is counted by kind: ``ondemand`` (a reader is waiting),
+``prefetch`` (the background prefetch list) and ``speculative`` (background
+guesses of the read-ahead policy, ``fused.readahead.Speculator``). The
+``backend_*`` totals are the sums of all kinds. Failed fetches are counted by
+class in ``error_classes`` (the ``error_class`` of
+``rafs.errors.TransientError``: ``connection``, ``timeout``, ``5xx``, ``429``,
+``truncated``, ``range``; ``digest`` for a chunk
 whose sha256 did not match; ``other``). ``errors`` counts requests answered
 with an error, ``internal_errors`` those answered EIO because of a bug or a
 missed deadline (``fused.adapter``), ``fuse_requests`` every request answered,
@@ -33,7 +35,7 @@ from typing import Any
 
 __all__ = ["COVERAGE_BUCKETS", "KINDS", "LATENCY_BUCKETS", "Coverage", "Stats"]
 
-KINDS = ("ondemand", "prefetch")
+KINDS = ("ondemand", "prefetch", "speculative")
 
 # Upper bounds in seconds of the read-latency histogram (the last bucket is +Inf).
 LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,

@@ -258,6 +258,7 @@ class Vfs:
                     got = await self.fetcher.read(index, offset - first * cs, end - offset)
                 else:
                     stats.cache_hits += 1
+                    self.fetcher.hit(index)  # a speculated chunk read: fused.fetcher
                 stats.coverage.read(index, offset - first * cs, end - offset)
                 data = got
             stats.read_bytes += len(data)

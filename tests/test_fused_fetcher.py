@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -342,7 +343,8 @@ def test_with_a_file_map_a_miss_fetches_within_its_file_and_a_sequential_one_gro
     async def main() -> None:
         boot = Bootstrap.from_bytes(img.bootstrap)
         async with open_stack(img, tmp_path / "cache", amplify=True, amplify_bytes=8 * CS,
-                              files=lambda: FileMap.from_bootstrap(boot)) as s:
+                              files=lambda: FileMap.from_bootstrap(boot),
+                              speculate_bytes=0) as s:  # speculation: the tests below
             attr_c = s.vfs.lookup(1, b"c")
             assert bytes(await s.vfs.read(attr_c.ino, 0, 10)) == files[b"c"][:10]
             await _map_ready(s)  # built from the first miss on
@@ -400,5 +402,90 @@ def test_read_ahead_that_trips_on_a_bad_record_leaves_the_read_working(image, tm
             for name in files:
                 assert await read_file(s, name) == files[name]
             assert s.stats.readahead_chunks == 0
+
+    trio.run(main)
+
+
+class GatedBackend(Backend):
+    """A real backend whose reads outside ``open`` (blob offsets) wait for ``release``."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.open: set[int] = set()
+        self.release = trio.Event()
+        self.held = 0  # requests waiting at the gate now
+
+    async def read(self, blob_digest: str, offset: int, length: int) -> bytes:
+        await self._gate(offset)
+        return await self.inner.read(blob_digest, offset, length)
+
+    async def stream(self, blob_digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        await self._gate(offset)
+        async for piece in self.inner.stream(blob_digest, offset, length):
+            yield piece
+
+    async def _gate(self, offset: int) -> None:
+        if offset not in self.open:
+            self.held += 1
+            try:
+                await self.release.wait()
+            finally:
+                self.held -= 1
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_reader_never_waits_for_speculation_and_speculation_stays_in_its_budget(
+        image, tmp_path):
+    img, files = image
+
+    async def main() -> None:
+        boot = Bootstrap.from_bytes(img.bootstrap)
+        gated = GatedBackend(LocalBackend(img.layout))
+        budget = 2 * CS + CS // 2  # room for two chunks of about CS compressed, not three
+        async with open_stack(img, tmp_path / "cache", gated, amplify=True,
+                              amplify_bytes=8 * CS, files=lambda: FileMap.from_bootstrap(boot),
+                              speculate_bytes=budget) as s:
+            assert s.fetcher.speculator is not None
+            a = chunks_of(s, b"a")
+            gated.open.update(s.cache.chunk(i).compressed_offset for i in (a[0], a[3]))
+            attr = s.vfs.lookup(1, b"a")
+            assert bytes(await s.vfs.read(attr.ino, 0, 100)) == files[b"a"][:100]
+            await _map_ready(s)
+            # a random read of a[3]: the reader's request is its chunk alone, and it
+            # is answered while the speculative requests after it wait at the gate
+            s.backend.reads.clear()
+            with trio.fail_after(60):
+                got = bytes(await s.vfs.read(attr.ino, 3 * CS, 100))
+            assert got == files[b"a"][3 * CS:3 * CS + 100]
+            c3 = s.cache.chunk(a[3])
+            assert (c3.compressed_offset, c3.compressed_size) in [r[1:] for r in s.backend.reads]
+            with trio.fail_after(60):
+                while not gated.held:
+                    await trio.sleep(0.01)
+            spec = s.fetcher.speculator
+            assert 0 < spec.unread_bytes <= budget
+            gated.release.set()
+            with trio.fail_after(60):
+                while s.fetcher._inflight:
+                    await trio.sleep(0.01)
+            # nothing speculative was read yet: the budget stopped it
+            assert s.stats.bytes["speculative"] <= budget
+            assert spec.unread_bytes <= budget
+            assert s.stats.requests["ondemand"] == 2
+            speculated = [i for i in a[4:] if s.cache.is_ready(i)]
+            assert speculated == a[4:4 + len(speculated)] and speculated
+            # reading a speculated chunk is a hit and gives its bytes back to the budget
+            assert spec.read_bytes == 0
+            ondemand = s.stats.requests["ondemand"]
+            got = bytes(await s.vfs.read(attr.ino, 4 * CS, 100))
+            assert got == files[b"a"][4 * CS:4 * CS + 100]
+            assert s.stats.requests["ondemand"] == ondemand
+            assert spec.read_bytes == s.cache.chunk(a[4]).compressed_size
+            assert spec.unread_bytes <= budget
+            assert await read_file(s, b"a") == files[b"a"]
+            assert await read_file(s, b"b") == files[b"b"]
+            assert await read_file(s, b"c") == files[b"c"]
 
     trio.run(main)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.readsim import Model, load, policy, replay
-from fused.readahead import FileMap, ReadAhead, ReadAheadConfig
+from bench.readsim import Link, Model, load, policy, replay, simulate, speculator
+from fused.readahead import FileMap, ReadAhead, ReadAheadConfig, Speculator
 from fused.stats import COVERAGE_BUCKETS, Coverage
 from rafs.model import Chunk
 
@@ -282,3 +282,112 @@ def test_recorded_kernel_reads_stay_within_one_file_each(recorded):
         owners = {model.files.owner(i)[0] for i, _, _ in model.blob_pieces(blob, off, n)
                   if model.files.owner(i) is not None}
         assert len(owners) <= 1, (blob, off, n, owners)
+
+
+# -- speculation (Speculator) and the time model (bench.readsim.simulate) ------------
+
+
+def speculator_of(lay: Layout, budget: int, request: int) -> Speculator:
+    return Speculator(lay.chunks.__getitem__, lay.successor, budget, request)
+
+
+def test_speculation_offers_the_rest_of_the_file_and_directory_after_the_fetch():
+    lay = Layout([(1, 10, 4, 100_000), (2, 10, 1, 100_000), (3, 11, 3, 100_000)])
+    ra = lay.policy(speculate_span=450_000)
+    lay.miss(ra, *lay.of(1, 0))
+    offered = ra.speculate(lay.of(1, 0), lambda i: i not in lay.cached)
+    assert offered == lay.of(1, 1, 2, 3) + lay.of(2, 0)  # tar order, up to the span
+    # the rest of the file and of its directory only, not what the tar held next
+    wide = lay.policy(speculate_span=10 << 20)
+    assert wide.speculate(lay.of(1, 0), lambda i: i not in lay.cached) == offered
+    assert wide.speculate(lay.of(3, 1), lambda i: True) == lay.of(3, 2)
+    assert ra.speculate([], lambda i: True) == []
+    # laid out by access: the fetch is amplified in blob order already, no speculation
+    assert lay.policy(placed_by_access=True).speculate(lay.of(3, 0), lambda i: True) == []
+    assert lay.policy(speculate_budget=0).speculate(lay.of(3, 0), lambda i: True) == []
+
+
+def test_speculation_stops_at_its_budget_and_a_read_gives_bytes_back():
+    lay = Layout([(1, 10, 10, 100_000)])
+    spec = speculator_of(lay, budget=350_000, request=200_000)
+    spec.offer(lay.of(1, *range(1, 10)))
+    available = lambda i: i not in lay.cached  # noqa: E731
+    first = spec.next_request(available)
+    assert first == lay.of(1, 1, 2)  # back to back, at most `request` bytes
+    lay.cached.update(first)
+    second = spec.next_request(available)
+    assert second == lay.of(1, 3)  # the budget: 350 000 unread bytes at most
+    lay.cached.update(second)
+    assert spec.next_request(available) == []
+    assert spec.unread_bytes == 300_000
+    assert spec.read(lay.of(1, 2)[0]) and not spec.read(lay.of(1, 2)[0])
+    assert spec.next_request(available) == lay.of(1, 4)
+    spec.failed(lay.of(1, 4)[0])  # not fetched: not counted, budget back
+    assert spec.unread_bytes == 200_000 and spec.fetched_bytes == 300_000
+
+
+def test_newer_offers_go_first_and_unavailable_chunks_are_skipped():
+    lay = Layout([(1, 10, 6, 100_000)])
+    spec = speculator_of(lay, budget=10 << 20, request=1 << 20)
+    spec.offer(lay.of(1, 1, 2))
+    spec.offer(lay.of(1, 4, 5))
+    lay.cached.add(lay.of(1, 4)[0])
+    assert spec.next_request(lambda i: i not in lay.cached) == lay.of(1, 5)
+    assert spec.next_request(lambda i: i not in lay.cached) == lay.of(1, 1, 2)
+    assert spec.idle
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 39), min_size=1, max_size=60), st.integers(1, 8))
+def test_unread_speculative_bytes_never_exceed_the_budget(reads, budget_chunks):
+    """Whatever the reads, speculative chunks not yet read stay within the budget, and
+    the extras a reader waits for are the same with speculation as without."""
+    lay = Layout([(f, f // 4, 4, 50_000) for f in range(10)])
+    budget = budget_chunks * 50_000
+    ra, plain = lay.policy(speculate_budget=budget), lay.policy(speculate_budget=0)
+    plain_cached: set[int] = set()
+    spec = speculator_of(lay, budget, 120_000)
+    for index in reads:
+        spec.read(index)
+        missing = [index] if index not in lay.cached else []
+        if missing:
+            extra = ra.extra(missing, lambda i: i not in lay.cached)
+            lay.cached.update(missing, extra)
+            spec.offer(ra.speculate(missing + extra, lambda i: i not in lay.cached))
+        if index not in plain_cached:
+            plain_extra = plain.extra([index], lambda i: i not in plain_cached)
+            plain_cached.update([index], plain_extra)
+        while run := spec.next_request(lambda i: i not in lay.cached):
+            assert len(run) <= 3
+            lay.cached.update(run)
+        assert spec.unread_bytes <= budget
+        assert spec.fetched_bytes - spec.read_bytes <= budget
+
+
+@pytest.mark.parametrize("mode", ["kernel", "fuse"])
+def test_on_recorded_workloads_speculation_costs_at_most_its_budget_in_bytes(recorded, mode):
+    _image, model, traces = recorded
+    trace = traces[mode]
+    link = Link()
+    follow = simulate(model, trace, mode, policy(model, "follow"), link)
+    ra = policy(model, "speculate")
+    spec = speculator(model, ra.config)
+    specd = simulate(model, trace, mode, ra, link, spec, depth=2)
+    assert specd["speculative_requests"] > 0
+    assert spec.fetched_bytes - spec.read_bytes <= ra.config.speculate_budget
+    assert specd["fetched_bytes"] <= follow["fetched_bytes"] + ra.config.speculate_budget
+    # no read waits for more than what it reads: the waits are at most follow's
+    assert specd["waits"] <= follow["waits"]
+
+
+def test_the_time_model_charges_a_round_trip_per_serial_miss():
+    """One file read chunk by chunk with no read-ahead: each miss is one request and
+    waits a round trip, the request cost and its bytes; compute is spread over reads."""
+    lay = Layout([(1, 10, 3, 125_000)])
+    model = Model(CS, lay.chunks, lay.map, lay.file_chunks,
+                  [[c.uncompressed_offset for c in lay.chunks]], [[0, 1, 2]])
+    link = Link(rate=1e6, rtt=0.02, request_cost=0.005, compute=0.3)
+    trace = [[0, k * CS, 4096] for k in range(3)]
+    r = simulate(model, trace, "kernel", lay.policy(with_map=False), link)
+    assert r["requests"] == r["waits"] == 3
+    assert r["wall"] == pytest.approx(0.3 + 3 * (0.02 + 0.005 + 0.125))
